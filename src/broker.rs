@@ -1,0 +1,198 @@
+//! The broker's shared state and its tasks: the subscription tree, retained messages and the
+//! session registry, the listeners, and shutdown.
+//!
+//! Locks here are `std::sync` locks held for the length of an in-memory operation and never
+//! across an `.await`; docs/concurrency.md gives the order in which they may nest.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tracing::{info, warn};
+
+use crate::codec::QoS;
+use crate::config::Config;
+use crate::metrics::Metrics;
+use crate::retain::RetainedStore;
+use crate::router::{parse_filter, Subscription, SubscriptionTree};
+use crate::session::{Delivery, Message, SessionShared, SessionState};
+
+pub struct Broker {
+    pub config: Config,
+    pub router: RwLock<SubscriptionTree>,
+    pub retained: RwLock<RetainedStore>,
+    /// Client identifier to session. Lock order: `sessions`, then a session's `ownership`, then
+    /// `router`.
+    pub sessions: Mutex<HashMap<String, Arc<SessionShared>>>,
+    pub metrics: Metrics,
+    next_id: AtomicU64,
+    shutdown: watch::Sender<bool>,
+}
+
+/// What routing one message did.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RouteOutcome {
+    pub matched: usize,
+    pub dropped: usize,
+}
+
+impl Broker {
+    pub fn new(config: Config) -> Arc<Broker> {
+        let (shutdown, _) = watch::channel(false);
+        Arc::new(Broker {
+            config,
+            router: RwLock::default(),
+            retained: RwLock::default(),
+            sessions: Mutex::default(),
+            metrics: Metrics::default(),
+            next_id: AtomicU64::new(1),
+            shutdown,
+        })
+    }
+
+    pub fn next_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn new_session(&self, client_id: String) -> (Arc<SessionShared>, SessionState) {
+        SessionShared::new(
+            self.next_id(),
+            client_id,
+            self.config.mqtt.max_queued_messages,
+        )
+    }
+
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    pub fn begin_shutdown(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Routes a message to every matching session and stores it if retained. Never waits: a
+    /// session whose queue is full loses this message and the loss is counted.
+    pub fn publish(&self, message: Arc<Message>) -> RouteOutcome {
+        if message.retain {
+            self.retained
+                .write()
+                .expect("retained lock")
+                .set(message.clone());
+        }
+        let targets = self
+            .router
+            .read()
+            .expect("router lock")
+            .matches(&message.topic);
+        let mut outcome = RouteOutcome::default();
+        for t in targets {
+            if t.no_local && message.publisher == Some(t.session.id) {
+                continue;
+            }
+            outcome.matched += 1;
+            let qos = t.qos.min(message.qos);
+            if !t.session.is_online() && !(t.session.is_persistent() && qos > QoS::AtMostOnce) {
+                continue;
+            }
+            let delivery = Delivery {
+                message: message.clone(),
+                qos,
+                retain: t.retain_as_published && message.retain,
+                subscription_ids: t.identifiers,
+            };
+            if t.session.mailbox.try_send(delivery).is_err() {
+                outcome.dropped += 1;
+            }
+        }
+        self.metrics
+            .messages_routed(outcome.matched, outcome.dropped);
+        outcome
+    }
+
+    /// Adds a subscription to the tree; returns whether the session already had that filter.
+    pub fn subscribe(&self, session: &Arc<SessionShared>, filter: &str, sub: Subscription) -> bool {
+        let parsed = parse_filter(filter).expect("validated by the caller");
+        let _ = session;
+        self.router
+            .write()
+            .expect("router lock")
+            .subscribe(&parsed, sub)
+    }
+
+    pub fn unsubscribe(&self, session_id: u64, filter: &str) -> bool {
+        match parse_filter(filter) {
+            Ok(parsed) => self
+                .router
+                .write()
+                .expect("router lock")
+                .unsubscribe(&parsed, session_id),
+            Err(_) => false,
+        }
+    }
+
+    /// Drops a session for good: its subscriptions leave the tree and it leaves the registry,
+    /// unless a newer session has taken its client identifier since.
+    pub fn end_session(&self, session: &Arc<SessionShared>, state: &SessionState) {
+        {
+            let mut router = self.router.write().expect("router lock");
+            for filter in state.subscriptions.keys() {
+                if let Ok(parsed) = parse_filter(filter) {
+                    router.unsubscribe(&parsed, session.id);
+                }
+            }
+        }
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        if sessions
+            .get(&session.client_id)
+            .is_some_and(|s| s.id == session.id)
+        {
+            sessions.remove(&session.client_id);
+        }
+    }
+}
+
+/// Binds every configured listener and serves until shutdown. Returns the bound addresses
+/// through `bound` as soon as they are known, so tests can use port 0.
+pub async fn run(
+    broker: Arc<Broker>,
+    bound: Option<tokio::sync::oneshot::Sender<Vec<SocketAddr>>>,
+) -> std::io::Result<()> {
+    let mut listeners = Vec::new();
+    for l in &broker.config.listeners {
+        let listener = TcpListener::bind(&l.bind).await?;
+        let addr = listener.local_addr()?;
+        info!(%addr, protocol = "mqtt", "listening");
+        listeners.push(listener);
+    }
+    if let Some(tx) = bound {
+        let addrs = listeners
+            .iter()
+            .filter_map(|l| l.local_addr().ok())
+            .collect();
+        let _ = tx.send(addrs);
+    }
+    let mut tasks = tokio::task::JoinSet::new();
+    for listener in listeners {
+        tasks.spawn(crate::listener::accept_loop(broker.clone(), listener));
+    }
+    let mut shutdown = broker.shutdown_signal();
+    let _ = shutdown.wait_for(|s| *s).await;
+    info!("shutting down: no longer accepting connections");
+    tasks.abort_all();
+    while tasks.join_next().await.is_some() {}
+    // Give connections a moment to send their DISCONNECT and flush.
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    while broker.metrics.connections_now() > 0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    if broker.metrics.connections_now() > 0 {
+        warn!(
+            open = broker.metrics.connections_now(),
+            "connections still open at shutdown"
+        );
+    }
+    Ok(())
+}

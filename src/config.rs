@@ -1,0 +1,248 @@
+//! Configuration: TOML read with serde, every key with a default, unknown keys refused, and
+//! `validate()` naming the key of any value out of range.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid configuration in {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid configuration: `{key}` {message}")]
+    Invalid { key: &'static str, message: String },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default = "default_listeners")]
+    pub listeners: Vec<Listener>,
+    #[serde(default)]
+    pub storage: Storage,
+    #[serde(default)]
+    pub mqtt: Mqtt,
+    #[serde(default)]
+    pub log: Log,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerProtocol {
+    Mqtt,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listener {
+    pub protocol: ListenerProtocol,
+    pub bind: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Storage {
+    #[serde(default = "default_storage_path")]
+    pub path: PathBuf,
+}
+
+impl Default for Storage {
+    fn default() -> Self {
+        Self {
+            path: default_storage_path(),
+        }
+    }
+}
+
+/// Protocol limits. The defaults of `receive_maximum` and `topic_alias_maximum` are Mosquitto's,
+/// so a CONNACK of ours carries the same properties as one of Mosquitto's.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Mqtt {
+    /// Largest packet accepted from a client, in bytes; above the protocol maximum is refused.
+    pub max_packet_size: u32,
+    /// How many QoS 2 PUBLISHes a 5.0 client may have unacknowledged towards us [MQTT-3.3.4-9].
+    pub receive_maximum: u16,
+    /// How many topic aliases a 5.0 client may use towards us; 0 turns them off.
+    pub topic_alias_maximum: u16,
+    /// The longest keep-alive a 5.0 client is allowed, in seconds; longer or 0 is replaced by this
+    /// value, reported as Server Keep Alive. 0 disables the maximum.
+    pub max_keepalive: u16,
+    /// Outgoing QoS 1 and 2 messages in flight for a client that states no Receive Maximum (3.1.1).
+    pub max_inflight_messages: u16,
+    /// Bound of each session's queue of routed messages; beyond it new messages are dropped for
+    /// that session and counted.
+    pub max_queued_messages: usize,
+    /// Seconds a new socket has to send its CONNECT.
+    pub connect_timeout: u64,
+    /// Most outgoing frames buffered towards one socket before its session stops draining.
+    pub max_outbound_frames: usize,
+}
+
+impl Default for Mqtt {
+    fn default() -> Self {
+        Self {
+            max_packet_size: crate::codec::wire::VARINT_MAX + 5,
+            receive_maximum: 20,
+            topic_alias_maximum: 10,
+            max_keepalive: 60,
+            max_inflight_messages: 100,
+            max_queued_messages: 1000,
+            connect_timeout: 10,
+            max_outbound_frames: 1024,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Log {
+    /// A tracing filter such as "info" or "herald=debug"; RUST_LOG overrides it.
+    pub level: String,
+}
+
+impl Default for Log {
+    fn default() -> Self {
+        Self {
+            level: "info".into(),
+        }
+    }
+}
+
+fn default_listeners() -> Vec<Listener> {
+    vec![Listener {
+        protocol: ListenerProtocol::Mqtt,
+        bind: "127.0.0.1:1883".into(),
+    }]
+}
+
+fn default_storage_path() -> PathBuf {
+    PathBuf::from("data")
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            listeners: default_listeners(),
+            storage: Storage::default(),
+            mqtt: Mqtt::default(),
+            log: Log::default(),
+        }
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.into(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    pub fn parse(text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key, message: &str| {
+            Err(ConfigError::Invalid {
+                key,
+                message: message.into(),
+            })
+        };
+        if self.listeners.is_empty() {
+            return invalid("listeners", "must name at least one listener");
+        }
+        for l in &self.listeners {
+            if l.bind.parse::<SocketAddr>().is_err() {
+                return Err(ConfigError::Invalid {
+                    key: "listeners.bind",
+                    message: format!("{:?} is not an address:port", l.bind),
+                });
+            }
+        }
+        let m = &self.mqtt;
+        if m.max_packet_size < 64 || m.max_packet_size > crate::codec::wire::VARINT_MAX + 5 {
+            return invalid("mqtt.max_packet_size", "must be between 64 and 268435460");
+        }
+        if m.receive_maximum == 0 {
+            return invalid("mqtt.receive_maximum", "must be at least 1");
+        }
+        if m.max_inflight_messages == 0 {
+            return invalid("mqtt.max_inflight_messages", "must be at least 1");
+        }
+        if m.max_queued_messages == 0 {
+            return invalid("mqtt.max_queued_messages", "must be at least 1");
+        }
+        if m.connect_timeout == 0 {
+            return invalid("mqtt.connect_timeout", "must be at least 1 second");
+        }
+        if m.max_outbound_frames < 16 {
+            return invalid("mqtt.max_outbound_frames", "must be at least 16");
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
+            return invalid("log.level", "is not a valid log filter");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shipped_config_toml_parses() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap();
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.listeners[0].bind, "127.0.0.1:1883");
+        assert_eq!(c.storage.path, PathBuf::from("data"));
+    }
+
+    #[test]
+    fn unknown_keys_are_refused_by_name() {
+        let e = Config::parse("[mqtt]\nmax_packet_sise = 10\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_packet_sise"), "{e}");
+        let e = Config::parse("[[listeners]]\nprotocol = \"mqtt\"\nbind = \"x\"\nport = 1\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("port"), "{e}");
+    }
+
+    #[test]
+    fn invalid_values_are_refused_by_name() {
+        let e = Config::parse("[mqtt]\nreceive_maximum = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("mqtt.receive_maximum"), "{e}");
+        let e = Config::parse("[[listeners]]\nprotocol = \"mqtt\"\nbind = \"nowhere\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("listeners.bind"), "{e}");
+        let e = Config::parse("[[listeners]]\nprotocol = \"gopher\"\nbind = \"127.0.0.1:1\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("gopher"), "{e}");
+    }
+}

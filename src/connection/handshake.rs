@@ -1,0 +1,229 @@
+//! The CONNECT handshake [MQTT-3.1.4]: validate the CONNECT, take over or create the session,
+//! and answer with a CONNACK.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::OwnedReadHalf;
+use tracing::info;
+
+use super::{Close, Connection, Step};
+use crate::codec::{ConnAck, Connect, ErrorKind, Packet, Properties, ProtocolVersion, ReasonCode};
+use crate::session::{Kick, SessionShared, SessionState};
+
+impl Connection {
+    pub(super) async fn handshake(&mut self, reader: &mut OwnedReadHalf) -> Step {
+        let timeout = Duration::from_secs(self.broker.config.mqtt.connect_timeout);
+        let deadline = tokio::time::Instant::now() + timeout;
+        let connect = loop {
+            match self.decoder.decode(&mut self.inbuf) {
+                Ok(Some(Packet::Connect(c))) => break c,
+                Ok(Some(_)) => {
+                    return Err(Close::Refused("[MQTT-3.1.0-1] first packet is not CONNECT"))
+                }
+                Ok(None) => {}
+                Err(e) if e.kind == ErrorKind::UnacceptableProtocolVersion => {
+                    // [MQTT-3.1.2-2] answered in the 3.1.1 format, which every client can read.
+                    self.out.packet(&Packet::ConnAck(ConnAck {
+                        session_present: false,
+                        code: ReasonCode::V3_UNACCEPTABLE_PROTOCOL_VERSION,
+                        properties: Properties::default(),
+                    }));
+                    return Err(Close::Refused(e.reason));
+                }
+                Err(e) => return Err(Close::Decode(e)),
+            }
+            match tokio::time::timeout_at(deadline, reader.read_buf(&mut self.inbuf)).await {
+                Err(_) => return Err(Close::Refused("no CONNECT within the connect timeout")),
+                Ok(Ok(0)) | Ok(Err(_)) => return Err(Close::SocketClosed),
+                Ok(Ok(_)) => {}
+            }
+        };
+        self.accept_connect(*connect).await
+    }
+
+    async fn accept_connect(&mut self, c: Connect) -> Step {
+        let broker = self.broker.clone();
+        let config = &broker.config.mqtt;
+        let v5 = c.protocol.is_v5();
+        self.out.version = c.protocol;
+        let refuse = |out: &mut super::Outbound, code: ReasonCode| {
+            out.packet(&Packet::ConnAck(ConnAck {
+                session_present: false,
+                code,
+                properties: Properties::default(),
+            }));
+        };
+        if let Some(max) = c.properties.maximum_packet_size {
+            self.out.max_packet_size = max as usize;
+        }
+        if c.properties.authentication_method.is_some() {
+            // Herald supports no enhanced authentication method [MQTT-4.12.0-1].
+            refuse(&mut self.out, ReasonCode::BAD_AUTHENTICATION_METHOD);
+            return Err(Close::Refused("unsupported authentication method"));
+        }
+        let mut assigned = None;
+        let client_id = if c.client_id.is_empty() {
+            let allowed = match c.protocol {
+                ProtocolVersion::V3_1 => false,
+                ProtocolVersion::V3_1_1 => c.clean_start,
+                ProtocolVersion::V5 => true,
+            };
+            if !allowed {
+                // [MQTT-3.1.3-8] a zero-byte client identifier needs a clean session in 3.1.1.
+                let code = if v5 {
+                    ReasonCode::CLIENT_IDENTIFIER_NOT_VALID
+                } else {
+                    ReasonCode::V3_IDENTIFIER_REJECTED
+                };
+                refuse(&mut self.out, code);
+                return Err(Close::Refused(
+                    "[MQTT-3.1.3-8] empty client identifier without clean session",
+                ));
+            }
+            let id = format!("herald-{:016x}", self.conn_id ^ 0x5eed_0000_0000);
+            assigned = Some(id.clone());
+            id
+        } else {
+            c.client_id.clone()
+        };
+        let session_expiry = if v5 {
+            c.properties.session_expiry_interval.unwrap_or(0)
+        } else if c.clean_start {
+            0
+        } else {
+            u32::MAX
+        };
+        let mut server_keep_alive = None;
+        let mut keep_alive = c.keep_alive;
+        if v5 && config.max_keepalive > 0 && (keep_alive == 0 || keep_alive > config.max_keepalive)
+        {
+            keep_alive = config.max_keepalive;
+            server_keep_alive = Some(keep_alive);
+        }
+        self.keep_alive =
+            (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        self.receive_window = usize::from(c.properties.receive_maximum.unwrap_or(if v5 {
+            u16::MAX
+        } else {
+            config.max_inflight_messages
+        }));
+        self.out.topic_alias_maximum = c.properties.topic_alias_maximum.unwrap_or(0);
+        self.session_expiry = session_expiry;
+        self.will = c.will;
+        self.client_id = client_id.clone();
+
+        let (shared, mut state, session_present) =
+            self.claim_session(&client_id, c.clean_start).await?;
+        shared
+            .persistent
+            .store(session_expiry > 0, Ordering::Release);
+        state.expiry_interval = session_expiry;
+
+        let mut properties = Properties::default();
+        if v5 {
+            properties.assigned_client_identifier = assigned;
+            properties.server_keep_alive = server_keep_alive;
+            if config.topic_alias_maximum > 0 {
+                properties.topic_alias_maximum = Some(config.topic_alias_maximum);
+            }
+            if config.receive_maximum != u16::MAX {
+                properties.receive_maximum = Some(config.receive_maximum);
+            }
+            if (config.max_packet_size as usize) < crate::codec::wire::VARINT_MAX as usize + 5 {
+                properties.maximum_packet_size = Some(config.max_packet_size);
+            }
+        }
+        // MQTT 3.1 has no session present flag: its CONNACK flags byte is reserved.
+        let connack = Packet::ConnAck(ConnAck {
+            session_present: session_present && c.protocol != ProtocolVersion::V3_1,
+            code: ReasonCode::SUCCESS,
+            properties,
+        });
+        self.session = Some((shared, state));
+        if connack.encoded_len(self.out.version) > self.out.max_packet_size {
+            // [MQTT-3.1.2-25] the CONNACK itself does not fit: all we can do is close.
+            return Err(Close::Refused(
+                "CONNACK exceeds the client's maximum packet size",
+            ));
+        }
+        self.out.packet(&connack);
+        info!(
+            client_id = %self.client_id,
+            peer = %self.peer,
+            protocol = c.protocol as u8,
+            clean_start = c.clean_start,
+            keep_alive,
+            session_present,
+            "client connected"
+        );
+        if session_present {
+            self.resend_inflight();
+        }
+        Ok(())
+    }
+
+    /// Takes the session of `client_id`: a new one, the parked one, or the one another
+    /// connection holds, which is then asked to close with 0x8E [MQTT-3.1.4-3].
+    async fn claim_session(
+        &mut self,
+        client_id: &str,
+        clean_start: bool,
+    ) -> Result<(Arc<SessionShared>, SessionState, bool), Close> {
+        let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let existing = {
+                let mut sessions = self.broker.sessions.lock().expect("sessions lock");
+                match sessions.get(client_id).cloned() {
+                    None => {
+                        let (shared, state) = self.broker.new_session(client_id.to_owned());
+                        self.hold(&shared);
+                        sessions.insert(client_id.to_owned(), shared.clone());
+                        return Ok((shared, state, false));
+                    }
+                    Some(existing) => {
+                        let mut own = existing.ownership.lock().expect("ownership lock");
+                        if let Some(cancel) = own.pending_will.take() {
+                            let _ = cancel.send(());
+                        }
+                        if let Some(state) = own.parked.take() {
+                            if clean_start || state.expiry_interval == 0 {
+                                drop(own);
+                                sessions.remove(client_id);
+                                drop(sessions);
+                                self.broker.end_session(&existing, &state);
+                                continue;
+                            }
+                            own.holder = Some((self.conn_id, self.kick_tx.clone()));
+                            existing.online.store(true, Ordering::Release);
+                            drop(own);
+                            return Ok((existing, state, true));
+                        }
+                        if let Some((_, kick)) = &own.holder {
+                            let _ = kick.send(Kick {
+                                reason: crate::codec::ReasonCode::SESSION_TAKEN_OVER,
+                            });
+                        }
+                        drop(own);
+                        existing
+                    }
+                }
+            };
+            let notified = existing.parked_notify.notified();
+            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+            if tokio::time::Instant::now() > give_up {
+                return Err(Close::Refused(
+                    "the session's previous connection did not let go",
+                ));
+            }
+        }
+    }
+
+    fn hold(&self, shared: &Arc<SessionShared>) {
+        shared.ownership.lock().expect("ownership lock").holder =
+            Some((self.conn_id, self.kick_tx.clone()));
+        shared.online.store(true, Ordering::Release);
+    }
+}

@@ -1,0 +1,336 @@
+//! Packets from the client once connected: PUBLISH and its acknowledgements in both directions,
+//! SUBSCRIBE, UNSUBSCRIBE, PINGREQ and DISCONNECT.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{Close, Connection, Step};
+use crate::codec::{
+    Disconnect, Packet, Properties, PubResponse, Publish, QoS, ReasonCode, SubAck, Subscribe,
+    UnsubAck, Unsubscribe,
+};
+use crate::router::{parse_filter, FilterError, Subscription};
+use crate::session::{Delivery, Message, OutState};
+
+fn violation(code: ReasonCode, why: &'static str) -> Close {
+    Close::Violation(code, why)
+}
+
+impl Connection {
+    fn v5(&self) -> bool {
+        self.out.version.is_v5()
+    }
+
+    pub(super) fn handle_packet(&mut self, packet: Packet) -> Step {
+        match packet {
+            Packet::Publish(p) => self.on_publish(p),
+            Packet::PubAck(r) => self.on_puback(r),
+            Packet::PubRec(r) => self.on_pubrec(r),
+            Packet::PubRel(r) => {
+                let state = &mut self.session.as_mut().expect("session").1;
+                state.incoming_qos2.remove(&r.packet_id);
+                // Mosquitto answers an unknown identifier with success too, as the vectors record.
+                self.out.packet(&Packet::PubComp(PubResponse::new(
+                    r.packet_id,
+                    ReasonCode::SUCCESS,
+                )));
+                Ok(())
+            }
+            Packet::PubComp(r) => self.on_pubcomp(r),
+            Packet::Subscribe(s) => self.on_subscribe(s),
+            Packet::Unsubscribe(u) => self.on_unsubscribe(u),
+            Packet::PingReq => {
+                self.out.packet(&Packet::PingResp);
+                Ok(())
+            }
+            Packet::Disconnect(d) => self.on_disconnect(d),
+            // The decoder refuses every other packet from a client.
+            other => Err(violation(ReasonCode::PROTOCOL_ERROR, other.name())),
+        }
+    }
+
+    fn on_publish(&mut self, mut p: Publish) -> Step {
+        let v5 = self.v5();
+        if v5 {
+            if let Some(alias) = p.properties.topic_alias.take() {
+                if alias == 0 || alias > self.broker.config.mqtt.topic_alias_maximum {
+                    return Err(violation(
+                        ReasonCode::TOPIC_ALIAS_INVALID,
+                        "[MQTT-3.3.2-8] topic alias out of range",
+                    ));
+                }
+                if p.topic.is_empty() {
+                    match self.inbound_aliases.get(&alias) {
+                        Some(t) => p.topic = t.to_string(),
+                        None => {
+                            return Err(violation(
+                                ReasonCode::PROTOCOL_ERROR,
+                                "[MQTT-3.3.4-7] unknown topic alias",
+                            ))
+                        }
+                    }
+                } else {
+                    self.inbound_aliases.insert(alias, p.topic.as_str().into());
+                }
+            } else if p.topic.is_empty() {
+                return Err(violation(
+                    ReasonCode::MALFORMED_PACKET,
+                    "[MQTT-3.3.2-1] empty topic name without alias",
+                ));
+            }
+        }
+        let state = &mut self.session.as_mut().expect("session").1;
+        if p.qos == QoS::ExactlyOnce && !state.incoming_qos2.contains(&p.packet_id) {
+            if v5
+                && state.incoming_qos2.len() >= usize::from(self.broker.config.mqtt.receive_maximum)
+            {
+                return Err(violation(
+                    ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
+                    "[MQTT-3.3.4-9] receive maximum exceeded",
+                ));
+            }
+        }
+        let mut reason = ReasonCode::SUCCESS;
+        let duplicate_qos2 =
+            p.qos == QoS::ExactlyOnce && state.incoming_qos2.contains(&p.packet_id);
+        if p.properties.payload_format_indicator == Some(1)
+            && std::str::from_utf8(&p.payload).is_err()
+        {
+            reason = ReasonCode(0x99);
+        } else if p.topic.starts_with("$SYS") {
+            // [MQTT-4.7.2] `$SYS` belongs to the broker: accepted and not routed.
+        } else if !duplicate_qos2 {
+            let mut properties = std::mem::take(&mut p.properties);
+            properties.subscription_identifiers.clear();
+            let expiry_interval = properties.message_expiry_interval.take();
+            let message = Arc::new(Message {
+                topic: p.topic.into(),
+                payload: p.payload,
+                qos: p.qos,
+                retain: p.retain,
+                properties,
+                expiry_interval,
+                received_at: Instant::now(),
+                publisher: Some(self.session.as_ref().expect("session").0.id),
+            });
+            let outcome = self.broker.publish(message);
+            if outcome.matched == 0 && p.qos == QoS::AtLeastOnce {
+                reason = ReasonCode::NO_MATCHING_SUBSCRIBERS;
+            }
+        }
+        let reason = if v5 { reason } else { ReasonCode::SUCCESS };
+        match p.qos {
+            QoS::AtMostOnce => {}
+            QoS::AtLeastOnce => self
+                .out
+                .packet(&Packet::PubAck(PubResponse::new(p.packet_id, reason))),
+            QoS::ExactlyOnce => {
+                let state = &mut self.session.as_mut().expect("session").1;
+                let reason = if reason == ReasonCode::NO_MATCHING_SUBSCRIBERS {
+                    ReasonCode::SUCCESS
+                } else {
+                    reason
+                };
+                if !reason.is_error() {
+                    state.incoming_qos2.insert(p.packet_id);
+                }
+                self.out
+                    .packet(&Packet::PubRec(PubResponse::new(p.packet_id, reason)));
+            }
+        }
+        Ok(())
+    }
+
+    fn inflight_state(&self, packet_id: u16) -> Option<OutState> {
+        let state = &self.session.as_ref().expect("session").1;
+        state
+            .inflight
+            .iter()
+            .find(|m| m.packet_id == packet_id)
+            .map(|m| m.state)
+    }
+
+    fn complete(&mut self, packet_id: u16) {
+        let state = &mut self.session.as_mut().expect("session").1;
+        state.inflight.retain(|m| m.packet_id != packet_id);
+    }
+
+    fn on_puback(&mut self, r: PubResponse) -> Step {
+        match self.inflight_state(r.packet_id) {
+            Some(OutState::AwaitPubAck) => self.complete(r.packet_id),
+            Some(_) => {
+                return Err(violation(
+                    ReasonCode::PROTOCOL_ERROR,
+                    "[MQTT-4.3.3] PUBACK for a QoS 2 message",
+                ))
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    fn on_pubrec(&mut self, r: PubResponse) -> Step {
+        match self.inflight_state(r.packet_id) {
+            Some(OutState::AwaitPubAck) => {
+                return Err(violation(
+                    ReasonCode::PROTOCOL_ERROR,
+                    "[MQTT-4.3.2] PUBREC for a QoS 1 message",
+                ))
+            }
+            Some(OutState::AwaitPubRec) if r.reason.is_error() => self.complete(r.packet_id),
+            Some(OutState::AwaitPubRec) => {
+                let state = &mut self.session.as_mut().expect("session").1;
+                if let Some(m) = state
+                    .inflight
+                    .iter_mut()
+                    .find(|m| m.packet_id == r.packet_id)
+                {
+                    m.state = OutState::AwaitPubComp;
+                }
+                self.out.packet(&Packet::PubRel(PubResponse::new(
+                    r.packet_id,
+                    ReasonCode::SUCCESS,
+                )));
+            }
+            Some(OutState::AwaitPubComp) => {
+                self.out.packet(&Packet::PubRel(PubResponse::new(
+                    r.packet_id,
+                    ReasonCode::SUCCESS,
+                )));
+            }
+            None if !r.reason.is_error() => {
+                self.out.packet(&Packet::PubRel(PubResponse::new(
+                    r.packet_id,
+                    ReasonCode::SUCCESS,
+                )));
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    fn on_pubcomp(&mut self, r: PubResponse) -> Step {
+        match self.inflight_state(r.packet_id) {
+            Some(OutState::AwaitPubComp) => self.complete(r.packet_id),
+            Some(_) => {
+                return Err(violation(
+                    ReasonCode::PROTOCOL_ERROR,
+                    "[MQTT-4.3.3] PUBCOMP before PUBREC",
+                ));
+            }
+            None => {}
+        }
+        Ok(())
+    }
+
+    fn on_subscribe(&mut self, s: Subscribe) -> Step {
+        let v5 = self.v5();
+        let identifier = s.properties.subscription_identifiers.first().copied();
+        let mut reasons = Vec::with_capacity(s.filters.len());
+        let mut retained: Vec<Delivery> = Vec::new();
+        let (shared, state) = self.session.as_mut().expect("session");
+        for (filter, options) in &s.filters {
+            let parsed = match parse_filter(filter) {
+                Ok(p) => p,
+                Err(FilterError::BadShare) => {
+                    return Err(violation(
+                        ReasonCode::PROTOCOL_ERROR,
+                        "[MQTT-4.8.2-1] invalid shared subscription",
+                    ))
+                }
+                Err(FilterError::Invalid) => {
+                    reasons.push(if v5 {
+                        ReasonCode::TOPIC_FILTER_INVALID
+                    } else {
+                        ReasonCode::UNSPECIFIED_ERROR
+                    });
+                    continue;
+                }
+            };
+            if parsed.share.is_some() && options.no_local {
+                return Err(violation(
+                    ReasonCode::PROTOCOL_ERROR,
+                    "[MQTT-3.8.3-4] no local on a shared subscription",
+                ));
+            }
+            let sub = Subscription {
+                session: shared.clone(),
+                options: *options,
+                identifier,
+            };
+            let existed = self.broker.subscribe(shared, filter, sub);
+            state
+                .subscriptions
+                .insert(filter.clone(), (*options, identifier));
+            reasons.push(ReasonCode(options.qos as u8));
+            let send_retained = parsed.share.is_none()
+                && match options.retain_handling {
+                    0 => true,
+                    1 => !existed,
+                    _ => false,
+                };
+            if send_retained {
+                let matching = self
+                    .broker
+                    .retained
+                    .read()
+                    .expect("retained lock")
+                    .matching(parsed.filter);
+                retained.extend(matching.into_iter().map(|message| Delivery {
+                    qos: message.qos.min(options.qos),
+                    message,
+                    // [MQTT-3.3.1-8] retained messages sent on subscribe keep their retain flag.
+                    retain: true,
+                    subscription_ids: identifier.into_iter().collect(),
+                }));
+            }
+        }
+        state.pending.extend(retained);
+        self.out.packet(&Packet::SubAck(SubAck {
+            packet_id: s.packet_id,
+            properties: Properties::default(),
+            reasons,
+        }));
+        Ok(())
+    }
+
+    fn on_unsubscribe(&mut self, u: Unsubscribe) -> Step {
+        let (shared, state) = self.session.as_mut().expect("session");
+        let mut reasons = Vec::with_capacity(u.filters.len());
+        for filter in &u.filters {
+            let existed = state.subscriptions.remove(filter).is_some();
+            if existed {
+                self.broker.unsubscribe(shared.id, filter);
+            }
+            reasons.push(if existed {
+                ReasonCode::SUCCESS
+            } else {
+                ReasonCode::NO_SUBSCRIPTION_EXISTED
+            });
+        }
+        if !self.v5() {
+            reasons.clear();
+        }
+        self.out.packet(&Packet::UnsubAck(UnsubAck {
+            packet_id: u.packet_id,
+            properties: Properties::default(),
+            reasons,
+        }));
+        Ok(())
+    }
+
+    fn on_disconnect(&mut self, d: Disconnect) -> Step {
+        if let Some(expiry) = d.properties.session_expiry_interval {
+            if self.session_expiry == 0 && expiry != 0 {
+                return Err(violation(
+                    ReasonCode::PROTOCOL_ERROR,
+                    "[MQTT-3.14.2-2] session expiry set on DISCONNECT after 0 on CONNECT",
+                ));
+            }
+            self.session_expiry = expiry;
+        }
+        Err(Close::ClientDisconnect {
+            with_will: d.reason == ReasonCode::DISCONNECT_WITH_WILL,
+        })
+    }
+}

@@ -1,0 +1,456 @@
+//! One client connection: the CONNECT handshake, the session it takes or resumes, the loop that
+//! reads packets, drains the session's queue within the client's receive window, enforces the
+//! keep-alive, and on the way out publishes the will and parks or ends the session.
+
+mod handshake;
+mod inbound;
+pub mod outbound;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tracing::{debug, info};
+
+use crate::broker::Broker;
+use crate::codec::{
+    DecodeError, Decoder, Disconnect, ErrorKind, Packet, Properties, ReasonCode, Role, Will,
+};
+use crate::session::{Delivery, Kick, Message, OutState, SessionShared, SessionState};
+use outbound::{Outbound, Written};
+
+/// Why a connection ended; decides the DISCONNECT sent (5.0), the will and the log line.
+#[derive(Debug)]
+pub enum Close {
+    /// The client sent DISCONNECT; `with_will` for reason 0x04 [MQTT-3.14.4-3].
+    ClientDisconnect {
+        with_will: bool,
+    },
+    Decode(DecodeError),
+    /// A protocol violation found after decoding, with the reason code it earns.
+    Violation(ReasonCode, &'static str),
+    KeepAliveTimeout,
+    Kicked(ReasonCode),
+    ServerShutdown,
+    SocketClosed,
+    /// Closed without any answer and without a session: handshake failures.
+    Refused(&'static str),
+}
+
+impl Close {
+    fn reason_code(&self) -> Option<ReasonCode> {
+        match self {
+            Close::Decode(e) => e.disconnect_reason(),
+            Close::Violation(code, _) => Some(*code),
+            Close::KeepAliveTimeout => Some(ReasonCode::KEEP_ALIVE_TIMEOUT),
+            Close::Kicked(code) => Some(*code),
+            Close::ServerShutdown => Some(ReasonCode::SERVER_SHUTTING_DOWN),
+            _ => None,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Close::ClientDisconnect { with_will: false } => "client disconnected".into(),
+            Close::ClientDisconnect { with_will: true } => "client disconnected with will".into(),
+            Close::Decode(e) => format!("bad packet: {e}"),
+            Close::Violation(code, why) => format!("protocol violation (0x{:02X}): {why}", code.0),
+            Close::KeepAliveTimeout => "keep-alive timeout [MQTT-3.1.2-24]".into(),
+            Close::Kicked(code) if *code == ReasonCode::SESSION_TAKEN_OVER => {
+                "session taken over [MQTT-3.1.4-3]".into()
+            }
+            Close::Kicked(code) => format!("disconnected by the server (0x{:02X})", code.0),
+            Close::ServerShutdown => "server shutting down".into(),
+            Close::SocketClosed => "connection lost".into(),
+            Close::Refused(why) => format!("refused: {why}"),
+        }
+    }
+}
+
+pub type Step = Result<(), Close>;
+
+struct OpenGuard<'a>(&'a Broker);
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.0
+            .metrics
+            .connections_open
+            .fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Runs a connection from accept to close.
+pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
+    broker
+        .metrics
+        .connections_total
+        .fetch_add(1, Ordering::Relaxed);
+    broker
+        .metrics
+        .connections_open
+        .fetch_add(1, Ordering::Relaxed);
+    let _open = OpenGuard(&broker);
+    let (reader, writer) = stream.into_split();
+    let (tx, rx) = mpsc::channel(broker.config.mqtt.max_outbound_frames);
+    let writer = tokio::spawn(outbound::writer_task(writer, rx));
+    let (kick_tx, kick_rx) = mpsc::unbounded_channel();
+    let mut conn = Connection {
+        broker: broker.clone(),
+        peer,
+        conn_id: broker.next_id(),
+        decoder: Decoder::new(Role::Server, broker.config.mqtt.max_packet_size),
+        inbuf: BytesMut::with_capacity(256),
+        out: Outbound::new(tx),
+        client_id: String::new(),
+        session: None,
+        kick_tx,
+        kick_rx,
+        keep_alive: None,
+        last_inbound: Instant::now(),
+        will: None,
+        receive_window: 0,
+        inbound_aliases: HashMap::new(),
+        session_expiry: 0,
+    };
+    let close = conn.run(reader).await;
+    conn.finish(close).await;
+    // The writer ends once every sender is gone: drop ours before waiting for it.
+    drop(conn);
+    // Let the writer send what is queued (a DISCONNECT, say) but never wait on a stalled socket forever.
+    let mut writer = writer;
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
+        .await
+        .is_err()
+    {
+        writer.abort();
+    }
+}
+
+pub struct Connection {
+    broker: Arc<Broker>,
+    peer: SocketAddr,
+    conn_id: u64,
+    decoder: Decoder,
+    inbuf: BytesMut,
+    out: Outbound,
+    client_id: String,
+    session: Option<(Arc<SessionShared>, SessionState)>,
+    kick_tx: mpsc::UnboundedSender<Kick>,
+    kick_rx: mpsc::UnboundedReceiver<Kick>,
+    /// 1.5 times the negotiated keep-alive [MQTT-3.1.2-24]; None when keep-alive is 0.
+    keep_alive: Option<Duration>,
+    last_inbound: Instant,
+    will: Option<Will>,
+    /// How many QoS 1 and 2 messages may be in flight towards the client [MQTT-4.9.0-2].
+    receive_window: usize,
+    inbound_aliases: HashMap<u16, Arc<str>>,
+    session_expiry: u32,
+}
+
+enum Event {
+    Read(std::io::Result<usize>),
+    Delivery(Option<Delivery>),
+    Kick(Option<Kick>),
+    Shutdown,
+    KeepAlive,
+}
+
+impl Connection {
+    async fn run(&mut self, mut reader: OwnedReadHalf) -> Close {
+        if let Err(close) = self.handshake(&mut reader).await {
+            return close;
+        }
+        let mut shutdown = self.broker.shutdown_signal();
+        loop {
+            if let Err(close) = self.drain_deliveries() {
+                return close;
+            }
+            if self.out.flush().await.is_err() {
+                return Close::SocketClosed;
+            }
+            let window_open = self.window_open();
+            let deadline = self
+                .keep_alive
+                .map(|k| tokio::time::Instant::from_std(self.last_inbound + k));
+            let state = &mut self.session.as_mut().expect("session after handshake").1;
+            let event = tokio::select! {
+                biased;
+                k = self.kick_rx.recv() => Event::Kick(k),
+                _ = shutdown.wait_for(|s| *s) => Event::Shutdown,
+                r = reader.read_buf(&mut self.inbuf) => Event::Read(r),
+                d = state.mailbox.recv(), if window_open => Event::Delivery(d),
+                _ = sleep_until(deadline) => Event::KeepAlive,
+            };
+            let step = match event {
+                Event::Kick(Some(k)) => Err(Close::Kicked(k.reason)),
+                Event::Kick(None) | Event::Shutdown => Err(Close::ServerShutdown),
+                Event::KeepAlive => Err(Close::KeepAliveTimeout),
+                Event::Read(Ok(0)) | Event::Read(Err(_)) => Err(Close::SocketClosed),
+                Event::Read(Ok(_)) => self.handle_input(),
+                Event::Delivery(Some(d)) => {
+                    self.start_delivery(d);
+                    Ok(())
+                }
+                Event::Delivery(None) => Err(Close::SocketClosed),
+            };
+            if let Err(close) = step {
+                return close;
+            }
+        }
+    }
+
+    /// Decodes and handles every complete packet in the input buffer.
+    fn handle_input(&mut self) -> Step {
+        self.last_inbound = Instant::now();
+        loop {
+            match self.decoder.decode(&mut self.inbuf) {
+                Ok(Some(packet)) => self.handle_packet(packet)?,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(Close::Decode(e)),
+            }
+        }
+    }
+
+    fn window_open(&self) -> bool {
+        self.session
+            .as_ref()
+            .is_some_and(|(_, s)| s.inflight.len() < self.receive_window)
+    }
+
+    /// Sends queued messages while the client's receive window allows: first the session's
+    /// pending ones (retained on subscribe), then whatever the router has queued.
+    fn drain_deliveries(&mut self) -> Step {
+        let mut budget = 256;
+        while budget > 0 && self.window_open() {
+            let state = &mut self.session.as_mut().expect("session").1;
+            let next = match state.pending.pop_front() {
+                Some(d) => d,
+                None => match state.mailbox.try_recv() {
+                    Ok(d) => d,
+                    Err(_) => break,
+                },
+            };
+            self.start_delivery(next);
+            budget -= 1;
+        }
+        Ok(())
+    }
+
+    /// Sends one routed message: QoS 0 goes out and is forgotten; QoS 1 and 2 take a packet
+    /// identifier and wait in flight for their acknowledgement.
+    fn start_delivery(&mut self, d: Delivery) {
+        let now = Instant::now();
+        let metrics = &self.broker.metrics;
+        if d.message.is_expired(now) {
+            metrics.messages_expired.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let expiry = d.message.remaining_expiry(now);
+        let state = &mut self.session.as_mut().expect("session").1;
+        if d.qos == crate::codec::QoS::AtMostOnce {
+            if let Written::TooLarge = self.out.publish(&d, 0, false, expiry) {
+                metrics
+                    .messages_dropped_too_large
+                    .fetch_add(1, Ordering::Relaxed);
+            } else {
+                metrics.messages_sent.fetch_add(1, Ordering::Relaxed);
+            }
+            return;
+        }
+        let Some(packet_id) = state.allocate_packet_id() else {
+            state.pending.push_front(d);
+            return;
+        };
+        match self.out.publish(&d, packet_id, false, expiry) {
+            Written::TooLarge => {
+                metrics
+                    .messages_dropped_too_large
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            Written::Sent => {
+                metrics.messages_sent.fetch_add(1, Ordering::Relaxed);
+                let out_state = if d.qos == crate::codec::QoS::AtLeastOnce {
+                    OutState::AwaitPubAck
+                } else {
+                    OutState::AwaitPubRec
+                };
+                state.inflight.push_back(crate::session::OutInflight {
+                    packet_id,
+                    delivery: d,
+                    state: out_state,
+                });
+            }
+        }
+    }
+
+    /// Resends what was in flight when the session was last connected [MQTT-4.4.0-1]: PUBLISH
+    /// with DUP set, or PUBREL for messages already past PUBREC.
+    fn resend_inflight(&mut self) {
+        let now = Instant::now();
+        let state = &mut self.session.as_mut().expect("session").1;
+        let mut keep = std::collections::VecDeque::new();
+        for m in std::mem::take(&mut state.inflight) {
+            match m.state {
+                OutState::AwaitPubComp => {
+                    self.out
+                        .packet(&Packet::PubRel(crate::codec::PubResponse::new(
+                            m.packet_id,
+                            ReasonCode::SUCCESS,
+                        )));
+                    keep.push_back(m);
+                }
+                _ => {
+                    let expiry = m.delivery.message.remaining_expiry(now);
+                    if let Written::Sent = self.out.publish(&m.delivery, m.packet_id, true, expiry)
+                    {
+                        keep.push_back(m);
+                    }
+                }
+            }
+        }
+        state.inflight = keep;
+    }
+
+    /// Sends the closing DISCONNECT if there is one to send, publishes or schedules the will, and
+    /// parks or ends the session.
+    async fn finish(&mut self, close: Close) {
+        let v5 = self.decoder.version.is_some_and(|v| v.is_v5());
+        if v5 && self.session.is_some() {
+            if let Some(reason) = close.reason_code() {
+                self.out.packet(&Packet::Disconnect(Disconnect {
+                    reason,
+                    properties: Properties::default(),
+                }));
+            }
+        }
+        let _ = self.out.flush().await;
+        if matches!(close, Close::Decode(_) | Close::Violation(..)) {
+            self.broker
+                .metrics
+                .protocol_errors
+                .fetch_add(1, Ordering::Relaxed);
+        }
+        let Some((shared, mut state)) = self.session.take() else {
+            if let Close::Decode(e) = &close {
+                if e.kind != ErrorKind::CloseSilently || self.decoder.version.is_some() {
+                    debug!(peer = %self.peer, reason = %close.describe(), "connection closed before CONNECT completed");
+                }
+            } else {
+                debug!(peer = %self.peer, reason = %close.describe(), "connection closed before CONNECT completed");
+            }
+            return;
+        };
+        info!(client_id = %self.client_id, peer = %self.peer, reason = %close.describe(), "client disconnected");
+        let publish_will = !matches!(close, Close::ClientDisconnect { with_will: false });
+        let will = self.will.take().filter(|_| publish_will);
+        let taken_over = matches!(close, Close::Kicked(r) if r == ReasonCode::SESSION_TAKEN_OVER);
+        state.expiry_interval = self.session_expiry;
+        shared.online.store(false, Ordering::Release);
+        let ends_now = self.session_expiry == 0 && !taken_over;
+        if let Some(will) = will {
+            let delay = will
+                .properties
+                .will_delay_interval
+                .unwrap_or(0)
+                .min(self.session_expiry);
+            if delay == 0 || ends_now {
+                self.broker.publish(will_message(will, shared.id));
+            } else {
+                self.schedule_will(&shared, will, delay);
+            }
+        }
+        if ends_now {
+            self.broker.end_session(&shared, &state);
+            let mut own = shared.ownership.lock().expect("ownership lock");
+            if own
+                .holder
+                .as_ref()
+                .is_some_and(|(id, _)| *id == self.conn_id)
+            {
+                own.holder = None;
+            }
+            return;
+        }
+        let generation = {
+            let mut own = shared.ownership.lock().expect("ownership lock");
+            own.holder = None;
+            own.parked = Some(state);
+            own.park_generation += 1;
+            own.park_generation
+        };
+        shared.parked_notify.notify_one();
+        if self.session_expiry != u32::MAX && !taken_over {
+            let broker = self.broker.clone();
+            let expiry = Duration::from_secs(u64::from(self.session_expiry));
+            tokio::spawn(async move {
+                tokio::time::sleep(expiry).await;
+                expire_session(&broker, &shared, generation);
+            });
+        }
+    }
+
+    fn schedule_will(&self, shared: &Arc<SessionShared>, will: Will, delay: u32) {
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        shared
+            .ownership
+            .lock()
+            .expect("ownership lock")
+            .pending_will = Some(tx);
+        let broker = self.broker.clone();
+        let session_id = shared.id;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(u64::from(delay))) => {
+                    broker.publish(will_message(will, session_id));
+                }
+                _ = rx => {}
+            }
+        });
+    }
+}
+
+/// Ends a parked session whose expiry interval has passed, unless it was resumed meanwhile.
+fn expire_session(broker: &Broker, shared: &Arc<SessionShared>, generation: u64) {
+    let state = {
+        let mut own = shared.ownership.lock().expect("ownership lock");
+        if own.holder.is_some() || own.park_generation != generation {
+            return;
+        }
+        own.parked.take()
+    };
+    if let Some(state) = state {
+        debug!(client_id = %shared.client_id, "session expired");
+        broker.end_session(shared, &state);
+    }
+}
+
+pub fn will_message(will: Will, publisher: u64) -> Arc<Message> {
+    let mut properties = will.properties;
+    let expiry_interval = properties.message_expiry_interval.take();
+    properties.will_delay_interval = None;
+    Arc::new(Message {
+        topic: will.topic.into(),
+        payload: will.payload,
+        qos: will.qos,
+        retain: will.retain,
+        properties,
+        expiry_interval,
+        received_at: Instant::now(),
+        publisher: Some(publisher),
+    })
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}

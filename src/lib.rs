@@ -1,0 +1,30 @@
+//! Herald, an MQTT 3.1.1 and 5.0 broker for pushing news.
+//!
+//! The path of a message:
+//!
+//! ```text
+//! socket -> listener -> connection: decode -> router -> each matching session's mailbox
+//!                            |                  \-> retain (retained store)
+//!                            \-> session state      connection of that session: encode -> writer task -> socket
+//! ```
+//!
+//! A PUBLISH is decoded once (`codec`), its payload stays one `Bytes` for its whole life, the
+//! `router` finds the matching sessions in the subscription tree, and each target session gets
+//! an `Arc` of the message in its bounded mailbox (`session`). The connection that holds the
+//! session drains the mailbox within the client's receive window and writes through its own
+//! writer task (`connection::outbound`). No lock is held across an `.await`.
+//!
+//! Modules: `config` (TOML configuration), `broker` (shared state, listeners, shutdown),
+//! `listener` (accept loops), `connection` (handshake, packet handling, outbound writing),
+//! `codec` (bytes <-> packets), `router` (subscription tree), `retain` (retained messages),
+//! `session` (session state and messages), `metrics` (counters).
+
+pub mod broker;
+pub mod codec;
+pub mod config;
+pub mod connection;
+pub mod listener;
+pub mod metrics;
+pub mod retain;
+pub mod router;
+pub mod session;

@@ -1,0 +1,32 @@
+//! Counters behind the log lines and, later, `$SYS` and `/metrics`: plain relaxed atomics,
+//! cheap enough for the hot path.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+#[derive(Default)]
+pub struct Metrics {
+    pub connections_total: AtomicU64,
+    pub connections_open: AtomicU64,
+    pub messages_received: AtomicU64,
+    pub messages_sent: AtomicU64,
+    /// Deliveries that found a session's queue full.
+    pub messages_dropped_queue_full: AtomicU64,
+    /// Deliveries larger than the subscriber's maximum packet size [MQTT-3.1.2-25].
+    pub messages_dropped_too_large: AtomicU64,
+    pub messages_expired: AtomicU64,
+    pub protocol_errors: AtomicU64,
+}
+
+impl Metrics {
+    pub fn messages_routed(&self, _matched: usize, dropped: usize) {
+        self.messages_received.fetch_add(1, Relaxed);
+        if dropped > 0 {
+            self.messages_dropped_queue_full
+                .fetch_add(dropped as u64, Relaxed);
+        }
+    }
+
+    pub fn connections_now(&self) -> u64 {
+        self.connections_open.load(Relaxed)
+    }
+}

@@ -1,0 +1,387 @@
+//! The subscription tree: topic filters in a trie of levels, each node with its literal children,
+//! a dedicated `+` child and the subscribers of `#` below it; shared subscriptions per group.
+//! Matching a topic name yields one target per session [MQTT-3.3.4-2], at the highest QoS of its
+//! overlapping subscriptions and with all their subscription identifiers [MQTT-3.3.4-3..5].
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use crate::codec::{QoS, SubscriptionOptions};
+use crate::session::SessionShared;
+
+/// One session's subscription to one filter.
+#[derive(Clone)]
+pub struct Subscription {
+    pub session: Arc<SessionShared>,
+    pub options: SubscriptionOptions,
+    pub identifier: Option<u32>,
+}
+
+#[derive(Default)]
+struct SharedGroup {
+    members: Vec<Subscription>,
+    next: AtomicUsize,
+}
+
+#[derive(Default)]
+struct Node {
+    literal: HashMap<Box<str>, Node>,
+    plus: Option<Box<Node>>,
+    /// Subscribers of `filter/#`, which also match `filter` itself [MQTT-4.7.1-2].
+    hash: HashMap<u64, Subscription>,
+    hash_shared: HashMap<Box<str>, SharedGroup>,
+    exact: HashMap<u64, Subscription>,
+    exact_shared: HashMap<Box<str>, SharedGroup>,
+}
+
+impl Node {
+    fn is_empty(&self) -> bool {
+        self.literal.is_empty()
+            && self.plus.is_none()
+            && self.hash.is_empty()
+            && self.hash_shared.is_empty()
+            && self.exact.is_empty()
+            && self.exact_shared.is_empty()
+    }
+}
+
+/// A matched session with what its subscriptions grant.
+pub struct Target {
+    pub session: Arc<SessionShared>,
+    pub qos: QoS,
+    pub no_local: bool,
+    pub retain_as_published: bool,
+    pub identifiers: Vec<u32>,
+}
+
+/// A filter of a SUBSCRIBE, split into its optional share name and the filter proper.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ParsedFilter<'a> {
+    pub share: Option<&'a str>,
+    pub filter: &'a str,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum FilterError {
+    /// `$share/` syntax broken: a protocol error [MQTT-4.8.2-1], [MQTT-4.8.2-2].
+    BadShare,
+    /// Wildcards in the wrong place [MQTT-4.7.1-1..3].
+    Invalid,
+}
+
+pub fn parse_filter(full: &str) -> Result<ParsedFilter<'_>, FilterError> {
+    if let Some(rest) = full.strip_prefix("$share/") {
+        let (share, filter) = rest.split_once('/').ok_or(FilterError::BadShare)?;
+        if share.is_empty() || share.contains(['+', '#']) || filter.is_empty() {
+            return Err(FilterError::BadShare);
+        }
+        if !crate::codec::is_valid_topic_filter(filter) {
+            return Err(FilterError::Invalid);
+        }
+        return Ok(ParsedFilter {
+            share: Some(share),
+            filter,
+        });
+    }
+    if !crate::codec::is_valid_topic_filter(full) {
+        return Err(FilterError::Invalid);
+    }
+    Ok(ParsedFilter {
+        share: None,
+        filter: full,
+    })
+}
+
+#[derive(Default)]
+pub struct SubscriptionTree {
+    root: Node,
+    count: usize,
+}
+
+impl SubscriptionTree {
+    pub fn len(&self) -> usize {
+        self.count
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.count == 0
+    }
+
+    /// Adds or replaces the subscription; returns true if it replaced an existing one.
+    pub fn subscribe(&mut self, filter: &ParsedFilter<'_>, sub: Subscription) -> bool {
+        let mut node = &mut self.root;
+        let mut at_hash = false;
+        for level in filter.filter.split('/') {
+            if level == "#" {
+                at_hash = true;
+                break;
+            }
+            node = if level == "+" {
+                node.plus.get_or_insert_with(Default::default)
+            } else {
+                node.literal.entry(level.into()).or_default()
+            };
+        }
+        let key = sub.session.id;
+        let existed = match (filter.share, at_hash) {
+            (None, false) => node.exact.insert(key, sub).is_some(),
+            (None, true) => node.hash.insert(key, sub).is_some(),
+            (Some(g), hash) => {
+                let groups = if hash {
+                    &mut node.hash_shared
+                } else {
+                    &mut node.exact_shared
+                };
+                let group = groups.entry(g.into()).or_default();
+                if let Some(slot) = group.members.iter_mut().find(|m| m.session.id == key) {
+                    *slot = sub;
+                    true
+                } else {
+                    group.members.push(sub);
+                    false
+                }
+            }
+        };
+        if !existed {
+            self.count += 1;
+        }
+        existed
+    }
+
+    /// Removes the session's subscription to the filter; returns whether there was one.
+    pub fn unsubscribe(&mut self, filter: &ParsedFilter<'_>, session_id: u64) -> bool {
+        let levels: Vec<&str> = filter.filter.split('/').collect();
+        let removed = remove(&mut self.root, &levels, filter.share, session_id);
+        if removed {
+            self.count -= 1;
+        }
+        removed
+    }
+
+    /// Every session whose subscriptions match `topic`, one target per session.
+    pub fn matches(&self, topic: &str) -> Vec<Target> {
+        let mut found: Vec<&Subscription> = Vec::new();
+        let mut shared: Vec<&SharedGroup> = Vec::new();
+        let levels: Vec<&str> = topic.split('/').collect();
+        // [MQTT-4.7.2-1] a filter starting with a wildcard does not match a `$` topic.
+        let dollar = topic.starts_with('$');
+        collect(&self.root, &levels, 0, dollar, &mut found, &mut shared);
+        for group in shared {
+            if group.members.is_empty() {
+                continue;
+            }
+            let i = group.next.fetch_add(1, Ordering::Relaxed) % group.members.len();
+            found.push(&group.members[i]);
+        }
+        let mut targets: Vec<Target> = Vec::with_capacity(found.len());
+        let mut index: HashMap<u64, usize> = HashMap::new();
+        for sub in found {
+            let id = sub.session.id;
+            if let Some(&i) = index.get(&id) {
+                let t = &mut targets[i];
+                t.qos = t.qos.max(sub.options.qos);
+                t.no_local &= sub.options.no_local;
+                t.retain_as_published |= sub.options.retain_as_published;
+                if let Some(i) = sub.identifier {
+                    t.identifiers.push(i);
+                }
+            } else {
+                index.insert(id, targets.len());
+                targets.push(Target {
+                    session: sub.session.clone(),
+                    qos: sub.options.qos,
+                    no_local: sub.options.no_local,
+                    retain_as_published: sub.options.retain_as_published,
+                    identifiers: sub.identifier.into_iter().collect(),
+                });
+            }
+        }
+        targets
+    }
+}
+
+fn collect<'a>(
+    node: &'a Node,
+    levels: &[&str],
+    depth: usize,
+    dollar: bool,
+    found: &mut Vec<&'a Subscription>,
+    shared: &mut Vec<&'a SharedGroup>,
+) {
+    let first = depth == 0 && dollar;
+    if !first {
+        found.extend(node.hash.values());
+        shared.extend(node.hash_shared.values());
+    }
+    let Some(level) = levels.get(depth) else {
+        found.extend(node.exact.values());
+        shared.extend(node.exact_shared.values());
+        return;
+    };
+    if let Some(child) = node.literal.get(*level) {
+        collect(child, levels, depth + 1, dollar, found, shared);
+    }
+    if !first {
+        if let Some(plus) = &node.plus {
+            collect(plus, levels, depth + 1, dollar, found, shared);
+        }
+    }
+}
+
+fn remove(node: &mut Node, levels: &[&str], share: Option<&str>, session_id: u64) -> bool {
+    let Some((&level, rest)) = levels.split_first() else {
+        return remove_here(&mut node.exact, &mut node.exact_shared, share, session_id);
+    };
+    if level == "#" && rest.is_empty() {
+        return remove_here(&mut node.hash, &mut node.hash_shared, share, session_id);
+    }
+    let removed;
+    if level == "+" {
+        let Some(child) = node.plus.as_mut() else {
+            return false;
+        };
+        removed = remove(child, rest, share, session_id);
+        if child.is_empty() {
+            node.plus = None;
+        }
+    } else {
+        let Some(child) = node.literal.get_mut(level) else {
+            return false;
+        };
+        removed = remove(child, rest, share, session_id);
+        if child.is_empty() {
+            node.literal.remove(level);
+        }
+    }
+    removed
+}
+
+fn remove_here(
+    subs: &mut HashMap<u64, Subscription>,
+    groups: &mut HashMap<Box<str>, SharedGroup>,
+    share: Option<&str>,
+    session_id: u64,
+) -> bool {
+    match share {
+        None => subs.remove(&session_id).is_some(),
+        Some(g) => {
+            let Some(group) = groups.get_mut(g) else {
+                return false;
+            };
+            let before = group.members.len();
+            group.members.retain(|m| m.session.id != session_id);
+            let removed = group.members.len() != before;
+            if group.members.is_empty() {
+                groups.remove(g);
+            }
+            removed
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sub(id: u64, qos: QoS, identifier: Option<u32>) -> Subscription {
+        Subscription {
+            session: SessionShared::new_for_test(id),
+            options: SubscriptionOptions {
+                qos,
+                ..Default::default()
+            },
+            identifier,
+        }
+    }
+
+    fn add(tree: &mut SubscriptionTree, filter: &str, s: Subscription) {
+        tree.subscribe(&parse_filter(filter).unwrap(), s);
+    }
+
+    fn ids(tree: &SubscriptionTree, topic: &str) -> Vec<u64> {
+        let mut v: Vec<u64> = tree.matches(topic).iter().map(|t| t.session.id).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn wildcards_match_as_section_4_7_describes() {
+        let mut t = SubscriptionTree::default();
+        add(&mut t, "news/#", sub(1, QoS::AtMostOnce, None));
+        add(&mut t, "news/+/breaking", sub(2, QoS::AtMostOnce, None));
+        add(&mut t, "news/tech", sub(3, QoS::AtMostOnce, None));
+        add(&mut t, "#", sub(4, QoS::AtMostOnce, None));
+        add(&mut t, "+/+", sub(5, QoS::AtMostOnce, None));
+        assert_eq!(ids(&t, "news"), vec![1, 4]);
+        assert_eq!(ids(&t, "news/tech"), vec![1, 3, 4, 5]);
+        assert_eq!(ids(&t, "news/tech/breaking"), vec![1, 2, 4]);
+        assert_eq!(ids(&t, "sport/x"), vec![4, 5]);
+        assert_eq!(ids(&t, "/x"), vec![4, 5]);
+    }
+
+    #[test]
+    fn dollar_topics_are_not_matched_by_leading_wildcards_mqtt_4_7_2_1() {
+        let mut t = SubscriptionTree::default();
+        add(&mut t, "#", sub(1, QoS::AtMostOnce, None));
+        add(&mut t, "+/broker/uptime", sub(2, QoS::AtMostOnce, None));
+        add(&mut t, "$SYS/#", sub(3, QoS::AtMostOnce, None));
+        assert_eq!(ids(&t, "$SYS/broker/uptime"), vec![3]);
+    }
+
+    #[test]
+    fn overlapping_subscriptions_give_one_target_with_max_qos_and_all_ids_mqtt_3_3_4_2() {
+        let mut t = SubscriptionTree::default();
+        let s = SessionShared::new_for_test(7);
+        let mk = |qos, id| Subscription {
+            session: s.clone(),
+            options: SubscriptionOptions {
+                qos,
+                ..Default::default()
+            },
+            identifier: Some(id),
+        };
+        add(&mut t, "news/#", mk(QoS::AtMostOnce, 1));
+        add(&mut t, "news/tech", mk(QoS::ExactlyOnce, 2));
+        let m = t.matches("news/tech");
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0].qos, QoS::ExactlyOnce);
+        let mut ids = m[0].identifiers.clone();
+        ids.sort();
+        assert_eq!(ids, vec![1, 2]);
+    }
+
+    #[test]
+    fn shared_subscriptions_deliver_to_one_member_in_turn() {
+        let mut t = SubscriptionTree::default();
+        add(&mut t, "$share/g/news/#", sub(1, QoS::AtMostOnce, None));
+        add(&mut t, "$share/g/news/#", sub(2, QoS::AtMostOnce, None));
+        let a = ids(&t, "news/x");
+        let b = ids(&t, "news/x");
+        assert_eq!(a.len(), 1);
+        assert_eq!(b.len(), 1);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn unsubscribe_prunes_and_counts() {
+        let mut t = SubscriptionTree::default();
+        add(&mut t, "a/+/c", sub(1, QoS::AtMostOnce, None));
+        add(&mut t, "$share/g/a/#", sub(1, QoS::AtMostOnce, None));
+        assert_eq!(t.len(), 2);
+        assert!(t.unsubscribe(&parse_filter("a/+/c").unwrap(), 1));
+        assert!(!t.unsubscribe(&parse_filter("a/+/c").unwrap(), 1));
+        assert!(t.unsubscribe(&parse_filter("$share/g/a/#").unwrap(), 1));
+        assert!(t.root.is_empty());
+        assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn share_syntax_errors() {
+        assert_eq!(parse_filter("$share/p"), Err(FilterError::BadShare));
+        assert_eq!(parse_filter("$share/p/"), Err(FilterError::BadShare));
+        assert_eq!(parse_filter("$share//x"), Err(FilterError::BadShare));
+        assert_eq!(parse_filter("a/#/b"), Err(FilterError::Invalid));
+        assert_eq!(parse_filter("$share/g/x").unwrap().share, Some("g"));
+    }
+}
