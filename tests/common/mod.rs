@@ -1,0 +1,223 @@
+//! Test support: a real Herald broker on 127.0.0.1:0 in its own thread and runtime, and a raw
+//! MQTT client that speaks bytes over a real socket, decoding what the broker sends with the
+//! codec in client role.
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use herald::broker::{self, Broker};
+use herald::codec::{Decoder, Packet, ProtocolVersion, Role};
+use herald::config::Config;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+pub struct TestBroker {
+    pub addr: SocketAddr,
+    pub broker: Arc<Broker>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl TestBroker {
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+impl Drop for TestBroker {
+    fn drop(&mut self) {
+        self.broker.begin_shutdown();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Starts a broker whose configuration is the default plus `extra` TOML for the `[mqtt]` table.
+pub fn start_with(mqtt_toml: &str) -> TestBroker {
+    let text = format!(
+        "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n[mqtt]\n{mqtt_toml}\n"
+    );
+    let config = Config::parse(&text).expect("test configuration");
+    let broker = Broker::new(config);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let b = broker.clone();
+    let thread = std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let (btx, brx) = tokio::sync::oneshot::channel();
+            let server = tokio::spawn(broker::run(b, Some(btx)));
+            let addrs = brx.await.expect("broker bound");
+            tx.send(addrs[0]).unwrap();
+            server.await.unwrap().unwrap();
+        });
+    });
+    let addr = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("broker started");
+    TestBroker {
+        addr,
+        broker,
+        thread: Some(thread),
+    }
+}
+
+pub fn start() -> TestBroker {
+    start_with("")
+}
+
+/// A client that sends raw bytes and reads whole packets, for the statements no client library
+/// lets us break.
+pub struct RawClient {
+    pub stream: TcpStream,
+    decoder: Decoder,
+    buf: BytesMut,
+    pub version: ProtocolVersion,
+}
+
+pub const WAIT: Duration = Duration::from_secs(5);
+
+impl RawClient {
+    pub async fn connect_tcp(addr: SocketAddr) -> RawClient {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).unwrap();
+        RawClient {
+            stream,
+            decoder: Decoder::new(Role::Client, u32::MAX),
+            buf: BytesMut::new(),
+            version: ProtocolVersion::V3_1_1,
+        }
+    }
+
+    /// Opens a session: sends CONNECT and expects a successful CONNACK, which it returns.
+    pub async fn connect(
+        addr: SocketAddr,
+        connect: herald::codec::Connect,
+    ) -> (RawClient, herald::codec::ConnAck) {
+        let mut c = RawClient::connect_tcp(addr).await;
+        c.version = connect.protocol;
+        c.decoder.version = Some(connect.protocol);
+        c.send(&Packet::Connect(Box::new(connect))).await;
+        match c.recv().await {
+            Some(Packet::ConnAck(ack)) => {
+                assert!(
+                    !ack.code.is_error() && ack.code.0 == 0,
+                    "CONNACK refused: {ack:?}"
+                );
+                (c, ack)
+            }
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    pub async fn send(&mut self, packet: &Packet) {
+        if let Packet::Connect(c) = packet {
+            self.version = c.protocol;
+            self.decoder.version = Some(c.protocol);
+        }
+        let mut out = BytesMut::new();
+        packet.encode(self.version, &mut out);
+        self.stream.write_all(&out).await.expect("write");
+    }
+
+    pub async fn send_raw(&mut self, bytes: &[u8]) {
+        let _ = self.stream.write_all(bytes).await;
+    }
+
+    /// The next packet, or None once the broker has closed the connection.
+    pub async fn recv(&mut self) -> Option<Packet> {
+        self.recv_within(WAIT)
+            .await
+            .expect("timed out waiting for a packet")
+    }
+
+    /// Err(()) on timeout.
+    pub async fn recv_within(&mut self, wait: Duration) -> Result<Option<Packet>, ()> {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(p) = self
+                .decoder
+                .decode(&mut self.buf)
+                .expect("broker sent a valid packet")
+            {
+                return Ok(Some(p));
+            }
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
+                Err(_) => return Err(()),
+                Ok(Ok(0)) | Ok(Err(_)) => return Ok(None),
+                Ok(Ok(_)) => {}
+            }
+        }
+    }
+
+    /// Asserts that nothing arrives within `wait`.
+    pub async fn expect_silence(&mut self, wait: Duration) {
+        if let Ok(p) = self.recv_within(wait).await {
+            panic!("expected nothing, got {p:?}");
+        }
+    }
+}
+
+pub fn connect_packet(
+    version: ProtocolVersion,
+    client_id: &str,
+    clean: bool,
+) -> herald::codec::Connect {
+    herald::codec::Connect {
+        protocol: version,
+        clean_start: clean,
+        keep_alive: 60,
+        properties: Default::default(),
+        client_id: client_id.into(),
+        will: None,
+        username: None,
+        password: None,
+    }
+}
+
+pub fn publish(topic: &str, payload: &[u8], qos: herald::codec::QoS, packet_id: u16) -> Packet {
+    Packet::Publish(herald::codec::Publish {
+        dup: false,
+        qos,
+        retain: false,
+        topic: topic.into(),
+        packet_id,
+        properties: Default::default(),
+        payload: bytes::Bytes::copy_from_slice(payload),
+    })
+}
+
+pub fn subscribe(packet_id: u16, filter: &str, qos: herald::codec::QoS) -> Packet {
+    Packet::Subscribe(herald::codec::Subscribe {
+        packet_id,
+        properties: Default::default(),
+        filters: vec![(
+            filter.into(),
+            herald::codec::SubscriptionOptions {
+                qos,
+                ..Default::default()
+            },
+        )],
+    })
+}
+
+/// Waits for a whole SUBACK and returns its reason codes.
+pub async fn expect_suback(c: &mut RawClient) -> Vec<u8> {
+    match c.recv().await {
+        Some(Packet::SubAck(s)) => s.reasons.iter().map(|r| r.0).collect(),
+        other => panic!("expected SUBACK, got {other:?}"),
+    }
+}
+
+pub async fn expect_publish(c: &mut RawClient) -> herald::codec::Publish {
+    match c.recv().await {
+        Some(Packet::Publish(p)) => p,
+        other => panic!("expected PUBLISH, got {other:?}"),
+    }
+}

@@ -1,0 +1,396 @@
+//! Routing and delivery [MQTT-3.3], [MQTT-4.3], [MQTT-4.7], [MQTT-4.8], [MQTT-4.9]: QoS levels,
+//! overlapping subscriptions, shared subscriptions, retained messages with flow control, topic
+//! aliases, message expiry and maximum packet size, over real sockets.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use herald::codec::{
+    Packet, Properties, ProtocolVersion::*, PubResponse, Publish, QoS, ReasonCode, Subscribe,
+    SubscriptionOptions,
+};
+
+async fn subscriber(b: &TestBroker, id: &str, filter: &str, qos: QoS) -> RawClient {
+    let (mut c, _) = RawClient::connect(b.addr, connect_packet(V5, id, true)).await;
+    c.send(&subscribe(1, filter, qos)).await;
+    assert_eq!(expect_suback(&mut c).await, vec![qos as u8]);
+    c
+}
+
+#[tokio::test]
+async fn mqtt_3_3_4_2_overlapping_subscriptions_deliver_one_copy_with_every_identifier() {
+    let b = start();
+    let (mut c, _) = RawClient::connect(b.addr, connect_packet(V5, "overlap", true)).await;
+    for (pid, filter, qos, id) in [
+        (1, "news/#", QoS::AtMostOnce, 11),
+        (2, "news/+/ai", QoS::AtLeastOnce, 22),
+    ] {
+        let mut properties = Properties::default();
+        properties.subscription_identifiers = vec![id];
+        c.send(&Packet::Subscribe(Subscribe {
+            packet_id: pid,
+            properties,
+            filters: vec![(
+                filter.into(),
+                SubscriptionOptions {
+                    qos,
+                    ..Default::default()
+                },
+            )],
+        }))
+        .await;
+        expect_suback(&mut c).await;
+    }
+    let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "pub", true)).await;
+    p.send(&publish("news/tech/ai", b"x", QoS::AtLeastOnce, 1))
+        .await;
+    let got = expect_publish(&mut c).await;
+    assert_eq!(got.qos, QoS::AtLeastOnce, "the highest granted QoS");
+    let mut ids = got.properties.subscription_identifiers.clone();
+    ids.sort();
+    assert_eq!(ids, vec![11, 22]);
+    c.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn mqtt_4_3_3_qos2_both_ways_exactly_once() {
+    let b = start();
+    let mut s = subscriber(&b, "s2", "news/breaking", QoS::ExactlyOnce).await;
+    let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "p2", true)).await;
+    p.send(&publish("news/breaking", b"quake", QoS::ExactlyOnce, 9))
+        .await;
+    assert_eq!(
+        p.recv().await,
+        Some(Packet::PubRec(PubResponse::new(9, ReasonCode::SUCCESS)))
+    );
+    // A retransmission before PUBREL is not routed twice [MQTT-4.3.3-10].
+    let mut dup = match publish("news/breaking", b"quake", QoS::ExactlyOnce, 9) {
+        Packet::Publish(p) => p,
+        _ => unreachable!(),
+    };
+    dup.dup = true;
+    p.send(&Packet::Publish(dup)).await;
+    assert!(matches!(p.recv().await, Some(Packet::PubRec(_))));
+    p.send(&Packet::PubRel(PubResponse::new(9, ReasonCode::SUCCESS)))
+        .await;
+    assert_eq!(
+        p.recv().await,
+        Some(Packet::PubComp(PubResponse::new(9, ReasonCode::SUCCESS)))
+    );
+    let got = expect_publish(&mut s).await;
+    assert_eq!(got.qos, QoS::ExactlyOnce);
+    s.send(&Packet::PubRec(PubResponse::new(
+        got.packet_id,
+        ReasonCode::SUCCESS,
+    )))
+    .await;
+    assert_eq!(
+        s.recv().await,
+        Some(Packet::PubRel(PubResponse::new(
+            got.packet_id,
+            ReasonCode::SUCCESS
+        )))
+    );
+    s.send(&Packet::PubComp(PubResponse::new(
+        got.packet_id,
+        ReasonCode::SUCCESS,
+    )))
+    .await;
+    s.expect_silence(Duration::from_millis(300)).await;
+}
+
+#[tokio::test]
+async fn mqtt_4_8_2_shared_subscription_gives_each_message_to_one_member() {
+    let b = start();
+    let mut a = subscriber(&b, "a", "$share/workers/jobs/#", QoS::AtMostOnce).await;
+    let mut c = subscriber(&b, "c", "$share/workers/jobs/#", QoS::AtMostOnce).await;
+    let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "p", true)).await;
+    for i in 0..10u8 {
+        p.send(&publish("jobs/x", &[i], QoS::AtMostOnce, 0)).await;
+    }
+    let mut total = 0;
+    for client in [&mut a, &mut c] {
+        while let Ok(Some(Packet::Publish(_))) =
+            client.recv_within(Duration::from_millis(300)).await
+        {
+            total += 1;
+        }
+    }
+    assert_eq!(total, 10);
+}
+
+#[tokio::test]
+async fn mqtt_3_8_3_3_no_local_and_3_3_1_9_retain_as_published() {
+    let b = start();
+    let (mut c, _) = RawClient::connect(b.addr, connect_packet(V5, "self", true)).await;
+    c.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        properties: Properties::default(),
+        filters: vec![
+            (
+                "mine".into(),
+                SubscriptionOptions {
+                    no_local: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                "rap".into(),
+                SubscriptionOptions {
+                    retain_as_published: true,
+                    ..Default::default()
+                },
+            ),
+        ],
+    }))
+    .await;
+    expect_suback(&mut c).await;
+    c.send(&publish("mine", b"x", QoS::AtMostOnce, 0)).await;
+    c.expect_silence(Duration::from_millis(300)).await;
+    let mut retained = match publish("rap", b"kept", QoS::AtMostOnce, 0) {
+        Packet::Publish(p) => p,
+        _ => unreachable!(),
+    };
+    retained.retain = true;
+    c.send(&Packet::Publish(retained)).await;
+    assert!(
+        expect_publish(&mut c).await.retain,
+        "retain as published keeps the flag"
+    );
+}
+
+#[tokio::test]
+async fn retained_news_all_delivered_to_a_new_subscriber_with_flow_control() {
+    let b = start();
+    let (mut p, _) = RawClient::connect(b.addr, connect_packet(V3_1_1, "cms", true)).await;
+    const N: usize = 3000;
+    for i in 0..N {
+        let mut m = match publish(
+            &format!("news/story/{i}"),
+            b"headline",
+            QoS::AtLeastOnce,
+            (i % 60000 + 1) as u16,
+        ) {
+            Packet::Publish(p) => p,
+            _ => unreachable!(),
+        };
+        m.retain = true;
+        p.send(&Packet::Publish(m)).await;
+        assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
+    }
+    assert_eq!(b.broker.retained.read().unwrap().len(), N);
+    let mut c = connect_packet(V5, "fresh-phone", true);
+    c.properties.receive_maximum = Some(5);
+    let (mut phone, _) = RawClient::connect(b.addr, c).await;
+    phone.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
+    expect_suback(&mut phone).await;
+    let mut seen = std::collections::HashSet::new();
+    let mut unacked = 0usize;
+    while seen.len() < N {
+        let m = expect_publish(&mut phone).await;
+        assert!(m.retain, "[MQTT-3.3.1-8] retained on subscribe");
+        unacked += 1;
+        assert!(
+            unacked <= 5,
+            "[MQTT-4.9.0-2] never more than the receive maximum in flight"
+        );
+        seen.insert(m.topic.clone());
+        phone
+            .send(&Packet::PubAck(PubResponse::new(
+                m.packet_id,
+                ReasonCode::SUCCESS,
+            )))
+            .await;
+        unacked -= 1;
+    }
+    phone.expect_silence(Duration::from_millis(200)).await;
+}
+
+#[tokio::test]
+async fn mqtt_3_3_1_6_empty_retained_publish_deletes_and_retain_handling_2_sends_none() {
+    let b = start();
+    let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "cms", true)).await;
+    let retained = |payload: &'static [u8]| {
+        Packet::Publish(Publish {
+            dup: false,
+            qos: QoS::AtMostOnce,
+            retain: true,
+            topic: "news/top".into(),
+            packet_id: 0,
+            properties: Properties::default(),
+            payload: bytes::Bytes::from_static(payload),
+        })
+    };
+    p.send(&retained(b"story")).await;
+    p.send(&Packet::PingReq).await;
+    assert_eq!(p.recv().await, Some(Packet::PingResp));
+    let (mut c, _) = RawClient::connect(b.addr, connect_packet(V5, "rh2", true)).await;
+    c.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        properties: Properties::default(),
+        filters: vec![(
+            "news/#".into(),
+            SubscriptionOptions {
+                retain_handling: 2,
+                ..Default::default()
+            },
+        )],
+    }))
+    .await;
+    expect_suback(&mut c).await;
+    c.expect_silence(Duration::from_millis(300)).await;
+    p.send(&retained(b"")).await;
+    p.send(&Packet::PingReq).await;
+    assert_eq!(p.recv().await, Some(Packet::PingResp));
+    assert_eq!(b.broker.retained.read().unwrap().len(), 0);
+}
+
+#[tokio::test]
+async fn topic_aliases_outbound_when_the_client_allows_them() {
+    let b = start();
+    let mut c = connect_packet(V5, "alias-phone", true);
+    c.properties.topic_alias_maximum = Some(4);
+    let (mut phone, _) = RawClient::connect(b.addr, c).await;
+    phone.send(&subscribe(1, "news/#", QoS::AtMostOnce)).await;
+    expect_suback(&mut phone).await;
+    let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "cms", true)).await;
+    p.send(&publish("news/tech", b"1", QoS::AtMostOnce, 0))
+        .await;
+    p.send(&publish("news/tech", b"2", QoS::AtMostOnce, 0))
+        .await;
+    let first = expect_publish(&mut phone).await;
+    assert_eq!(first.topic, "news/tech");
+    let alias = first.properties.topic_alias.expect("an alias is assigned");
+    let second = expect_publish(&mut phone).await;
+    assert_eq!(
+        second.topic, "",
+        "[MQTT-3.3.2-12] the alias stands for the topic"
+    );
+    assert_eq!(second.properties.topic_alias, Some(alias));
+}
+
+#[tokio::test]
+async fn mqtt_3_3_2_8_inbound_topic_alias_out_of_range_is_0x94() {
+    let b = start();
+    let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "cms", true)).await;
+    let mut m = match publish("news/tech", b"1", QoS::AtMostOnce, 0) {
+        Packet::Publish(p) => p,
+        _ => unreachable!(),
+    };
+    m.properties.topic_alias = Some(11);
+    p.send(&Packet::Publish(m)).await;
+    match p.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::TOPIC_ALIAS_INVALID),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn mqtt_3_3_4_9_exceeding_our_receive_maximum_is_0x93() {
+    let b = start_with("receive_maximum = 2");
+    let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "greedy", true)).await;
+    for id in 1..=3 {
+        p.send(&publish("t", b"x", QoS::ExactlyOnce, id)).await;
+    }
+    assert!(matches!(p.recv().await, Some(Packet::PubRec(_))));
+    assert!(matches!(p.recv().await, Some(Packet::PubRec(_))));
+    match p.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::RECEIVE_MAXIMUM_EXCEEDED),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn mqtt_3_3_2_6_message_expiry_counts_down_and_expired_messages_are_not_sent() {
+    let b = start();
+    let mut c = connect_packet(V5, "offline-phone", false);
+    c.properties.session_expiry_interval = Some(300);
+    let (mut phone, _) = RawClient::connect(b.addr, c.clone()).await;
+    phone.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
+    expect_suback(&mut phone).await;
+    drop(phone);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "cms", true)).await;
+    for (payload, expiry, id) in [(&b"short"[..], 1u32, 1u16), (&b"long"[..], 100, 2)] {
+        let mut m = match publish("news/x", payload, QoS::AtLeastOnce, id) {
+            Packet::Publish(p) => p,
+            _ => unreachable!(),
+        };
+        m.properties.message_expiry_interval = Some(expiry);
+        p.send(&Packet::Publish(m)).await;
+        assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
+    }
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let (mut phone, _) = RawClient::connect(b.addr, c).await;
+    let m = expect_publish(&mut phone).await;
+    assert_eq!(
+        &m.payload[..],
+        b"long",
+        "the expired message is never delivered"
+    );
+    let left = m.properties.message_expiry_interval.unwrap();
+    assert!((97..=98).contains(&left), "remaining expiry {left}");
+}
+
+#[tokio::test]
+async fn mqtt_3_1_2_25_message_too_large_for_a_subscriber_is_dropped_for_it_alone() {
+    let b = start();
+    let mut c = connect_packet(V5, "small", true);
+    c.properties.maximum_packet_size = Some(64);
+    let (mut small, _) = RawClient::connect(b.addr, c).await;
+    small.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
+    expect_suback(&mut small).await;
+    let mut big = subscriber(&b, "big", "news/#", QoS::AtLeastOnce).await;
+    let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "cms", true)).await;
+    p.send(&publish("news/long", &[b'x'; 200], QoS::AtLeastOnce, 1))
+        .await;
+    p.send(&publish("news/short", b"ok", QoS::AtLeastOnce, 2))
+        .await;
+    assert_eq!(expect_publish(&mut big).await.payload.len(), 200);
+    assert_eq!(expect_publish(&mut small).await.topic, "news/short");
+}
+
+#[tokio::test]
+async fn dollar_sys_is_not_matched_by_hash_and_cannot_be_published() {
+    let b = start();
+    let mut all = subscriber(&b, "all", "#", QoS::AtMostOnce).await;
+    let mut sys = subscriber(&b, "sys", "$SYS/#", QoS::AtMostOnce).await;
+    let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "cms", true)).await;
+    p.send(&publish("$SYS/broker/fake", b"x", QoS::AtMostOnce, 0))
+        .await;
+    p.send(&publish("$other/x", b"x", QoS::AtMostOnce, 0)).await;
+    all.expect_silence(Duration::from_millis(300)).await;
+    sys.expect_silence(Duration::from_millis(100)).await;
+}
+
+#[tokio::test]
+async fn malformed_input_gets_0x81_and_other_clients_keep_receiving() {
+    let b = start();
+    let mut s = subscriber(&b, "bystander", "news/#", QoS::AtMostOnce).await;
+    let (mut bad, _) = RawClient::connect(b.addr, connect_packet(V5, "bad", true)).await;
+    bad.send_raw(&[0x30, 0x05, 0x00, 0x09, b'a', b'b', b'c'])
+        .await; // topic length past the end
+    match bad.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::MALFORMED_PACKET),
+        other => panic!("{other:?}"),
+    }
+    let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "cms", true)).await;
+    p.send(&publish("news/x", b"still here", QoS::AtMostOnce, 0))
+        .await;
+    assert_eq!(&expect_publish(&mut s).await.payload[..], b"still here");
+}
+
+#[tokio::test]
+async fn packet_larger_than_our_maximum_is_0x95() {
+    let b = start_with("max_packet_size = 1024");
+    let (mut p, ack) = RawClient::connect(b.addr, connect_packet(V5, "big", true)).await;
+    assert_eq!(ack.properties.maximum_packet_size, Some(1024));
+    p.send(&publish("news/x", &[0u8; 2000], QoS::AtMostOnce, 0))
+        .await;
+    match p.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::PACKET_TOO_LARGE),
+        other => panic!("{other:?}"),
+    }
+}
