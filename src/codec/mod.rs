@@ -294,6 +294,7 @@ impl Decoder {
         match kind {
             0 => Err(DecodeError::protocol("[MQTT-2.1.2] reserved packet type 0")),
             1 if server => Err(DecodeError::protocol("[MQTT-3.1.0-2] second CONNECT")),
+            1 => Err(DecodeError::protocol("[MQTT-3.1] CONNECT sent by a server")),
             2 if server => Err(DecodeError::protocol("[MQTT-3.2] CONNACK sent by a client")),
             2 => Ok(Packet::ConnAck(ConnAck::decode(flags, &mut r, v5)?)),
             3 => Ok(Packet::Publish(Publish::decode(
