@@ -17,12 +17,13 @@ use crate::codec::QoS;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::retain::RetainedStore;
-use crate::router::{parse_filter, Subscription, SubscriptionTree};
+use crate::router::{parse_filter, MatchCache, Subscription, SubscriptionTree};
 use crate::session::{Delivery, Message, SessionShared, SessionState};
 
 pub struct Broker {
     pub config: Config,
     pub router: RwLock<SubscriptionTree>,
+    match_cache: MatchCache,
     pub retained: RwLock<RetainedStore>,
     /// Client identifier to session. Lock order: `sessions`, then a session's `ownership`, then
     /// `router`.
@@ -42,9 +43,11 @@ pub struct RouteOutcome {
 impl Broker {
     pub fn new(config: Config) -> Arc<Broker> {
         let (shutdown, _) = watch::channel(false);
+        let match_cache = MatchCache::new(config.mqtt.match_cache_size);
         Arc::new(Broker {
             config,
             router: RwLock::default(),
+            match_cache,
             retained: RwLock::default(),
             sessions: Mutex::default(),
             metrics: Metrics::default(),
@@ -82,26 +85,27 @@ impl Broker {
                 .expect("retained lock")
                 .set(message.clone());
         }
-        let targets = self
-            .router
-            .read()
-            .expect("router lock")
-            .matches(&message.topic);
+        let targets = {
+            let router = self.router.read().expect("router lock");
+            self.match_cache.matches(&router, &message.topic)
+        };
         let mut outcome = RouteOutcome::default();
-        for t in targets {
+        for t in targets.iter() {
             if t.no_local && message.publisher == Some(t.session.id) {
                 continue;
             }
             outcome.matched += 1;
             let qos = t.qos.min(message.qos);
-            if !t.session.is_online() && !(t.session.is_persistent() && qos > QoS::AtMostOnce) {
+            // An offline session keeps only QoS 1 and 2 messages, and only if it is persistent.
+            let queues_offline = t.session.is_persistent() && qos > QoS::AtMostOnce;
+            if !t.session.is_online() && !queues_offline {
                 continue;
             }
             let delivery = Delivery {
                 message: message.clone(),
                 qos,
                 retain: t.retain_as_published && message.retain,
-                subscription_ids: t.identifiers,
+                subscription_ids: t.identifiers.clone(),
             };
             if t.session.mailbox.try_send(delivery).is_err() {
                 outcome.dropped += 1;

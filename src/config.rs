@@ -83,6 +83,8 @@ pub struct Mqtt {
     pub connect_timeout: u64,
     /// Most outgoing frames buffered towards one socket before its session stops draining.
     pub max_outbound_frames: usize,
+    /// Topic names whose match results are cached; 0 turns the cache off.
+    pub match_cache_size: usize,
 }
 
 impl Default for Mqtt {
@@ -96,6 +98,7 @@ impl Default for Mqtt {
             max_queued_messages: 1000,
             connect_timeout: 10,
             max_outbound_frames: 1024,
+            match_cache_size: 10_000,
         }
     }
 }

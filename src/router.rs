@@ -97,6 +97,47 @@ pub fn parse_filter(full: &str) -> Result<ParsedFilter<'_>, FilterError> {
 pub struct SubscriptionTree {
     root: Node,
     count: usize,
+    /// Bumped by every change, so cached match results can tell they are stale.
+    generation: u64,
+}
+
+/// A bounded cache from topic name to its match result, valid for one tree generation. Results
+/// that went through a shared subscription are not cached: each needs a fresh pick of member.
+pub struct MatchCache {
+    entries: std::sync::Mutex<HashMap<Box<str>, (u64, Arc<Vec<Target>>)>>,
+    capacity: usize,
+}
+
+impl MatchCache {
+    pub fn new(capacity: usize) -> Self {
+        Self {
+            entries: Default::default(),
+            capacity,
+        }
+    }
+
+    /// The targets of `topic`, from the cache when it holds a result of this generation.
+    pub fn matches(&self, tree: &SubscriptionTree, topic: &str) -> Arc<Vec<Target>> {
+        if self.capacity == 0 {
+            return Arc::new(tree.matches(topic).0);
+        }
+        if let Some((generation, hit)) = self.entries.lock().expect("match cache lock").get(topic) {
+            if *generation == tree.generation {
+                return hit.clone();
+            }
+        }
+        let (targets, shared) = tree.matches(topic);
+        let targets = Arc::new(targets);
+        if !shared {
+            let mut entries = self.entries.lock().expect("match cache lock");
+            if entries.len() >= self.capacity {
+                // Crude but bounded: start over rather than track recency on the hot path.
+                entries.clear();
+            }
+            entries.insert(topic.into(), (tree.generation, targets.clone()));
+        }
+        targets
+    }
 }
 
 impl SubscriptionTree {
@@ -146,6 +187,7 @@ impl SubscriptionTree {
         if !existed {
             self.count += 1;
         }
+        self.generation += 1;
         existed
     }
 
@@ -155,18 +197,21 @@ impl SubscriptionTree {
         let removed = remove(&mut self.root, &levels, filter.share, session_id);
         if removed {
             self.count -= 1;
+            self.generation += 1;
         }
         removed
     }
 
-    /// Every session whose subscriptions match `topic`, one target per session.
-    pub fn matches(&self, topic: &str) -> Vec<Target> {
+    /// Every session whose subscriptions match `topic`, one target per session, and whether a
+    /// shared subscription took part.
+    pub fn matches(&self, topic: &str) -> (Vec<Target>, bool) {
         let mut found: Vec<&Subscription> = Vec::new();
         let mut shared: Vec<&SharedGroup> = Vec::new();
         let levels: Vec<&str> = topic.split('/').collect();
         // [MQTT-4.7.2-1] a filter starting with a wildcard does not match a `$` topic.
         let dollar = topic.starts_with('$');
         collect(&self.root, &levels, 0, dollar, &mut found, &mut shared);
+        let any_shared = !shared.is_empty();
         for group in shared {
             if group.members.is_empty() {
                 continue;
@@ -197,7 +242,7 @@ impl SubscriptionTree {
                 });
             }
         }
-        targets
+        (targets, any_shared)
     }
 }
 
@@ -300,7 +345,7 @@ mod tests {
     }
 
     fn ids(tree: &SubscriptionTree, topic: &str) -> Vec<u64> {
-        let mut v: Vec<u64> = tree.matches(topic).iter().map(|t| t.session.id).collect();
+        let mut v: Vec<u64> = tree.matches(topic).0.iter().map(|t| t.session.id).collect();
         v.sort();
         v
     }
@@ -343,7 +388,8 @@ mod tests {
         };
         add(&mut t, "news/#", mk(QoS::AtMostOnce, 1));
         add(&mut t, "news/tech", mk(QoS::ExactlyOnce, 2));
-        let m = t.matches("news/tech");
+        let (m, shared) = t.matches("news/tech");
+        assert!(!shared);
         assert_eq!(m.len(), 1);
         assert_eq!(m[0].qos, QoS::ExactlyOnce);
         let mut ids = m[0].identifiers.clone();
@@ -374,6 +420,38 @@ mod tests {
         assert!(t.unsubscribe(&parse_filter("$share/g/a/#").unwrap(), 1));
         assert!(t.root.is_empty());
         assert_eq!(t.len(), 0);
+    }
+
+    #[test]
+    fn match_cache_serves_hits_and_notices_changes() {
+        let mut t = SubscriptionTree::default();
+        let cache = MatchCache::new(2);
+        add(&mut t, "news/#", sub(1, QoS::AtMostOnce, None));
+        let a = cache.matches(&t, "news/x");
+        let b = cache.matches(&t, "news/x");
+        assert!(Arc::ptr_eq(&a, &b), "second lookup is a hit");
+        add(&mut t, "news/x", sub(2, QoS::AtMostOnce, None));
+        assert_eq!(
+            cache.matches(&t, "news/x").len(),
+            2,
+            "a subscribe invalidates"
+        );
+        t.unsubscribe(&parse_filter("news/#").unwrap(), 1);
+        assert_eq!(
+            cache.matches(&t, "news/x").len(),
+            1,
+            "an unsubscribe invalidates"
+        );
+        for topic in ["a", "b", "c", "news/x"] {
+            cache.matches(&t, topic);
+        }
+        assert!(cache.entries.lock().unwrap().len() <= 2, "bounded");
+        add(&mut t, "$share/g/s", sub(3, QoS::AtMostOnce, None));
+        cache.matches(&t, "s");
+        assert!(
+            !cache.entries.lock().unwrap().contains_key("s"),
+            "shared results are not cached"
+        );
     }
 
     #[test]

@@ -1,5 +1,6 @@
 //! CONNECT, sessions, keep-alive, takeover and will messages [MQTT-3.1], [MQTT-4.1], over real
 //! sockets with the raw client.
+#![allow(clippy::field_reassign_with_default)] // properties read best set one by one in tests
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! Routing and delivery [MQTT-3.3], [MQTT-4.3], [MQTT-4.7], [MQTT-4.8], [MQTT-4.9]: QoS levels,
 //! overlapping subscriptions, shared subscriptions, retained messages with flow control, topic
 //! aliases, message expiry and maximum packet size, over real sockets.
+#![allow(clippy::field_reassign_with_default)] // properties read best set one by one in tests
 
 mod common;
 

@@ -80,19 +80,19 @@ impl Connection {
             }
         }
         let state = &mut self.session.as_mut().expect("session").1;
-        if p.qos == QoS::ExactlyOnce && !state.incoming_qos2.contains(&p.packet_id) {
-            if v5
-                && state.incoming_qos2.len() >= usize::from(self.broker.config.mqtt.receive_maximum)
-            {
-                return Err(violation(
-                    ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
-                    "[MQTT-3.3.4-9] receive maximum exceeded",
-                ));
-            }
-        }
-        let mut reason = ReasonCode::SUCCESS;
         let duplicate_qos2 =
             p.qos == QoS::ExactlyOnce && state.incoming_qos2.contains(&p.packet_id);
+        if p.qos == QoS::ExactlyOnce
+            && !duplicate_qos2
+            && v5
+            && state.incoming_qos2.len() >= usize::from(self.broker.config.mqtt.receive_maximum)
+        {
+            return Err(violation(
+                ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
+                "[MQTT-3.3.4-9] receive maximum exceeded",
+            ));
+        }
+        let mut reason = ReasonCode::SUCCESS;
         if p.properties.payload_format_indicator == Some(1)
             && std::str::from_utf8(&p.payload).is_err()
         {
