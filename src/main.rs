@@ -48,9 +48,12 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    // Colour only for a terminal: log files and pipes get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)
+        .with_ansi(ansi)
         .init();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

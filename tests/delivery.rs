@@ -395,3 +395,53 @@ async fn packet_larger_than_our_maximum_is_0x95() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_client_that_stops_reading_loses_only_its_own_messages_and_can_be_taken_over() {
+    let b = start_with("max_outbound_frames = 16\nmax_queued_messages = 50");
+    let (mut stuck, _) = RawClient::connect(b.addr, connect_packet(V3_1_1, "stuck", true)).await;
+    stuck.send(&subscribe(1, "news/#", QoS::AtMostOnce)).await;
+    expect_suback(&mut stuck).await;
+    let mut healthy = subscriber(&b, "healthy", "news/#", QoS::AtMostOnce).await;
+    let (mut p, _) = RawClient::connect(b.addr, connect_packet(V3_1_1, "cms", true)).await;
+    let big = vec![b'x'; 64 * 1024];
+    let reader = tokio::spawn(async move {
+        let mut n = 0;
+        while n < 400 {
+            match healthy.recv().await {
+                Some(Packet::Publish(_)) => n += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        n
+    });
+    // Paced by PUBACK, so the healthy subscriber keeps up while the stuck one falls behind.
+    for i in 0..400u16 {
+        p.send(&publish("news/feature", &big, QoS::AtLeastOnce, i + 1))
+            .await;
+        assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
+    }
+    assert_eq!(
+        tokio::time::timeout(Duration::from_secs(20), reader)
+            .await
+            .unwrap()
+            .unwrap(),
+        400
+    );
+    assert!(
+        b.broker
+            .metrics
+            .messages_dropped_queue_full
+            .load(std::sync::atomic::Ordering::Relaxed)
+            > 0
+    );
+    // The stuck connection's writer is full; a takeover must still get through promptly.
+    let started = std::time::Instant::now();
+    let (_again, _) = RawClient::connect(b.addr, connect_packet(V3_1_1, "stuck", true)).await;
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(stuck);
+}

@@ -20,9 +20,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info};
 
 use crate::broker::Broker;
-use crate::codec::{
-    DecodeError, Decoder, Disconnect, ErrorKind, Packet, Properties, ReasonCode, Role, Will,
-};
+use crate::codec::{DecodeError, Decoder, Disconnect, Packet, Properties, ReasonCode, Role, Will};
 use crate::session::{Delivery, Kick, Message, OutState, SessionShared, SessionState};
 use outbound::{Outbound, Written};
 
@@ -42,6 +40,8 @@ pub enum Close {
     SocketClosed,
     /// Closed without any answer and without a session: handshake failures.
     Refused(&'static str),
+    /// The client read nothing for a whole keep-alive period while we had data for it.
+    WriteStalled,
 }
 
 impl Close {
@@ -70,6 +70,7 @@ impl Close {
             Close::ServerShutdown => "server shutting down".into(),
             Close::SocketClosed => "connection lost".into(),
             Close::Refused(why) => format!("refused: {why}"),
+            Close::WriteStalled => "client stopped reading; its outbound buffer stayed full".into(),
         }
     }
 }
@@ -173,8 +174,21 @@ impl Connection {
             if let Err(close) = self.drain_deliveries() {
                 return close;
             }
-            if self.out.flush().await.is_err() {
-                return Close::SocketClosed;
+            if self.out.has_pending() {
+                // The writer's queue is full only while the client reads slower than we write.
+                // Meanwhile a takeover or shutdown must still get through, and a client that
+                // reads nothing for a whole keep-alive period is given up on.
+                let stall = self.keep_alive.unwrap_or(Duration::from_secs(60));
+                let flushed = tokio::select! {
+                    biased;
+                    k = self.kick_rx.recv() => Err(k.map_or(Close::ServerShutdown, |k| Close::Kicked(k.reason))),
+                    _ = shutdown.wait_for(|s| *s) => Err(Close::ServerShutdown),
+                    r = self.out.flush() => r.map_err(|_| Close::SocketClosed),
+                    _ = tokio::time::sleep(stall) => Err(Close::WriteStalled),
+                };
+                if let Err(close) = flushed {
+                    return close;
+                }
             }
             let window_open = self.window_open();
             let deadline = self
@@ -320,7 +334,8 @@ impl Connection {
     }
 
     /// Sends the closing DISCONNECT if there is one to send, publishes or schedules the will, and
-    /// parks or ends the session.
+    /// parks or ends the session. The session is settled before the last flush, so a new
+    /// connection taking it over never waits on this client's socket.
     async fn finish(&mut self, close: Close) {
         let v5 = self.decoder.version.is_some_and(|v| v.is_v5());
         if v5 && self.session.is_some() {
@@ -331,27 +346,25 @@ impl Connection {
                 }));
             }
         }
-        let _ = self.out.flush().await;
         if matches!(close, Close::Decode(_) | Close::Violation(..)) {
             self.broker
                 .metrics
                 .protocol_errors
                 .fetch_add(1, Ordering::Relaxed);
         }
+        self.settle_session(&close);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.out.flush()).await;
+    }
+
+    fn settle_session(&mut self, close: &Close) {
         let Some((shared, mut state)) = self.session.take() else {
-            if let Close::Decode(e) = &close {
-                if e.kind != ErrorKind::CloseSilently || self.decoder.version.is_some() {
-                    debug!(peer = %self.peer, reason = %close.describe(), "connection closed before CONNECT completed");
-                }
-            } else {
-                debug!(peer = %self.peer, reason = %close.describe(), "connection closed before CONNECT completed");
-            }
+            debug!(peer = %self.peer, reason = %close.describe(), "connection closed before CONNECT completed");
             return;
         };
         info!(client_id = %self.client_id, peer = %self.peer, reason = %close.describe(), "client disconnected");
         let publish_will = !matches!(close, Close::ClientDisconnect { with_will: false });
         let will = self.will.take().filter(|_| publish_will);
-        let taken_over = matches!(close, Close::Kicked(r) if r == ReasonCode::SESSION_TAKEN_OVER);
+        let taken_over = matches!(close, Close::Kicked(r) if *r == ReasonCode::SESSION_TAKEN_OVER);
         state.expiry_interval = self.session_expiry;
         shared.online.store(false, Ordering::Release);
         let ends_now = self.session_expiry == 0 && !taken_over;

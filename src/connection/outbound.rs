@@ -56,16 +56,19 @@ impl Outbound {
         !self.batch.is_empty() || !self.scratch.is_empty()
     }
 
-    /// Hands everything encoded so far to the writer task; waits only if that task's queue is full.
+    /// Hands everything encoded so far to the writer task, waiting while its queue is full.
+    /// The wait can be abandoned (in a `select!`) without losing the batch: it is only taken
+    /// once a slot is reserved.
     pub async fn flush(&mut self) -> Result<(), ()> {
+        if !self.has_pending() {
+            return Ok(());
+        }
+        let permit = self.tx.reserve().await.map_err(|_| ())?;
         if !self.scratch.is_empty() {
             self.batch.push(self.scratch.split().freeze());
         }
-        if self.batch.is_empty() {
-            return Ok(());
-        }
-        let batch = std::mem::take(&mut self.batch);
-        self.tx.send(batch).await.map_err(|_| ())
+        permit.send(std::mem::take(&mut self.batch));
+        Ok(())
     }
 
     /// Encodes one PUBLISH for this client, unless it exceeds the client's maximum packet size,
