@@ -103,8 +103,11 @@ pub struct SubscriptionTree {
 
 /// A bounded cache from topic name to its match result, valid for one tree generation. Results
 /// that went through a shared subscription are not cached: each needs a fresh pick of member.
+/// A cached match result and the tree generation it was computed at.
+type CachedMatch = (u64, Arc<Vec<Target>>);
+
 pub struct MatchCache {
-    entries: std::sync::Mutex<HashMap<Box<str>, (u64, Arc<Vec<Target>>)>>,
+    entries: std::sync::Mutex<HashMap<Box<str>, CachedMatch>>,
     capacity: usize,
 }
 
