@@ -387,21 +387,7 @@ fn decode_disconnect(flags: u8, r: &mut Reader, v5: bool) -> Result<Disconnect, 
             properties: Properties::default(),
         });
     }
-    let reason = if r.is_empty() {
-        ReasonCode::SUCCESS
-    } else {
-        ReasonCode(r.u8()?)
-    };
-    let properties = if r.is_empty() {
-        Properties::default()
-    } else {
-        Properties::decode(r, PropertyContext::Disconnect, false)?
-    };
-    if !r.is_empty() {
-        return Err(DecodeError::malformed(
-            "[MQTT-3.14] bytes after the DISCONNECT properties",
-        ));
-    }
+    let (reason, properties) = reason_and_properties(r, PropertyContext::Disconnect)?;
     const VALID: &[u8] = &[
         0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x8B, 0x8D, 0x8E, 0x8F, 0x90, 0x93, 0x94, 0x95, 0x96,
         0x97, 0x98, 0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9E, 0x9F, 0xA0, 0xA1, 0xA2,
@@ -420,6 +406,16 @@ fn decode_auth(flags: u8, r: &mut Reader) -> Result<Auth, DecodeError> {
             "[MQTT-3.15.1-1] AUTH with reserved flags set",
         ));
     }
+    let (reason, properties) = reason_and_properties(r, PropertyContext::Auth)?;
+    Ok(Auth { reason, properties })
+}
+
+/// The tail shared by DISCONNECT, AUTH and the publish responses of 5.0: a reason code and
+/// properties, each left out when it would be the default [MQTT-3.4.2.1], and nothing after.
+pub(crate) fn reason_and_properties(
+    r: &mut Reader,
+    ctx: PropertyContext,
+) -> Result<(ReasonCode, Properties), DecodeError> {
     let reason = if r.is_empty() {
         ReasonCode::SUCCESS
     } else {
@@ -428,14 +424,12 @@ fn decode_auth(flags: u8, r: &mut Reader) -> Result<Auth, DecodeError> {
     let properties = if r.is_empty() {
         Properties::default()
     } else {
-        Properties::decode(r, PropertyContext::Auth, false)?
+        Properties::decode(r, ctx, false)?
     };
     if !r.is_empty() {
-        return Err(DecodeError::malformed(
-            "[MQTT-3.15] bytes after the AUTH properties",
-        ));
+        return Err(DecodeError::malformed("bytes after the properties"));
     }
-    Ok(Auth { reason, properties })
+    Ok((reason, properties))
 }
 
 /// Writes a fixed header: packet type and flags, then the remaining length.

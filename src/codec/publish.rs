@@ -146,21 +146,7 @@ impl PubResponse {
             }
             return Ok(PubResponse::new(packet_id, ReasonCode::SUCCESS));
         }
-        let reason = if r.is_empty() {
-            ReasonCode::SUCCESS
-        } else {
-            ReasonCode(r.u8()?)
-        };
-        let properties = if r.is_empty() {
-            Properties::default()
-        } else {
-            Properties::decode(r, PropertyContext::PubResponse, false)?
-        };
-        if !r.is_empty() {
-            return Err(DecodeError::malformed(
-                "bytes after the publish response properties",
-            ));
-        }
+        let (reason, properties) = super::reason_and_properties(r, PropertyContext::PubResponse)?;
         if packet_id == 0 {
             return Err(DecodeError::protocol("[MQTT-2.2.1-3] packet identifier 0"));
         }
