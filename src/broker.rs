@@ -111,15 +111,13 @@ impl Broker {
                 outcome.dropped += 1;
             }
         }
-        self.metrics
-            .messages_routed(outcome.matched, outcome.dropped);
+        self.metrics.message_routed(outcome.dropped);
         outcome
     }
 
     /// Adds a subscription to the tree; returns whether the session already had that filter.
-    pub fn subscribe(&self, session: &Arc<SessionShared>, filter: &str, sub: Subscription) -> bool {
+    pub fn subscribe(&self, filter: &str, sub: Subscription) -> bool {
         let parsed = parse_filter(filter).expect("validated by the caller");
-        let _ = session;
         self.router
             .write()
             .expect("router lock")

@@ -18,7 +18,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn messages_routed(&self, _matched: usize, dropped: usize) {
+    pub fn message_routed(&self, dropped: usize) {
         self.messages_received.fetch_add(1, Relaxed);
         if dropped > 0 {
             self.messages_dropped_queue_full

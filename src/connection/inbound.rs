@@ -258,7 +258,7 @@ impl Connection {
                 options: *options,
                 identifier,
             };
-            let existed = self.broker.subscribe(shared, filter, sub);
+            let existed = self.broker.subscribe(filter, sub);
             state
                 .subscriptions
                 .insert(filter.clone(), (*options, identifier));

@@ -157,9 +157,6 @@ impl Outbound {
         }
         Written::Sent
     }
-
-    /// Drops the sender so the writer task finishes what it has, then closes the socket.
-    pub fn close(self) {}
 }
 
 /// Writes batches to the socket until the connection task drops its sender, then shuts the
