@@ -10,6 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
 use tokio::net::TcpListener;
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -34,10 +35,13 @@ pub struct Broker {
 }
 
 /// What routing one message did.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Default)]
 pub struct RouteOutcome {
     pub matched: usize,
     pub dropped: usize,
+    /// QoS 1 and 2 deliveries to connected sessions whose queue was full, for a publisher that
+    /// can wait for room (see `route`).
+    pub blocked: Vec<(Arc<SessionShared>, Delivery)>,
 }
 
 impl Broker {
@@ -61,11 +65,7 @@ impl Broker {
     }
 
     pub fn new_session(&self, client_id: String) -> (Arc<SessionShared>, SessionState) {
-        SessionShared::new(
-            self.next_id(),
-            client_id,
-            self.config.mqtt.max_queued_messages,
-        )
+        SessionShared::new(self.next_id(), client_id, self.config.mqtt.max_queued_messages)
     }
 
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
@@ -77,13 +77,20 @@ impl Broker {
     }
 
     /// Routes a message to every matching session and stores it if retained. Never waits: a
-    /// session whose queue is full loses this message and the loss is counted.
+    /// session whose queue is full loses this message and the loss is counted. For messages with
+    /// no publisher connection to slow down, such as wills.
     pub fn publish(&self, message: Arc<Message>) -> RouteOutcome {
+        self.route(message, false)
+    }
+
+    /// Routes a message. With `can_wait`, a QoS 1 or 2 delivery that finds a connected
+    /// subscriber's queue full is handed back in `blocked` instead of being dropped, so that the
+    /// publisher's connection can wait for room before acknowledging: a slow reader slows the
+    /// publisher down rather than losing a story it was promised. A subscriber marked congested
+    /// (it kept its queue full for longer than a publisher may wait) is not waited for.
+    pub fn route(&self, message: Arc<Message>, can_wait: bool) -> RouteOutcome {
         if message.retain {
-            self.retained
-                .write()
-                .expect("retained lock")
-                .set(message.clone());
+            self.retained.write().expect("retained lock").set(message.clone());
         }
         let targets = {
             let router = self.router.read().expect("router lock");
@@ -96,9 +103,10 @@ impl Broker {
             }
             outcome.matched += 1;
             let qos = t.qos.min(message.qos);
+            let online = t.session.is_online();
             // An offline session keeps only QoS 1 and 2 messages, and only if it is persistent.
             let queues_offline = t.session.is_persistent() && qos > QoS::AtMostOnce;
-            if !t.session.is_online() && !queues_offline {
+            if !online && !queues_offline {
                 continue;
             }
             let delivery = Delivery {
@@ -107,8 +115,14 @@ impl Broker {
                 retain: t.retain_as_published && message.retain,
                 subscription_ids: t.identifiers.clone(),
             };
-            if t.session.mailbox.try_send(delivery).is_err() {
-                outcome.dropped += 1;
+            match t.session.mailbox.try_send(delivery) {
+                Ok(()) => {}
+                Err(TrySendError::Full(d))
+                    if can_wait && online && qos > QoS::AtMostOnce && !t.session.is_congested() =>
+                {
+                    outcome.blocked.push((t.session.clone(), d));
+                }
+                Err(_) => outcome.dropped += 1,
             }
         }
         self.metrics.message_routed(outcome.dropped);
@@ -118,19 +132,12 @@ impl Broker {
     /// Adds a subscription to the tree; returns whether the session already had that filter.
     pub fn subscribe(&self, filter: &str, sub: Subscription) -> bool {
         let parsed = parse_filter(filter).expect("validated by the caller");
-        self.router
-            .write()
-            .expect("router lock")
-            .subscribe(&parsed, sub)
+        self.router.write().expect("router lock").subscribe(&parsed, sub)
     }
 
     pub fn unsubscribe(&self, session_id: u64, filter: &str) -> bool {
         match parse_filter(filter) {
-            Ok(parsed) => self
-                .router
-                .write()
-                .expect("router lock")
-                .unsubscribe(&parsed, session_id),
+            Ok(parsed) => self.router.write().expect("router lock").unsubscribe(&parsed, session_id),
             Err(_) => false,
         }
     }
@@ -147,10 +154,7 @@ impl Broker {
             }
         }
         let mut sessions = self.sessions.lock().expect("sessions lock");
-        if sessions
-            .get(&session.client_id)
-            .is_some_and(|s| s.id == session.id)
-        {
+        if sessions.get(&session.client_id).is_some_and(|s| s.id == session.id) {
             sessions.remove(&session.client_id);
         }
     }
@@ -170,10 +174,7 @@ pub async fn run(
         listeners.push(listener);
     }
     if let Some(tx) = bound {
-        let addrs = listeners
-            .iter()
-            .filter_map(|l| l.local_addr().ok())
-            .collect();
+        let addrs = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
         let _ = tx.send(addrs);
     }
     let mut tasks = tokio::task::JoinSet::new();
@@ -191,10 +192,7 @@ pub async fn run(
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     if broker.metrics.connections_now() > 0 {
-        warn!(
-            open = broker.metrics.connections_now(),
-            "connections still open at shutdown"
-        );
+        warn!(open = broker.metrics.connections_now(), "connections still open at shutdown");
     }
     Ok(())
 }

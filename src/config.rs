@@ -9,10 +9,7 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("invalid configuration in {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid configuration: `{key}` {message}")]
@@ -54,9 +51,7 @@ pub struct Storage {
 
 impl Default for Storage {
     fn default() -> Self {
-        Self {
-            path: default_storage_path(),
-        }
+        Self { path: default_storage_path() }
     }
 }
 
@@ -85,6 +80,10 @@ pub struct Mqtt {
     pub max_outbound_frames: usize,
     /// Topic names whose match results are cached; 0 turns the cache off.
     pub match_cache_size: usize,
+    /// Longest a publisher's QoS 1 or 2 message waits for room in a connected subscriber's full
+    /// queue, in milliseconds, before it is dropped for that subscriber (which is then marked
+    /// congested and no longer waited for until it drains).
+    pub max_publish_wait_ms: u64,
 }
 
 impl Default for Mqtt {
@@ -99,6 +98,7 @@ impl Default for Mqtt {
             connect_timeout: 10,
             max_outbound_frames: 1024,
             match_cache_size: 10_000,
+            max_publish_wait_ms: 2000,
         }
     }
 }
@@ -112,17 +112,12 @@ pub struct Log {
 
 impl Default for Log {
     fn default() -> Self {
-        Self {
-            level: "info".into(),
-        }
+        Self { level: "info".into() }
     }
 }
 
 fn default_listeners() -> Vec<Listener> {
-    vec![Listener {
-        protocol: ListenerProtocol::Mqtt,
-        bind: "127.0.0.1:1883".into(),
-    }]
+    vec![Listener { protocol: ListenerProtocol::Mqtt, bind: "127.0.0.1:1883".into() }]
 }
 
 fn default_storage_path() -> PathBuf {
@@ -131,46 +126,28 @@ fn default_storage_path() -> PathBuf {
 
 impl Default for Config {
     fn default() -> Self {
-        Self {
-            listeners: default_listeners(),
-            storage: Storage::default(),
-            mqtt: Mqtt::default(),
-            log: Log::default(),
-        }
+        Self { listeners: default_listeners(), storage: Storage::default(), mqtt: Mqtt::default(), log: Log::default() }
     }
 }
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.into(),
-            source,
-        })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
         Self::parse(&text).map_err(|e| match e {
-            ConfigError::Parse { message, .. } => ConfigError::Parse {
-                path: path.into(),
-                message,
-            },
+            ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.into(), message },
             other => other,
         })
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: PathBuf::new(),
-            message: e.to_string(),
-        })?;
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::Parse { path: PathBuf::new(), message: e.to_string() })?;
         config.validate()?;
         Ok(config)
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let invalid = |key, message: &str| {
-            Err(ConfigError::Invalid {
-                key,
-                message: message.into(),
-            })
-        };
+        let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
         if self.listeners.is_empty() {
             return invalid("listeners", "must name at least one listener");
         }
@@ -214,8 +191,7 @@ mod tests {
 
     #[test]
     fn the_shipped_config_toml_parses() {
-        let text =
-            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap();
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml")).unwrap();
         let c = Config::parse(&text).unwrap();
         assert_eq!(c.listeners[0].bind, "127.0.0.1:1883");
         assert_eq!(c.storage.path, PathBuf::from("data"));
@@ -223,29 +199,20 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_refused_by_name() {
-        let e = Config::parse("[mqtt]\nmax_packet_sise = 10\n")
-            .unwrap_err()
-            .to_string();
+        let e = Config::parse("[mqtt]\nmax_packet_sise = 10\n").unwrap_err().to_string();
         assert!(e.contains("max_packet_sise"), "{e}");
-        let e = Config::parse("[[listeners]]\nprotocol = \"mqtt\"\nbind = \"x\"\nport = 1\n")
-            .unwrap_err()
-            .to_string();
+        let e = Config::parse("[[listeners]]\nprotocol = \"mqtt\"\nbind = \"x\"\nport = 1\n").unwrap_err().to_string();
         assert!(e.contains("port"), "{e}");
     }
 
     #[test]
     fn invalid_values_are_refused_by_name() {
-        let e = Config::parse("[mqtt]\nreceive_maximum = 0\n")
-            .unwrap_err()
-            .to_string();
+        let e = Config::parse("[mqtt]\nreceive_maximum = 0\n").unwrap_err().to_string();
         assert!(e.contains("mqtt.receive_maximum"), "{e}");
-        let e = Config::parse("[[listeners]]\nprotocol = \"mqtt\"\nbind = \"nowhere\"\n")
-            .unwrap_err()
-            .to_string();
+        let e = Config::parse("[[listeners]]\nprotocol = \"mqtt\"\nbind = \"nowhere\"\n").unwrap_err().to_string();
         assert!(e.contains("listeners.bind"), "{e}");
-        let e = Config::parse("[[listeners]]\nprotocol = \"gopher\"\nbind = \"127.0.0.1:1\"\n")
-            .unwrap_err()
-            .to_string();
+        let e =
+            Config::parse("[[listeners]]\nprotocol = \"gopher\"\nbind = \"127.0.0.1:1\"\n").unwrap_err().to_string();
         assert!(e.contains("gopher"), "{e}");
     }
 }

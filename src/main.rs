@@ -8,8 +8,7 @@ use herald::broker::{self, Broker};
 use herald::config::Config;
 use tracing_subscriber::EnvFilter;
 
-const USAGE: &str =
-    "usage: herald [--config PATH]\n\nRuns the Herald MQTT broker. PATH defaults to ./config.toml.";
+const USAGE: &str = "usage: herald [--config PATH]\n\nRuns the Herald MQTT broker. PATH defaults to ./config.toml.";
 
 fn parse_args() -> Result<PathBuf, String> {
     let mut args = std::env::args().skip(1);
@@ -46,19 +45,11 @@ fn main() -> ExitCode {
 
 fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
     // Colour only for a terminal: log files and pipes get plain text.
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_target(false)
-        .with_ansi(ansi)
-        .init();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
+    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).init();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async move {
         let broker = Broker::new(config);
         let server = tokio::spawn(broker::run(broker.clone(), None));

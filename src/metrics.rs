@@ -21,8 +21,7 @@ impl Metrics {
     pub fn message_routed(&self, dropped: usize) {
         self.messages_received.fetch_add(1, Relaxed);
         if dropped > 0 {
-            self.messages_dropped_queue_full
-                .fetch_add(dropped as u64, Relaxed);
+            self.messages_dropped_queue_full.fetch_add(dropped as u64, Relaxed);
         }
     }
 

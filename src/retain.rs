@@ -117,11 +117,7 @@ mod tests {
     }
 
     fn topics(store: &RetainedStore, filter: &str) -> Vec<String> {
-        let mut v: Vec<String> = store
-            .matching(filter)
-            .iter()
-            .map(|m| m.topic.to_string())
-            .collect();
+        let mut v: Vec<String> = store.matching(filter).iter().map(|m| m.topic.to_string()).collect();
         v.sort();
         v
     }
@@ -142,24 +138,12 @@ mod tests {
     #[test]
     fn filters_walk_the_tree_and_skip_dollar_topics_at_the_root() {
         let mut s = RetainedStore::default();
-        for t in [
-            "news/tech/ai",
-            "news/sport",
-            "news",
-            "$SYS/broker/uptime",
-            "other",
-        ] {
+        for t in ["news/tech/ai", "news/sport", "news", "$SYS/broker/uptime", "other"] {
             s.set(msg(t, b"x"));
         }
-        assert_eq!(
-            topics(&s, "news/#"),
-            vec!["news", "news/sport", "news/tech/ai"]
-        );
+        assert_eq!(topics(&s, "news/#"), vec!["news", "news/sport", "news/tech/ai"]);
         assert_eq!(topics(&s, "news/+"), vec!["news/sport"]);
-        assert_eq!(
-            topics(&s, "#"),
-            vec!["news", "news/sport", "news/tech/ai", "other"]
-        );
+        assert_eq!(topics(&s, "#"), vec!["news", "news/sport", "news/tech/ai", "other"]);
         assert_eq!(topics(&s, "+/broker/+"), Vec::<String>::new());
         assert_eq!(topics(&s, "$SYS/#"), vec!["$SYS/broker/uptime"]);
     }

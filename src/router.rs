@@ -79,18 +79,12 @@ pub fn parse_filter(full: &str) -> Result<ParsedFilter<'_>, FilterError> {
         if !crate::codec::is_valid_topic_filter(filter) {
             return Err(FilterError::Invalid);
         }
-        return Ok(ParsedFilter {
-            share: Some(share),
-            filter,
-        });
+        return Ok(ParsedFilter { share: Some(share), filter });
     }
     if !crate::codec::is_valid_topic_filter(full) {
         return Err(FilterError::Invalid);
     }
-    Ok(ParsedFilter {
-        share: None,
-        filter: full,
-    })
+    Ok(ParsedFilter { share: None, filter: full })
 }
 
 #[derive(Default)]
@@ -113,10 +107,7 @@ pub struct MatchCache {
 
 impl MatchCache {
     pub fn new(capacity: usize) -> Self {
-        Self {
-            entries: Default::default(),
-            capacity,
-        }
+        Self { entries: Default::default(), capacity }
     }
 
     /// The targets of `topic`, from the cache when it holds a result of this generation.
@@ -172,11 +163,7 @@ impl SubscriptionTree {
             (None, false) => node.exact.insert(key, sub).is_some(),
             (None, true) => node.hash.insert(key, sub).is_some(),
             (Some(g), hash) => {
-                let groups = if hash {
-                    &mut node.hash_shared
-                } else {
-                    &mut node.exact_shared
-                };
+                let groups = if hash { &mut node.hash_shared } else { &mut node.exact_shared };
                 let group = groups.entry(g.into()).or_default();
                 if let Some(slot) = group.members.iter_mut().find(|m| m.session.id == key) {
                     *slot = sub;
@@ -335,10 +322,7 @@ mod tests {
     fn sub(id: u64, qos: QoS, identifier: Option<u32>) -> Subscription {
         Subscription {
             session: SessionShared::new_for_test(id),
-            options: SubscriptionOptions {
-                qos,
-                ..Default::default()
-            },
+            options: SubscriptionOptions { qos, ..Default::default() },
             identifier,
         }
     }
@@ -383,10 +367,7 @@ mod tests {
         let s = SessionShared::new_for_test(7);
         let mk = |qos, id| Subscription {
             session: s.clone(),
-            options: SubscriptionOptions {
-                qos,
-                ..Default::default()
-            },
+            options: SubscriptionOptions { qos, ..Default::default() },
             identifier: Some(id),
         };
         add(&mut t, "news/#", mk(QoS::AtMostOnce, 1));
@@ -434,27 +415,16 @@ mod tests {
         let b = cache.matches(&t, "news/x");
         assert!(Arc::ptr_eq(&a, &b), "second lookup is a hit");
         add(&mut t, "news/x", sub(2, QoS::AtMostOnce, None));
-        assert_eq!(
-            cache.matches(&t, "news/x").len(),
-            2,
-            "a subscribe invalidates"
-        );
+        assert_eq!(cache.matches(&t, "news/x").len(), 2, "a subscribe invalidates");
         t.unsubscribe(&parse_filter("news/#").unwrap(), 1);
-        assert_eq!(
-            cache.matches(&t, "news/x").len(),
-            1,
-            "an unsubscribe invalidates"
-        );
+        assert_eq!(cache.matches(&t, "news/x").len(), 1, "an unsubscribe invalidates");
         for topic in ["a", "b", "c", "news/x"] {
             cache.matches(&t, topic);
         }
         assert!(cache.entries.lock().unwrap().len() <= 2, "bounded");
         add(&mut t, "$share/g/s", sub(3, QoS::AtMostOnce, None));
         cache.matches(&t, "s");
-        assert!(
-            !cache.entries.lock().unwrap().contains_key("s"),
-            "shared results are not cached"
-        );
+        assert!(!cache.entries.lock().unwrap().contains_key("s"), "shared results are not cached");
     }
 
     #[test]

@@ -42,8 +42,7 @@ impl Message {
 
     /// The expiry interval to send on: what is left of the publisher's [MQTT-3.3.2-6].
     pub fn remaining_expiry(&self, now: Instant) -> Option<u32> {
-        self.expiry_interval
-            .map(|secs| secs.saturating_sub(now.duration_since(self.received_at).as_secs() as u32))
+        self.expiry_interval.map(|secs| secs.saturating_sub(now.duration_since(self.received_at).as_secs() as u32))
     }
 
     #[cfg(test)]
@@ -158,16 +157,15 @@ pub struct SessionShared {
     /// Whether the session outlives its connection, so QoS 1 and 2 messages queue while offline.
     pub persistent: AtomicBool,
     pub ownership: Mutex<Ownership>,
+    /// Set when the session kept its queue full longer than a publisher may wait; publishers
+    /// then drop for it at once instead of waiting, until it has drained half its queue.
+    pub congested: AtomicBool,
     /// Signalled whenever a holder parks the state.
     pub parked_notify: Notify,
 }
 
 impl SessionShared {
-    pub fn new(
-        id: u64,
-        client_id: String,
-        queue_capacity: usize,
-    ) -> (Arc<SessionShared>, SessionState) {
+    pub fn new(id: u64, client_id: String, queue_capacity: usize) -> (Arc<SessionShared>, SessionState) {
         let (tx, rx) = mpsc::channel(queue_capacity.max(1));
         let shared = Arc::new(SessionShared {
             id,
@@ -176,6 +174,7 @@ impl SessionShared {
             online: AtomicBool::new(false),
             persistent: AtomicBool::new(false),
             ownership: Mutex::new(Ownership::default()),
+            congested: AtomicBool::new(false),
             parked_notify: Notify::new(),
         });
         (shared, SessionState::new(rx))
@@ -183,6 +182,10 @@ impl SessionShared {
 
     pub fn is_online(&self) -> bool {
         self.online.load(Ordering::Acquire)
+    }
+
+    pub fn is_congested(&self) -> bool {
+        self.congested.load(Ordering::Relaxed)
     }
 
     pub fn is_persistent(&self) -> bool {

@@ -16,10 +16,8 @@ fn temp_config(name: &str, text: &str) -> PathBuf {
 
 /// Starts the binary on an ephemeral port and returns it with the port it logged.
 fn spawn_broker(name: &str) -> (Child, u16) {
-    let config = temp_config(
-        name,
-        "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n[log]\nlevel = \"info\"\n",
-    );
+    let config =
+        temp_config(name, "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n[log]\nlevel = \"info\"\n");
     let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["--config", config.to_str().unwrap()])
         .env("RUST_LOG", "info")
@@ -30,17 +28,9 @@ fn spawn_broker(name: &str) -> (Child, u16) {
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let port = loop {
-        let line = lines
-            .next()
-            .expect("broker exited before listening")
-            .unwrap();
+        let line = lines.next().expect("broker exited before listening").unwrap();
         if let Some(rest) = line.split("addr=127.0.0.1:").nth(1) {
-            break rest
-                .split(|c: char| !c.is_ascii_digit())
-                .next()
-                .unwrap()
-                .parse()
-                .unwrap();
+            break rest.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap();
         }
     };
     // Keep draining the log so the broker never blocks on a full pipe.
@@ -51,10 +41,7 @@ fn spawn_broker(name: &str) -> (Child, u16) {
 #[test]
 fn unknown_key_in_config_is_refused_with_its_name() {
     let config = temp_config("unknown", "[mqtt]\nmax_qeued_messages = 5\n");
-    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_herald")).args(["--config", config.to_str().unwrap()]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("max_qeued_messages"), "{err}");
@@ -63,10 +50,7 @@ fn unknown_key_in_config_is_refused_with_its_name() {
 #[test]
 fn invalid_value_in_config_is_refused_with_its_key() {
     let config = temp_config("invalid", "[mqtt]\nmax_inflight_messages = 0\n");
-    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["--config", config.to_str().unwrap()])
-        .output()
-        .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_herald")).args(["--config", config.to_str().unwrap()]).output().unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("mqtt.max_inflight_messages"), "{err}");
@@ -75,16 +59,10 @@ fn invalid_value_in_config_is_refused_with_its_key() {
 /// The 1483 packet vectors of ../shared/conformance, each tied to a specification statement.
 #[test]
 fn conformance_vectors_all_pass() {
-    let replay = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/conformance/replay.py"
-    );
+    let replay = concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/conformance/replay.py");
     assert!(std::path::Path::new(replay).exists(), "{replay} is missing");
     let (mut broker, port) = spawn_broker("vectors");
-    let out = Command::new("python3")
-        .args([replay, "--port", &port.to_string()])
-        .output()
-        .unwrap();
+    let out = Command::new("python3").args([replay, "--port", &port.to_string()]).output().unwrap();
     let _ = broker.kill();
     let _ = broker.wait();
     let text = String::from_utf8_lossy(&out.stdout);
@@ -99,19 +77,13 @@ fn sigterm_stops_the_broker_cleanly() {
     let mut sock = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
     use std::io::{Read, Write};
     // A 5.0 client learns of the shutdown: DISCONNECT 0x8B.
-    sock.write_all(&[
-        0x10, 0x10, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60, 0, 0, 3, b's', b'i', b'g',
-    ])
-    .unwrap();
+    sock.write_all(&[0x10, 0x10, 0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60, 0, 0, 3, b's', b'i', b'g']).unwrap();
     let mut connack = [0u8; 2];
     sock.read_exact(&mut connack).unwrap();
     assert_eq!(connack, [0x20, 9]);
     let mut rest = [0u8; 9];
     sock.read_exact(&mut rest).unwrap();
-    let status = Command::new("kill")
-        .args(["-TERM", &broker.id().to_string()])
-        .status()
-        .unwrap();
+    let status = Command::new("kill").args(["-TERM", &broker.id().to_string()]).status().unwrap();
     assert!(status.success());
     let mut disconnect = [0u8; 3];
     sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -123,10 +95,7 @@ fn sigterm_stops_the_broker_cleanly() {
             assert!(status.success(), "exit status {status}");
             break;
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "broker did not exit"
-        );
+        assert!(started.elapsed() < Duration::from_secs(10), "broker did not exit");
         std::thread::sleep(Duration::from_millis(50));
     }
 }

@@ -17,15 +17,9 @@ async fn mqtt_3_2_2_2_session_present_after_resuming_a_persistent_session() {
     drop(c);
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (_c, ack) = RawClient::connect(b.addr, connect_packet(V3_1_1, "phone-1", false)).await;
-    assert!(
-        ack.session_present,
-        "[MQTT-3.2.2-2] session present must be 1 for a resumed session"
-    );
+    assert!(ack.session_present, "[MQTT-3.2.2-2] session present must be 1 for a resumed session");
     let (_c2, ack) = RawClient::connect(b.addr, connect_packet(V3_1_1, "phone-2", true)).await;
-    assert!(
-        !ack.session_present,
-        "[MQTT-3.2.2-1] clean session gives session present 0"
-    );
+    assert!(!ack.session_present, "[MQTT-3.2.2-1] clean session gives session present 0");
 }
 
 #[tokio::test]
@@ -52,10 +46,7 @@ async fn mqtt_3_1_2_24_keep_alive_enforced_at_one_and_a_half_times() {
         other => panic!("expected DISCONNECT 0x8D, got {other:?}"),
     }
     let waited = started.elapsed();
-    assert!(
-        waited >= Duration::from_millis(1400) && waited < Duration::from_secs(4),
-        "{waited:?}"
-    );
+    assert!(waited >= Duration::from_millis(1400) && waited < Duration::from_secs(4), "{waited:?}");
 }
 
 #[tokio::test]
@@ -82,10 +73,7 @@ async fn sockets_that_never_send_connect_are_closed_by_the_connect_timeout() {
 async fn mqtt_3_2_2_assigned_client_identifier_for_an_empty_one() {
     let b = start();
     let (_c, ack) = RawClient::connect(b.addr, connect_packet(V5, "", true)).await;
-    let id = ack
-        .properties
-        .assigned_client_identifier
-        .expect("[MQTT-3.2.2-16] assigned client identifier");
+    let id = ack.properties.assigned_client_identifier.expect("[MQTT-3.2.2-16] assigned client identifier");
     assert!(!id.is_empty());
 }
 
@@ -93,10 +81,7 @@ async fn mqtt_3_2_2_assigned_client_identifier_for_an_empty_one() {
 async fn mqtt_3_1_3_8_empty_client_id_without_clean_session_is_rejected() {
     let b = start();
     let mut c = RawClient::connect_tcp(b.addr).await;
-    c.send(&Packet::Connect(Box::new(connect_packet(
-        V3_1_1, "", false,
-    ))))
-    .await;
+    c.send(&Packet::Connect(Box::new(connect_packet(V3_1_1, "", false)))).await;
     match c.recv().await {
         Some(Packet::ConnAck(a)) => assert_eq!(a.code, ReasonCode::V3_IDENTIFIER_REJECTED),
         other => panic!("{other:?}"),
@@ -104,11 +89,7 @@ async fn mqtt_3_1_3_8_empty_client_id_without_clean_session_is_rejected() {
     assert_eq!(c.recv().await, None);
 }
 
-fn with_will(
-    mut c: herald::codec::Connect,
-    topic: &str,
-    delay: Option<u32>,
-) -> herald::codec::Connect {
+fn with_will(mut c: herald::codec::Connect, topic: &str, delay: Option<u32>) -> herald::codec::Connect {
     let mut properties = Properties::default();
     properties.will_delay_interval = delay;
     c.will = Some(Will {
@@ -125,15 +106,10 @@ fn with_will(
 async fn mqtt_3_1_2_8_will_published_when_the_connection_drops() {
     let b = start();
     let (mut watcher, _) = RawClient::connect(b.addr, connect_packet(V5, "watcher", true)).await;
-    watcher
-        .send(&subscribe(1, "status/#", QoS::AtLeastOnce))
-        .await;
+    watcher.send(&subscribe(1, "status/#", QoS::AtLeastOnce)).await;
     expect_suback(&mut watcher).await;
-    let (dying, _) = RawClient::connect(
-        b.addr,
-        with_will(connect_packet(V5, "dying", true), "status/dying", None),
-    )
-    .await;
+    let (dying, _) =
+        RawClient::connect(b.addr, with_will(connect_packet(V5, "dying", true), "status/dying", None)).await;
     drop(dying);
     let p = expect_publish(&mut watcher).await;
     assert_eq!(p.topic, "status/dying");
@@ -144,20 +120,12 @@ async fn mqtt_3_1_2_8_will_published_when_the_connection_drops() {
 async fn mqtt_3_14_4_3_normal_disconnect_discards_the_will() {
     let b = start();
     let (mut watcher, _) = RawClient::connect(b.addr, connect_packet(V5, "watcher", true)).await;
-    watcher
-        .send(&subscribe(1, "status/#", QoS::AtLeastOnce))
-        .await;
+    watcher.send(&subscribe(1, "status/#", QoS::AtLeastOnce)).await;
     expect_suback(&mut watcher).await;
-    let (mut polite, _) = RawClient::connect(
-        b.addr,
-        with_will(connect_packet(V5, "polite", true), "status/polite", None),
-    )
-    .await;
+    let (mut polite, _) =
+        RawClient::connect(b.addr, with_will(connect_packet(V5, "polite", true), "status/polite", None)).await;
     polite
-        .send(&Packet::Disconnect(Disconnect {
-            reason: ReasonCode::SUCCESS,
-            properties: Properties::default(),
-        }))
+        .send(&Packet::Disconnect(Disconnect { reason: ReasonCode::SUCCESS, properties: Properties::default() }))
         .await;
     watcher.expect_silence(Duration::from_millis(500)).await;
 }
@@ -166,9 +134,7 @@ async fn mqtt_3_14_4_3_normal_disconnect_discards_the_will() {
 async fn mqtt_3_1_3_9_will_delay_cancelled_by_a_reconnect() {
     let b = start();
     let (mut watcher, _) = RawClient::connect(b.addr, connect_packet(V5, "watcher", true)).await;
-    watcher
-        .send(&subscribe(1, "status/#", QoS::AtLeastOnce))
-        .await;
+    watcher.send(&subscribe(1, "status/#", QoS::AtLeastOnce)).await;
     expect_suback(&mut watcher).await;
     let mut c = with_will(connect_packet(V5, "flaky", false), "status/flaky", Some(2));
     c.properties.session_expiry_interval = Some(60);
@@ -179,11 +145,7 @@ async fn mqtt_3_1_3_9_will_delay_cancelled_by_a_reconnect() {
     assert!(ack.session_present);
     watcher.expect_silence(Duration::from_millis(2500)).await;
     // Without a reconnect the will comes after its delay.
-    let mut c2 = with_will(
-        connect_packet(V5, "gone-for-good", false),
-        "status/gone",
-        Some(1),
-    );
+    let mut c2 = with_will(connect_packet(V5, "gone-for-good", false), "status/gone", Some(1));
     c2.properties.session_expiry_interval = Some(60);
     let (gone, _) = RawClient::connect(b.addr, c2).await;
     drop(gone);
@@ -200,18 +162,14 @@ async fn mqtt_4_4_0_1_unacknowledged_qos1_is_resent_with_dup_on_resume() {
     phone.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
     expect_suback(&mut phone).await;
     let (mut editor, _) = RawClient::connect(b.addr, connect_packet(V3_1_1, "editor", true)).await;
-    editor
-        .send(&publish("news/tech", b"story-1", QoS::AtLeastOnce, 7))
-        .await;
+    editor.send(&publish("news/tech", b"story-1", QoS::AtLeastOnce, 7)).await;
     assert!(matches!(editor.recv().await, Some(Packet::PubAck(_))));
     let first = expect_publish(&mut phone).await;
     assert!(!first.dup);
     drop(phone); // never acknowledged
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Published while the phone is offline: queued for the persistent session.
-    editor
-        .send(&publish("news/tech", b"story-2", QoS::AtLeastOnce, 8))
-        .await;
+    editor.send(&publish("news/tech", b"story-2", QoS::AtLeastOnce, 8)).await;
     assert!(matches!(editor.recv().await, Some(Packet::PubAck(_))));
     let (mut phone, ack) = RawClient::connect(b.addr, c).await;
     assert!(ack.session_present);
@@ -239,10 +197,7 @@ async fn mqtt_3_1_2_23_session_expiry_ends_the_session() {
 async fn mqtt_3_1_0_2_second_connect_is_a_protocol_error() {
     let b = start();
     let (mut c, _) = RawClient::connect(b.addr, connect_packet(V5, "twice", true)).await;
-    c.send(&Packet::Connect(Box::new(connect_packet(
-        V5, "twice", true,
-    ))))
-    .await;
+    c.send(&Packet::Connect(Box::new(connect_packet(V5, "twice", true)))).await;
     match c.recv().await {
         Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::PROTOCOL_ERROR),
         other => panic!("{other:?}"),

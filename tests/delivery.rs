@@ -9,8 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use herald::codec::{
-    Packet, Properties, ProtocolVersion::*, PubResponse, Publish, QoS, ReasonCode, Subscribe,
-    SubscriptionOptions,
+    Packet, Properties, ProtocolVersion::*, PubResponse, Publish, QoS, ReasonCode, Subscribe, SubscriptionOptions,
 };
 
 async fn subscriber(b: &TestBroker, id: &str, filter: &str, qos: QoS) -> RawClient {
@@ -24,29 +23,19 @@ async fn subscriber(b: &TestBroker, id: &str, filter: &str, qos: QoS) -> RawClie
 async fn mqtt_3_3_4_2_overlapping_subscriptions_deliver_one_copy_with_every_identifier() {
     let b = start();
     let (mut c, _) = RawClient::connect(b.addr, connect_packet(V5, "overlap", true)).await;
-    for (pid, filter, qos, id) in [
-        (1, "news/#", QoS::AtMostOnce, 11),
-        (2, "news/+/ai", QoS::AtLeastOnce, 22),
-    ] {
+    for (pid, filter, qos, id) in [(1, "news/#", QoS::AtMostOnce, 11), (2, "news/+/ai", QoS::AtLeastOnce, 22)] {
         let mut properties = Properties::default();
         properties.subscription_identifiers = vec![id];
         c.send(&Packet::Subscribe(Subscribe {
             packet_id: pid,
             properties,
-            filters: vec![(
-                filter.into(),
-                SubscriptionOptions {
-                    qos,
-                    ..Default::default()
-                },
-            )],
+            filters: vec![(filter.into(), SubscriptionOptions { qos, ..Default::default() })],
         }))
         .await;
         expect_suback(&mut c).await;
     }
     let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "pub", true)).await;
-    p.send(&publish("news/tech/ai", b"x", QoS::AtLeastOnce, 1))
-        .await;
+    p.send(&publish("news/tech/ai", b"x", QoS::AtLeastOnce, 1)).await;
     let got = expect_publish(&mut c).await;
     assert_eq!(got.qos, QoS::AtLeastOnce, "the highest granted QoS");
     let mut ids = got.properties.subscription_identifiers.clone();
@@ -60,12 +49,8 @@ async fn mqtt_4_3_3_qos2_both_ways_exactly_once() {
     let b = start();
     let mut s = subscriber(&b, "s2", "news/breaking", QoS::ExactlyOnce).await;
     let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "p2", true)).await;
-    p.send(&publish("news/breaking", b"quake", QoS::ExactlyOnce, 9))
-        .await;
-    assert_eq!(
-        p.recv().await,
-        Some(Packet::PubRec(PubResponse::new(9, ReasonCode::SUCCESS)))
-    );
+    p.send(&publish("news/breaking", b"quake", QoS::ExactlyOnce, 9)).await;
+    assert_eq!(p.recv().await, Some(Packet::PubRec(PubResponse::new(9, ReasonCode::SUCCESS))));
     // A retransmission before PUBREL is not routed twice [MQTT-4.3.3-10].
     let mut dup = match publish("news/breaking", b"quake", QoS::ExactlyOnce, 9) {
         Packet::Publish(p) => p,
@@ -74,31 +59,13 @@ async fn mqtt_4_3_3_qos2_both_ways_exactly_once() {
     dup.dup = true;
     p.send(&Packet::Publish(dup)).await;
     assert!(matches!(p.recv().await, Some(Packet::PubRec(_))));
-    p.send(&Packet::PubRel(PubResponse::new(9, ReasonCode::SUCCESS)))
-        .await;
-    assert_eq!(
-        p.recv().await,
-        Some(Packet::PubComp(PubResponse::new(9, ReasonCode::SUCCESS)))
-    );
+    p.send(&Packet::PubRel(PubResponse::new(9, ReasonCode::SUCCESS))).await;
+    assert_eq!(p.recv().await, Some(Packet::PubComp(PubResponse::new(9, ReasonCode::SUCCESS))));
     let got = expect_publish(&mut s).await;
     assert_eq!(got.qos, QoS::ExactlyOnce);
-    s.send(&Packet::PubRec(PubResponse::new(
-        got.packet_id,
-        ReasonCode::SUCCESS,
-    )))
-    .await;
-    assert_eq!(
-        s.recv().await,
-        Some(Packet::PubRel(PubResponse::new(
-            got.packet_id,
-            ReasonCode::SUCCESS
-        )))
-    );
-    s.send(&Packet::PubComp(PubResponse::new(
-        got.packet_id,
-        ReasonCode::SUCCESS,
-    )))
-    .await;
+    s.send(&Packet::PubRec(PubResponse::new(got.packet_id, ReasonCode::SUCCESS))).await;
+    assert_eq!(s.recv().await, Some(Packet::PubRel(PubResponse::new(got.packet_id, ReasonCode::SUCCESS))));
+    s.send(&Packet::PubComp(PubResponse::new(got.packet_id, ReasonCode::SUCCESS))).await;
     s.expect_silence(Duration::from_millis(300)).await;
 }
 
@@ -113,9 +80,7 @@ async fn mqtt_4_8_2_shared_subscription_gives_each_message_to_one_member() {
     }
     let mut total = 0;
     for client in [&mut a, &mut c] {
-        while let Ok(Some(Packet::Publish(_))) =
-            client.recv_within(Duration::from_millis(300)).await
-        {
+        while let Ok(Some(Packet::Publish(_))) = client.recv_within(Duration::from_millis(300)).await {
             total += 1;
         }
     }
@@ -130,20 +95,8 @@ async fn mqtt_3_8_3_3_no_local_and_3_3_1_9_retain_as_published() {
         packet_id: 1,
         properties: Properties::default(),
         filters: vec![
-            (
-                "mine".into(),
-                SubscriptionOptions {
-                    no_local: true,
-                    ..Default::default()
-                },
-            ),
-            (
-                "rap".into(),
-                SubscriptionOptions {
-                    retain_as_published: true,
-                    ..Default::default()
-                },
-            ),
+            ("mine".into(), SubscriptionOptions { no_local: true, ..Default::default() }),
+            ("rap".into(), SubscriptionOptions { retain_as_published: true, ..Default::default() }),
         ],
     }))
     .await;
@@ -156,10 +109,7 @@ async fn mqtt_3_8_3_3_no_local_and_3_3_1_9_retain_as_published() {
     };
     retained.retain = true;
     c.send(&Packet::Publish(retained)).await;
-    assert!(
-        expect_publish(&mut c).await.retain,
-        "retain as published keeps the flag"
-    );
+    assert!(expect_publish(&mut c).await.retain, "retain as published keeps the flag");
 }
 
 #[tokio::test]
@@ -168,12 +118,7 @@ async fn retained_news_all_delivered_to_a_new_subscriber_with_flow_control() {
     let (mut p, _) = RawClient::connect(b.addr, connect_packet(V3_1_1, "cms", true)).await;
     const N: usize = 3000;
     for i in 0..N {
-        let mut m = match publish(
-            &format!("news/story/{i}"),
-            b"headline",
-            QoS::AtLeastOnce,
-            (i % 60000 + 1) as u16,
-        ) {
+        let mut m = match publish(&format!("news/story/{i}"), b"headline", QoS::AtLeastOnce, (i % 60000 + 1) as u16) {
             Packet::Publish(p) => p,
             _ => unreachable!(),
         };
@@ -193,17 +138,9 @@ async fn retained_news_all_delivered_to_a_new_subscriber_with_flow_control() {
         let m = expect_publish(&mut phone).await;
         assert!(m.retain, "[MQTT-3.3.1-8] retained on subscribe");
         unacked += 1;
-        assert!(
-            unacked <= 5,
-            "[MQTT-4.9.0-2] never more than the receive maximum in flight"
-        );
+        assert!(unacked <= 5, "[MQTT-4.9.0-2] never more than the receive maximum in flight");
         seen.insert(m.topic.clone());
-        phone
-            .send(&Packet::PubAck(PubResponse::new(
-                m.packet_id,
-                ReasonCode::SUCCESS,
-            )))
-            .await;
+        phone.send(&Packet::PubAck(PubResponse::new(m.packet_id, ReasonCode::SUCCESS))).await;
         unacked -= 1;
     }
     phone.expect_silence(Duration::from_millis(200)).await;
@@ -231,13 +168,7 @@ async fn mqtt_3_3_1_6_empty_retained_publish_deletes_and_retain_handling_2_sends
     c.send(&Packet::Subscribe(Subscribe {
         packet_id: 1,
         properties: Properties::default(),
-        filters: vec![(
-            "news/#".into(),
-            SubscriptionOptions {
-                retain_handling: 2,
-                ..Default::default()
-            },
-        )],
+        filters: vec![("news/#".into(), SubscriptionOptions { retain_handling: 2, ..Default::default() })],
     }))
     .await;
     expect_suback(&mut c).await;
@@ -257,18 +188,13 @@ async fn topic_aliases_outbound_when_the_client_allows_them() {
     phone.send(&subscribe(1, "news/#", QoS::AtMostOnce)).await;
     expect_suback(&mut phone).await;
     let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "cms", true)).await;
-    p.send(&publish("news/tech", b"1", QoS::AtMostOnce, 0))
-        .await;
-    p.send(&publish("news/tech", b"2", QoS::AtMostOnce, 0))
-        .await;
+    p.send(&publish("news/tech", b"1", QoS::AtMostOnce, 0)).await;
+    p.send(&publish("news/tech", b"2", QoS::AtMostOnce, 0)).await;
     let first = expect_publish(&mut phone).await;
     assert_eq!(first.topic, "news/tech");
     let alias = first.properties.topic_alias.expect("an alias is assigned");
     let second = expect_publish(&mut phone).await;
-    assert_eq!(
-        second.topic, "",
-        "[MQTT-3.3.2-12] the alias stands for the topic"
-    );
+    assert_eq!(second.topic, "", "[MQTT-3.3.2-12] the alias stands for the topic");
     assert_eq!(second.properties.topic_alias, Some(alias));
 }
 
@@ -326,11 +252,7 @@ async fn mqtt_3_3_2_6_message_expiry_counts_down_and_expired_messages_are_not_se
     tokio::time::sleep(Duration::from_millis(2100)).await;
     let (mut phone, _) = RawClient::connect(b.addr, c).await;
     let m = expect_publish(&mut phone).await;
-    assert_eq!(
-        &m.payload[..],
-        b"long",
-        "the expired message is never delivered"
-    );
+    assert_eq!(&m.payload[..], b"long", "the expired message is never delivered");
     let left = m.properties.message_expiry_interval.unwrap();
     assert!((97..=98).contains(&left), "remaining expiry {left}");
 }
@@ -345,10 +267,8 @@ async fn mqtt_3_1_2_25_message_too_large_for_a_subscriber_is_dropped_for_it_alon
     expect_suback(&mut small).await;
     let mut big = subscriber(&b, "big", "news/#", QoS::AtLeastOnce).await;
     let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "cms", true)).await;
-    p.send(&publish("news/long", &[b'x'; 200], QoS::AtLeastOnce, 1))
-        .await;
-    p.send(&publish("news/short", b"ok", QoS::AtLeastOnce, 2))
-        .await;
+    p.send(&publish("news/long", &[b'x'; 200], QoS::AtLeastOnce, 1)).await;
+    p.send(&publish("news/short", b"ok", QoS::AtLeastOnce, 2)).await;
     assert_eq!(expect_publish(&mut big).await.payload.len(), 200);
     assert_eq!(expect_publish(&mut small).await.topic, "news/short");
 }
@@ -359,8 +279,7 @@ async fn dollar_sys_is_not_matched_by_hash_and_cannot_be_published() {
     let mut all = subscriber(&b, "all", "#", QoS::AtMostOnce).await;
     let mut sys = subscriber(&b, "sys", "$SYS/#", QoS::AtMostOnce).await;
     let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "cms", true)).await;
-    p.send(&publish("$SYS/broker/fake", b"x", QoS::AtMostOnce, 0))
-        .await;
+    p.send(&publish("$SYS/broker/fake", b"x", QoS::AtMostOnce, 0)).await;
     p.send(&publish("$other/x", b"x", QoS::AtMostOnce, 0)).await;
     all.expect_silence(Duration::from_millis(300)).await;
     sys.expect_silence(Duration::from_millis(100)).await;
@@ -371,15 +290,13 @@ async fn malformed_input_gets_0x81_and_other_clients_keep_receiving() {
     let b = start();
     let mut s = subscriber(&b, "bystander", "news/#", QoS::AtMostOnce).await;
     let (mut bad, _) = RawClient::connect(b.addr, connect_packet(V5, "bad", true)).await;
-    bad.send_raw(&[0x30, 0x05, 0x00, 0x09, b'a', b'b', b'c'])
-        .await; // topic length past the end
+    bad.send_raw(&[0x30, 0x05, 0x00, 0x09, b'a', b'b', b'c']).await; // topic length past the end
     match bad.recv().await {
         Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::MALFORMED_PACKET),
         other => panic!("{other:?}"),
     }
     let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "cms", true)).await;
-    p.send(&publish("news/x", b"still here", QoS::AtMostOnce, 0))
-        .await;
+    p.send(&publish("news/x", b"still here", QoS::AtMostOnce, 0)).await;
     assert_eq!(&expect_publish(&mut s).await.payload[..], b"still here");
 }
 
@@ -388,8 +305,7 @@ async fn packet_larger_than_our_maximum_is_0x95() {
     let b = start_with("max_packet_size = 1024");
     let (mut p, ack) = RawClient::connect(b.addr, connect_packet(V5, "big", true)).await;
     assert_eq!(ack.properties.maximum_packet_size, Some(1024));
-    p.send(&publish("news/x", &[0u8; 2000], QoS::AtMostOnce, 0))
-        .await;
+    p.send(&publish("news/x", &[0u8; 2000], QoS::AtMostOnce, 0)).await;
     match p.recv().await {
         Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::PACKET_TOO_LARGE),
         other => panic!("{other:?}"),
@@ -417,31 +333,69 @@ async fn a_client_that_stops_reading_loses_only_its_own_messages_and_can_be_take
     });
     // Paced by PUBACK, so the healthy subscriber keeps up while the stuck one falls behind.
     for i in 0..400u16 {
-        p.send(&publish("news/feature", &big, QoS::AtLeastOnce, i + 1))
-            .await;
+        p.send(&publish("news/feature", &big, QoS::AtLeastOnce, i + 1)).await;
         assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
     }
-    assert_eq!(
-        tokio::time::timeout(Duration::from_secs(20), reader)
-            .await
-            .unwrap()
-            .unwrap(),
-        400
-    );
-    assert!(
-        b.broker
-            .metrics
-            .messages_dropped_queue_full
-            .load(std::sync::atomic::Ordering::Relaxed)
-            > 0
-    );
+    assert_eq!(tokio::time::timeout(Duration::from_secs(20), reader).await.unwrap().unwrap(), 400);
+    assert!(b.broker.metrics.messages_dropped_queue_full.load(std::sync::atomic::Ordering::Relaxed) > 0);
     // The stuck connection's writer is full; a takeover must still get through promptly.
     let started = std::time::Instant::now();
     let (_again, _) = RawClient::connect(b.addr, connect_packet(V3_1_1, "stuck", true)).await;
-    assert!(
-        started.elapsed() < Duration::from_secs(3),
-        "{:?}",
-        started.elapsed()
-    );
+    assert!(started.elapsed() < Duration::from_secs(3), "{:?}", started.elapsed());
     drop(stuck);
+}
+
+#[tokio::test]
+async fn qos1_burst_to_a_slow_subscriber_is_not_lost_the_publisher_is_slowed_instead() {
+    let b = start_with("max_queued_messages = 10");
+    let (mut slow, _) = RawClient::connect(b.addr, connect_packet(V3_1_1, "slow-phone", true)).await;
+    slow.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
+    expect_suback(&mut slow).await;
+    let (mut p, _) = RawClient::connect(b.addr, connect_packet(V3_1_1, "cms", true)).await;
+    const N: u16 = 500;
+    // Pipelined: all 500 go out before any acknowledgement is read.
+    let mut wire = bytes::BytesMut::new();
+    for i in 1..=N {
+        publish("news/x", &i.to_be_bytes(), QoS::AtLeastOnce, i).encode(V3_1_1, &mut wire);
+    }
+    p.send_raw(&wire).await;
+    let mut seen = Vec::new();
+    while seen.len() < usize::from(N) {
+        let m = expect_publish(&mut slow).await;
+        seen.push(u16::from_be_bytes([m.payload[0], m.payload[1]]));
+        if seen.len() % 50 == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await; // a slow reader
+        }
+        slow.send(&Packet::PubAck(PubResponse::new(m.packet_id, ReasonCode::SUCCESS))).await;
+    }
+    assert_eq!(seen, (1..=N).collect::<Vec<_>>(), "every message, in order");
+    for _ in 0..N {
+        assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
+    }
+    assert_eq!(b.broker.metrics.messages_dropped_queue_full.load(std::sync::atomic::Ordering::Relaxed), 0);
+}
+
+#[tokio::test]
+async fn a_subscriber_that_never_acknowledges_holds_publishers_up_once_then_is_marked_congested() {
+    let b = start_with("max_queued_messages = 5\nmax_publish_wait_ms = 300");
+    let mut c = connect_packet(V5, "stalled-phone", true);
+    c.properties.receive_maximum = Some(1);
+    let (mut stalled, _) = RawClient::connect(b.addr, c).await;
+    stalled.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
+    expect_suback(&mut stalled).await;
+    let (mut p, _) = RawClient::connect(b.addr, connect_packet(V3_1_1, "cms", true)).await;
+    let started = std::time::Instant::now();
+    let mut wire = bytes::BytesMut::new();
+    for i in 1..=100u16 {
+        publish("news/x", b"story", QoS::AtLeastOnce, i).encode(V3_1_1, &mut wire);
+    }
+    p.send_raw(&wire).await;
+    for _ in 0..100 {
+        assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
+    }
+    let waited = started.elapsed();
+    assert!(waited >= Duration::from_millis(300), "the publisher waited for room first: {waited:?}");
+    assert!(waited < Duration::from_secs(2), "and then stopped waiting for that subscriber: {waited:?}");
+    let dropped = b.broker.metrics.messages_dropped_queue_full.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(dropped, 100 - 6, "1 in flight and 5 queued, the rest counted as dropped");
 }

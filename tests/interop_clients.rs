@@ -32,36 +32,15 @@ async fn rumqttc_v4_publish_and_subscribe_at_every_qos() {
             }
         }
     });
-    assert_eq!(
-        tokio::time::timeout(WAIT, rx.recv()).await.unwrap(),
-        Some(None),
-        "SUBACK"
-    );
-    let (publisher, mut pub_loop) =
-        AsyncClient::new(MqttOptions::new("rumqttc-pub", "127.0.0.1", b.port()), 100);
+    assert_eq!(tokio::time::timeout(WAIT, rx.recv()).await.unwrap(), Some(None), "SUBACK");
+    let (publisher, mut pub_loop) = AsyncClient::new(MqttOptions::new("rumqttc-pub", "127.0.0.1", b.port()), 100);
     tokio::spawn(async move { while pub_loop.poll().await.is_ok() {} });
-    for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
-        .into_iter()
-        .enumerate()
-    {
-        publisher
-            .publish(format!("news/{i}"), qos, false, format!("story {i}"))
-            .await
-            .unwrap();
+    for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce].into_iter().enumerate() {
+        publisher.publish(format!("news/{i}"), qos, false, format!("story {i}")).await.unwrap();
     }
-    for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce]
-        .into_iter()
-        .enumerate()
-    {
-        let got = tokio::time::timeout(WAIT, rx.recv())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
-        assert_eq!(
-            got,
-            (format!("news/{i}"), qos, format!("story {i}").into_bytes())
-        );
+    for (i, qos) in [QoS::AtMostOnce, QoS::AtLeastOnce, QoS::ExactlyOnce].into_iter().enumerate() {
+        let got = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap().unwrap();
+        assert_eq!(got, (format!("news/{i}"), qos, format!("story {i}").into_bytes()));
     }
 }
 
@@ -71,15 +50,9 @@ async fn rumqttc_v5_receives_subscription_identifier_and_user_properties() {
     use rumqttc::v5::mqttbytes::QoS;
     use rumqttc::v5::{AsyncClient, Event, MqttOptions};
     let b = start();
-    let (sub, mut sub_loop) =
-        AsyncClient::new(MqttOptions::new("v5-sub", "127.0.0.1", b.port()), 100);
-    let props = SubscribeProperties {
-        id: Some(42),
-        user_properties: vec![],
-    };
-    sub.subscribe_with_properties("news/+/breaking", QoS::AtLeastOnce, props)
-        .await
-        .unwrap();
+    let (sub, mut sub_loop) = AsyncClient::new(MqttOptions::new("v5-sub", "127.0.0.1", b.port()), 100);
+    let props = SubscribeProperties { id: Some(42), user_properties: vec![] };
+    sub.subscribe_with_properties("news/+/breaking", QoS::AtLeastOnce, props).await.unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
@@ -95,41 +68,20 @@ async fn rumqttc_v5_receives_subscription_identifier_and_user_properties() {
             }
         }
     });
-    assert!(tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .unwrap()
-        .unwrap()
-        .is_none());
-    let (publisher, mut pub_loop) =
-        AsyncClient::new(MqttOptions::new("v5-pub", "127.0.0.1", b.port()), 100);
+    assert!(tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap().is_none());
+    let (publisher, mut pub_loop) = AsyncClient::new(MqttOptions::new("v5-pub", "127.0.0.1", b.port()), 100);
     tokio::spawn(async move { while pub_loop.poll().await.is_ok() {} });
     let props = PublishProperties {
         user_properties: vec![("story-id".into(), "s-1".into())],
         content_type: Some("text/plain".into()),
         ..Default::default()
     };
-    publisher
-        .publish_with_properties(
-            "news/world/breaking",
-            QoS::AtLeastOnce,
-            false,
-            "flash",
-            props,
-        )
-        .await
-        .unwrap();
-    let p = tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
+    publisher.publish_with_properties("news/world/breaking", QoS::AtLeastOnce, false, "flash", props).await.unwrap();
+    let p = tokio::time::timeout(WAIT, rx.recv()).await.unwrap().unwrap().unwrap();
     assert_eq!(&p.payload[..], b"flash");
     let props = p.properties.expect("properties pass through");
     assert_eq!(props.subscription_identifiers, vec![42]);
-    assert_eq!(
-        props.user_properties,
-        vec![("story-id".to_string(), "s-1".to_string())]
-    );
+    assert_eq!(props.user_properties, vec![("story-id".to_string(), "s-1".to_string())]);
     assert_eq!(props.content_type.as_deref(), Some("text/plain"));
 }
 
@@ -139,27 +91,13 @@ fn have(cmd: &str) -> bool {
 
 #[test]
 fn mosquitto_sub_receives_what_mosquitto_pub_sends_v311_and_v5() {
-    assert!(
-        have("mosquitto_sub"),
-        "mosquitto-clients missing: run scripts/install-deps.sh"
-    );
+    assert!(have("mosquitto_sub"), "mosquitto-clients missing: run scripts/install-deps.sh");
     let b = start();
     let port = b.port().to_string();
     for version in ["mqttv311", "mqttv5"] {
         let topic = format!("news/tech/{version}");
         let sub = Command::new("mosquitto_sub")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port,
-                "-V",
-                version,
-                "-t",
-                "news/tech/#",
-                "-q",
-                "1",
-            ])
+            .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-t", "news/tech/#", "-q", "1"])
             .args(["-C", "2", "-W", "10", "-v"])
             .stdout(std::process::Stdio::piped())
             .spawn()
@@ -167,20 +105,7 @@ fn mosquitto_sub_receives_what_mosquitto_pub_sends_v311_and_v5() {
         std::thread::sleep(Duration::from_millis(500));
         for (qos, msg) in [("1", "first story"), ("2", "second story")] {
             let st = Command::new("mosquitto_pub")
-                .args([
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &port,
-                    "-V",
-                    version,
-                    "-t",
-                    &topic,
-                    "-q",
-                    qos,
-                    "-m",
-                    msg,
-                ])
+                .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-t", &topic, "-q", qos, "-m", msg])
                 .status()
                 .unwrap();
             assert!(st.success());
@@ -197,42 +122,15 @@ fn mosquitto_sub_gets_retained_message_and_sys_topics_stay_out_of_hash() {
     let b = start();
     let port = b.port().to_string();
     let st = Command::new("mosquitto_pub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-t",
-            "news/top",
-            "-r",
-            "-q",
-            "1",
-            "-m",
-            "headline",
-        ])
+        .args(["-h", "127.0.0.1", "-p", &port, "-t", "news/top", "-r", "-q", "1", "-m", "headline"])
         .status()
         .unwrap();
     assert!(st.success());
     let out = Command::new("mosquitto_sub")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-t",
-            "#",
-            "-C",
-            "1",
-            "-W",
-            "5",
-            "-v",
-        ])
+        .args(["-h", "127.0.0.1", "-p", &port, "-t", "#", "-C", "1", "-W", "5", "-v"])
         .output()
         .unwrap();
-    assert_eq!(
-        String::from_utf8(out.stdout).unwrap(),
-        "news/top headline\n"
-    );
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "news/top headline\n");
 }
 
 const PAHO_SCRIPT: &str = r#"

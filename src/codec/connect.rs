@@ -30,9 +30,7 @@ pub struct Connect {
 impl Connect {
     pub fn decode(flags: u8, body: Bytes) -> Result<Connect, DecodeError> {
         let mut r = Reader::new(body);
-        let name = r
-            .binary()
-            .map_err(|_| DecodeError::silent("[MQTT-3.1.2-1] truncated protocol name"))?;
+        let name = r.binary().map_err(|_| DecodeError::silent("[MQTT-3.1.2-1] truncated protocol name"))?;
         let level = r.u8()?;
         let protocol = match (&name[..], level) {
             (b"MQTT", 4) => ProtocolVersion::V3_1_1,
@@ -44,23 +42,15 @@ impl Connect {
                     reason: "[MQTT-3.1.2-2] unsupported protocol level",
                 })
             }
-            _ => {
-                return Err(DecodeError::malformed(
-                    "[MQTT-3.1.2-1] protocol name is not MQTT",
-                ))
-            }
+            _ => return Err(DecodeError::malformed("[MQTT-3.1.2-1] protocol name is not MQTT")),
         };
         // MQTT 3.1 did not reserve the CONNECT flags; 3.1.1 and 5.0 do [MQTT-2.1.3-1].
         if protocol != ProtocolVersion::V3_1 && flags != 0 {
-            return Err(DecodeError::malformed(
-                "[MQTT-2.1.3-1] CONNECT with reserved flags set",
-            ));
+            return Err(DecodeError::malformed("[MQTT-2.1.3-1] CONNECT with reserved flags set"));
         }
         let connect_flags = r.u8()?;
         if protocol != ProtocolVersion::V3_1 && connect_flags & 0x01 != 0 {
-            return Err(DecodeError::malformed(
-                "[MQTT-3.1.2-3] reserved connect flag set",
-            ));
+            return Err(DecodeError::malformed("[MQTT-3.1.2-3] reserved connect flag set"));
         }
         let clean_start = connect_flags & 0x02 != 0;
         let will_flag = connect_flags & 0x04 != 0;
@@ -69,85 +59,43 @@ impl Connect {
         let password_flag = connect_flags & 0x40 != 0;
         let username_flag = connect_flags & 0x80 != 0;
         if !will_flag && (will_qos != 0 || will_retain) {
-            return Err(DecodeError::malformed(
-                "[MQTT-3.1.2-11] will QoS or retain set without a will",
-            ));
+            return Err(DecodeError::malformed("[MQTT-3.1.2-11] will QoS or retain set without a will"));
         }
-        let will_qos =
-            QoS::from_u8(will_qos).ok_or(DecodeError::malformed("[MQTT-3.1.2-14] will QoS 3"))?;
+        let will_qos = QoS::from_u8(will_qos).ok_or(DecodeError::malformed("[MQTT-3.1.2-14] will QoS 3"))?;
         if protocol != ProtocolVersion::V5 && password_flag && !username_flag {
-            return Err(DecodeError::malformed(
-                "[MQTT-3.1.2-22] password without a user name",
-            ));
+            return Err(DecodeError::malformed("[MQTT-3.1.2-22] password without a user name"));
         }
         let keep_alive = r.u16()?;
         let v5 = protocol.is_v5();
-        let properties = if v5 {
-            Properties::decode(&mut r, PropertyContext::Connect, false)?
-        } else {
-            Properties::default()
-        };
+        let properties =
+            if v5 { Properties::decode(&mut r, PropertyContext::Connect, false)? } else { Properties::default() };
         let client_id = r.utf8()?;
         let will = if will_flag {
-            let properties = if v5 {
-                Properties::decode(&mut r, PropertyContext::Will, false)?
-            } else {
-                Properties::default()
-            };
+            let properties =
+                if v5 { Properties::decode(&mut r, PropertyContext::Will, false)? } else { Properties::default() };
             let topic = r.utf8()?;
             if topic.is_empty() || !super::is_valid_topic_name(&topic) {
-                return Err(DecodeError::malformed(
-                    "[MQTT-3.1.3-11] will topic is not a valid topic name",
-                ));
+                return Err(DecodeError::malformed("[MQTT-3.1.3-11] will topic is not a valid topic name"));
             }
             let payload = r.binary()?;
-            if properties.payload_format_indicator == Some(1)
-                && std::str::from_utf8(&payload).is_err()
-            {
-                return Err(DecodeError::malformed(
-                    "[MQTT-3.1.3-15] will payload is not UTF-8",
-                ));
+            if properties.payload_format_indicator == Some(1) && std::str::from_utf8(&payload).is_err() {
+                return Err(DecodeError::malformed("[MQTT-3.1.3-15] will payload is not UTF-8"));
             }
-            Some(Will {
-                topic,
-                payload,
-                qos: will_qos,
-                retain: will_retain,
-                properties,
-            })
+            Some(Will { topic, payload, qos: will_qos, retain: will_retain, properties })
         } else {
             None
         };
         let username = if username_flag { Some(r.utf8()?) } else { None };
-        let password = if password_flag {
-            Some(r.binary()?)
-        } else {
-            None
-        };
+        let password = if password_flag { Some(r.binary()?) } else { None };
         if !r.is_empty() {
-            return Err(DecodeError::malformed(
-                "[MQTT-3.1.2-18] bytes after the CONNECT payload",
-            ));
+            return Err(DecodeError::malformed("[MQTT-3.1.2-18] bytes after the CONNECT payload"));
         }
-        Ok(Connect {
-            protocol,
-            clean_start,
-            keep_alive,
-            properties,
-            client_id,
-            will,
-            username,
-            password,
-        })
+        Ok(Connect { protocol, clean_start, keep_alive, properties, client_id, will, username, password })
     }
 
     pub fn encode(&self, out: &mut BytesMut) {
         let v5 = self.protocol.is_v5();
-        let name: &[u8] = if self.protocol == ProtocolVersion::V3_1 {
-            b"MQIsdp"
-        } else {
-            b"MQTT"
-        };
+        let name: &[u8] = if self.protocol == ProtocolVersion::V3_1 { b"MQIsdp" } else { b"MQTT" };
         let mut len = str_len(name) + 1 + 1 + 2 + str_len(self.client_id.as_bytes());
         if v5 {
             len += self.properties.wire_len();
@@ -212,30 +160,19 @@ pub struct ConnAck {
 impl ConnAck {
     pub fn decode(flags: u8, r: &mut Reader, v5: bool) -> Result<ConnAck, DecodeError> {
         if flags != 0 {
-            return Err(DecodeError::malformed(
-                "[MQTT-2.1.3-1] CONNACK with reserved flags set",
-            ));
+            return Err(DecodeError::malformed("[MQTT-2.1.3-1] CONNACK with reserved flags set"));
         }
         let ack_flags = r.u8()?;
         if ack_flags & 0xFE != 0 {
-            return Err(DecodeError::malformed(
-                "[MQTT-3.2.2-1] reserved CONNACK flags set",
-            ));
+            return Err(DecodeError::malformed("[MQTT-3.2.2-1] reserved CONNACK flags set"));
         }
         let code = ReasonCode(r.u8()?);
-        let properties = if v5 {
-            Properties::decode(r, PropertyContext::ConnAck, false)?
-        } else {
-            Properties::default()
-        };
+        let properties =
+            if v5 { Properties::decode(r, PropertyContext::ConnAck, false)? } else { Properties::default() };
         if !r.is_empty() {
             return Err(DecodeError::malformed("bytes after the CONNACK"));
         }
-        Ok(ConnAck {
-            session_present: ack_flags & 1 != 0,
-            code,
-            properties,
-        })
+        Ok(ConnAck { session_present: ack_flags & 1 != 0, code, properties })
     }
 
     pub fn encode(&self, out: &mut BytesMut, v5: bool) {

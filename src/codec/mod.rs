@@ -83,22 +83,13 @@ pub struct DecodeError {
 
 impl DecodeError {
     pub fn malformed(reason: &'static str) -> Self {
-        Self {
-            kind: ErrorKind::Malformed,
-            reason,
-        }
+        Self { kind: ErrorKind::Malformed, reason }
     }
     pub fn protocol(reason: &'static str) -> Self {
-        Self {
-            kind: ErrorKind::ProtocolError,
-            reason,
-        }
+        Self { kind: ErrorKind::ProtocolError, reason }
     }
     pub fn silent(reason: &'static str) -> Self {
-        Self {
-            kind: ErrorKind::CloseSilently,
-            reason,
-        }
+        Self { kind: ErrorKind::CloseSilently, reason }
     }
 
     /// The DISCONNECT reason code a 5.0 server sends for this error, if any.
@@ -225,11 +216,7 @@ pub struct Decoder {
 
 impl Decoder {
     pub fn new(role: Role, max_packet_size: u32) -> Self {
-        Self {
-            role,
-            version: None,
-            max_packet_size,
-        }
+        Self { role, version: None, max_packet_size }
     }
 
     /// Takes one whole packet off the front of `buf`, or returns `Ok(None)` if it is not all there yet.
@@ -238,18 +225,12 @@ impl Decoder {
             return Ok(None);
         };
         if self.version.is_none() && self.role == Role::Server && first >> 4 != 1 {
-            return Err(DecodeError::silent(
-                "[MQTT-3.1.0-1] first packet is not CONNECT",
-            ));
+            return Err(DecodeError::silent("[MQTT-3.1.0-1] first packet is not CONNECT"));
         }
         let (remaining, len_bytes) = match wire::decode_varint(&buf[1..]) {
             Ok(Some(v)) => v,
             Ok(None) => return Ok(None),
-            Err(_) => {
-                return Err(DecodeError::malformed(
-                    "[MQTT-2.1.4] remaining length longer than four bytes",
-                ))
-            }
+            Err(_) => return Err(DecodeError::malformed("[MQTT-2.1.4] remaining length longer than four bytes")),
         };
         let total = 1 + len_bytes + remaining as usize;
         if total > self.max_packet_size as usize {
@@ -280,12 +261,8 @@ impl Decoder {
         let Some(version) = self.version else {
             return match kind {
                 1 => Ok(Packet::Connect(Box::new(Connect::decode(flags, body)?))),
-                2 if !server => Err(DecodeError::protocol(
-                    "[MQTT-3.2.0-1] CONNACK before CONNECT",
-                )),
-                _ => Err(DecodeError::silent(
-                    "[MQTT-3.1.0-1] first packet is not CONNECT",
-                )),
+                2 if !server => Err(DecodeError::protocol("[MQTT-3.2.0-1] CONNACK before CONNECT")),
+                _ => Err(DecodeError::silent("[MQTT-3.1.0-1] first packet is not CONNECT")),
             };
         };
         let v5 = version.is_v5();
@@ -297,51 +274,31 @@ impl Decoder {
             1 => Err(DecodeError::protocol("[MQTT-3.1] CONNECT sent by a server")),
             2 if server => Err(DecodeError::protocol("[MQTT-3.2] CONNACK sent by a client")),
             2 => Ok(Packet::ConnAck(ConnAck::decode(flags, &mut r, v5)?)),
-            3 => Ok(Packet::Publish(Publish::decode(
-                flags, &mut r, v5, !server,
-            )?)),
-            4 => Ok(Packet::PubAck(PubResponse::decode(
-                kind, flags, &mut r, v5,
-            )?)),
-            5 => Ok(Packet::PubRec(PubResponse::decode(
-                kind, flags, &mut r, v5,
-            )?)),
-            6 => Ok(Packet::PubRel(PubResponse::decode(
-                kind, flags, &mut r, v5,
-            )?)),
-            7 => Ok(Packet::PubComp(PubResponse::decode(
-                kind, flags, &mut r, v5,
-            )?)),
-            8 if !server => Err(DecodeError::protocol(
-                "[MQTT-3.8] SUBSCRIBE sent by a server",
-            )),
+            3 => Ok(Packet::Publish(Publish::decode(flags, &mut r, v5, !server)?)),
+            4 => Ok(Packet::PubAck(PubResponse::decode(kind, flags, &mut r, v5)?)),
+            5 => Ok(Packet::PubRec(PubResponse::decode(kind, flags, &mut r, v5)?)),
+            6 => Ok(Packet::PubRel(PubResponse::decode(kind, flags, &mut r, v5)?)),
+            7 => Ok(Packet::PubComp(PubResponse::decode(kind, flags, &mut r, v5)?)),
+            8 if !server => Err(DecodeError::protocol("[MQTT-3.8] SUBSCRIBE sent by a server")),
             8 => Ok(Packet::Subscribe(Subscribe::decode(flags, &mut r, v5)?)),
             9 | 11 if server => {
                 if flags != 0 {
                     Err(DecodeError::malformed("[MQTT-2.1.3-1] reserved flags set"))
                 } else {
-                    Err(DecodeError::protocol(
-                        "[MQTT-3.9] SUBACK or UNSUBACK sent by a client",
-                    ))
+                    Err(DecodeError::protocol("[MQTT-3.9] SUBACK or UNSUBACK sent by a client"))
                 }
             }
             9 => Ok(Packet::SubAck(SubAck::decode(flags, &mut r, v5)?)),
-            10 if !server => Err(DecodeError::protocol(
-                "[MQTT-3.10] UNSUBSCRIBE sent by a server",
-            )),
+            10 if !server => Err(DecodeError::protocol("[MQTT-3.10] UNSUBSCRIBE sent by a server")),
             10 => Ok(Packet::Unsubscribe(Unsubscribe::decode(flags, &mut r, v5)?)),
             11 => Ok(Packet::UnsubAck(UnsubAck::decode(flags, &mut r, v5)?)),
             12 => {
                 if flags != 0 {
-                    Err(DecodeError::malformed(
-                        "[MQTT-2.1.3-1] PINGREQ with reserved flags set",
-                    ))
+                    Err(DecodeError::malformed("[MQTT-2.1.3-1] PINGREQ with reserved flags set"))
                 } else if len != 0 {
                     Err(DecodeError::silent("[MQTT-3.12] PINGREQ with a body"))
                 } else if !server {
-                    Err(DecodeError::protocol(
-                        "[MQTT-3.12] PINGREQ sent by a server",
-                    ))
+                    Err(DecodeError::protocol("[MQTT-3.12] PINGREQ sent by a server"))
                 } else {
                     Ok(Packet::PingReq)
                 }
@@ -350,22 +307,16 @@ impl Decoder {
                 if len != 0 {
                     Err(DecodeError::silent("[MQTT-3.13] PINGRESP with a body"))
                 } else if server {
-                    Err(DecodeError::protocol(
-                        "[MQTT-3.13] PINGRESP sent by a client",
-                    ))
+                    Err(DecodeError::protocol("[MQTT-3.13] PINGRESP sent by a client"))
                 } else {
                     Ok(Packet::PingResp)
                 }
             }
             14 => Ok(Packet::Disconnect(decode_disconnect(flags, &mut r, v5)?)),
-            15 if !v5 => Err(DecodeError::malformed(
-                "[MQTT-2.1.2] AUTH does not exist before MQTT 5",
-            )),
+            15 if !v5 => Err(DecodeError::malformed("[MQTT-2.1.2] AUTH does not exist before MQTT 5")),
             // Herald offers no enhanced authentication method, so an AUTH can never be expected
             // [MQTT-4.12.0-1].
-            15 if server => Err(DecodeError::protocol(
-                "[MQTT-4.12.0-1] AUTH without an authentication method",
-            )),
+            15 if server => Err(DecodeError::protocol("[MQTT-4.12.0-1] AUTH without an authentication method")),
             15 => Ok(Packet::Auth(decode_auth(flags, &mut r)?)),
             _ => unreachable!("a four bit packet type"),
         }
@@ -374,37 +325,28 @@ impl Decoder {
 
 fn decode_disconnect(flags: u8, r: &mut Reader, v5: bool) -> Result<Disconnect, DecodeError> {
     if flags != 0 {
-        return Err(DecodeError::malformed(
-            "[MQTT-3.14.1-1] DISCONNECT with reserved flags set",
-        ));
+        return Err(DecodeError::malformed("[MQTT-3.14.1-1] DISCONNECT with reserved flags set"));
     }
     if !v5 {
         if !r.is_empty() {
             return Err(DecodeError::malformed("[MQTT-3.14] DISCONNECT with a body"));
         }
-        return Ok(Disconnect {
-            reason: ReasonCode::SUCCESS,
-            properties: Properties::default(),
-        });
+        return Ok(Disconnect { reason: ReasonCode::SUCCESS, properties: Properties::default() });
     }
     let (reason, properties) = reason_and_properties(r, PropertyContext::Disconnect)?;
     const VALID: &[u8] = &[
-        0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x8B, 0x8D, 0x8E, 0x8F, 0x90, 0x93, 0x94, 0x95, 0x96,
-        0x97, 0x98, 0x99, 0x9A, 0x9B, 0x9C, 0x9D, 0x9E, 0x9F, 0xA0, 0xA1, 0xA2,
+        0x00, 0x04, 0x80, 0x81, 0x82, 0x83, 0x8B, 0x8D, 0x8E, 0x8F, 0x90, 0x93, 0x94, 0x95, 0x96, 0x97, 0x98, 0x99,
+        0x9A, 0x9B, 0x9C, 0x9D, 0x9E, 0x9F, 0xA0, 0xA1, 0xA2,
     ];
     if !VALID.contains(&reason.0) {
-        return Err(DecodeError::silent(
-            "[MQTT-3.14.2.1] unknown DISCONNECT reason code",
-        ));
+        return Err(DecodeError::silent("[MQTT-3.14.2.1] unknown DISCONNECT reason code"));
     }
     Ok(Disconnect { reason, properties })
 }
 
 fn decode_auth(flags: u8, r: &mut Reader) -> Result<Auth, DecodeError> {
     if flags != 0 {
-        return Err(DecodeError::malformed(
-            "[MQTT-3.15.1-1] AUTH with reserved flags set",
-        ));
+        return Err(DecodeError::malformed("[MQTT-3.15.1-1] AUTH with reserved flags set"));
     }
     let (reason, properties) = reason_and_properties(r, PropertyContext::Auth)?;
     Ok(Auth { reason, properties })
@@ -416,16 +358,8 @@ pub(crate) fn reason_and_properties(
     r: &mut Reader,
     ctx: PropertyContext,
 ) -> Result<(ReasonCode, Properties), DecodeError> {
-    let reason = if r.is_empty() {
-        ReasonCode::SUCCESS
-    } else {
-        ReasonCode(r.u8()?)
-    };
-    let properties = if r.is_empty() {
-        Properties::default()
-    } else {
-        Properties::decode(r, ctx, false)?
-    };
+    let reason = if r.is_empty() { ReasonCode::SUCCESS } else { ReasonCode(r.u8()?) };
+    let properties = if r.is_empty() { Properties::default() } else { Properties::decode(r, ctx, false)? };
     if !r.is_empty() {
         return Err(DecodeError::malformed("bytes after the properties"));
     }

@@ -56,10 +56,9 @@ impl PropertyContext {
         let allowed: &[u8] = match self {
             Connect => &[0x11, 0x15, 0x16, 0x17, 0x19, 0x21, 0x22, 0x26, 0x27],
             Will => &[0x01, 0x02, 0x03, 0x08, 0x09, 0x18, 0x26],
-            ConnAck => &[
-                0x11, 0x12, 0x13, 0x15, 0x16, 0x1A, 0x1C, 0x1F, 0x21, 0x22, 0x24, 0x25, 0x26, 0x27,
-                0x28, 0x29, 0x2A,
-            ],
+            ConnAck => {
+                &[0x11, 0x12, 0x13, 0x15, 0x16, 0x1A, 0x1C, 0x1F, 0x21, 0x22, 0x24, 0x25, 0x26, 0x27, 0x28, 0x29, 0x2A]
+            }
             Publish => &[0x01, 0x02, 0x03, 0x08, 0x09, 0x0B, 0x23, 0x26],
             PubResponse | SubAck | UnsubAck => &[0x1F, 0x26],
             Subscribe => &[0x0B, 0x26],
@@ -114,9 +113,7 @@ pub struct Properties {
 
 fn set_once<T>(slot: &mut Option<T>, value: T) -> Result<(), DecodeError> {
     if slot.is_some() {
-        return Err(DecodeError::protocol(
-            "[MQTT-2.2.2-2] property included more than once",
-        ));
+        return Err(DecodeError::protocol("[MQTT-2.2.2-2] property included more than once"));
     }
     *slot = Some(value);
     Ok(())
@@ -124,9 +121,7 @@ fn set_once<T>(slot: &mut Option<T>, value: T) -> Result<(), DecodeError> {
 
 fn boolean(value: u8) -> Result<u8, DecodeError> {
     if value > 1 {
-        return Err(DecodeError::protocol(
-            "property that must be 0 or 1 has another value",
-        ));
+        return Err(DecodeError::protocol("property that must be 0 or 1 has another value"));
     }
     Ok(value)
 }
@@ -152,8 +147,7 @@ impl Properties {
         let mut deferred: Option<DecodeError> = None;
         while !r.is_empty() {
             let id = r.varint()?;
-            let id = u8::try_from(id)
-                .map_err(|_| DecodeError::malformed("unknown property identifier"))?;
+            let id = u8::try_from(id).map_err(|_| DecodeError::malformed("unknown property identifier"))?;
             if !is_known(id) {
                 return Err(DecodeError::malformed("unknown property identifier"));
             }
@@ -196,14 +190,10 @@ impl Properties {
                         let v = r.varint()?;
                         check_allowed(ctx, id)?;
                         if v == 0 {
-                            return Err(DecodeError::malformed(
-                                "[MQTT-3.8.2.1.2] subscription identifier 0",
-                            ));
+                            return Err(DecodeError::malformed("[MQTT-3.8.2.1.2] subscription identifier 0"));
                         }
                         if !p.subscription_identifiers.is_empty() && !multiple_subscription_ids {
-                            return Err(DecodeError::protocol(
-                                "[MQTT-2.2.2-2] subscription identifier given twice",
-                            ));
+                            return Err(DecodeError::protocol("[MQTT-2.2.2-2] subscription identifier given twice"));
                         }
                         p.subscription_identifiers.push(v);
                     }
@@ -266,9 +256,7 @@ impl Properties {
                         let v = r.u16()?;
                         check_allowed(ctx, id)?;
                         if v == 0 {
-                            return Err(DecodeError::protocol(
-                                "[MQTT-3.1.2.11.3] receive maximum of 0",
-                            ));
+                            return Err(DecodeError::protocol("[MQTT-3.1.2.11.3] receive maximum of 0"));
                         }
                         set_once(&mut p.receive_maximum, v)?
                     }
@@ -302,9 +290,7 @@ impl Properties {
                         let v = r.u32()?;
                         check_allowed(ctx, id)?;
                         if v == 0 {
-                            return Err(DecodeError::protocol(
-                                "[MQTT-3.1.2.11.4] maximum packet size of 0",
-                            ));
+                            return Err(DecodeError::protocol("[MQTT-3.1.2.11.4] maximum packet size of 0"));
                         }
                         set_once(&mut p.maximum_packet_size, v)?
                     }
@@ -353,11 +339,7 @@ impl Properties {
             + s(&self.content_type)
             + s(&self.response_topic)
             + b(&self.correlation_data)
-            + self
-                .subscription_identifiers
-                .iter()
-                .map(|&v| 1 + varint_len(v))
-                .sum::<usize>()
+            + self.subscription_identifiers.iter().map(|&v| 1 + varint_len(v)).sum::<usize>()
             + n4(&self.session_expiry_interval)
             + s(&self.assigned_client_identifier)
             + n2(&self.server_keep_alive)
@@ -434,25 +416,13 @@ impl Properties {
             put_varint(out, id);
         }
         put_4(out, SESSION_EXPIRY_INTERVAL, self.session_expiry_interval);
-        put_s(
-            out,
-            ASSIGNED_CLIENT_IDENTIFIER,
-            &self.assigned_client_identifier,
-        );
+        put_s(out, ASSIGNED_CLIENT_IDENTIFIER, &self.assigned_client_identifier);
         put_2(out, SERVER_KEEP_ALIVE, self.server_keep_alive);
         put_s(out, AUTHENTICATION_METHOD, &self.authentication_method);
         put_b(out, AUTHENTICATION_DATA, &self.authentication_data);
-        put_1(
-            out,
-            REQUEST_PROBLEM_INFORMATION,
-            self.request_problem_information,
-        );
+        put_1(out, REQUEST_PROBLEM_INFORMATION, self.request_problem_information);
         put_4(out, WILL_DELAY_INTERVAL, self.will_delay_interval);
-        put_1(
-            out,
-            REQUEST_RESPONSE_INFORMATION,
-            self.request_response_information,
-        );
+        put_1(out, REQUEST_RESPONSE_INFORMATION, self.request_response_information);
         put_s(out, RESPONSE_INFORMATION, &self.response_information);
         put_s(out, SERVER_REFERENCE, &self.server_reference);
         put_s(out, REASON_STRING, &self.reason_string);
@@ -467,21 +437,9 @@ impl Properties {
             put_str(out, v);
         }
         put_4(out, MAXIMUM_PACKET_SIZE, self.maximum_packet_size);
-        put_1(
-            out,
-            WILDCARD_SUBSCRIPTION_AVAILABLE,
-            self.wildcard_subscription_available,
-        );
-        put_1(
-            out,
-            SUBSCRIPTION_IDENTIFIER_AVAILABLE,
-            self.subscription_identifier_available,
-        );
-        put_1(
-            out,
-            SHARED_SUBSCRIPTION_AVAILABLE,
-            self.shared_subscription_available,
-        );
+        put_1(out, WILDCARD_SUBSCRIPTION_AVAILABLE, self.wildcard_subscription_available);
+        put_1(out, SUBSCRIPTION_IDENTIFIER_AVAILABLE, self.subscription_identifier_available);
+        put_1(out, SHARED_SUBSCRIPTION_AVAILABLE, self.shared_subscription_available);
     }
 
     /// Length on the wire including the property length prefix.
@@ -527,9 +485,6 @@ fn check_allowed(ctx: PropertyContext, id: u8) -> Result<(), DecodeError> {
     if ctx.allows(id) {
         Ok(())
     } else {
-        Err(DecodeError {
-            kind: ctx.misplaced_kind(),
-            reason: "[MQTT-2.2.2] property not allowed in this packet",
-        })
+        Err(DecodeError { kind: ctx.misplaced_kind(), reason: "[MQTT-2.2.2] property not allowed in this packet" })
     }
 }

@@ -22,56 +22,34 @@ pub struct Publish {
 impl Publish {
     /// `from_server` allows several subscription identifiers [MQTT-3.3.4-3]; a client sends none
     /// that matter, and Mosquitto accepts and ignores one, so we do too.
-    pub fn decode(
-        flags: u8,
-        r: &mut Reader,
-        v5: bool,
-        from_server: bool,
-    ) -> Result<Publish, DecodeError> {
+    pub fn decode(flags: u8, r: &mut Reader, v5: bool, from_server: bool) -> Result<Publish, DecodeError> {
         let dup = flags & 0x08 != 0;
-        let qos = QoS::from_u8((flags >> 1) & 0x03)
-            .ok_or(DecodeError::malformed("[MQTT-3.3.1-4] PUBLISH with QoS 3"))?;
+        let qos =
+            QoS::from_u8((flags >> 1) & 0x03).ok_or(DecodeError::malformed("[MQTT-3.3.1-4] PUBLISH with QoS 3"))?;
         let retain = flags & 0x01 != 0;
         if dup && qos == QoS::AtMostOnce {
-            return Err(DecodeError::malformed(
-                "[MQTT-3.3.1-2] DUP set on a QoS 0 PUBLISH",
-            ));
+            return Err(DecodeError::malformed("[MQTT-3.3.1-2] DUP set on a QoS 0 PUBLISH"));
         }
         let topic = r.utf8()?;
         if !super::is_valid_topic_name(&topic) {
-            return Err(DecodeError::malformed(
-                "[MQTT-3.3.2-2] topic name contains a wildcard",
-            ));
+            return Err(DecodeError::malformed("[MQTT-3.3.2-2] topic name contains a wildcard"));
         }
         let packet_id = if qos == QoS::AtMostOnce {
             0
         } else {
             let id = r.u16()?;
             if id == 0 {
-                return Err(DecodeError::protocol(
-                    "[MQTT-2.2.1-3] PUBLISH with packet identifier 0",
-                ));
+                return Err(DecodeError::protocol("[MQTT-2.2.1-3] PUBLISH with packet identifier 0"));
             }
             id
         };
-        let properties = if v5 {
-            Properties::decode(r, PropertyContext::Publish, from_server)?
-        } else {
-            Properties::default()
-        };
+        let properties =
+            if v5 { Properties::decode(r, PropertyContext::Publish, from_server)? } else { Properties::default() };
         if !v5 && topic.is_empty() {
             return Err(DecodeError::malformed("[MQTT-4.7.3-1] empty topic name"));
         }
         let payload = r.rest();
-        Ok(Publish {
-            dup,
-            qos,
-            retain,
-            topic,
-            packet_id,
-            properties,
-            payload,
-        })
+        Ok(Publish { dup, qos, retain, topic, packet_id, properties, payload })
     }
 
     pub fn first_byte(&self) -> u8 {
@@ -115,31 +93,18 @@ pub struct PubResponse {
 
 impl PubResponse {
     pub fn new(packet_id: u16, reason: ReasonCode) -> Self {
-        Self {
-            packet_id,
-            reason,
-            properties: Properties::default(),
-        }
+        Self { packet_id, reason, properties: Properties::default() }
     }
 
-    pub fn decode(
-        kind: u8,
-        flags: u8,
-        r: &mut Reader,
-        v5: bool,
-    ) -> Result<PubResponse, DecodeError> {
+    pub fn decode(kind: u8, flags: u8, r: &mut Reader, v5: bool) -> Result<PubResponse, DecodeError> {
         let expected_flags = if kind == 6 { 0x02 } else { 0x00 };
         if flags != expected_flags {
-            return Err(DecodeError::malformed(
-                "[MQTT-3.6.1-1] reserved flags of a publish response are wrong",
-            ));
+            return Err(DecodeError::malformed("[MQTT-3.6.1-1] reserved flags of a publish response are wrong"));
         }
         let packet_id = r.u16()?;
         if !v5 {
             if !r.is_empty() {
-                return Err(DecodeError::malformed(
-                    "[MQTT-3.4.2] publish response longer than two bytes",
-                ));
+                return Err(DecodeError::malformed("[MQTT-3.4.2] publish response longer than two bytes"));
             }
             if packet_id == 0 {
                 return Err(DecodeError::protocol("[MQTT-2.2.1-3] packet identifier 0"));
@@ -155,15 +120,9 @@ impl PubResponse {
             _ => &[0x00, 0x92],
         };
         if !valid.contains(&reason.0) {
-            return Err(DecodeError::protocol(
-                "[MQTT-3.4.2.1] reason code not allowed in this packet",
-            ));
+            return Err(DecodeError::protocol("[MQTT-3.4.2.1] reason code not allowed in this packet"));
         }
-        Ok(PubResponse {
-            packet_id,
-            reason,
-            properties,
-        })
+        Ok(PubResponse { packet_id, reason, properties })
     }
 
     pub fn encode(&self, kind: u8, out: &mut BytesMut, v5: bool) {

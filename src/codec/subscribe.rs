@@ -20,22 +20,14 @@ impl SubscriptionOptions {
     fn decode(byte: u8, v5: bool) -> Result<Self, DecodeError> {
         let reserved = if v5 { 0xC0 } else { 0xFC };
         if byte & reserved != 0 {
-            return Err(DecodeError::malformed(
-                "[MQTT-3.8.3-5] reserved subscription option bits set",
-            ));
+            return Err(DecodeError::malformed("[MQTT-3.8.3-5] reserved subscription option bits set"));
         }
-        let qos = QoS::from_u8(byte & 0x03)
-            .ok_or(DecodeError::malformed("[MQTT-3.8.3-4] subscription QoS 3"))?;
+        let qos = QoS::from_u8(byte & 0x03).ok_or(DecodeError::malformed("[MQTT-3.8.3-4] subscription QoS 3"))?;
         let retain_handling = (byte >> 4) & 0x03;
         if retain_handling == 3 {
             return Err(DecodeError::malformed("[MQTT-3.8.3-4] retain handling 3"));
         }
-        Ok(Self {
-            qos,
-            no_local: byte & 0x04 != 0,
-            retain_as_published: byte & 0x08 != 0,
-            retain_handling,
-        })
+        Ok(Self { qos, no_local: byte & 0x04 != 0, retain_as_published: byte & 0x08 != 0, retain_handling })
     }
 
     fn encode(&self) -> u8 {
@@ -64,16 +56,11 @@ fn packet_id(r: &mut Reader) -> Result<u16, DecodeError> {
 impl Subscribe {
     pub fn decode(flags: u8, r: &mut Reader, v5: bool) -> Result<Subscribe, DecodeError> {
         if flags != 0x02 {
-            return Err(DecodeError::malformed(
-                "[MQTT-3.8.1-1] SUBSCRIBE reserved flags are not 0010",
-            ));
+            return Err(DecodeError::malformed("[MQTT-3.8.1-1] SUBSCRIBE reserved flags are not 0010"));
         }
         let packet_id = packet_id(r)?;
-        let properties = if v5 {
-            Properties::decode(r, PropertyContext::Subscribe, false)?
-        } else {
-            Properties::default()
-        };
+        let properties =
+            if v5 { Properties::decode(r, PropertyContext::Subscribe, false)? } else { Properties::default() };
         let mut filters = Vec::new();
         while !r.is_empty() {
             let filter = r.utf8()?;
@@ -84,25 +71,15 @@ impl Subscribe {
             filters.push((filter, options));
         }
         if filters.is_empty() {
-            return Err(DecodeError::malformed(
-                "[MQTT-3.8.3-3] SUBSCRIBE without a topic filter",
-            ));
+            return Err(DecodeError::malformed("[MQTT-3.8.3-3] SUBSCRIBE without a topic filter"));
         }
-        Ok(Subscribe {
-            packet_id,
-            properties,
-            filters,
-        })
+        Ok(Subscribe { packet_id, properties, filters })
     }
 
     pub fn encode(&self, out: &mut BytesMut, v5: bool) {
         let len = 2
             + if v5 { self.properties.wire_len() } else { 0 }
-            + self
-                .filters
-                .iter()
-                .map(|(f, _)| str_len(f.as_bytes()) + 1)
-                .sum::<usize>();
+            + self.filters.iter().map(|(f, _)| str_len(f.as_bytes()) + 1).sum::<usize>();
         put_fixed_header(out, 0x82, len);
         out.put_u16(self.packet_id);
         if v5 {
@@ -126,27 +103,16 @@ pub struct SubAck {
 impl SubAck {
     pub fn decode(flags: u8, r: &mut Reader, v5: bool) -> Result<SubAck, DecodeError> {
         if flags != 0 {
-            return Err(DecodeError::malformed(
-                "[MQTT-2.1.3-1] SUBACK with reserved flags set",
-            ));
+            return Err(DecodeError::malformed("[MQTT-2.1.3-1] SUBACK with reserved flags set"));
         }
         let packet_id = packet_id(r)?;
-        let properties = if v5 {
-            Properties::decode(r, PropertyContext::SubAck, false)?
-        } else {
-            Properties::default()
-        };
+        let properties =
+            if v5 { Properties::decode(r, PropertyContext::SubAck, false)? } else { Properties::default() };
         let reasons: Vec<ReasonCode> = r.rest().iter().map(|&b| ReasonCode(b)).collect();
         if reasons.is_empty() {
-            return Err(DecodeError::protocol(
-                "[MQTT-3.9.3] SUBACK without a reason code",
-            ));
+            return Err(DecodeError::protocol("[MQTT-3.9.3] SUBACK without a reason code"));
         }
-        Ok(SubAck {
-            packet_id,
-            properties,
-            reasons,
-        })
+        Ok(SubAck { packet_id, properties, reasons })
     }
 
     pub fn encode(&self, out: &mut BytesMut, v5: bool) {
@@ -172,16 +138,11 @@ pub struct Unsubscribe {
 impl Unsubscribe {
     pub fn decode(flags: u8, r: &mut Reader, v5: bool) -> Result<Unsubscribe, DecodeError> {
         if flags != 0x02 {
-            return Err(DecodeError::malformed(
-                "[MQTT-3.10.1-1] UNSUBSCRIBE reserved flags are not 0010",
-            ));
+            return Err(DecodeError::malformed("[MQTT-3.10.1-1] UNSUBSCRIBE reserved flags are not 0010"));
         }
         let packet_id = packet_id(r)?;
-        let properties = if v5 {
-            Properties::decode(r, PropertyContext::Unsubscribe, false)?
-        } else {
-            Properties::default()
-        };
+        let properties =
+            if v5 { Properties::decode(r, PropertyContext::Unsubscribe, false)? } else { Properties::default() };
         let mut filters = Vec::new();
         while !r.is_empty() {
             let filter = r.utf8()?;
@@ -191,25 +152,15 @@ impl Unsubscribe {
             filters.push(filter);
         }
         if filters.is_empty() {
-            return Err(DecodeError::malformed(
-                "[MQTT-3.10.3-2] UNSUBSCRIBE without a topic filter",
-            ));
+            return Err(DecodeError::malformed("[MQTT-3.10.3-2] UNSUBSCRIBE without a topic filter"));
         }
-        Ok(Unsubscribe {
-            packet_id,
-            properties,
-            filters,
-        })
+        Ok(Unsubscribe { packet_id, properties, filters })
     }
 
     pub fn encode(&self, out: &mut BytesMut, v5: bool) {
         let len = 2
             + if v5 { self.properties.wire_len() } else { 0 }
-            + self
-                .filters
-                .iter()
-                .map(|f| str_len(f.as_bytes()))
-                .sum::<usize>();
+            + self.filters.iter().map(|f| str_len(f.as_bytes())).sum::<usize>();
         put_fixed_header(out, 0xA2, len);
         out.put_u16(self.packet_id);
         if v5 {
@@ -232,30 +183,18 @@ pub struct UnsubAck {
 impl UnsubAck {
     pub fn decode(flags: u8, r: &mut Reader, v5: bool) -> Result<UnsubAck, DecodeError> {
         if flags != 0 {
-            return Err(DecodeError::malformed(
-                "[MQTT-2.1.3-1] UNSUBACK with reserved flags set",
-            ));
+            return Err(DecodeError::malformed("[MQTT-2.1.3-1] UNSUBACK with reserved flags set"));
         }
         let packet_id = packet_id(r)?;
         if !v5 {
             if !r.is_empty() {
-                return Err(DecodeError::malformed(
-                    "3.1.1 UNSUBACK longer than two bytes",
-                ));
+                return Err(DecodeError::malformed("3.1.1 UNSUBACK longer than two bytes"));
             }
-            return Ok(UnsubAck {
-                packet_id,
-                properties: Properties::default(),
-                reasons: Vec::new(),
-            });
+            return Ok(UnsubAck { packet_id, properties: Properties::default(), reasons: Vec::new() });
         }
         let properties = Properties::decode(r, PropertyContext::UnsubAck, false)?;
         let reasons: Vec<ReasonCode> = r.rest().iter().map(|&b| ReasonCode(b)).collect();
-        Ok(UnsubAck {
-            packet_id,
-            properties,
-            reasons,
-        })
+        Ok(UnsubAck { packet_id, properties, reasons })
     }
 
     pub fn encode(&self, out: &mut BytesMut, v5: bool) {

@@ -8,11 +8,7 @@ use proptest::prelude::*;
 
 use super::*;
 
-fn decode_one(
-    version: ProtocolVersion,
-    role: Role,
-    bytes: &[u8],
-) -> Result<Option<Packet>, DecodeError> {
+fn decode_one(version: ProtocolVersion, role: Role, bytes: &[u8]) -> Result<Option<Packet>, DecodeError> {
     let mut d = Decoder::new(role, u32::MAX);
     d.version = Some(version);
     let mut buf = BytesMut::from(bytes);
@@ -43,10 +39,7 @@ fn props_v5() -> Properties {
         content_type: Some("text/plain".into()),
         response_topic: Some("reply/here".into()),
         correlation_data: Some(Bytes::from_static(b"\x00\x01")),
-        user_properties: vec![
-            ("story-id".into(), "s-1".into()),
-            ("story-id".into(), "s-2".into()),
-        ],
+        user_properties: vec![("story-id".into(), "s-1".into()), ("story-id".into(), "s-2".into())],
         ..Default::default()
     }
 }
@@ -89,21 +82,13 @@ fn every_packet_round_trips_at_3_1_1_and_5_0() {
         ack_props.topic_alias_maximum = Some(10);
         ack_props.receive_maximum = Some(20);
         round_trip(
-            Packet::ConnAck(ConnAck {
-                session_present: true,
-                code: ReasonCode::SUCCESS,
-                properties: p(ack_props),
-            }),
+            Packet::ConnAck(ConnAck { session_present: true, code: ReasonCode::SUCCESS, properties: p(ack_props) }),
             v,
             Role::Client,
         );
         let mut pub_props = props_v5();
         pub_props.topic_alias = Some(3);
-        for (qos, id) in [
-            (QoS::AtMostOnce, 0),
-            (QoS::AtLeastOnce, 7),
-            (QoS::ExactlyOnce, 65535),
-        ] {
+        for (qos, id) in [(QoS::AtMostOnce, 0), (QoS::AtLeastOnce, 7), (QoS::ExactlyOnce, 65535)] {
             round_trip(
                 Packet::Publish(Publish {
                     dup: qos != QoS::AtMostOnce,
@@ -118,35 +103,15 @@ fn every_packet_round_trips_at_3_1_1_and_5_0() {
                 Role::Server,
             );
         }
-        let reason = if v5 {
-            ReasonCode::NO_MATCHING_SUBSCRIBERS
-        } else {
-            ReasonCode::SUCCESS
-        };
+        let reason = if v5 { ReasonCode::NO_MATCHING_SUBSCRIBERS } else { ReasonCode::SUCCESS };
         round_trip(Packet::PubAck(PubResponse::new(1, reason)), v, Role::Server);
-        round_trip(
-            Packet::PubRec(PubResponse::new(2, ReasonCode::SUCCESS)),
-            v,
-            Role::Server,
-        );
-        round_trip(
-            Packet::PubRel(PubResponse::new(3, ReasonCode::SUCCESS)),
-            v,
-            Role::Server,
-        );
+        round_trip(Packet::PubRec(PubResponse::new(2, ReasonCode::SUCCESS)), v, Role::Server);
+        round_trip(Packet::PubRel(PubResponse::new(3, ReasonCode::SUCCESS)), v, Role::Server);
         let mut reason_props = Properties::default();
         reason_props.reason_string = Some("why".into());
-        let comp_reason = if v5 {
-            ReasonCode::PACKET_IDENTIFIER_NOT_FOUND
-        } else {
-            ReasonCode::SUCCESS
-        };
+        let comp_reason = if v5 { ReasonCode::PACKET_IDENTIFIER_NOT_FOUND } else { ReasonCode::SUCCESS };
         round_trip(
-            Packet::PubComp(PubResponse {
-                packet_id: 4,
-                reason: comp_reason,
-                properties: p(reason_props.clone()),
-            }),
+            Packet::PubComp(PubResponse { packet_id: 4, reason: comp_reason, properties: p(reason_props.clone()) }),
             v,
             Role::Server,
         );
@@ -162,10 +127,7 @@ fn every_packet_round_trips_at_3_1_1_and_5_0() {
             Packet::Subscribe(Subscribe {
                 packet_id: 9,
                 properties: p(sub_props),
-                filters: vec![
-                    ("news/#".into(), options),
-                    ("news/+/breaking".into(), SubscriptionOptions::default()),
-                ],
+                filters: vec![("news/#".into(), options), ("news/+/breaking".into(), SubscriptionOptions::default())],
             }),
             v,
             Role::Server,
@@ -192,11 +154,7 @@ fn every_packet_round_trips_at_3_1_1_and_5_0() {
             Packet::UnsubAck(UnsubAck {
                 packet_id: 10,
                 properties: Properties::default(),
-                reasons: if v5 {
-                    vec![ReasonCode::NO_SUBSCRIPTION_EXISTED]
-                } else {
-                    vec![]
-                },
+                reasons: if v5 { vec![ReasonCode::NO_SUBSCRIPTION_EXISTED] } else { vec![] },
             }),
             v,
             Role::Client,
@@ -207,11 +165,7 @@ fn every_packet_round_trips_at_3_1_1_and_5_0() {
         disc_props.session_expiry_interval = Some(0);
         round_trip(
             Packet::Disconnect(Disconnect {
-                reason: if v5 {
-                    ReasonCode::DISCONNECT_WITH_WILL
-                } else {
-                    ReasonCode::SUCCESS
-                },
+                reason: if v5 { ReasonCode::DISCONNECT_WITH_WILL } else { ReasonCode::SUCCESS },
                 properties: p(disc_props),
             }),
             v,
@@ -219,10 +173,7 @@ fn every_packet_round_trips_at_3_1_1_and_5_0() {
         );
     }
     round_trip(
-        Packet::Auth(Auth {
-            reason: ReasonCode(0x18),
-            properties: Properties::default(),
-        }),
+        Packet::Auth(Auth { reason: ReasonCode(0x18), properties: Properties::default() }),
         ProtocolVersion::V5,
         Role::Client,
     );
@@ -233,27 +184,24 @@ fn statement_violations_get_the_specified_reason() {
     use ErrorKind::*;
     use ProtocolVersion::V5;
     let cases: &[(&[u8], ErrorKind)] = &[
-        (&[0x36, 0x04, 0, 1, b't', 0], Malformed), // [MQTT-3.3.1-4] QoS 3
-        (&[0x38, 0x04, 0, 1, b't', 0], Malformed), // [MQTT-3.3.1-2] DUP on QoS 0
-        (&[0x30, 0x04, 0, 1, b'+', 0], Malformed), // [MQTT-3.3.2-2] wildcard in topic name
+        (&[0x36, 0x04, 0, 1, b't', 0], Malformed),           // [MQTT-3.3.1-4] QoS 3
+        (&[0x38, 0x04, 0, 1, b't', 0], Malformed),           // [MQTT-3.3.1-2] DUP on QoS 0
+        (&[0x30, 0x04, 0, 1, b'+', 0], Malformed),           // [MQTT-3.3.2-2] wildcard in topic name
         (&[0x32, 0x06, 0, 1, b't', 0, 0, 0], ProtocolError), // [MQTT-2.2.1-3] packet id 0
         (&[0x30, 0x06, 0, 1, b't', 2, 0x01, 0x02], ProtocolError), // payload format 2
-        (
-            &[0x30, 0x08, 0, 1, b't', 4, 0x01, 1, 0x01, 1],
-            ProtocolError,
-        ), // property twice
-        (&[0x30, 0x06, 0, 1, b't', 2, 0x11, 0], Malformed), // truncated property value
-        (&[0x30, 0x06, 0, 1, b't', 2, 0x04, 1], Malformed), // unknown property
+        (&[0x30, 0x08, 0, 1, b't', 4, 0x01, 1, 0x01, 1], ProtocolError), // property twice
+        (&[0x30, 0x06, 0, 1, b't', 2, 0x11, 0], Malformed),  // truncated property value
+        (&[0x30, 0x06, 0, 1, b't', 2, 0x04, 1], Malformed),  // unknown property
         (&[0x30, 0x06, 0, 1, b't', 2, 0x17, 0], ProtocolError), // not allowed on PUBLISH
-        (&[0x20, 0x03, 0, 0, 0], ProtocolError),   // CONNACK from a client
-        (&[0x82, 0x03, 0, 1, 0], Malformed),       // [MQTT-3.8.3-3] no filter
-        (&[0x82, 0x06, 0, 1, 0, 0, 1, b'a'], Malformed), // truncated options
-        (&[0x80, 0x07, 0, 1, 0, 0, 1, b'a', 0], Malformed), // [MQTT-3.8.1-1] flags
+        (&[0x20, 0x03, 0, 0, 0], ProtocolError),             // CONNACK from a client
+        (&[0x82, 0x03, 0, 1, 0], Malformed),                 // [MQTT-3.8.3-3] no filter
+        (&[0x82, 0x06, 0, 1, 0, 0, 1, b'a'], Malformed),     // truncated options
+        (&[0x80, 0x07, 0, 1, 0, 0, 1, b'a', 0], Malformed),  // [MQTT-3.8.1-1] flags
         (&[0x82, 0x07, 0, 1, 0, 0, 1, b'a', 0x30], Malformed), // retain handling 3
-        (&[0x30, 0x06, 0, 2, b'a', 0, 0, b'x'], Malformed), // U+0000 [MQTT-1.5.4-2]
-        (&[0xE1, 0x00], Malformed),                // [MQTT-3.14.1-1]
-        (&[0xF0, 0x00], ProtocolError),            // AUTH without a method
-        (&[0x00, 0x00], ProtocolError),            // reserved type
+        (&[0x30, 0x06, 0, 2, b'a', 0, 0, b'x'], Malformed),  // U+0000 [MQTT-1.5.4-2]
+        (&[0xE1, 0x00], Malformed),                          // [MQTT-3.14.1-1]
+        (&[0xF0, 0x00], ProtocolError),                      // AUTH without a method
+        (&[0x00, 0x00], ProtocolError),                      // reserved type
     ];
     for (bytes, kind) in cases {
         let e = decode_one(V5, Role::Server, bytes).unwrap_err();
@@ -269,34 +217,21 @@ fn remaining_length_is_checked_before_buffering() {
     let mut buf = BytesMut::from(&[0x30u8, 0x80, 0x80, 0x80, 0x01][..]);
     let e = d.decode(&mut buf).unwrap_err();
     assert_eq!(e.kind, ErrorKind::PacketTooLarge);
-    assert!(
-        buf.capacity() < 4096,
-        "no allocation for the announced size"
-    );
+    assert!(buf.capacity() < 4096, "no allocation for the announced size");
 }
 
 #[test]
 fn first_packet_must_be_connect_mqtt_3_1_0_1() {
     let mut d = Decoder::new(Role::Server, 1024);
     let mut buf = BytesMut::from(&[0xC0u8, 0x00][..]);
-    assert_eq!(
-        d.decode(&mut buf).unwrap_err().kind,
-        ErrorKind::CloseSilently
-    );
+    assert_eq!(d.decode(&mut buf).unwrap_err().kind, ErrorKind::CloseSilently);
 }
 
 #[test]
 fn unsupported_protocol_level_mqtt_3_1_2_2() {
     let mut d = Decoder::new(Role::Server, 1024);
-    let mut buf = BytesMut::from(
-        &[
-            0x10u8, 0x0D, 0, 4, b'M', b'Q', b'T', b'T', 6, 2, 0, 10, 0, 1, b'p',
-        ][..],
-    );
-    assert_eq!(
-        d.decode(&mut buf).unwrap_err().kind,
-        ErrorKind::UnacceptableProtocolVersion
-    );
+    let mut buf = BytesMut::from(&[0x10u8, 0x0D, 0, 4, b'M', b'Q', b'T', b'T', 6, 2, 0, 10, 0, 1, b'p'][..]);
+    assert_eq!(d.decode(&mut buf).unwrap_err().kind, ErrorKind::UnacceptableProtocolVersion);
 }
 
 proptest! {

@@ -36,36 +36,29 @@ impl Reader {
 
     pub fn u16(&mut self) -> Result<u16, DecodeError> {
         if self.buf.len() < 2 {
-            return Err(DecodeError::malformed(
-                "packet ends inside a two byte integer",
-            ));
+            return Err(DecodeError::malformed("packet ends inside a two byte integer"));
         }
         Ok(self.buf.get_u16())
     }
 
     pub fn u32(&mut self) -> Result<u32, DecodeError> {
         if self.buf.len() < 4 {
-            return Err(DecodeError::malformed(
-                "packet ends inside a four byte integer",
-            ));
+            return Err(DecodeError::malformed("packet ends inside a four byte integer"));
         }
         Ok(self.buf.get_u32())
     }
 
     /// [MQTT-1.5.5-1] a variable byte integer uses at most four bytes and the minimum number of them.
     pub fn varint(&mut self) -> Result<u32, DecodeError> {
-        let (value, used) = decode_varint(&self.buf)?.ok_or(DecodeError::malformed(
-            "packet ends inside a variable byte integer",
-        ))?;
+        let (value, used) =
+            decode_varint(&self.buf)?.ok_or(DecodeError::malformed("packet ends inside a variable byte integer"))?;
         self.buf.advance(used);
         Ok(value)
     }
 
     pub fn take(&mut self, n: usize) -> Result<Bytes, DecodeError> {
         if self.buf.len() < n {
-            return Err(DecodeError::malformed(
-                "length field points past the end of the packet",
-            ));
+            return Err(DecodeError::malformed("length field points past the end of the packet"));
         }
         Ok(self.buf.split_to(n))
     }
@@ -99,16 +92,12 @@ pub fn decode_varint(buf: &[u8]) -> Result<Option<(u32, usize)>, DecodeError> {
         value |= u32::from(byte & 0x7F) << (7 * i);
         if byte & 0x80 == 0 {
             if i > 0 && byte == 0 {
-                return Err(DecodeError::malformed(
-                    "[MQTT-1.5.5-1] variable byte integer not in its shortest form",
-                ));
+                return Err(DecodeError::malformed("[MQTT-1.5.5-1] variable byte integer not in its shortest form"));
             }
             return Ok(Some((value, i + 1)));
         }
     }
-    Err(DecodeError::malformed(
-        "[MQTT-1.5.5-1] variable byte integer longer than four bytes",
-    ))
+    Err(DecodeError::malformed("[MQTT-1.5.5-1] variable byte integer longer than four bytes"))
 }
 
 pub fn varint_len(value: u32) -> usize {
@@ -154,24 +143,17 @@ pub fn check_utf8(raw: &[u8]) -> Result<(), DecodeError> {
     if raw.iter().all(|&b| (0x20..0x7F).contains(&b)) {
         return Ok(());
     }
-    let s = std::str::from_utf8(raw)
-        .map_err(|_| DecodeError::malformed("[MQTT-1.5.4-1] ill-formed UTF-8 string"))?;
+    let s = std::str::from_utf8(raw).map_err(|_| DecodeError::malformed("[MQTT-1.5.4-1] ill-formed UTF-8 string"))?;
     for c in s.chars() {
         let cp = c as u32;
         if cp == 0 {
-            return Err(DecodeError::malformed(
-                "[MQTT-1.5.4-2] UTF-8 string contains U+0000",
-            ));
+            return Err(DecodeError::malformed("[MQTT-1.5.4-2] UTF-8 string contains U+0000"));
         }
         if cp < 0x20 || (0x7F..=0x9F).contains(&cp) {
-            return Err(DecodeError::malformed(
-                "[MQTT-1.5.4-3] UTF-8 string contains a control character",
-            ));
+            return Err(DecodeError::malformed("[MQTT-1.5.4-3] UTF-8 string contains a control character"));
         }
         if (0xFDD0..=0xFDEF).contains(&cp) || cp & 0xFFFE == 0xFFFE {
-            return Err(DecodeError::malformed(
-                "[MQTT-1.5.4-3] UTF-8 string contains a non-character",
-            ));
+            return Err(DecodeError::malformed("[MQTT-1.5.4-3] UTF-8 string contains a non-character"));
         }
     }
     Ok(())
@@ -183,9 +165,7 @@ mod tests {
 
     #[test]
     fn varint_round_trips_at_every_boundary() {
-        for v in [
-            0, 1, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152, VARINT_MAX,
-        ] {
+        for v in [0, 1, 127, 128, 16_383, 16_384, 2_097_151, 2_097_152, VARINT_MAX] {
             let mut out = BytesMut::new();
             put_varint(&mut out, v);
             assert_eq!(out.len(), varint_len(v));
@@ -204,14 +184,7 @@ mod tests {
     fn utf8_rules_of_section_1_5_4() {
         assert!(check_utf8(b"news/tech").is_ok());
         assert!(check_utf8("A\u{2A6D4}".as_bytes()).is_ok());
-        for bad in [
-            &b"to\x00p"[..],
-            b"to\x01p",
-            b"to\x7fp",
-            b"\xc2\x9f",
-            b"\xed\xa0\x80",
-            b"\xef\xbf\xbf",
-        ] {
+        for bad in [&b"to\x00p"[..], b"to\x01p", b"to\x7fp", b"\xc2\x9f", b"\xed\xa0\x80", b"\xef\xbf\xbf"] {
             assert!(check_utf8(bad).is_err(), "{bad:?}");
         }
     }

@@ -20,9 +20,7 @@ impl Connection {
         let connect = loop {
             match self.decoder.decode(&mut self.inbuf) {
                 Ok(Some(Packet::Connect(c))) => break c,
-                Ok(Some(_)) => {
-                    return Err(Close::Refused("[MQTT-3.1.0-1] first packet is not CONNECT"))
-                }
+                Ok(Some(_)) => return Err(Close::Refused("[MQTT-3.1.0-1] first packet is not CONNECT")),
                 Ok(None) => {}
                 Err(e) if e.kind == ErrorKind::UnacceptableProtocolVersion => {
                     // [MQTT-3.1.2-2] answered in the 3.1.1 format, which every client can read.
@@ -50,11 +48,7 @@ impl Connection {
         let v5 = c.protocol.is_v5();
         self.out.version = c.protocol;
         let refuse = |out: &mut super::Outbound, code: ReasonCode| {
-            out.packet(&Packet::ConnAck(ConnAck {
-                session_present: false,
-                code,
-                properties: Properties::default(),
-            }));
+            out.packet(&Packet::ConnAck(ConnAck { session_present: false, code, properties: Properties::default() }));
         };
         if let Some(max) = c.properties.maximum_packet_size {
             self.out.max_packet_size = max as usize;
@@ -73,15 +67,10 @@ impl Connection {
             };
             if !allowed {
                 // [MQTT-3.1.3-8] a zero-byte client identifier needs a clean session in 3.1.1.
-                let code = if v5 {
-                    ReasonCode::CLIENT_IDENTIFIER_NOT_VALID
-                } else {
-                    ReasonCode::V3_IDENTIFIER_REJECTED
-                };
+                let code =
+                    if v5 { ReasonCode::CLIENT_IDENTIFIER_NOT_VALID } else { ReasonCode::V3_IDENTIFIER_REJECTED };
                 refuse(&mut self.out, code);
-                return Err(Close::Refused(
-                    "[MQTT-3.1.3-8] empty client identifier without clean session",
-                ));
+                return Err(Close::Refused("[MQTT-3.1.3-8] empty client identifier without clean session"));
             }
             let id = format!("herald-{:016x}", self.conn_id ^ 0x5eed_0000_0000);
             assigned = Some(id.clone());
@@ -98,13 +87,11 @@ impl Connection {
         };
         let mut server_keep_alive = None;
         let mut keep_alive = c.keep_alive;
-        if v5 && config.max_keepalive > 0 && (keep_alive == 0 || keep_alive > config.max_keepalive)
-        {
+        if v5 && config.max_keepalive > 0 && (keep_alive == 0 || keep_alive > config.max_keepalive) {
             keep_alive = config.max_keepalive;
             server_keep_alive = Some(keep_alive);
         }
-        self.keep_alive =
-            (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        self.keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
         self.receive_window = usize::from(c.properties.receive_maximum.unwrap_or(if v5 {
             u16::MAX
         } else {
@@ -115,11 +102,8 @@ impl Connection {
         self.will = c.will;
         self.client_id = client_id.clone();
 
-        let (shared, mut state, session_present) =
-            self.claim_session(&client_id, c.clean_start).await?;
-        shared
-            .persistent
-            .store(session_expiry > 0, Ordering::Release);
+        let (shared, mut state, session_present) = self.claim_session(&client_id, c.clean_start).await?;
+        shared.persistent.store(session_expiry > 0, Ordering::Release);
         state.expiry_interval = session_expiry;
 
         let mut properties = Properties::default();
@@ -145,9 +129,7 @@ impl Connection {
         self.session = Some((shared, state));
         if connack.encoded_len(self.out.version) > self.out.max_packet_size {
             // [MQTT-3.1.2-25] the CONNACK itself does not fit: all we can do is close.
-            return Err(Close::Refused(
-                "CONNACK exceeds the client's maximum packet size",
-            ));
+            return Err(Close::Refused("CONNACK exceeds the client's maximum packet size"));
         }
         self.out.packet(&connack);
         info!(
@@ -202,9 +184,7 @@ impl Connection {
                             return Ok((existing, state, true));
                         }
                         if let Some((_, kick)) = &own.holder {
-                            let _ = kick.send(Kick {
-                                reason: crate::codec::ReasonCode::SESSION_TAKEN_OVER,
-                            });
+                            let _ = kick.send(Kick { reason: crate::codec::ReasonCode::SESSION_TAKEN_OVER });
                         }
                         drop(own);
                         existing
@@ -214,16 +194,13 @@ impl Connection {
             let notified = existing.parked_notify.notified();
             let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
             if tokio::time::Instant::now() > give_up {
-                return Err(Close::Refused(
-                    "the session's previous connection did not let go",
-                ));
+                return Err(Close::Refused("the session's previous connection did not let go"));
             }
         }
     }
 
     fn hold(&self, shared: &Arc<SessionShared>) {
-        shared.ownership.lock().expect("ownership lock").holder =
-            Some((self.conn_id, self.kick_tx.clone()));
+        shared.ownership.lock().expect("ownership lock").holder = Some((self.conn_id, self.kick_tx.clone()));
         shared.online.store(true, Ordering::Release);
     }
 }

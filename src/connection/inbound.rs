@@ -6,8 +6,7 @@ use std::time::Instant;
 
 use super::{Close, Connection, Step};
 use crate::codec::{
-    Disconnect, Packet, Properties, PubResponse, Publish, QoS, ReasonCode, SubAck, Subscribe,
-    UnsubAck, Unsubscribe,
+    Disconnect, Packet, Properties, PubResponse, Publish, QoS, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
 use crate::router::{parse_filter, FilterError, Subscription};
 use crate::session::{Delivery, Message, OutState};
@@ -30,10 +29,7 @@ impl Connection {
                 let state = &mut self.session.as_mut().expect("session").1;
                 state.incoming_qos2.remove(&r.packet_id);
                 // Mosquitto answers an unknown identifier with success too, as the vectors record.
-                self.out.packet(&Packet::PubComp(PubResponse::new(
-                    r.packet_id,
-                    ReasonCode::SUCCESS,
-                )));
+                self.out.packet(&Packet::PubComp(PubResponse::new(r.packet_id, ReasonCode::SUCCESS)));
                 Ok(())
             }
             Packet::PubComp(r) => self.on_pubcomp(r),
@@ -54,48 +50,33 @@ impl Connection {
         if v5 {
             if let Some(alias) = p.properties.topic_alias.take() {
                 if alias == 0 || alias > self.broker.config.mqtt.topic_alias_maximum {
-                    return Err(violation(
-                        ReasonCode::TOPIC_ALIAS_INVALID,
-                        "[MQTT-3.3.2-8] topic alias out of range",
-                    ));
+                    return Err(violation(ReasonCode::TOPIC_ALIAS_INVALID, "[MQTT-3.3.2-8] topic alias out of range"));
                 }
                 if p.topic.is_empty() {
                     match self.inbound_aliases.get(&alias) {
                         Some(t) => p.topic = t.to_string(),
                         None => {
-                            return Err(violation(
-                                ReasonCode::PROTOCOL_ERROR,
-                                "[MQTT-3.3.4-7] unknown topic alias",
-                            ))
+                            return Err(violation(ReasonCode::PROTOCOL_ERROR, "[MQTT-3.3.4-7] unknown topic alias"))
                         }
                     }
                 } else {
                     self.inbound_aliases.insert(alias, p.topic.as_str().into());
                 }
             } else if p.topic.is_empty() {
-                return Err(violation(
-                    ReasonCode::MALFORMED_PACKET,
-                    "[MQTT-3.3.2-1] empty topic name without alias",
-                ));
+                return Err(violation(ReasonCode::MALFORMED_PACKET, "[MQTT-3.3.2-1] empty topic name without alias"));
             }
         }
         let state = &mut self.session.as_mut().expect("session").1;
-        let duplicate_qos2 =
-            p.qos == QoS::ExactlyOnce && state.incoming_qos2.contains(&p.packet_id);
+        let duplicate_qos2 = p.qos == QoS::ExactlyOnce && state.incoming_qos2.contains(&p.packet_id);
         if p.qos == QoS::ExactlyOnce
             && !duplicate_qos2
             && v5
             && state.incoming_qos2.len() >= usize::from(self.broker.config.mqtt.receive_maximum)
         {
-            return Err(violation(
-                ReasonCode::RECEIVE_MAXIMUM_EXCEEDED,
-                "[MQTT-3.3.4-9] receive maximum exceeded",
-            ));
+            return Err(violation(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED, "[MQTT-3.3.4-9] receive maximum exceeded"));
         }
         let mut reason = ReasonCode::SUCCESS;
-        if p.properties.payload_format_indicator == Some(1)
-            && std::str::from_utf8(&p.payload).is_err()
-        {
+        if p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
             reason = ReasonCode(0x99);
         } else if p.topic.starts_with("$SYS") {
             // [MQTT-4.7.2] `$SYS` belongs to the broker: accepted and not routed.
@@ -113,41 +94,37 @@ impl Connection {
                 received_at: Instant::now(),
                 publisher: Some(self.session.as_ref().expect("session").0.id),
             });
-            let outcome = self.broker.publish(message);
+            let outcome = self.broker.route(message, true);
             if outcome.matched == 0 && p.qos == QoS::AtLeastOnce {
                 reason = ReasonCode::NO_MATCHING_SUBSCRIBERS;
             }
+            self.blocked.extend(outcome.blocked);
         }
         let reason = if v5 { reason } else { ReasonCode::SUCCESS };
-        match p.qos {
-            QoS::AtMostOnce => {}
-            QoS::AtLeastOnce => self
-                .out
-                .packet(&Packet::PubAck(PubResponse::new(p.packet_id, reason))),
+        let ack = match p.qos {
+            QoS::AtMostOnce => return Ok(()),
+            QoS::AtLeastOnce => Packet::PubAck(PubResponse::new(p.packet_id, reason)),
             QoS::ExactlyOnce => {
                 let state = &mut self.session.as_mut().expect("session").1;
-                let reason = if reason == ReasonCode::NO_MATCHING_SUBSCRIBERS {
-                    ReasonCode::SUCCESS
-                } else {
-                    reason
-                };
+                let reason = if reason == ReasonCode::NO_MATCHING_SUBSCRIBERS { ReasonCode::SUCCESS } else { reason };
                 if !reason.is_error() {
                     state.incoming_qos2.insert(p.packet_id);
                 }
-                self.out
-                    .packet(&Packet::PubRec(PubResponse::new(p.packet_id, reason)));
+                Packet::PubRec(PubResponse::new(p.packet_id, reason))
             }
+        };
+        // The acknowledgement is the promise: it waits until every subscriber has the message.
+        if self.blocked.is_empty() {
+            self.out.packet(&ack);
+        } else {
+            self.held_ack = Some(ack);
         }
         Ok(())
     }
 
     fn inflight_state(&self, packet_id: u16) -> Option<OutState> {
         let state = &self.session.as_ref().expect("session").1;
-        state
-            .inflight
-            .iter()
-            .find(|m| m.packet_id == packet_id)
-            .map(|m| m.state)
+        state.inflight.iter().find(|m| m.packet_id == packet_id).map(|m| m.state)
     }
 
     fn complete(&mut self, packet_id: u16) {
@@ -158,12 +135,7 @@ impl Connection {
     fn on_puback(&mut self, r: PubResponse) -> Step {
         match self.inflight_state(r.packet_id) {
             Some(OutState::AwaitPubAck) => self.complete(r.packet_id),
-            Some(_) => {
-                return Err(violation(
-                    ReasonCode::PROTOCOL_ERROR,
-                    "[MQTT-4.3.3] PUBACK for a QoS 2 message",
-                ))
-            }
+            Some(_) => return Err(violation(ReasonCode::PROTOCOL_ERROR, "[MQTT-4.3.3] PUBACK for a QoS 2 message")),
             None => {}
         }
         Ok(())
@@ -172,37 +144,21 @@ impl Connection {
     fn on_pubrec(&mut self, r: PubResponse) -> Step {
         match self.inflight_state(r.packet_id) {
             Some(OutState::AwaitPubAck) => {
-                return Err(violation(
-                    ReasonCode::PROTOCOL_ERROR,
-                    "[MQTT-4.3.2] PUBREC for a QoS 1 message",
-                ))
+                return Err(violation(ReasonCode::PROTOCOL_ERROR, "[MQTT-4.3.2] PUBREC for a QoS 1 message"))
             }
             Some(OutState::AwaitPubRec) if r.reason.is_error() => self.complete(r.packet_id),
             Some(OutState::AwaitPubRec) => {
                 let state = &mut self.session.as_mut().expect("session").1;
-                if let Some(m) = state
-                    .inflight
-                    .iter_mut()
-                    .find(|m| m.packet_id == r.packet_id)
-                {
+                if let Some(m) = state.inflight.iter_mut().find(|m| m.packet_id == r.packet_id) {
                     m.state = OutState::AwaitPubComp;
                 }
-                self.out.packet(&Packet::PubRel(PubResponse::new(
-                    r.packet_id,
-                    ReasonCode::SUCCESS,
-                )));
+                self.out.packet(&Packet::PubRel(PubResponse::new(r.packet_id, ReasonCode::SUCCESS)));
             }
             Some(OutState::AwaitPubComp) => {
-                self.out.packet(&Packet::PubRel(PubResponse::new(
-                    r.packet_id,
-                    ReasonCode::SUCCESS,
-                )));
+                self.out.packet(&Packet::PubRel(PubResponse::new(r.packet_id, ReasonCode::SUCCESS)));
             }
             None if !r.reason.is_error() => {
-                self.out.packet(&Packet::PubRel(PubResponse::new(
-                    r.packet_id,
-                    ReasonCode::SUCCESS,
-                )));
+                self.out.packet(&Packet::PubRel(PubResponse::new(r.packet_id, ReasonCode::SUCCESS)));
             }
             None => {}
         }
@@ -213,10 +169,7 @@ impl Connection {
         match self.inflight_state(r.packet_id) {
             Some(OutState::AwaitPubComp) => self.complete(r.packet_id),
             Some(_) => {
-                return Err(violation(
-                    ReasonCode::PROTOCOL_ERROR,
-                    "[MQTT-4.3.3] PUBCOMP before PUBREC",
-                ));
+                return Err(violation(ReasonCode::PROTOCOL_ERROR, "[MQTT-4.3.3] PUBCOMP before PUBREC"));
             }
             None => {}
         }
@@ -233,35 +186,19 @@ impl Connection {
             let parsed = match parse_filter(filter) {
                 Ok(p) => p,
                 Err(FilterError::BadShare) => {
-                    return Err(violation(
-                        ReasonCode::PROTOCOL_ERROR,
-                        "[MQTT-4.8.2-1] invalid shared subscription",
-                    ))
+                    return Err(violation(ReasonCode::PROTOCOL_ERROR, "[MQTT-4.8.2-1] invalid shared subscription"))
                 }
                 Err(FilterError::Invalid) => {
-                    reasons.push(if v5 {
-                        ReasonCode::TOPIC_FILTER_INVALID
-                    } else {
-                        ReasonCode::UNSPECIFIED_ERROR
-                    });
+                    reasons.push(if v5 { ReasonCode::TOPIC_FILTER_INVALID } else { ReasonCode::UNSPECIFIED_ERROR });
                     continue;
                 }
             };
             if parsed.share.is_some() && options.no_local {
-                return Err(violation(
-                    ReasonCode::PROTOCOL_ERROR,
-                    "[MQTT-3.8.3-4] no local on a shared subscription",
-                ));
+                return Err(violation(ReasonCode::PROTOCOL_ERROR, "[MQTT-3.8.3-4] no local on a shared subscription"));
             }
-            let sub = Subscription {
-                session: shared.clone(),
-                options: *options,
-                identifier,
-            };
+            let sub = Subscription { session: shared.clone(), options: *options, identifier };
             let existed = self.broker.subscribe(filter, sub);
-            state
-                .subscriptions
-                .insert(filter.clone(), (*options, identifier));
+            state.subscriptions.insert(filter.clone(), (*options, identifier));
             reasons.push(ReasonCode(options.qos as u8));
             let send_retained = parsed.share.is_none()
                 && match options.retain_handling {
@@ -270,12 +207,7 @@ impl Connection {
                     _ => false,
                 };
             if send_retained {
-                let matching = self
-                    .broker
-                    .retained
-                    .read()
-                    .expect("retained lock")
-                    .matching(parsed.filter);
+                let matching = self.broker.retained.read().expect("retained lock").matching(parsed.filter);
                 retained.extend(matching.into_iter().map(|message| Delivery {
                     qos: message.qos.min(options.qos),
                     message,
@@ -286,11 +218,7 @@ impl Connection {
             }
         }
         state.pending.extend(retained);
-        self.out.packet(&Packet::SubAck(SubAck {
-            packet_id: s.packet_id,
-            properties: Properties::default(),
-            reasons,
-        }));
+        self.out.packet(&Packet::SubAck(SubAck { packet_id: s.packet_id, properties: Properties::default(), reasons }));
         Ok(())
     }
 
@@ -302,11 +230,7 @@ impl Connection {
             if existed {
                 self.broker.unsubscribe(shared.id, filter);
             }
-            reasons.push(if existed {
-                ReasonCode::SUCCESS
-            } else {
-                ReasonCode::NO_SUBSCRIPTION_EXISTED
-            });
+            reasons.push(if existed { ReasonCode::SUCCESS } else { ReasonCode::NO_SUBSCRIPTION_EXISTED });
         }
         if !self.v5() {
             reasons.clear();
@@ -329,8 +253,6 @@ impl Connection {
             }
             self.session_expiry = expiry;
         }
-        Err(Close::ClientDisconnect {
-            with_will: d.reason == ReasonCode::DISCONNECT_WITH_WILL,
-        })
+        Err(Close::ClientDisconnect { with_will: d.reason == ReasonCode::DISCONNECT_WITH_WILL })
     }
 }

@@ -81,23 +81,14 @@ struct OpenGuard<'a>(&'a Broker);
 
 impl Drop for OpenGuard<'_> {
     fn drop(&mut self) {
-        self.0
-            .metrics
-            .connections_open
-            .fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
 /// Runs a connection from accept to close.
 pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
-    broker
-        .metrics
-        .connections_total
-        .fetch_add(1, Ordering::Relaxed);
-    broker
-        .metrics
-        .connections_open
-        .fetch_add(1, Ordering::Relaxed);
+    broker.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
+    broker.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
     let _open = OpenGuard(&broker);
     let (reader, writer) = stream.into_split();
     let (tx, rx) = mpsc::channel(broker.config.mqtt.max_outbound_frames);
@@ -120,6 +111,9 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         receive_window: 0,
         inbound_aliases: HashMap::new(),
         session_expiry: 0,
+        blocked: Default::default(),
+        blocked_deadline: None,
+        held_ack: None,
     };
     let close = conn.run(reader).await;
     conn.finish(close).await;
@@ -127,10 +121,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     drop(conn);
     // Let the writer send what is queued (a DISCONNECT, say) but never wait on a stalled socket forever.
     let mut writer = writer;
-    if tokio::time::timeout(Duration::from_secs(5), &mut writer)
-        .await
-        .is_err()
-    {
+    if tokio::time::timeout(Duration::from_secs(5), &mut writer).await.is_err() {
         writer.abort();
     }
 }
@@ -154,6 +145,11 @@ pub struct Connection {
     receive_window: usize,
     inbound_aliases: HashMap<u16, Arc<str>>,
     session_expiry: u32,
+    /// Deliveries of the last PUBLISH still waiting for room in a subscriber's queue; input is
+    /// not read and `held_ack` not sent until they are placed (or given up on).
+    blocked: std::collections::VecDeque<(Arc<SessionShared>, Delivery)>,
+    blocked_deadline: Option<tokio::time::Instant>,
+    held_ack: Option<Packet>,
 }
 
 enum Event {
@@ -190,10 +186,14 @@ impl Connection {
                     return close;
                 }
             }
+            if !self.blocked.is_empty() {
+                if let Err(close) = self.wait_for_room(&mut shutdown).await {
+                    return close;
+                }
+                continue;
+            }
             let window_open = self.window_open();
-            let deadline = self
-                .keep_alive
-                .map(|k| tokio::time::Instant::from_std(self.last_inbound + k));
+            let deadline = self.keep_alive.map(|k| tokio::time::Instant::from_std(self.last_inbound + k));
             let state = &mut self.session.as_mut().expect("session after handshake").1;
             let event = tokio::select! {
                 biased;
@@ -221,10 +221,72 @@ impl Connection {
         }
     }
 
+    /// Waits for room in the queue of the first subscriber that the last PUBLISH could not be
+    /// given to, while still sending this session's own messages. Once every delivery is placed
+    /// (or given up on after `max_publish_wait_ms`), the PUBLISH is acknowledged and reading
+    /// resumes with whatever input is already buffered.
+    async fn wait_for_room(&mut self, shutdown: &mut tokio::sync::watch::Receiver<bool>) -> Step {
+        let (target, _) = self.blocked.front().expect("blocked is not empty");
+        let target = target.clone();
+        let wait = Duration::from_millis(self.broker.config.mqtt.max_publish_wait_ms);
+        let deadline = *self.blocked_deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
+        if !target.is_online() {
+            // Parked while we waited: its queue drains only when it comes back.
+            return self.give_up_blocked(false);
+        }
+        let window_open = self.window_open();
+        let state = &mut self.session.as_mut().expect("session").1;
+        tokio::select! {
+            biased;
+            k = self.kick_rx.recv() => Err(k.map_or(Close::ServerShutdown, |k| Close::Kicked(k.reason))),
+            _ = shutdown.wait_for(|s| *s) => Err(Close::ServerShutdown),
+            permit = target.mailbox.reserve() => {
+                let (_, delivery) = self.blocked.pop_front().expect("front exists");
+                if let Ok(permit) = permit {
+                    permit.send(delivery);
+                }
+                self.blocked_deadline = None;
+                self.after_blocked()
+            }
+            d = state.mailbox.recv(), if window_open => {
+                if let Some(d) = d {
+                    self.start_delivery(d);
+                }
+                Ok(())
+            }
+            _ = tokio::time::sleep_until(deadline) => self.give_up_blocked(true),
+        }
+    }
+
+    /// Drops the first blocked delivery for its subscriber, counted, and marks that subscriber
+    /// congested if it is the one that kept us waiting.
+    fn give_up_blocked(&mut self, congested: bool) -> Step {
+        let (target, _) = self.blocked.pop_front().expect("front exists");
+        if congested {
+            target.congested.store(true, Ordering::Relaxed);
+        }
+        self.broker.metrics.messages_dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+        self.blocked_deadline = None;
+        self.after_blocked()
+    }
+
+    fn after_blocked(&mut self) -> Step {
+        if !self.blocked.is_empty() {
+            return Ok(());
+        }
+        if let Some(ack) = self.held_ack.take() {
+            self.out.packet(&ack);
+        }
+        self.handle_input()
+    }
+
     /// Decodes and handles every complete packet in the input buffer.
     fn handle_input(&mut self) -> Step {
         self.last_inbound = Instant::now();
         loop {
+            if !self.blocked.is_empty() {
+                return Ok(());
+            }
             match self.decoder.decode(&mut self.inbuf) {
                 Ok(Some(packet)) => self.handle_packet(packet)?,
                 Ok(None) => return Ok(()),
@@ -234,9 +296,7 @@ impl Connection {
     }
 
     fn window_open(&self) -> bool {
-        self.session
-            .as_ref()
-            .is_some_and(|(_, s)| s.inflight.len() < self.receive_window)
+        self.session.as_ref().is_some_and(|(_, s)| s.inflight.len() < self.receive_window)
     }
 
     /// Sends queued messages while the client's receive window allows: first the session's
@@ -255,6 +315,10 @@ impl Connection {
             self.start_delivery(next);
             budget -= 1;
         }
+        let shared = &self.session.as_ref().expect("session").0;
+        if shared.is_congested() && shared.mailbox.capacity() * 2 >= shared.mailbox.max_capacity() {
+            shared.congested.store(false, Ordering::Relaxed);
+        }
         Ok(())
     }
 
@@ -271,9 +335,7 @@ impl Connection {
         let state = &mut self.session.as_mut().expect("session").1;
         if d.qos == crate::codec::QoS::AtMostOnce {
             if let Written::TooLarge = self.out.publish(&d, 0, false, expiry) {
-                metrics
-                    .messages_dropped_too_large
-                    .fetch_add(1, Ordering::Relaxed);
+                metrics.messages_dropped_too_large.fetch_add(1, Ordering::Relaxed);
             } else {
                 metrics.messages_sent.fetch_add(1, Ordering::Relaxed);
             }
@@ -285,22 +347,13 @@ impl Connection {
         };
         match self.out.publish(&d, packet_id, false, expiry) {
             Written::TooLarge => {
-                metrics
-                    .messages_dropped_too_large
-                    .fetch_add(1, Ordering::Relaxed);
+                metrics.messages_dropped_too_large.fetch_add(1, Ordering::Relaxed);
             }
             Written::Sent => {
                 metrics.messages_sent.fetch_add(1, Ordering::Relaxed);
-                let out_state = if d.qos == crate::codec::QoS::AtLeastOnce {
-                    OutState::AwaitPubAck
-                } else {
-                    OutState::AwaitPubRec
-                };
-                state.inflight.push_back(crate::session::OutInflight {
-                    packet_id,
-                    delivery: d,
-                    state: out_state,
-                });
+                let out_state =
+                    if d.qos == crate::codec::QoS::AtLeastOnce { OutState::AwaitPubAck } else { OutState::AwaitPubRec };
+                state.inflight.push_back(crate::session::OutInflight { packet_id, delivery: d, state: out_state });
             }
         }
     }
@@ -314,17 +367,12 @@ impl Connection {
         for m in std::mem::take(&mut state.inflight) {
             match m.state {
                 OutState::AwaitPubComp => {
-                    self.out
-                        .packet(&Packet::PubRel(crate::codec::PubResponse::new(
-                            m.packet_id,
-                            ReasonCode::SUCCESS,
-                        )));
+                    self.out.packet(&Packet::PubRel(crate::codec::PubResponse::new(m.packet_id, ReasonCode::SUCCESS)));
                     keep.push_back(m);
                 }
                 _ => {
                     let expiry = m.delivery.message.remaining_expiry(now);
-                    if let Written::Sent = self.out.publish(&m.delivery, m.packet_id, true, expiry)
-                    {
+                    if let Written::Sent = self.out.publish(&m.delivery, m.packet_id, true, expiry) {
                         keep.push_back(m);
                     }
                 }
@@ -340,17 +388,11 @@ impl Connection {
         let v5 = self.decoder.version.is_some_and(|v| v.is_v5());
         if v5 && self.session.is_some() {
             if let Some(reason) = close.reason_code() {
-                self.out.packet(&Packet::Disconnect(Disconnect {
-                    reason,
-                    properties: Properties::default(),
-                }));
+                self.out.packet(&Packet::Disconnect(Disconnect { reason, properties: Properties::default() }));
             }
         }
         if matches!(close, Close::Decode(_) | Close::Violation(..)) {
-            self.broker
-                .metrics
-                .protocol_errors
-                .fetch_add(1, Ordering::Relaxed);
+            self.broker.metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
         }
         self.settle_session(&close);
         let _ = tokio::time::timeout(Duration::from_secs(2), self.out.flush()).await;
@@ -369,11 +411,7 @@ impl Connection {
         shared.online.store(false, Ordering::Release);
         let ends_now = self.session_expiry == 0 && !taken_over;
         if let Some(will) = will {
-            let delay = will
-                .properties
-                .will_delay_interval
-                .unwrap_or(0)
-                .min(self.session_expiry);
+            let delay = will.properties.will_delay_interval.unwrap_or(0).min(self.session_expiry);
             if delay == 0 || ends_now {
                 self.broker.publish(will_message(will, shared.id));
             } else {
@@ -383,11 +421,7 @@ impl Connection {
         if ends_now {
             self.broker.end_session(&shared, &state);
             let mut own = shared.ownership.lock().expect("ownership lock");
-            if own
-                .holder
-                .as_ref()
-                .is_some_and(|(id, _)| *id == self.conn_id)
-            {
+            if own.holder.as_ref().is_some_and(|(id, _)| *id == self.conn_id) {
                 own.holder = None;
             }
             return;
@@ -412,11 +446,7 @@ impl Connection {
 
     fn schedule_will(&self, shared: &Arc<SessionShared>, will: Will, delay: u32) {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        shared
-            .ownership
-            .lock()
-            .expect("ownership lock")
-            .pending_will = Some(tx);
+        shared.ownership.lock().expect("ownership lock").pending_will = Some(tx);
         let broker = self.broker.clone();
         let session_id = shared.id;
         tokio::spawn(async move {

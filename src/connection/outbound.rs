@@ -73,13 +73,7 @@ impl Outbound {
 
     /// Encodes one PUBLISH for this client, unless it exceeds the client's maximum packet size,
     /// in which case it is dropped for this client alone [MQTT-3.1.2-25].
-    pub fn publish(
-        &mut self,
-        d: &Delivery,
-        packet_id: u16,
-        dup: bool,
-        expiry: Option<u32>,
-    ) -> Written {
+    pub fn publish(&mut self, d: &Delivery, packet_id: u16, dup: bool, expiry: Option<u32>) -> Written {
         let msg = &d.message;
         let v5 = self.version.is_v5();
         let mut alias = None;
@@ -94,18 +88,11 @@ impl Outbound {
                 alias = Some(a);
             }
         }
-        let topic: &[u8] = if send_topic {
-            msg.topic.as_bytes()
-        } else {
-            b""
-        };
+        let topic: &[u8] = if send_topic { msg.topic.as_bytes() } else { b"" };
         let props_len = if v5 {
             msg.properties.encoded_len()
                 + expiry.map_or(0, |_| 5)
-                + d.subscription_ids
-                    .iter()
-                    .map(|&i| 1 + varint_len(i))
-                    .sum::<usize>()
+                + d.subscription_ids.iter().map(|&i| 1 + varint_len(i)).sum::<usize>()
                 + alias.map_or(0, |_| 3)
         } else {
             0
@@ -113,11 +100,7 @@ impl Outbound {
         let body = 2
             + topic.len()
             + if d.qos == QoS::AtMostOnce { 0 } else { 2 }
-            + if v5 {
-                varint_len(props_len as u32) + props_len
-            } else {
-                0
-            }
+            + if v5 { varint_len(props_len as u32) + props_len } else { 0 }
             + msg.payload.len();
         if crate::codec::packet_len(body) > self.max_packet_size {
             if alias.is_some() && send_topic {
@@ -179,9 +162,7 @@ pub async fn writer_task(mut socket: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<
             };
             drop(slices);
             while written > 0 {
-                let front = queue
-                    .front_mut()
-                    .expect("written bytes came from the queue");
+                let front = queue.front_mut().expect("written bytes came from the queue");
                 if written >= front.len() {
                     written -= front.len();
                     queue.pop_front();

@@ -37,19 +37,13 @@ impl Drop for TestBroker {
 
 /// Starts a broker whose configuration is the default plus `extra` TOML for the `[mqtt]` table.
 pub fn start_with(mqtt_toml: &str) -> TestBroker {
-    let text = format!(
-        "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n[mqtt]\n{mqtt_toml}\n"
-    );
+    let text = format!("[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n[mqtt]\n{mqtt_toml}\n");
     let config = Config::parse(&text).expect("test configuration");
     let broker = Broker::new(config);
     let (tx, rx) = std::sync::mpsc::channel();
     let b = broker.clone();
     let thread = std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async move {
             let (btx, brx) = tokio::sync::oneshot::channel();
             let server = tokio::spawn(broker::run(b, Some(btx)));
@@ -58,14 +52,8 @@ pub fn start_with(mqtt_toml: &str) -> TestBroker {
             server.await.unwrap().unwrap();
         });
     });
-    let addr = rx
-        .recv_timeout(Duration::from_secs(10))
-        .expect("broker started");
-    TestBroker {
-        addr,
-        broker,
-        thread: Some(thread),
-    }
+    let addr = rx.recv_timeout(Duration::from_secs(10)).expect("broker started");
+    TestBroker { addr, broker, thread: Some(thread) }
 }
 
 pub fn start() -> TestBroker {
@@ -96,20 +84,14 @@ impl RawClient {
     }
 
     /// Opens a session: sends CONNECT and expects a successful CONNACK, which it returns.
-    pub async fn connect(
-        addr: SocketAddr,
-        connect: herald::codec::Connect,
-    ) -> (RawClient, herald::codec::ConnAck) {
+    pub async fn connect(addr: SocketAddr, connect: herald::codec::Connect) -> (RawClient, herald::codec::ConnAck) {
         let mut c = RawClient::connect_tcp(addr).await;
         c.version = connect.protocol;
         c.decoder.version = Some(connect.protocol);
         c.send(&Packet::Connect(Box::new(connect))).await;
         match c.recv().await {
             Some(Packet::ConnAck(ack)) => {
-                assert!(
-                    !ack.code.is_error() && ack.code.0 == 0,
-                    "CONNACK refused: {ack:?}"
-                );
+                assert!(!ack.code.is_error() && ack.code.0 == 0, "CONNACK refused: {ack:?}");
                 (c, ack)
             }
             other => panic!("expected CONNACK, got {other:?}"),
@@ -132,20 +114,14 @@ impl RawClient {
 
     /// The next packet, or None once the broker has closed the connection.
     pub async fn recv(&mut self) -> Option<Packet> {
-        self.recv_within(WAIT)
-            .await
-            .expect("timed out waiting for a packet")
+        self.recv_within(WAIT).await.expect("timed out waiting for a packet")
     }
 
     /// Err(()) on timeout.
     pub async fn recv_within(&mut self, wait: Duration) -> Result<Option<Packet>, ()> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            if let Some(p) = self
-                .decoder
-                .decode(&mut self.buf)
-                .expect("broker sent a valid packet")
-            {
+            if let Some(p) = self.decoder.decode(&mut self.buf).expect("broker sent a valid packet") {
                 return Ok(Some(p));
             }
             match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.buf)).await {
@@ -164,11 +140,7 @@ impl RawClient {
     }
 }
 
-pub fn connect_packet(
-    version: ProtocolVersion,
-    client_id: &str,
-    clean: bool,
-) -> herald::codec::Connect {
+pub fn connect_packet(version: ProtocolVersion, client_id: &str, clean: bool) -> herald::codec::Connect {
     herald::codec::Connect {
         protocol: version,
         clean_start: clean,
@@ -197,13 +169,7 @@ pub fn subscribe(packet_id: u16, filter: &str, qos: herald::codec::QoS) -> Packe
     Packet::Subscribe(herald::codec::Subscribe {
         packet_id,
         properties: Default::default(),
-        filters: vec![(
-            filter.into(),
-            herald::codec::SubscriptionOptions {
-                qos,
-                ..Default::default()
-            },
-        )],
+        filters: vec![(filter.into(), herald::codec::SubscriptionOptions { qos, ..Default::default() })],
     })
 }
 

@@ -1,0 +1,517 @@
+//! Herald's load generator. It speaks MQTT 3.1.1 through Herald's own codec (no client library
+//! in the way, so the generator is not the bottleneck) to any broker on loopback, runs one
+//! scenario bounded in time, and prints one JSON line.
+//!
+//!     herald-loadgen SCENARIO --port N [--broker-pid PID] [options]
+//!
+//! Scenarios: `fanin` (P publishers -> one `news/#` subscriber), `fanout` (one publisher -> N
+//! `news/tech` subscribers), `conns` (C idle connections, resident memory per connection),
+//! `retained` (R retained messages, then the time for a new `news/#` subscriber to get them).
+//! Each payload carries its send time and a sequence number, so latency and loss are exact.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use herald::codec::{
+    Connect, Decoder, Packet, Properties, ProtocolVersion, PubResponse, Publish, QoS, ReasonCode, Role, Subscribe,
+    SubscriptionOptions,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+use tokio::sync::Semaphore;
+
+const PAYLOAD: usize = 256;
+
+fn clock() -> Instant {
+    static START: OnceLock<Instant> = OnceLock::new();
+    *START.get_or_init(Instant::now)
+}
+
+fn now_ns() -> u64 {
+    clock().elapsed().as_nanos() as u64
+}
+
+#[derive(Clone)]
+struct Opts(HashMap<String, String>);
+
+impl Opts {
+    fn get<T: std::str::FromStr>(&self, key: &str, default: T) -> T {
+        self.0.get(key).map(|v| v.parse().unwrap_or_else(|_| panic!("bad --{key}"))).unwrap_or(default)
+    }
+}
+
+fn payload(publisher: u32, seq: u64) -> Bytes {
+    let mut b = BytesMut::with_capacity(PAYLOAD);
+    b.put_u64(now_ns());
+    b.put_u32(publisher);
+    b.put_u64(seq);
+    b.resize(PAYLOAD, b'n');
+    b.freeze()
+}
+
+/// A connection split for concurrent reading and writing.
+struct Conn {
+    reader: OwnedReadHalf,
+    writer: OwnedWriteHalf,
+    decoder: Decoder,
+    buf: BytesMut,
+}
+
+impl Conn {
+    async fn open(addr: SocketAddr, client_id: &str) -> Conn {
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).unwrap();
+        let (reader, writer) = stream.into_split();
+        let mut decoder = Decoder::new(Role::Client, u32::MAX);
+        decoder.version = Some(ProtocolVersion::V3_1_1);
+        let mut c = Conn { reader, writer, decoder, buf: BytesMut::with_capacity(64 * 1024) };
+        let connect = Connect {
+            protocol: ProtocolVersion::V3_1_1,
+            clean_start: true,
+            keep_alive: 600,
+            properties: Properties::default(),
+            client_id: client_id.into(),
+            will: None,
+            username: None,
+            password: None,
+        };
+        c.send(&[Packet::Connect(Box::new(connect))]).await;
+        match c.next().await {
+            Some(Packet::ConnAck(a)) if a.code == ReasonCode::SUCCESS => c,
+            other => panic!("CONNECT refused: {other:?}"),
+        }
+    }
+
+    async fn send(&mut self, packets: &[Packet]) {
+        let mut out = BytesMut::new();
+        for p in packets {
+            p.encode(ProtocolVersion::V3_1_1, &mut out);
+        }
+        self.writer.write_all(&out).await.expect("write");
+    }
+
+    async fn next(&mut self) -> Option<Packet> {
+        loop {
+            if let Some(p) = self.decoder.decode(&mut self.buf).expect("valid packet from the broker") {
+                return Some(p);
+            }
+            match self.reader.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return None,
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Every complete packet now buffered, after at least one read.
+    async fn next_batch(&mut self, out: &mut Vec<Packet>) -> bool {
+        out.clear();
+        while out.is_empty() {
+            match self.reader.read_buf(&mut self.buf).await {
+                Ok(0) | Err(_) => return false,
+                Ok(_) => {}
+            }
+            while let Some(p) = self.decoder.decode(&mut self.buf).expect("valid packet from the broker") {
+                out.push(p);
+            }
+        }
+        true
+    }
+
+    async fn subscribe(&mut self, filter: &str, qos: QoS) {
+        let s = Subscribe {
+            packet_id: 1,
+            properties: Properties::default(),
+            filters: vec![(filter.into(), SubscriptionOptions { qos, ..Default::default() })],
+        };
+        self.send(&[Packet::Subscribe(s)]).await;
+        match self.next().await {
+            Some(Packet::SubAck(a)) if a.reasons[0].0 < 0x80 => {}
+            other => panic!("SUBSCRIBE refused: {other:?}"),
+        }
+    }
+}
+
+fn publish(topic: &str, qos: QoS, packet_id: u16, retain: bool, payload: Bytes) -> Packet {
+    Packet::Publish(Publish {
+        dup: false,
+        qos,
+        retain,
+        topic: topic.into(),
+        packet_id,
+        properties: Properties::default(),
+        payload,
+    })
+}
+
+/// What subscribers saw: deliveries, latencies in microseconds, and per-publisher sequence checks.
+#[derive(Default)]
+struct Received {
+    count: AtomicU64,
+    latencies_us: Mutex<Vec<u32>>,
+}
+
+/// Reads PUBLISHes until `stop`, acknowledging QoS 1 in batches, recording latency.
+async fn subscriber_loop(mut c: Conn, received: Arc<Received>, stop: Arc<AtomicBool>) {
+    let mut batch = Vec::new();
+    let mut local = Vec::with_capacity(1 << 16);
+    loop {
+        let read = tokio::time::timeout(Duration::from_millis(200), c.next_batch(&mut batch)).await;
+        match read {
+            Err(_) => {
+                if stop.load(Relaxed) {
+                    break;
+                }
+                continue;
+            }
+            Ok(false) => break,
+            Ok(true) => {}
+        }
+        let now = now_ns();
+        let mut acks = Vec::new();
+        for p in batch.drain(..) {
+            if let Packet::Publish(p) = p {
+                let sent = u64::from_be_bytes(p.payload[..8].try_into().unwrap());
+                local.push(((now.saturating_sub(sent)) / 1000).min(u32::MAX as u64) as u32);
+                if p.qos == QoS::AtLeastOnce {
+                    acks.push(Packet::PubAck(PubResponse::new(p.packet_id, ReasonCode::SUCCESS)));
+                }
+            }
+        }
+        received.count.fetch_add(local.len() as u64, Relaxed);
+        received.latencies_us.lock().unwrap().append(&mut local);
+        if !acks.is_empty() {
+            c.send(&acks).await;
+        }
+    }
+}
+
+/// One publisher: QoS 0 written in batches, or QoS 1 within a window of unacknowledged messages.
+/// `rate` is messages per second for this publisher; 0 means as fast as possible.
+async fn publisher_loop(c: Conn, id: u32, topic: String, qos: QoS, rate: f64, until: Instant) -> (u64, u64) {
+    let window = Arc::new(Semaphore::new(if qos == QoS::AtMostOnce { 0 } else { 100 }));
+    let acked = Arc::new(AtomicU64::new(0));
+    let Conn { mut reader, mut writer, mut decoder, mut buf } = c;
+    let ack_task = {
+        let window = window.clone();
+        let acked = acked.clone();
+        tokio::spawn(async move {
+            loop {
+                match reader.read_buf(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+                while let Ok(Some(p)) = decoder.decode(&mut buf) {
+                    if let Packet::PubAck(_) = p {
+                        acked.fetch_add(1, Relaxed);
+                        window.add_permits(1);
+                    }
+                }
+            }
+        })
+    };
+    let start = Instant::now();
+    let mut seq = 0u64;
+    let mut out = BytesMut::new();
+    while Instant::now() < until {
+        let due = if rate > 0.0 { ((start.elapsed().as_secs_f64() * rate) as u64).saturating_sub(seq) } else { 64 };
+        if due == 0 {
+            tokio::time::sleep(Duration::from_micros(200)).await;
+            continue;
+        }
+        let mut n = due.min(64);
+        if qos != QoS::AtMostOnce {
+            let Ok(p) = tokio::time::timeout(Duration::from_millis(100), window.acquire_many(1)).await else {
+                continue;
+            };
+            p.expect("window semaphore").forget();
+            n = 1 + (window.available_permits() as u64).min(n - 1);
+            if n > 1 {
+                window.acquire_many((n - 1) as u32).await.unwrap().forget();
+            }
+        }
+        for _ in 0..n {
+            seq += 1;
+            let packet_id = if qos == QoS::AtMostOnce { 0 } else { (seq % 65535 + 1) as u16 };
+            publish(&topic, qos, packet_id, false, payload(id, seq)).encode(ProtocolVersion::V3_1_1, &mut out);
+        }
+        if writer.write_all(&out).await.is_err() {
+            break;
+        }
+        out.clear();
+    }
+    // Give outstanding acknowledgements a moment to arrive.
+    if qos != QoS::AtMostOnce {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while acked.load(Relaxed) < seq && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    ack_task.abort();
+    let _ = writer.write_all(&[0xE0, 0]).await;
+    (seq, acked.load(Relaxed))
+}
+
+/// CPU time (user + system) the broker process has used, in microseconds.
+fn broker_cpu_us(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = after.split(' ').collect();
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    let hz = 100; // USER_HZ on Linux
+    Some(ticks * 1_000_000 / hz)
+}
+
+fn broker_rss_bytes(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+fn percentile(sorted: &[u32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return -1.0;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i] as f64 / 1000.0
+}
+
+struct Report(Vec<(String, String)>);
+
+impl Report {
+    fn new(scenario: &str) -> Self {
+        Report(vec![("scenario".into(), format!("\"{scenario}\""))])
+    }
+    fn num(&mut self, k: &str, v: f64) -> &mut Self {
+        let v = if v.is_finite() { format!("{v:.3}") } else { "null".into() };
+        self.0.push((k.into(), v));
+        self
+    }
+    fn print(&self) {
+        let body: Vec<String> = self.0.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect();
+        println!("{{{}}}", body.join(","));
+    }
+}
+
+fn latency_fields(r: &mut Report, received: &Received) {
+    let mut l = std::mem::take(&mut *received.latencies_us.lock().unwrap());
+    l.sort_unstable();
+    r.num("p50_ms", percentile(&l, 0.50)).num("p99_ms", percentile(&l, 0.99)).num("p999_ms", percentile(&l, 0.999));
+}
+
+async fn fanin(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
+    let publishers: u32 = o.get("publishers", 8);
+    let qos = QoS::from_u8(o.get("qos", 0)).unwrap();
+    let rate: f64 = o.get("rate", 0.0);
+    let secs: f64 = o.get("duration", 10.0);
+    let received = Arc::new(Received::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut sub = Conn::open(addr, "bench-fanin-sub").await;
+    sub.subscribe("news/#", qos).await;
+    let sub_task = tokio::spawn(subscriber_loop(sub, received.clone(), stop.clone()));
+    let mut pubs = Vec::new();
+    for i in 0..publishers {
+        pubs.push(Conn::open(addr, &format!("bench-fanin-pub-{i}")).await);
+    }
+    let cpu0 = pid.and_then(broker_cpu_us);
+    let start = Instant::now();
+    let until = start + Duration::from_secs_f64(secs);
+    let tasks: Vec<_> = pubs
+        .into_iter()
+        .enumerate()
+        .map(|(i, c)| {
+            tokio::spawn(publisher_loop(c, i as u32, format!("news/desk{i}"), qos, rate / publishers as f64, until))
+        })
+        .collect();
+    let (mut sent, mut acked) = (0, 0);
+    for t in tasks {
+        let (s, a) = t.await.unwrap();
+        sent += s;
+        acked += a;
+    }
+    let expect = if qos == QoS::AtMostOnce { sent } else { acked };
+    let drain = Instant::now() + Duration::from_secs(10);
+    while received.count.load(Relaxed) < expect && Instant::now() < drain {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu1 = pid.and_then(broker_cpu_us);
+    stop.store(true, Relaxed);
+    let _ = sub_task.await;
+    let got = received.count.load(Relaxed);
+    let mut r = Report::new("fanin");
+    r.num("qos", qos as u8 as f64).num("publishers", publishers as f64).num("target_rate", rate);
+    r.num("sent", sent as f64).num("acked", acked as f64).num("delivered", got as f64);
+    r.num("lost", expect.saturating_sub(got) as f64).num("rate_per_s", got as f64 / secs.min(elapsed));
+    latency_fields(&mut r, &received);
+    if let (Some(a), Some(b)) = (cpu0, cpu1) {
+        r.num("cpu_us_per_msg", (b - a) as f64 / got.max(1) as f64);
+    }
+    r.print();
+}
+
+async fn fanout(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
+    let subscribers: u32 = o.get("subscribers", 1000);
+    let qos = QoS::from_u8(o.get("qos", 0)).unwrap();
+    let rate: f64 = o.get("rate", 0.0); // deliveries per second in total
+    let secs: f64 = o.get("duration", 10.0);
+    let received = Arc::new(Received::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut subs = Vec::new();
+    for i in 0..subscribers {
+        let mut c = Conn::open(addr, &format!("bench-fanout-sub-{i}")).await;
+        c.subscribe("news/tech", qos).await;
+        subs.push(tokio::spawn(subscriber_loop(c, received.clone(), stop.clone())));
+    }
+    let publisher = Conn::open(addr, "bench-fanout-pub").await;
+    let cpu0 = pid.and_then(broker_cpu_us);
+    let start = Instant::now();
+    let until = start + Duration::from_secs_f64(secs);
+    let pub_rate = if rate > 0.0 { rate / subscribers as f64 } else { 0.0 };
+    let (sent, acked) = publisher_loop(publisher, 0, "news/tech".into(), qos, pub_rate, until).await;
+    let expect = subscribers as u64 * if qos == QoS::AtMostOnce { sent } else { acked };
+    let drain = Instant::now() + Duration::from_secs(10);
+    while received.count.load(Relaxed) < expect && Instant::now() < drain {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu1 = pid.and_then(broker_cpu_us);
+    stop.store(true, Relaxed);
+    for s in subs {
+        let _ = s.await;
+    }
+    let got = received.count.load(Relaxed);
+    let mut r = Report::new("fanout");
+    r.num("qos", qos as u8 as f64).num("subscribers", subscribers as f64).num("target_rate", rate);
+    r.num("published", sent as f64).num("delivered", got as f64).num("lost", expect.saturating_sub(got) as f64);
+    r.num("deliveries_per_s", got as f64 / secs.min(elapsed));
+    latency_fields(&mut r, &received);
+    if let (Some(a), Some(b)) = (cpu0, cpu1) {
+        r.num("cpu_us_per_delivery", (b - a) as f64 / got.max(1) as f64);
+    }
+    r.print();
+}
+
+async fn conns(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
+    let count: u32 = o.get("connections", 10_000);
+    let subscribe: bool = o.get("subscribe", false);
+    let rss0 = pid.and_then(broker_rss_bytes);
+    let start = Instant::now();
+    let mut open = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let mut c = Conn::open(addr, &format!("bench-idle-{i}")).await;
+        if subscribe {
+            c.subscribe(&format!("users/{i}/inbox"), QoS::AtLeastOnce).await;
+        }
+        open.push(c);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss1 = pid.and_then(broker_rss_bytes);
+    let mut r = Report::new("conns");
+    r.num("connections", count as f64).num("subscribe", subscribe as u8 as f64);
+    r.num("connects_per_s", count as f64 / elapsed);
+    if let (Some(a), Some(b)) = (rss0, rss1) {
+        r.num("rss_before_kb", a as f64 / 1024.0).num("rss_after_kb", b as f64 / 1024.0);
+        r.num("bytes_per_connection", b.saturating_sub(a) as f64 / count as f64);
+    }
+    r.print();
+    drop(open);
+}
+
+async fn retained(addr: SocketAddr, o: &Opts) {
+    let count: u64 = o.get("messages", 10_000);
+    let qos = QoS::from_u8(o.get("qos", 1)).unwrap();
+    let mut p = Conn::open(addr, "bench-retained-pub").await;
+    // Stored at QoS 1 in acknowledged windows so that every one is known to be there.
+    let mut seq = 0;
+    while seq < count {
+        let n = (count - seq).min(100);
+        let batch: Vec<Packet> = (0..n)
+            .map(|i| {
+                publish(&format!("news/story/{}", seq + i), QoS::AtLeastOnce, (i + 1) as u16, true, payload(0, seq + i))
+            })
+            .collect();
+        p.send(&batch).await;
+        let mut acks = 0;
+        while acks < n {
+            match p.next().await {
+                Some(Packet::PubAck(_)) => acks += 1,
+                Some(_) => {}
+                None => panic!("publisher closed"),
+            }
+        }
+        seq += n;
+    }
+    let mut sub = Conn::open(addr, "bench-retained-sub").await;
+    let s = Subscribe {
+        packet_id: 1,
+        properties: Properties::default(),
+        filters: vec![("news/#".into(), SubscriptionOptions { qos, ..Default::default() })],
+    };
+    let start = Instant::now();
+    sub.send(&[Packet::Subscribe(s)]).await;
+    let mut got = 0u64;
+    let mut batch = Vec::new();
+    let deadline = start + Duration::from_secs(10);
+    while got < count {
+        match tokio::time::timeout_at(deadline.into(), sub.next_batch(&mut batch)).await {
+            Ok(true) => {}
+            _ => break,
+        }
+        let mut acks = Vec::new();
+        for p in batch.drain(..) {
+            if let Packet::Publish(p) = p {
+                got += 1;
+                if p.qos == QoS::AtLeastOnce {
+                    acks.push(Packet::PubAck(PubResponse::new(p.packet_id, ReasonCode::SUCCESS)));
+                }
+            }
+        }
+        if !acks.is_empty() {
+            sub.send(&acks).await;
+        }
+    }
+    let ms = start.elapsed().as_secs_f64() * 1000.0;
+    let mut r = Report::new("retained");
+    r.num("qos", qos as u8 as f64).num("retained", count as f64).num("delivered", got as f64).num("ms", ms);
+    r.print();
+    // Clear them so the next scenario starts from an empty store.
+    let clear: Vec<Packet> =
+        (0..count).map(|i| publish(&format!("news/story/{i}"), QoS::AtMostOnce, 0, true, Bytes::new())).collect();
+    for chunk in clear.chunks(1000) {
+        p.send(chunk).await;
+    }
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let scenario = args.next().unwrap_or_else(|| {
+        eprintln!("usage: herald-loadgen fanin|fanout|conns|retained --port N [--broker-pid PID] [--key value ...]");
+        std::process::exit(2);
+    });
+    let mut map = HashMap::new();
+    while let Some(k) = args.next() {
+        let k = k.trim_start_matches("--").to_string();
+        let v = args.next().unwrap_or_else(|| panic!("--{k} needs a value"));
+        map.insert(k, v);
+    }
+    let o = Opts(map);
+    let addr: SocketAddr = format!("127.0.0.1:{}", o.get::<u16>("port", 1883)).parse().unwrap();
+    let pid: Option<u32> = o.0.get("broker-pid").map(|p| p.parse().unwrap());
+    clock();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    rt.block_on(async {
+        match scenario.as_str() {
+            "fanin" => fanin(addr, &o, pid).await,
+            "fanout" => fanout(addr, &o, pid).await,
+            "conns" => conns(addr, &o, pid).await,
+            "retained" => retained(addr, &o).await,
+            other => panic!("unknown scenario {other}"),
+        }
+    });
+}
