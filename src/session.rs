@@ -82,6 +82,8 @@ pub enum OutState {
 #[derive(Debug)]
 pub struct OutInflight {
     pub packet_id: u16,
+    /// `SessionState::allocations` when the identifier was taken.
+    pub serial: u64,
     pub delivery: Delivery,
     pub state: OutState,
 }
@@ -96,6 +98,8 @@ pub struct SessionState {
     /// Incoming QoS 2 packet identifiers between PUBREC and PUBREL [MQTT-4.3.3-9].
     pub incoming_qos2: HashSet<u16>,
     pub next_packet_id: u16,
+    /// Packet identifiers handed out so far.
+    pub allocations: u64,
     /// Filter (as subscribed, `$share/...` included) to its options and identifier.
     pub subscriptions: HashMap<String, (SubscriptionOptions, Option<u32>)>,
     pub expiry_interval: u32,
@@ -109,20 +113,25 @@ impl SessionState {
             inflight: VecDeque::new(),
             incoming_qos2: HashSet::new(),
             next_packet_id: 1,
+            allocations: 0,
             subscriptions: HashMap::new(),
             expiry_interval: 0,
         }
     }
 
     /// The next packet identifier not in use by an in-flight message [MQTT-2.2.1-2].
+    /// Identifiers go out in sequence, so while the oldest message in flight was sent less than
+    /// a lap of identifiers ago, the next one cannot be in use and no search is needed.
     pub fn allocate_packet_id(&mut self) -> Option<u16> {
         if self.inflight.len() >= usize::from(u16::MAX) {
             return None;
         }
+        let lapped = self.inflight.front().is_some_and(|m| self.allocations - m.serial >= u64::from(u16::MAX) - 1);
         loop {
             let id = self.next_packet_id;
             self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
-            if !self.inflight.iter().any(|m| m.packet_id == id) {
+            self.allocations += 1;
+            if !lapped || !self.inflight.iter().any(|m| m.packet_id == id) {
                 return Some(id);
             }
         }
@@ -195,5 +204,40 @@ impl SessionShared {
     #[cfg(test)]
     pub fn new_for_test(id: u64) -> Arc<SessionShared> {
         Self::new(id, format!("test-{id}"), 4).0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn delivery() -> Delivery {
+        Delivery {
+            message: Arc::new(Message::new_for_test("t", b"x", QoS::AtLeastOnce, false)),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            subscription_ids: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn packet_ids_skip_zero_and_those_in_flight_after_a_lap_mqtt_2_2_1_2() {
+        let (_, mut s) = SessionShared::new(1, "c".into(), 1);
+        let first = s.allocate_packet_id().unwrap();
+        assert_eq!(first, 1);
+        s.inflight.push_back(OutInflight {
+            packet_id: first,
+            serial: s.allocations,
+            delivery: delivery(),
+            state: OutState::AwaitPubAck,
+        });
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200_000 {
+            let id = s.allocate_packet_id().unwrap();
+            assert_ne!(id, 0);
+            assert_ne!(id, first, "the identifier still in flight is never reused");
+            seen.insert(id);
+        }
+        assert_eq!(seen.len(), 65_534, "every other identifier is used");
     }
 }

@@ -144,6 +144,15 @@ async fn retained_news_all_delivered_to_a_new_subscriber_with_flow_control() {
         unacked -= 1;
     }
     phone.expect_silence(Duration::from_millis(200)).await;
+    // At QoS 0 nothing paces the queue; all of it must still arrive, never a truncated set.
+    let (mut reader, _) = RawClient::connect(b.addr, connect_packet(V3_1_1, "qos0-reader", true)).await;
+    reader.send(&subscribe(1, "news/#", QoS::AtMostOnce)).await;
+    expect_suback(&mut reader).await;
+    let mut count = 0;
+    while count < N {
+        assert!(expect_publish(&mut reader).await.retain);
+        count += 1;
+    }
 }
 
 #[tokio::test]

@@ -129,7 +129,10 @@ impl Connection {
 
     fn complete(&mut self, packet_id: u16) {
         let state = &mut self.session.as_mut().expect("session").1;
-        state.inflight.retain(|m| m.packet_id != packet_id);
+        // Acknowledgements come mostly in order, so the search usually stops at the front.
+        if let Some(pos) = state.inflight.iter().position(|m| m.packet_id == packet_id) {
+            state.inflight.remove(pos);
+        }
     }
 
     fn on_puback(&mut self, r: PubResponse) -> Step {

@@ -158,6 +158,8 @@ enum Event {
     Kick(Option<Kick>),
     Shutdown,
     KeepAlive,
+    /// Pending messages (retained ones after a SUBSCRIBE) remain and the window allows more.
+    MorePending,
 }
 
 impl Connection {
@@ -195,6 +197,7 @@ impl Connection {
             let window_open = self.window_open();
             let deadline = self.keep_alive.map(|k| tokio::time::Instant::from_std(self.last_inbound + k));
             let state = &mut self.session.as_mut().expect("session after handshake").1;
+            let more_pending = window_open && !state.pending.is_empty();
             let event = tokio::select! {
                 biased;
                 k = self.kick_rx.recv() => Event::Kick(k),
@@ -202,6 +205,9 @@ impl Connection {
                 r = reader.read_buf(&mut self.inbuf) => Event::Read(r),
                 d = state.mailbox.recv(), if window_open => Event::Delivery(d),
                 _ = sleep_until(deadline) => Event::KeepAlive,
+                // Ready at once: the loop goes round to send the next part of the pending queue
+                // after input and timers have had their turn.
+                _ = std::future::ready(()), if more_pending => Event::MorePending,
             };
             let step = match event {
                 Event::Kick(Some(k)) => Err(Close::Kicked(k.reason)),
@@ -214,6 +220,7 @@ impl Connection {
                     Ok(())
                 }
                 Event::Delivery(None) => Err(Close::SocketClosed),
+                Event::MorePending => Ok(()),
             };
             if let Err(close) = step {
                 return close;
@@ -353,7 +360,13 @@ impl Connection {
                 metrics.messages_sent.fetch_add(1, Ordering::Relaxed);
                 let out_state =
                     if d.qos == crate::codec::QoS::AtLeastOnce { OutState::AwaitPubAck } else { OutState::AwaitPubRec };
-                state.inflight.push_back(crate::session::OutInflight { packet_id, delivery: d, state: out_state });
+                let serial = state.allocations;
+                state.inflight.push_back(crate::session::OutInflight {
+                    packet_id,
+                    serial,
+                    delivery: d,
+                    state: out_state,
+                });
             }
         }
     }

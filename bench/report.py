@@ -1,0 +1,113 @@
+#!/usr/bin/env python3
+"""Turns bench/results.jsonl (one JSON line per broker and scenario, from bench/run.sh) into
+docs/benchmarks.md: the target table with Herald / peer ratios, then every raw figure."""
+import datetime
+import json
+import platform
+import subprocess
+import sys
+
+
+def sh(cmd):
+    try:
+        return subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=10).stdout.strip()
+    except Exception:
+        return "?"
+
+
+rows = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
+brokers = []
+for r in rows:
+    if r["broker"] not in brokers:
+        brokers.append(r["broker"])
+
+
+def find(broker, scenario, **want):
+    for r in rows:
+        if r["broker"] == broker and r.get("scenario") == scenario and all(r.get(k) == v for k, v in want.items()):
+            return r
+    return None
+
+
+def fmt(v, digits=2):
+    if v is None:
+        return "n/a"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    return f"{v:.{digits}f}"
+
+
+# (case, scenario, filter, value key, unit, lower is better, target text, target check on Herald's row)
+cases = [
+    ("fan-in QoS0, broker CPU per message", "fanin", dict(qos=0, target_rate=0), "cpu_us_per_msg", "us", True,
+     "<= 1.3 us", lambda r: r["cpu_us_per_msg"] <= 1.3),
+    ("fan-in QoS1 unthrottled, delivered/s", "fanin", dict(qos=1, target_rate=0), "rate_per_s", "msg/s", False,
+     ">= rumqttd, 0 lost, p99 < 50 ms", None),
+    ("fan-in QoS1 unthrottled, lost", "fanin", dict(qos=1, target_rate=0), "lost", "msgs", True, "0", lambda r: r["lost"] == 0),
+    ("fan-in QoS1 unthrottled, p99", "fanin", dict(qos=1, target_rate=0), "p99_ms", "ms", True, "< 50 ms",
+     lambda r: r["p99_ms"] < 50),
+    ("fan-in QoS0 at 20k/s, p99", "fanin", dict(qos=0, target_rate=20000), "p99_ms", "ms", True, "< 2 ms",
+     lambda r: r["p99_ms"] < 2),
+    ("fan-out QoS0 1->1000, CPU per delivery", "fanout", dict(qos=0, target_rate=0), "cpu_us_per_delivery", "us", True,
+     "<= 0.25 us", lambda r: r["cpu_us_per_delivery"] <= 0.25),
+    ("fan-out QoS0 1->1000, deliveries/s", "fanout", dict(qos=0, target_rate=0), "deliveries_per_s", "/s", False, "", None),
+    ("fan-out QoS1 1->1000, deliveries/s", "fanout", dict(qos=1, target_rate=0), "deliveries_per_s", "/s", False, "", None),
+    ("fan-out QoS1 1->1000, lost", "fanout", dict(qos=1, target_rate=0), "lost", "msgs", True, "0", lambda r: r["lost"] == 0),
+    ("fan-out QoS0 at 100k deliveries/s, p99", "fanout", dict(qos=0, target_rate=100000), "p99_ms", "ms", True, "< 10 ms",
+     lambda r: r["p99_ms"] < 10),
+    ("memory per idle connection", "conns", dict(subscribe=0), "bytes_per_connection", "B", True, "<= 1 KB",
+     lambda r: r["bytes_per_connection"] <= 1024),
+    ("memory per idle connection with 1 subscription", "conns", dict(subscribe=1), "bytes_per_connection", "B", True, "", None),
+    ("10k retained, new news/# subscriber QoS1, delivered", "retained", dict(qos=1), "delivered", "msgs", False,
+     "all 10k", lambda r: r["delivered"] >= 10000),
+    ("10k retained, new news/# subscriber QoS1, time", "retained", dict(qos=1), "ms", "ms", True, "< 50 ms",
+     lambda r: r["ms"] < 50 and r["delivered"] >= 10000),
+    ("10k retained, new news/# subscriber QoS0, delivered", "retained", dict(qos=0), "delivered", "msgs", False, "", None),
+]
+
+out = []
+out.append("# Benchmarks\n")
+out.append("Written by `bash bench/run.sh` (see bench/README.md); do not edit by hand.\n")
+out.append(f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC")
+cpu = sh("grep -m1 'model name' /proc/cpuinfo | cut -d: -f2").strip()
+mem = sh("free -g | awk '/Mem:/{print $2}'")
+out.append(f"- machine: {sh('nproc')} cores, {cpu}, {mem} GiB, Linux {platform.release()}")
+out.append(f"- Herald: {sh('git rev-parse --short HEAD')} (release build); Mosquitto: {sh('mosquitto -h | head -1')}; "
+           f"rumqttd: {sh('cargo install --list | grep ^rumqttd') or 'not installed'}")
+out.append("- each broker pinned to core 0 (`taskset -c 0`), the load generator to core 1; a fresh broker "
+           "process per scenario; 256-byte payloads; MQTT 3.1.1; CPU from /proc/PID/stat (10 ms ticks)\n")
+peers = [b for b in brokers if b != "herald"]
+header = "| case | " + " | ".join(brokers) + " | " + " | ".join(f"Herald / {p}" for p in peers) + " | target | met |"
+out.append(header)
+out.append("|" + "---|" * (header.count("|") - 1))
+for name, scen, want, key, unit, lower, target, check in cases:
+    vals = {}
+    for b in brokers:
+        r = find(b, scen, **want)
+        vals[b] = r.get(key) if r else None
+    cells = [f"{fmt(vals[b])} {unit}" if vals[b] is not None else "n/a" for b in brokers]
+    ratios = []
+    for p in peers:
+        h, v = vals.get("herald"), vals.get(p)
+        ratios.append(f"{h / v:.2f}" if h is not None and v not in (None, 0) else "n/a")
+    met = ""
+    herald_row = find("herald", scen, **want)
+    if check and herald_row:
+        try:
+            met = "yes" if check(herald_row) else "**no**"
+        except (KeyError, TypeError):
+            met = "n/a"
+    if name.startswith("fan-in QoS1 unthrottled, delivered") and herald_row and find("rumqttd", scen, **want):
+        met = "yes" if herald_row["rate_per_s"] >= find("rumqttd", scen, **want)["rate_per_s"] else "**no**"
+    out.append(f"| {name} | " + " | ".join(cells) + " | " + " | ".join(ratios) + f" | {target} | {met} |")
+
+out.append("\nRatios are Herald's figure divided by the peer's: below 1 is better where less is better "
+           "(CPU, latency, memory, time), above 1 is better for rates.\n")
+out.append("## Every run\n")
+out.append("| broker | scenario | figures |")
+out.append("|---|---|---|")
+for r in rows:
+    figures = ", ".join(f"{k}={fmt(v) if isinstance(v, (int, float)) else v}" for k, v in r.items()
+                        if k not in ("broker", "args", "scenario"))
+    out.append(f"| {r['broker']} | `{r['args']}` | {figures} |")
+print("\n".join(out))
