@@ -72,8 +72,18 @@ impl Broker {
         self.shutdown.subscribe()
     }
 
+    /// Stops the listeners and asks every connection that holds a session to close with
+    /// DISCONNECT 0x8B. Connections learn it through their kick channel, which they watch anyway,
+    /// rather than through a shared signal polled on every event.
     pub fn begin_shutdown(&self) {
         let _ = self.shutdown.send(true);
+        let sessions: Vec<Arc<SessionShared>> =
+            self.sessions.lock().expect("sessions lock").values().cloned().collect();
+        for s in sessions {
+            if let Some((_, kick)) = &s.ownership.lock().expect("ownership lock").holder {
+                let _ = kick.send(crate::session::Kick { reason: crate::codec::ReasonCode::SERVER_SHUTTING_DOWN });
+            }
+        }
     }
 
     /// Routes a message to every matching session and stores it if retained. Never waits: a

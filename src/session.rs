@@ -19,7 +19,7 @@ use crate::codec::{Properties, QoS, ReasonCode, SubscriptionOptions};
 /// one `Bytes` for its whole life and is never copied per subscriber.
 #[derive(Debug)]
 pub struct Message {
-    pub topic: Arc<str>,
+    pub topic: String,
     pub payload: Bytes,
     pub qos: QoS,
     pub retain: bool,

@@ -85,7 +85,7 @@ impl Connection {
             properties.subscription_identifiers.clear();
             let expiry_interval = properties.message_expiry_interval.take();
             let message = Arc::new(Message {
-                topic: p.topic.into(),
+                topic: p.topic,
                 payload: p.payload,
                 qos: p.qos,
                 retain: p.retain,

@@ -156,7 +156,6 @@ enum Event {
     Read(std::io::Result<usize>),
     Delivery(Option<Delivery>),
     Kick(Option<Kick>),
-    Shutdown,
     KeepAlive,
     /// Pending messages (retained ones after a SUBSCRIBE) remain and the window allows more.
     MorePending,
@@ -167,7 +166,6 @@ impl Connection {
         if let Err(close) = self.handshake(&mut reader).await {
             return close;
         }
-        let mut shutdown = self.broker.shutdown_signal();
         loop {
             if let Err(close) = self.drain_deliveries() {
                 return close;
@@ -180,7 +178,6 @@ impl Connection {
                 let flushed = tokio::select! {
                     biased;
                     k = self.kick_rx.recv() => Err(k.map_or(Close::ServerShutdown, |k| Close::Kicked(k.reason))),
-                    _ = shutdown.wait_for(|s| *s) => Err(Close::ServerShutdown),
                     r = self.out.flush() => r.map_err(|_| Close::SocketClosed),
                     _ = tokio::time::sleep(stall) => Err(Close::WriteStalled),
                 };
@@ -189,7 +186,7 @@ impl Connection {
                 }
             }
             if !self.blocked.is_empty() {
-                if let Err(close) = self.wait_for_room(&mut shutdown).await {
+                if let Err(close) = self.wait_for_room().await {
                     return close;
                 }
                 continue;
@@ -201,7 +198,6 @@ impl Connection {
             let event = tokio::select! {
                 biased;
                 k = self.kick_rx.recv() => Event::Kick(k),
-                _ = shutdown.wait_for(|s| *s) => Event::Shutdown,
                 r = reader.read_buf(&mut self.inbuf) => Event::Read(r),
                 d = state.mailbox.recv(), if window_open => Event::Delivery(d),
                 _ = sleep_until(deadline) => Event::KeepAlive,
@@ -210,8 +206,9 @@ impl Connection {
                 _ = std::future::ready(()), if more_pending => Event::MorePending,
             };
             let step = match event {
+                Event::Kick(Some(k)) if k.reason == ReasonCode::SERVER_SHUTTING_DOWN => Err(Close::ServerShutdown),
                 Event::Kick(Some(k)) => Err(Close::Kicked(k.reason)),
-                Event::Kick(None) | Event::Shutdown => Err(Close::ServerShutdown),
+                Event::Kick(None) => Err(Close::ServerShutdown),
                 Event::KeepAlive => Err(Close::KeepAliveTimeout),
                 Event::Read(Ok(0)) | Event::Read(Err(_)) => Err(Close::SocketClosed),
                 Event::Read(Ok(_)) => self.handle_input(),
@@ -232,7 +229,7 @@ impl Connection {
     /// given to, while still sending this session's own messages. Once every delivery is placed
     /// (or given up on after `max_publish_wait_ms`), the PUBLISH is acknowledged and reading
     /// resumes with whatever input is already buffered.
-    async fn wait_for_room(&mut self, shutdown: &mut tokio::sync::watch::Receiver<bool>) -> Step {
+    async fn wait_for_room(&mut self) -> Step {
         let (target, _) = self.blocked.front().expect("blocked is not empty");
         let target = target.clone();
         let wait = Duration::from_millis(self.broker.config.mqtt.max_publish_wait_ms);
@@ -246,7 +243,6 @@ impl Connection {
         tokio::select! {
             biased;
             k = self.kick_rx.recv() => Err(k.map_or(Close::ServerShutdown, |k| Close::Kicked(k.reason))),
-            _ = shutdown.wait_for(|s| *s) => Err(Close::ServerShutdown),
             permit = target.mailbox.reserve() => {
                 let (_, delivery) = self.blocked.pop_front().expect("front exists");
                 if let Ok(permit) = permit {
@@ -332,13 +328,18 @@ impl Connection {
     /// Sends one routed message: QoS 0 goes out and is forgotten; QoS 1 and 2 take a packet
     /// identifier and wait in flight for their acknowledgement.
     fn start_delivery(&mut self, d: Delivery) {
-        let now = Instant::now();
         let metrics = &self.broker.metrics;
-        if d.message.is_expired(now) {
-            metrics.messages_expired.fetch_add(1, Ordering::Relaxed);
-            return;
-        }
-        let expiry = d.message.remaining_expiry(now);
+        // Reading the clock is only needed, per delivery, for messages that expire.
+        let expiry = if d.message.expiry_interval.is_some() {
+            let now = Instant::now();
+            if d.message.is_expired(now) {
+                metrics.messages_expired.fetch_add(1, Ordering::Relaxed);
+                return;
+            }
+            d.message.remaining_expiry(now)
+        } else {
+            None
+        };
         let state = &mut self.session.as_mut().expect("session").1;
         if d.qos == crate::codec::QoS::AtMostOnce {
             if let Written::TooLarge = self.out.publish(&d, 0, false, expiry) {

@@ -27,7 +27,7 @@ pub struct Outbound {
     pub max_packet_size: usize,
     /// Topic aliases the client accepts from us, and those assigned so far.
     pub topic_alias_maximum: u16,
-    aliases: std::collections::HashMap<std::sync::Arc<str>, u16>,
+    aliases: std::collections::HashMap<String, u16>,
 }
 
 pub enum Written {
@@ -79,7 +79,7 @@ impl Outbound {
         let mut alias = None;
         let mut send_topic = true;
         if v5 && self.topic_alias_maximum > 0 {
-            if let Some(&a) = self.aliases.get(&msg.topic) {
+            if let Some(&a) = self.aliases.get(msg.topic.as_str()) {
                 alias = Some(a);
                 send_topic = false;
             } else if self.aliases.len() < usize::from(self.topic_alias_maximum) {
@@ -104,7 +104,7 @@ impl Outbound {
             + msg.payload.len();
         if crate::codec::packet_len(body) > self.max_packet_size {
             if alias.is_some() && send_topic {
-                self.aliases.remove(&msg.topic);
+                self.aliases.remove(msg.topic.as_str());
             }
             return Written::TooLarge;
         }
@@ -155,12 +155,17 @@ pub async fn writer_task(mut socket: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<
             }
         }
         while !queue.is_empty() {
-            let slices: Vec<IoSlice<'_>> = queue.iter().take(64).map(|b| IoSlice::new(b)).collect();
-            let mut written = match socket.write_vectored(&slices).await {
+            // On the stack: no allocation per write.
+            let mut slices = [IoSlice::new(&[]); 64];
+            let mut n = 0;
+            for (slot, b) in slices.iter_mut().zip(queue.iter()) {
+                *slot = IoSlice::new(b);
+                n += 1;
+            }
+            let mut written = match socket.write_vectored(&slices[..n]).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => n,
             };
-            drop(slices);
             while written > 0 {
                 let front = queue.front_mut().expect("written bytes came from the queue");
                 if written >= front.len() {
