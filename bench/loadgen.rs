@@ -100,6 +100,7 @@ impl Conn {
             if let Some(p) = self.decoder.decode(&mut self.buf).expect("valid packet from the broker") {
                 return Some(p);
             }
+            reserve(&mut self.buf);
             match self.reader.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return None,
                 Ok(_) => {}
@@ -111,6 +112,7 @@ impl Conn {
     async fn next_batch(&mut self, out: &mut Vec<Packet>) -> bool {
         out.clear();
         while out.is_empty() {
+            reserve(&mut self.buf);
             match self.reader.read_buf(&mut self.buf).await {
                 Ok(0) | Err(_) => return false,
                 Ok(_) => {}
@@ -133,6 +135,13 @@ impl Conn {
             Some(Packet::SubAck(a)) if a.reasons[0].0 < 0x80 => {}
             other => panic!("SUBSCRIBE refused: {other:?}"),
         }
+    }
+}
+
+/// Keeps room for a large read: `read_buf` on a full `BytesMut` would read 64 bytes at a time.
+fn reserve(buf: &mut BytesMut) {
+    if buf.capacity() - buf.len() < 16 * 1024 {
+        buf.reserve(64 * 1024);
     }
 }
 
@@ -201,6 +210,7 @@ async fn publisher_loop(c: Conn, id: u32, topic: String, qos: QoS, rate: f64, un
         let acked = acked.clone();
         tokio::spawn(async move {
             loop {
+                reserve(&mut buf);
                 match reader.read_buf(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(_) => {}
@@ -243,6 +253,8 @@ async fn publisher_loop(c: Conn, id: u32, topic: String, qos: QoS, rate: f64, un
             break;
         }
         out.clear();
+        // Publishers share the generator's one core with the subscribers: let them read.
+        tokio::task::yield_now().await;
     }
     // Give outstanding acknowledgements a moment to arrive.
     if qos != QoS::AtMostOnce {

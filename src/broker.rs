@@ -39,8 +39,8 @@ pub struct Broker {
 pub struct RouteOutcome {
     pub matched: usize,
     pub dropped: usize,
-    /// QoS 1 and 2 deliveries to connected sessions whose queue was full, for a publisher that
-    /// can wait for room (see `route`).
+    /// Deliveries to connected sessions whose queue was full, for a publisher that can wait for
+    /// room (see `route`).
     pub blocked: Vec<(Arc<SessionShared>, Delivery)>,
 }
 
@@ -93,11 +93,12 @@ impl Broker {
         self.route(message, false)
     }
 
-    /// Routes a message. With `can_wait`, a QoS 1 or 2 delivery that finds a connected
-    /// subscriber's queue full is handed back in `blocked` instead of being dropped, so that the
-    /// publisher's connection can wait for room before acknowledging: a slow reader slows the
-    /// publisher down rather than losing a story it was promised. A subscriber marked congested
-    /// (it kept its queue full for longer than a publisher may wait) is not waited for.
+    /// Routes a message. With `can_wait`, a delivery that finds a connected subscriber's queue
+    /// full is handed back in `blocked` instead of being dropped, so that the publisher's
+    /// connection can wait for room before reading on (and, at QoS 1 and 2, before
+    /// acknowledging): a slow reader slows the publisher down rather than losing stories. A
+    /// subscriber marked congested (it kept its queue full for longer than a publisher may wait)
+    /// is not waited for.
     pub fn route(&self, message: Arc<Message>, can_wait: bool) -> RouteOutcome {
         if message.retain {
             self.retained.write().expect("retained lock").set(message.clone());
@@ -127,9 +128,7 @@ impl Broker {
             };
             match t.session.mailbox.try_send(delivery) {
                 Ok(()) => {}
-                Err(TrySendError::Full(d))
-                    if can_wait && online && qos > QoS::AtMostOnce && !t.session.is_congested() =>
-                {
+                Err(TrySendError::Full(d)) if can_wait && online && !t.session.is_congested() => {
                     outcome.blocked.push((t.session.clone(), d));
                 }
                 Err(_) => outcome.dropped += 1,

@@ -76,8 +76,9 @@ pub struct Mqtt {
     pub max_queued_messages: usize,
     /// Seconds a new socket has to send its CONNECT.
     pub connect_timeout: u64,
-    /// Most outgoing frames buffered towards one socket before its session stops draining.
-    pub max_outbound_frames: usize,
+    /// Bytes encoded for one client and not yet taken by its socket above which its session
+    /// stops draining its queue and its input is not read until the socket takes some.
+    pub max_outbound_bytes: usize,
     /// Topic names whose match results are cached; 0 turns the cache off.
     pub match_cache_size: usize,
     /// Longest a publisher's QoS 1 or 2 message waits for room in a connected subscriber's full
@@ -96,7 +97,7 @@ impl Default for Mqtt {
             max_inflight_messages: 100,
             max_queued_messages: 1000,
             connect_timeout: 10,
-            max_outbound_frames: 1024,
+            max_outbound_bytes: 1 << 20,
             match_cache_size: 10_000,
             max_publish_wait_ms: 2000,
         }
@@ -175,8 +176,8 @@ impl Config {
         if m.connect_timeout == 0 {
             return invalid("mqtt.connect_timeout", "must be at least 1 second");
         }
-        if m.max_outbound_frames < 16 {
-            return invalid("mqtt.max_outbound_frames", "must be at least 16");
+        if m.max_outbound_bytes < 4096 {
+            return invalid("mqtt.max_outbound_bytes", "must be at least 4096");
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return invalid("log.level", "is not a valid log filter");

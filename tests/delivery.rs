@@ -323,7 +323,7 @@ async fn packet_larger_than_our_maximum_is_0x95() {
 
 #[tokio::test]
 async fn a_client_that_stops_reading_loses_only_its_own_messages_and_can_be_taken_over() {
-    let b = start_with("max_outbound_frames = 16\nmax_queued_messages = 50");
+    let b = start_with("max_outbound_bytes = 65536\nmax_queued_messages = 50");
     let (mut stuck, _) = RawClient::connect(b.addr, connect_packet(V3_1_1, "stuck", true)).await;
     stuck.send(&subscribe(1, "news/#", QoS::AtMostOnce)).await;
     expect_suback(&mut stuck).await;

@@ -6,7 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::AsyncReadExt;
-use tokio::net::tcp::OwnedReadHalf;
 use tracing::info;
 
 use super::{Close, Connection, Step};
@@ -14,7 +13,7 @@ use crate::codec::{ConnAck, Connect, ErrorKind, Packet, Properties, ProtocolVers
 use crate::session::{Kick, SessionShared, SessionState};
 
 impl Connection {
-    pub(super) async fn handshake(&mut self, reader: &mut OwnedReadHalf) -> Step {
+    pub(super) async fn handshake(&mut self) -> Step {
         let timeout = Duration::from_secs(self.broker.config.mqtt.connect_timeout);
         let deadline = tokio::time::Instant::now() + timeout;
         let connect = loop {
@@ -33,7 +32,7 @@ impl Connection {
                 }
                 Err(e) => return Err(Close::Decode(e)),
             }
-            match tokio::time::timeout_at(deadline, reader.read_buf(&mut self.inbuf)).await {
+            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.inbuf)).await {
                 Err(_) => return Err(Close::Refused("no CONNECT within the connect timeout")),
                 Ok(Ok(0)) | Ok(Err(_)) => return Err(Close::SocketClosed),
                 Ok(Ok(_)) => {}

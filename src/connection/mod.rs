@@ -13,8 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::AsyncReadExt;
-use tokio::net::tcp::OwnedReadHalf;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 use tracing::{debug, info};
@@ -85,28 +84,27 @@ impl Drop for OpenGuard<'_> {
     }
 }
 
-/// Runs a connection from accept to close.
+/// Runs a connection from accept to close, in one task that both reads and writes.
 pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     broker.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
     broker.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
     let _open = OpenGuard(&broker);
-    let (reader, writer) = stream.into_split();
-    let (tx, rx) = mpsc::channel(broker.config.mqtt.max_outbound_frames);
-    let writer = tokio::spawn(outbound::writer_task(writer, rx));
     let (kick_tx, kick_rx) = mpsc::unbounded_channel();
     let mut conn = Connection {
         broker: broker.clone(),
         peer,
+        stream,
         conn_id: broker.next_id(),
         decoder: Decoder::new(Role::Server, broker.config.mqtt.max_packet_size),
-        inbuf: BytesMut::with_capacity(256),
-        out: Outbound::new(tx),
+        inbuf: BytesMut::new(),
+        out: Outbound::new(),
         client_id: String::new(),
         session: None,
         kick_tx,
         kick_rx,
         keep_alive: None,
         last_inbound: Instant::now(),
+        last_write_progress: Instant::now(),
         will: None,
         receive_window: 0,
         inbound_aliases: HashMap::new(),
@@ -115,20 +113,14 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         blocked_deadline: None,
         held_ack: None,
     };
-    let close = conn.run(reader).await;
+    let close = conn.run().await;
     conn.finish(close).await;
-    // The writer ends once every sender is gone: drop ours before waiting for it.
-    drop(conn);
-    // Let the writer send what is queued (a DISCONNECT, say) but never wait on a stalled socket forever.
-    let mut writer = writer;
-    if tokio::time::timeout(Duration::from_secs(5), &mut writer).await.is_err() {
-        writer.abort();
-    }
 }
 
 pub struct Connection {
     broker: Arc<Broker>,
     peer: SocketAddr,
+    stream: TcpStream,
     conn_id: u64,
     decoder: Decoder,
     inbuf: BytesMut,
@@ -140,6 +132,8 @@ pub struct Connection {
     /// 1.5 times the negotiated keep-alive [MQTT-3.1.2-24]; None when keep-alive is 0.
     keep_alive: Option<Duration>,
     last_inbound: Instant,
+    /// When the socket last took bytes from us, to give up on a client that stopped reading.
+    last_write_progress: Instant,
     will: Option<Will>,
     /// How many QoS 1 and 2 messages may be in flight towards the client [MQTT-4.9.0-2].
     receive_window: usize,
@@ -153,7 +147,9 @@ pub struct Connection {
 }
 
 enum Event {
-    Read(std::io::Result<usize>),
+    Readable(std::io::Result<()>),
+    Writable(std::io::Result<()>),
+    WriteStalled,
     Delivery(Option<Delivery>),
     Kick(Option<Kick>),
     KeepAlive,
@@ -162,28 +158,17 @@ enum Event {
 }
 
 impl Connection {
-    async fn run(&mut self, mut reader: OwnedReadHalf) -> Close {
-        if let Err(close) = self.handshake(&mut reader).await {
+    async fn run(&mut self) -> Close {
+        if let Err(close) = self.handshake().await {
             return close;
         }
+        let limit = self.broker.config.mqtt.max_outbound_bytes;
         loop {
             if let Err(close) = self.drain_deliveries() {
                 return close;
             }
-            if self.out.has_pending() {
-                // The writer's queue is full only while the client reads slower than we write.
-                // Meanwhile a takeover or shutdown must still get through, and a client that
-                // reads nothing for a whole keep-alive period is given up on.
-                let stall = self.keep_alive.unwrap_or(Duration::from_secs(60));
-                let flushed = tokio::select! {
-                    biased;
-                    k = self.kick_rx.recv() => Err(k.map_or(Close::ServerShutdown, |k| Close::Kicked(k.reason))),
-                    r = self.out.flush() => r.map_err(|_| Close::SocketClosed),
-                    _ = tokio::time::sleep(stall) => Err(Close::WriteStalled),
-                };
-                if let Err(close) = flushed {
-                    return close;
-                }
+            if let Err(close) = self.write_some() {
+                return close;
             }
             if !self.blocked.is_empty() {
                 if let Err(close) = self.wait_for_room().await {
@@ -191,16 +176,26 @@ impl Connection {
                 }
                 continue;
             }
-            let window_open = self.window_open();
+            // Above the outbound limit the client reads slower than we write: stop taking on
+            // more (its queue fills, publishers wait or drop for it) and stop reading its input
+            // until the socket has taken some.
+            let room = self.out.pending_bytes() < limit;
+            let window_open = room && self.window_open();
+            let writing = self.out.has_pending();
             let deadline = self.keep_alive.map(|k| tokio::time::Instant::from_std(self.last_inbound + k));
+            let stall = tokio::time::Instant::from_std(
+                self.last_write_progress + self.keep_alive.unwrap_or(Duration::from_secs(60)),
+            );
             let state = &mut self.session.as_mut().expect("session after handshake").1;
             let more_pending = window_open && !state.pending.is_empty();
             let event = tokio::select! {
                 biased;
                 k = self.kick_rx.recv() => Event::Kick(k),
-                r = reader.read_buf(&mut self.inbuf) => Event::Read(r),
+                r = self.stream.writable(), if writing => Event::Writable(r),
+                r = self.stream.readable(), if room => Event::Readable(r),
                 d = state.mailbox.recv(), if window_open => Event::Delivery(d),
                 _ = sleep_until(deadline) => Event::KeepAlive,
+                _ = tokio::time::sleep_until(stall), if writing => Event::WriteStalled,
                 // Ready at once: the loop goes round to send the next part of the pending queue
                 // after input and timers have had their turn.
                 _ = std::future::ready(()), if more_pending => Event::MorePending,
@@ -210,8 +205,10 @@ impl Connection {
                 Event::Kick(Some(k)) => Err(Close::Kicked(k.reason)),
                 Event::Kick(None) => Err(Close::ServerShutdown),
                 Event::KeepAlive => Err(Close::KeepAliveTimeout),
-                Event::Read(Ok(0)) | Event::Read(Err(_)) => Err(Close::SocketClosed),
-                Event::Read(Ok(_)) => self.handle_input(),
+                Event::WriteStalled => Err(Close::WriteStalled),
+                Event::Writable(Ok(())) => Ok(()),
+                Event::Readable(Ok(())) => self.read_input(),
+                Event::Writable(Err(_)) | Event::Readable(Err(_)) => Err(Close::SocketClosed),
                 Event::Delivery(Some(d)) => {
                     self.start_delivery(d);
                     Ok(())
@@ -222,6 +219,42 @@ impl Connection {
             if let Err(close) = step {
                 return close;
             }
+        }
+    }
+
+    /// Writes what the socket takes now.
+    fn write_some(&mut self) -> Step {
+        if !self.out.has_pending() {
+            self.last_write_progress = Instant::now();
+            return Ok(());
+        }
+        match self.out.try_flush(&self.stream) {
+            Ok(0) => Ok(()),
+            Ok(_) => {
+                self.last_write_progress = Instant::now();
+                Ok(())
+            }
+            Err(_) => Err(Close::SocketClosed),
+        }
+    }
+
+    /// Reads what the socket has and handles every complete packet.
+    fn read_input(&mut self) -> Step {
+        if self.inbuf.capacity() - self.inbuf.len() < 4096 {
+            self.inbuf.reserve(16 * 1024);
+        }
+        match self.stream.try_read_buf(&mut self.inbuf) {
+            Ok(0) => Err(Close::SocketClosed),
+            Ok(_) => {
+                let step = self.handle_input();
+                if self.inbuf.is_empty() {
+                    // Everything read was handled: an idle connection holds no input buffer.
+                    self.inbuf = BytesMut::new();
+                }
+                step
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+            Err(_) => Err(Close::SocketClosed),
         }
     }
 
@@ -243,6 +276,10 @@ impl Connection {
         tokio::select! {
             biased;
             k = self.kick_rx.recv() => Err(k.map_or(Close::ServerShutdown, |k| Close::Kicked(k.reason))),
+            r = self.stream.writable(), if self.out.has_pending() => match r {
+                Ok(()) => self.write_some(),
+                Err(_) => Err(Close::SocketClosed),
+            },
             permit = target.mailbox.reserve() => {
                 let (_, delivery) = self.blocked.pop_front().expect("front exists");
                 if let Ok(permit) = permit {
@@ -409,7 +446,8 @@ impl Connection {
             self.broker.metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
         }
         self.settle_session(&close);
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.out.flush()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.out.flush_all(&self.stream)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
     }
 
     fn settle_session(&mut self, close: &Close) {
@@ -494,7 +532,7 @@ pub fn will_message(will: Will, publisher: u64) -> Arc<Message> {
     let expiry_interval = properties.message_expiry_interval.take();
     properties.will_delay_interval = None;
     Arc::new(Message {
-        topic: will.topic.into(),
+        topic: will.topic,
         payload: will.payload,
         qos: will.qos,
         retain: will.retain,

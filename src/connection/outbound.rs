@@ -1,14 +1,12 @@
 //! The outgoing side of a connection: PUBLISH encoding per subscriber (payload by reference),
-//! small packets batched into one buffer, and the writer task that drains batches to the socket
-//! with vectored writes.
+//! small packets batched into one buffer, and non-blocking vectored writes of the queued frames
+//! straight from the connection's own task.
 
 use std::collections::VecDeque;
 use std::io::IoSlice;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::mpsc;
+use tokio::net::TcpStream;
 
 use crate::codec::wire::{put_varint, varint_len};
 use crate::codec::{properties, put_fixed_header, Packet, ProtocolVersion, QoS};
@@ -18,9 +16,10 @@ use crate::session::Delivery;
 /// and reference count for a few bytes. Larger ones are written from the shared `Bytes`.
 const COPY_PAYLOAD_UP_TO: usize = 64;
 
+/// Frames waiting for the socket, oldest first, and the buffer small packets are encoded into.
 pub struct Outbound {
-    tx: mpsc::Sender<Vec<Bytes>>,
-    batch: Vec<Bytes>,
+    queue: VecDeque<Bytes>,
+    queued_bytes: usize,
     scratch: BytesMut,
     pub version: ProtocolVersion,
     /// The client's Maximum Packet Size [MQTT-3.1.2-24].
@@ -36,10 +35,10 @@ pub enum Written {
 }
 
 impl Outbound {
-    pub fn new(tx: mpsc::Sender<Vec<Bytes>>) -> Self {
+    pub fn new() -> Self {
         Self {
-            tx,
-            batch: Vec::new(),
+            queue: VecDeque::new(),
+            queued_bytes: 0,
             scratch: BytesMut::new(),
             version: ProtocolVersion::V3_1_1,
             max_packet_size: usize::MAX,
@@ -53,22 +52,71 @@ impl Outbound {
     }
 
     pub fn has_pending(&self) -> bool {
-        !self.batch.is_empty() || !self.scratch.is_empty()
+        self.queued_bytes > 0 || !self.scratch.is_empty()
     }
 
-    /// Hands everything encoded so far to the writer task, waiting while its queue is full.
-    /// The wait can be abandoned (in a `select!`) without losing the batch: it is only taken
-    /// once a slot is reserved.
-    pub async fn flush(&mut self) -> Result<(), ()> {
-        if !self.has_pending() {
-            return Ok(());
-        }
-        let permit = self.tx.reserve().await.map_err(|_| ())?;
+    /// Bytes encoded and not yet taken by the socket.
+    pub fn pending_bytes(&self) -> usize {
+        self.queued_bytes + self.scratch.len()
+    }
+
+    fn seal(&mut self) {
         if !self.scratch.is_empty() {
-            self.batch.push(self.scratch.split().freeze());
+            let frame = self.scratch.split().freeze();
+            self.queued_bytes += frame.len();
+            self.queue.push_back(frame);
         }
-        permit.send(std::mem::take(&mut self.batch));
-        Ok(())
+    }
+
+    fn push(&mut self, frame: Bytes) {
+        self.seal();
+        self.queued_bytes += frame.len();
+        self.queue.push_back(frame);
+    }
+
+    /// Writes as much as the socket takes now, without waiting; returns the bytes written.
+    pub fn try_flush(&mut self, stream: &TcpStream) -> std::io::Result<usize> {
+        self.seal();
+        let mut total = 0;
+        while !self.queue.is_empty() {
+            // On the stack: no allocation per write.
+            let mut slices = [IoSlice::new(&[]); 64];
+            let mut n = 0;
+            for (slot, b) in slices.iter_mut().zip(self.queue.iter()) {
+                *slot = IoSlice::new(b);
+                n += 1;
+            }
+            let mut written = match stream.try_write_vectored(&slices[..n]) {
+                Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+                Ok(w) => w,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) => return Err(e),
+            };
+            total += written;
+            self.queued_bytes -= written;
+            while written > 0 {
+                let front = self.queue.front_mut().expect("written bytes came from the queue");
+                if written >= front.len() {
+                    written -= front.len();
+                    self.queue.pop_front();
+                } else {
+                    let _ = front.split_to(written);
+                    written = 0;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Writes everything queued, waiting for the socket as needed.
+    pub async fn flush_all(&mut self, stream: &TcpStream) -> std::io::Result<()> {
+        loop {
+            self.try_flush(stream)?;
+            if !self.has_pending() {
+                return Ok(());
+            }
+            stream.writable().await?;
+        }
     }
 
     /// Encodes one PUBLISH for this client, unless it exceeds the client's maximum packet size,
@@ -135,48 +183,14 @@ impl Outbound {
         if msg.payload.len() <= COPY_PAYLOAD_UP_TO {
             out.put_slice(&msg.payload);
         } else {
-            self.batch.push(self.scratch.split().freeze());
-            self.batch.push(msg.payload.clone());
+            self.push(msg.payload.clone());
         }
         Written::Sent
     }
 }
 
-/// Writes batches to the socket until the connection task drops its sender, then shuts the
-/// socket down. Batches queued meanwhile are coalesced into one vectored write.
-pub async fn writer_task(mut socket: OwnedWriteHalf, mut rx: mpsc::Receiver<Vec<Bytes>>) {
-    let mut queue: VecDeque<Bytes> = VecDeque::new();
-    while let Some(batch) = rx.recv().await {
-        queue.extend(batch);
-        while queue.len() < 1024 {
-            match rx.try_recv() {
-                Ok(more) => queue.extend(more),
-                Err(_) => break,
-            }
-        }
-        while !queue.is_empty() {
-            // On the stack: no allocation per write.
-            let mut slices = [IoSlice::new(&[]); 64];
-            let mut n = 0;
-            for (slot, b) in slices.iter_mut().zip(queue.iter()) {
-                *slot = IoSlice::new(b);
-                n += 1;
-            }
-            let mut written = match socket.write_vectored(&slices[..n]).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            while written > 0 {
-                let front = queue.front_mut().expect("written bytes came from the queue");
-                if written >= front.len() {
-                    written -= front.len();
-                    queue.pop_front();
-                } else {
-                    let _ = front.split_to(written);
-                    written = 0;
-                }
-            }
-        }
+impl Default for Outbound {
+    fn default() -> Self {
+        Self::new()
     }
-    let _ = socket.shutdown().await;
 }
