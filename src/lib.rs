@@ -5,14 +5,14 @@
 //! ```text
 //! socket -> listener -> connection: decode -> router -> each matching session's mailbox
 //!                            |                  \-> retain (retained store)
-//!                            \-> session state      connection of that session: encode -> writer task -> socket
+//!                            \-> session state      connection of that session: encode -> vectored write -> socket
 //! ```
 //!
 //! A PUBLISH is decoded once (`codec`), its payload stays one `Bytes` for its whole life, the
 //! `router` finds the matching sessions in the subscription tree, and each target session gets
 //! an `Arc` of the message in its bounded mailbox (`session`). The connection that holds the
-//! session drains the mailbox within the client's receive window and writes through its own
-//! writer task (`connection::outbound`). No lock is held across an `.await`.
+//! session drains the mailbox within the client's receive window and writes with non-blocking vectored
+//! writes from the same task (`connection::outbound`). No lock is held across an `.await`.
 //!
 //! Modules: `config` (TOML configuration), `broker` (shared state, listeners, shutdown),
 //! `listener` (accept loops), `connection` (handshake, packet handling, outbound writing),
