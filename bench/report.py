@@ -110,4 +110,8 @@ for r in rows:
     figures = ", ".join(f"{k}={fmt(v) if isinstance(v, (int, float)) else v}" for k, v in r.items()
                         if k not in ("broker", "args", "scenario"))
     out.append(f"| {r['broker']} | `{r['args']}` | {figures} |")
+try:
+    out.append("\n" + open(__file__.replace("report.py", "notes.md")).read())
+except OSError:
+    pass
 print("\n".join(out))
