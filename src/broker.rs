@@ -80,9 +80,7 @@ impl Broker {
         let sessions: Vec<Arc<SessionShared>> =
             self.sessions.lock().expect("sessions lock").values().cloned().collect();
         for s in sessions {
-            if let Some((_, kick)) = &s.ownership.lock().expect("ownership lock").holder {
-                let _ = kick.send(crate::session::Kick { reason: crate::codec::ReasonCode::SERVER_SHUTTING_DOWN });
-            }
+            s.ownership.lock().expect("ownership lock").kick(crate::codec::ReasonCode::SERVER_SHUTTING_DOWN);
         }
     }
 

@@ -24,10 +24,17 @@ struct SharedGroup {
     next: AtomicUsize,
 }
 
+/// A level of the tree. Most nodes are inner levels with no subscriber of their own, so the
+/// subscriber tables sit behind one optional box: a node costs 64 bytes, not 300.
 #[derive(Default)]
 struct Node {
     literal: HashMap<Box<str>, Node>,
     plus: Option<Box<Node>>,
+    subs: Option<Box<NodeSubscribers>>,
+}
+
+#[derive(Default)]
+struct NodeSubscribers {
     /// Subscribers of `filter/#`, which also match `filter` itself [MQTT-4.7.1-2].
     hash: HashMap<u64, Subscription>,
     hash_shared: HashMap<Box<str>, SharedGroup>,
@@ -35,14 +42,15 @@ struct Node {
     exact_shared: HashMap<Box<str>, SharedGroup>,
 }
 
+impl NodeSubscribers {
+    fn is_empty(&self) -> bool {
+        self.hash.is_empty() && self.hash_shared.is_empty() && self.exact.is_empty() && self.exact_shared.is_empty()
+    }
+}
+
 impl Node {
     fn is_empty(&self) -> bool {
-        self.literal.is_empty()
-            && self.plus.is_none()
-            && self.hash.is_empty()
-            && self.hash_shared.is_empty()
-            && self.exact.is_empty()
-            && self.exact_shared.is_empty()
+        self.literal.is_empty() && self.plus.is_none() && self.subs.is_none()
     }
 }
 
@@ -160,10 +168,11 @@ impl SubscriptionTree {
         }
         let key = sub.session.id;
         let existed = match (filter.share, at_hash) {
-            (None, false) => node.exact.insert(key, sub).is_some(),
-            (None, true) => node.hash.insert(key, sub).is_some(),
+            (None, false) => node.subs.get_or_insert_with(Default::default).exact.insert(key, sub).is_some(),
+            (None, true) => node.subs.get_or_insert_with(Default::default).hash.insert(key, sub).is_some(),
             (Some(g), hash) => {
-                let groups = if hash { &mut node.hash_shared } else { &mut node.exact_shared };
+                let subs = node.subs.get_or_insert_with(Default::default);
+                let groups = if hash { &mut subs.hash_shared } else { &mut subs.exact_shared };
                 let group = groups.entry(g.into()).or_default();
                 if let Some(slot) = group.members.iter_mut().find(|m| m.session.id == key) {
                     *slot = sub;
@@ -245,13 +254,15 @@ fn collect<'a>(
     shared: &mut Vec<&'a SharedGroup>,
 ) {
     let first = depth == 0 && dollar;
-    if !first {
-        found.extend(node.hash.values());
-        shared.extend(node.hash_shared.values());
+    if let (false, Some(subs)) = (first, &node.subs) {
+        found.extend(subs.hash.values());
+        shared.extend(subs.hash_shared.values());
     }
     let Some(level) = levels.get(depth) else {
-        found.extend(node.exact.values());
-        shared.extend(node.exact_shared.values());
+        if let Some(subs) = &node.subs {
+            found.extend(subs.exact.values());
+            shared.extend(subs.exact_shared.values());
+        }
         return;
     };
     if let Some(child) = node.literal.get(*level) {
@@ -265,12 +276,22 @@ fn collect<'a>(
 }
 
 fn remove(node: &mut Node, levels: &[&str], share: Option<&str>, session_id: u64) -> bool {
-    let Some((&level, rest)) = levels.split_first() else {
-        return remove_here(&mut node.exact, &mut node.exact_shared, share, session_id);
-    };
-    if level == "#" && rest.is_empty() {
-        return remove_here(&mut node.hash, &mut node.hash_shared, share, session_id);
+    let at_hash = levels == ["#"];
+    if levels.is_empty() || at_hash {
+        let Some(subs) = node.subs.as_mut() else {
+            return false;
+        };
+        let removed = if at_hash {
+            remove_here(&mut subs.hash, &mut subs.hash_shared, share, session_id)
+        } else {
+            remove_here(&mut subs.exact, &mut subs.exact_shared, share, session_id)
+        };
+        if subs.is_empty() {
+            node.subs = None;
+        }
+        return removed;
     }
+    let (&level, rest) = levels.split_first().expect("not empty");
     let removed;
     if level == "+" {
         let Some(child) = node.plus.as_mut() else {

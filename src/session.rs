@@ -144,10 +144,19 @@ pub struct Kick {
     pub reason: ReasonCode,
 }
 
+impl Ownership {
+    /// Asks the connection holding the session to close with `reason`, unless it was asked already.
+    pub fn kick(&mut self, reason: ReasonCode) {
+        if let Some(tx) = self.holder.as_mut().and_then(|(_, tx)| tx.take()) {
+            let _ = tx.send(Kick { reason });
+        }
+    }
+}
+
 #[derive(Default)]
 pub struct Ownership {
-    /// The connection that holds the session, and how to ask it to let go.
-    pub holder: Option<(u64, mpsc::UnboundedSender<Kick>)>,
+    /// The connection that holds the session, and how to ask it (once) to let go.
+    pub holder: Option<(u64, Option<tokio::sync::oneshot::Sender<Kick>>)>,
     /// The state, while no connection holds it.
     pub parked: Option<SessionState>,
     /// Cancels a delayed will of the previous connection [MQTT-3.1.3-9].

@@ -10,7 +10,7 @@ use tracing::info;
 
 use super::{Close, Connection, Step};
 use crate::codec::{ConnAck, Connect, ErrorKind, Packet, Properties, ProtocolVersion, ReasonCode};
-use crate::session::{Kick, SessionShared, SessionState};
+use crate::session::{SessionShared, SessionState};
 
 impl Connection {
     pub(super) async fn handshake(&mut self) -> Step {
@@ -156,7 +156,8 @@ impl Connection {
         let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
         loop {
             let existing = {
-                let mut sessions = self.broker.sessions.lock().expect("sessions lock");
+                let broker = self.broker.clone();
+                let mut sessions = broker.sessions.lock().expect("sessions lock");
                 match sessions.get(client_id).cloned() {
                     None => {
                         let (shared, state) = self.broker.new_session(client_id.to_owned());
@@ -177,14 +178,12 @@ impl Connection {
                                 self.broker.end_session(&existing, &state);
                                 continue;
                             }
-                            own.holder = Some((self.conn_id, self.kick_tx.clone()));
+                            own.holder = Some((self.conn_id, self.kick_tx.take()));
                             existing.online.store(true, Ordering::Release);
                             drop(own);
                             return Ok((existing, state, true));
                         }
-                        if let Some((_, kick)) = &own.holder {
-                            let _ = kick.send(Kick { reason: crate::codec::ReasonCode::SESSION_TAKEN_OVER });
-                        }
+                        own.kick(crate::codec::ReasonCode::SESSION_TAKEN_OVER);
                         drop(own);
                         existing
                     }
@@ -198,8 +197,8 @@ impl Connection {
         }
     }
 
-    fn hold(&self, shared: &Arc<SessionShared>) {
-        shared.ownership.lock().expect("ownership lock").holder = Some((self.conn_id, self.kick_tx.clone()));
+    fn hold(&mut self, shared: &Arc<SessionShared>) {
+        shared.ownership.lock().expect("ownership lock").holder = Some((self.conn_id, self.kick_tx.take()));
         shared.online.store(true, Ordering::Release);
     }
 }

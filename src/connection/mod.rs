@@ -15,7 +15,6 @@ use std::time::{Duration, Instant};
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tracing::{debug, info};
 
 use crate::broker::Broker;
@@ -89,7 +88,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
     broker.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
     broker.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
     let _open = OpenGuard(&broker);
-    let (kick_tx, kick_rx) = mpsc::unbounded_channel();
+    let (kick_tx, kick_rx) = tokio::sync::oneshot::channel();
     let mut conn = Connection {
         broker: broker.clone(),
         peer,
@@ -100,7 +99,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         out: Outbound::new(),
         client_id: String::new(),
         session: None,
-        kick_tx,
+        kick_tx: Some(kick_tx),
         kick_rx,
         keep_alive: None,
         last_inbound: Instant::now(),
@@ -127,8 +126,9 @@ pub struct Connection {
     out: Outbound,
     client_id: String,
     session: Option<(Arc<SessionShared>, SessionState)>,
-    kick_tx: mpsc::UnboundedSender<Kick>,
-    kick_rx: mpsc::UnboundedReceiver<Kick>,
+    /// Handed to the session's ownership when this connection takes the session.
+    kick_tx: Option<tokio::sync::oneshot::Sender<Kick>>,
+    kick_rx: tokio::sync::oneshot::Receiver<Kick>,
     /// 1.5 times the negotiated keep-alive [MQTT-3.1.2-24]; None when keep-alive is 0.
     keep_alive: Option<Duration>,
     last_inbound: Instant,
@@ -190,7 +190,7 @@ impl Connection {
             let more_pending = window_open && !state.pending.is_empty();
             let event = tokio::select! {
                 biased;
-                k = self.kick_rx.recv() => Event::Kick(k),
+                k = &mut self.kick_rx => Event::Kick(k.ok()),
                 r = self.stream.writable(), if writing => Event::Writable(r),
                 r = self.stream.readable(), if room => Event::Readable(r),
                 d = state.mailbox.recv(), if window_open => Event::Delivery(d),
@@ -275,7 +275,11 @@ impl Connection {
         let state = &mut self.session.as_mut().expect("session").1;
         tokio::select! {
             biased;
-            k = self.kick_rx.recv() => Err(k.map_or(Close::ServerShutdown, |k| Close::Kicked(k.reason))),
+            k = &mut self.kick_rx => Err(match k {
+                Ok(k) if k.reason == ReasonCode::SERVER_SHUTTING_DOWN => Close::ServerShutdown,
+                Ok(k) => Close::Kicked(k.reason),
+                Err(_) => Close::ServerShutdown,
+            }),
             r = self.stream.writable(), if self.out.has_pending() => match r {
                 Ok(()) => self.write_some(),
                 Err(_) => Err(Close::SocketClosed),
