@@ -20,6 +20,8 @@ brokers = []
 for r in rows:
     if r["broker"] not in brokers:
         brokers.append(r["broker"])
+brokers.sort(key=lambda b: (b != "herald", b))
+rows.sort(key=lambda r: brokers.index(r["broker"]))
 
 
 def find(broker, scenario, **want):

@@ -22,7 +22,12 @@ command -v mosquitto >/dev/null || bash scripts/install-deps.sh
 work=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$work"' EXIT
 results=bench/results.jsonl
-: > "$results"
+# Keep the other brokers' rows of an earlier run when only some brokers are run now.
+touch "$results"
+for broker in $BROKERS; do
+  grep -v "\"broker\":\"$broker\"" "$results" > "$work/keep" || true
+  cp "$work/keep" "$results"
+done
 
 sed "s/PORT/$PORT/" bench/herald.toml > "$work/herald.toml"
 sed "s/PORT/$PORT/" bench/mosquitto.conf > "$work/mosquitto.conf"
