@@ -85,6 +85,12 @@ pub struct Mqtt {
     /// queue, in milliseconds, before it is dropped for that subscriber (which is then marked
     /// congested and no longer waited for until it drains).
     pub max_publish_wait_ms: u64,
+    /// Most levels in a topic name or filter; deeper PUBLISHes are refused (5.0: DISCONNECT 0x90)
+    /// and deeper filters get SUBACK 0x8F (3.1.1: 0x80).
+    pub max_topic_levels: usize,
+    /// Most retained messages waiting to be sent to one session after its SUBSCRIBEs; beyond it
+    /// further retained messages for that session are dropped and counted.
+    pub max_pending_retained: usize,
 }
 
 impl Default for Mqtt {
@@ -100,6 +106,8 @@ impl Default for Mqtt {
             max_outbound_bytes: 1 << 20,
             match_cache_size: 10_000,
             max_publish_wait_ms: 2000,
+            max_topic_levels: 128,
+            max_pending_retained: 1_000_000,
         }
     }
 }
@@ -178,6 +186,9 @@ impl Config {
         }
         if m.max_outbound_bytes < 4096 {
             return invalid("mqtt.max_outbound_bytes", "must be at least 4096");
+        }
+        if m.max_topic_levels == 0 {
+            return invalid("mqtt.max_topic_levels", "must be at least 1");
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return invalid("log.level", "is not a valid log filter");

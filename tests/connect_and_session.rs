@@ -203,3 +203,15 @@ async fn mqtt_3_1_0_2_second_connect_is_a_protocol_error() {
         other => panic!("{other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_will_topic_deeper_than_max_topic_levels_is_refused_with_0x90() {
+    let b = start_with("max_topic_levels = 4");
+    let mut c = RawClient::connect_tcp(b.addr).await;
+    c.send(&Packet::Connect(Box::new(with_will(connect_packet(V5, "deep-will", true), "a/b/c/d/e", None)))).await;
+    match c.recv().await {
+        Some(Packet::ConnAck(a)) => assert_eq!(a.code, ReasonCode::TOPIC_NAME_INVALID),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(c.recv().await, None);
+}

@@ -408,3 +408,49 @@ async fn a_subscriber_that_never_acknowledges_holds_publishers_up_once_then_is_m
     let dropped = b.broker.metrics.messages_dropped_queue_full.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(dropped, 100 - 6, "1 in flight and 5 queued, the rest counted as dropped");
 }
+
+#[tokio::test]
+async fn topics_deeper_than_max_topic_levels_are_refused_not_walked() {
+    let b = start_with("max_topic_levels = 8");
+    let (mut c, _) = RawClient::connect(b.addr, connect_packet(V5, "deep", true)).await;
+    let deep = ["a"; 9].join("/");
+    c.send(&subscribe(1, &deep, QoS::AtMostOnce)).await;
+    assert_eq!(expect_suback(&mut c).await, vec![ReasonCode::TOPIC_FILTER_INVALID.0]);
+    let ok = ["a"; 8].join("/");
+    c.send(&subscribe(2, &ok, QoS::AtMostOnce)).await;
+    assert_eq!(expect_suback(&mut c).await, vec![0]);
+    c.send(&publish(&ok, b"fine", QoS::AtMostOnce, 0)).await;
+    assert_eq!(&expect_publish(&mut c).await.payload[..], b"fine");
+    c.send(&publish(&deep, b"too deep", QoS::AtMostOnce, 0)).await;
+    match c.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::TOPIC_NAME_INVALID),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn retained_replay_is_bounded_per_session_by_max_pending_retained() {
+    let b = start_with("max_pending_retained = 50");
+    let (mut p, _) = RawClient::connect(b.addr, connect_packet(V3_1_1, "cms", true)).await;
+    for i in 0..100u16 {
+        let mut m = match publish(&format!("news/{i}"), b"h", QoS::AtLeastOnce, i + 1) {
+            Packet::Publish(p) => p,
+            _ => unreachable!(),
+        };
+        m.retain = true;
+        p.send(&Packet::Publish(m)).await;
+        assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
+    }
+    let mut c = connect_packet(V5, "greedy", true);
+    c.properties.receive_maximum = Some(1); // nothing drains while we count
+    let (mut g, _) = RawClient::connect(b.addr, c).await;
+    g.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
+    expect_suback(&mut g).await;
+    let mut got = 0;
+    while let Ok(Some(Packet::Publish(m))) = g.recv_within(Duration::from_millis(300)).await {
+        got += 1;
+        g.send(&Packet::PubAck(PubResponse::new(m.packet_id, ReasonCode::SUCCESS))).await;
+    }
+    assert_eq!(got, 50);
+    assert_eq!(b.broker.metrics.messages_dropped_queue_full.load(std::sync::atomic::Ordering::Relaxed), 50);
+}

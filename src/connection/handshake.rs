@@ -52,6 +52,14 @@ impl Connection {
         if let Some(max) = c.properties.maximum_packet_size {
             self.out.max_packet_size = max as usize;
         }
+        if let Some(will) = &c.will {
+            if will.topic.bytes().filter(|&b| b == b'/').count() >= config.max_topic_levels {
+                if v5 {
+                    refuse(&mut self.out, ReasonCode::TOPIC_NAME_INVALID);
+                }
+                return Err(Close::Refused("will topic has more levels than max_topic_levels"));
+            }
+        }
         if c.properties.authentication_method.is_some() {
             // Herald supports no enhanced authentication method [MQTT-4.12.0-1].
             refuse(&mut self.out, ReasonCode::BAD_AUTHENTICATION_METHOD);

@@ -11,6 +11,10 @@ use crate::codec::{
 use crate::router::{parse_filter, FilterError, Subscription};
 use crate::session::{Delivery, Message, OutState};
 
+fn topic_levels(topic: &str) -> usize {
+    topic.bytes().filter(|&b| b == b'/').count() + 1
+}
+
 fn violation(code: ReasonCode, why: &'static str) -> Close {
     Close::Violation(code, why)
 }
@@ -65,6 +69,11 @@ impl Connection {
             } else if p.topic.is_empty() {
                 return Err(violation(ReasonCode::MALFORMED_PACKET, "[MQTT-3.3.2-1] empty topic name without alias"));
             }
+        }
+        if topic_levels(&p.topic) > self.broker.config.mqtt.max_topic_levels {
+            // The trees are walked level by level; an absurdly deep topic is refused rather than
+            // let it cost unbounded depth.
+            return Err(violation(ReasonCode::TOPIC_NAME_INVALID, "topic name has more levels than max_topic_levels"));
         }
         let state = &mut self.session.as_mut().expect("session").1;
         let duplicate_qos2 = p.qos == QoS::ExactlyOnce && state.incoming_qos2.contains(&p.packet_id);
@@ -196,6 +205,10 @@ impl Connection {
                     continue;
                 }
             };
+            if topic_levels(parsed.filter) > self.broker.config.mqtt.max_topic_levels {
+                reasons.push(if v5 { ReasonCode::TOPIC_FILTER_INVALID } else { ReasonCode::UNSPECIFIED_ERROR });
+                continue;
+            }
             if parsed.share.is_some() && options.no_local {
                 return Err(violation(ReasonCode::PROTOCOL_ERROR, "[MQTT-3.8.3-4] no local on a shared subscription"));
             }
@@ -219,6 +232,16 @@ impl Connection {
                     subscription_ids: identifier.into_iter().collect(),
                 }));
             }
+        }
+        let room = self.broker.config.mqtt.max_pending_retained.saturating_sub(state.pending.len());
+        if retained.len() > room {
+            let dropped = retained.len() - room;
+            tracing::warn!(client_id = %self.client_id, dropped, "retained messages beyond max_pending_retained dropped");
+            self.broker
+                .metrics
+                .messages_dropped_queue_full
+                .fetch_add(dropped as u64, std::sync::atomic::Ordering::Relaxed);
+            retained.truncate(room);
         }
         state.pending.extend(retained);
         self.out.packet(&Packet::SubAck(SubAck { packet_id: s.packet_id, properties: Properties::default(), reasons }));
