@@ -309,6 +309,14 @@ impl Report {
     }
 }
 
+/// Waits up to 10 s for the subscribers to have received `expect` messages.
+async fn drain(received: &Received, expect: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while received.count.load(Relaxed) < expect && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 fn latency_fields(r: &mut Report, received: &Received) {
     let mut l = std::mem::take(&mut *received.latencies_us.lock().unwrap());
     l.sort_unstable();
@@ -346,10 +354,7 @@ async fn fanin(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
         acked += a;
     }
     let expect = if qos == QoS::AtMostOnce { sent } else { acked };
-    let drain = Instant::now() + Duration::from_secs(10);
-    while received.count.load(Relaxed) < expect && Instant::now() < drain {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    drain(&received, expect).await;
     let elapsed = start.elapsed().as_secs_f64();
     let cpu1 = pid.and_then(broker_cpu_us);
     stop.store(true, Relaxed);
@@ -386,10 +391,7 @@ async fn fanout(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     let pub_rate = if rate > 0.0 { rate / subscribers as f64 } else { 0.0 };
     let (sent, acked) = publisher_loop(publisher, 0, "news/tech".into(), qos, pub_rate, until).await;
     let expect = subscribers as u64 * if qos == QoS::AtMostOnce { sent } else { acked };
-    let drain = Instant::now() + Duration::from_secs(10);
-    while received.count.load(Relaxed) < expect && Instant::now() < drain {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    drain(&received, expect).await;
     let elapsed = start.elapsed().as_secs_f64();
     let cpu1 = pid.and_then(broker_cpu_us);
     stop.store(true, Relaxed);
