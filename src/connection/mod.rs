@@ -103,7 +103,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         kick_rx,
         keep_alive: None,
         last_inbound: Instant::now(),
-        last_write_progress: Instant::now(),
+        last_write_progress: None,
         will: None,
         receive_window: 0,
         inbound_aliases: HashMap::new(),
@@ -132,8 +132,9 @@ pub struct Connection {
     /// 1.5 times the negotiated keep-alive [MQTT-3.1.2-24]; None when keep-alive is 0.
     keep_alive: Option<Duration>,
     last_inbound: Instant,
-    /// When the socket last took bytes from us, to give up on a client that stopped reading.
-    last_write_progress: Instant,
+    /// While output is queued: when the socket last took bytes from us (or the output began),
+    /// to give up on a client that stopped reading. None while nothing is queued.
+    last_write_progress: Option<Instant>,
     will: Option<Will>,
     /// How many QoS 1 and 2 messages may be in flight towards the client [MQTT-4.9.0-2].
     receive_window: usize,
@@ -183,9 +184,9 @@ impl Connection {
             let window_open = room && self.window_open();
             let writing = self.out.has_pending();
             let deadline = self.keep_alive.map(|k| tokio::time::Instant::from_std(self.last_inbound + k));
-            let stall = tokio::time::Instant::from_std(
-                self.last_write_progress + self.keep_alive.unwrap_or(Duration::from_secs(60)),
-            );
+            let stall = self
+                .last_write_progress
+                .map(|t| tokio::time::Instant::from_std(t + self.keep_alive.unwrap_or(Duration::from_secs(60))));
             let state = &mut self.session.as_mut().expect("session after handshake").1;
             let more_pending = window_open && !state.pending.is_empty();
             let event = tokio::select! {
@@ -195,7 +196,7 @@ impl Connection {
                 r = self.stream.readable(), if room => Event::Readable(r),
                 d = state.mailbox.recv(), if window_open => Event::Delivery(d),
                 _ = sleep_until(deadline) => Event::KeepAlive,
-                _ = tokio::time::sleep_until(stall), if writing => Event::WriteStalled,
+                _ = sleep_until(stall), if writing => Event::WriteStalled,
                 // Ready at once: the loop goes round to send the next part of the pending queue
                 // after input and timers have had their turn.
                 _ = std::future::ready(()), if more_pending => Event::MorePending,
@@ -225,16 +226,22 @@ impl Connection {
     /// Writes what the socket takes now.
     fn write_some(&mut self) -> Step {
         if !self.out.has_pending() {
-            self.last_write_progress = Instant::now();
+            self.last_write_progress = None;
             return Ok(());
         }
         match self.out.try_flush(&self.stream) {
-            Ok(0) => Ok(()),
-            Ok(_) => {
-                self.last_write_progress = Instant::now();
+            Err(_) => Err(Close::SocketClosed),
+            // Everything went: nothing to watch, and no clock read on the common path.
+            Ok(_) if !self.out.has_pending() => {
+                self.last_write_progress = None;
                 Ok(())
             }
-            Err(_) => Err(Close::SocketClosed),
+            Ok(n) => {
+                if n > 0 || self.last_write_progress.is_none() {
+                    self.last_write_progress = Some(Instant::now());
+                }
+                Ok(())
+            }
         }
     }
 
