@@ -105,6 +105,7 @@ impl Broker {
             let router = self.router.read().expect("router lock");
             self.match_cache.matches(&router, &message.topic)
         };
+        message.fanout.store(targets.len(), std::sync::atomic::Ordering::Relaxed);
         let mut outcome = RouteOutcome::default();
         for t in targets.iter() {
             if t.no_local && message.publisher == Some(t.session.id) {

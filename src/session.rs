@@ -30,6 +30,11 @@ pub struct Message {
     pub received_at: Instant,
     /// The publishing session, for the no-local option [MQTT-3.8.3-3].
     pub publisher: Option<u64>,
+    /// The QoS 0 PUBLISH as most subscribers get it, encoded once and shared: indexed by
+    /// [3.1.1 or 5.0][retain flag]. See `connection::outbound`.
+    pub shared_frames: [[std::sync::OnceLock<Bytes>; 2]; 2],
+    /// How many sessions routing found for it; sharing an encoded frame pays only above one.
+    pub fanout: std::sync::atomic::AtomicUsize,
 }
 
 impl Message {
@@ -56,6 +61,8 @@ impl Message {
             expiry_interval: None,
             received_at: Instant::now(),
             publisher: None,
+            shared_frames: Default::default(),
+            fanout: Default::default(),
         }
     }
 }

@@ -454,3 +454,40 @@ async fn retained_replay_is_bounded_per_session_by_max_pending_retained() {
     assert_eq!(got, 50);
     assert_eq!(b.broker.metrics.messages_dropped_queue_full.load(std::sync::atomic::Ordering::Relaxed), 50);
 }
+
+#[tokio::test]
+async fn one_message_to_many_subscribers_gives_each_its_own_correct_packet() {
+    let b = start();
+    let mut v3 = {
+        let (mut c, _) = RawClient::connect(b.addr, connect_packet(V3_1_1, "v3", true)).await;
+        c.send(&subscribe(1, "news/#", QoS::AtMostOnce)).await;
+        expect_suback(&mut c).await;
+        c
+    };
+    let mut v5 = subscriber(&b, "v5", "news/#", QoS::AtMostOnce).await;
+    let (mut v5id, _) = RawClient::connect(b.addr, connect_packet(V5, "v5-id", true)).await;
+    let mut properties = Properties::default();
+    properties.subscription_identifiers = vec![9];
+    v5id.send(&Packet::Subscribe(Subscribe {
+        packet_id: 1,
+        properties,
+        filters: vec![("news/#".into(), SubscriptionOptions::default())],
+    }))
+    .await;
+    expect_suback(&mut v5id).await;
+    let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "cms", true)).await;
+    let mut m = match publish("news/x", &[7u8; 300], QoS::AtMostOnce, 0) {
+        Packet::Publish(p) => p,
+        _ => unreachable!(),
+    };
+    m.properties.user_properties = vec![("story-id".into(), "s-9".into())];
+    p.send(&Packet::Publish(m)).await;
+    let a = expect_publish(&mut v3).await;
+    assert_eq!((a.topic.as_str(), a.payload.len()), ("news/x", 300));
+    let b5 = expect_publish(&mut v5).await;
+    assert_eq!(b5.properties.user_properties, vec![("story-id".to_string(), "s-9".to_string())]);
+    assert!(b5.properties.subscription_identifiers.is_empty());
+    let c = expect_publish(&mut v5id).await;
+    assert_eq!(c.properties.subscription_identifiers, vec![9]);
+    assert_eq!(c.payload, b5.payload);
+}

@@ -102,6 +102,8 @@ impl Connection {
                 expiry_interval,
                 received_at: Instant::now(),
                 publisher: Some(self.session.as_ref().expect("session").0.id),
+                shared_frames: Default::default(),
+                fanout: Default::default(),
             });
             let outcome = self.broker.route(message, true);
             if outcome.matched == 0 && p.qos == QoS::AtLeastOnce {

@@ -551,6 +551,8 @@ pub fn will_message(will: Will, publisher: u64) -> Arc<Message> {
         expiry_interval,
         received_at: Instant::now(),
         publisher: Some(publisher),
+        shared_frames: Default::default(),
+        fanout: Default::default(),
     })
 }
 

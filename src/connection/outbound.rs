@@ -124,6 +124,33 @@ impl Outbound {
     pub fn publish(&mut self, d: &Delivery, packet_id: u16, dup: bool, expiry: Option<u32>) -> Written {
         let msg = &d.message;
         let v5 = self.version.is_v5();
+        // A QoS 0 delivery of a message that went to several sessions, with nothing particular
+        // to this client (no subscription identifier, alias or remaining expiry), is the same
+        // bytes for every subscriber: encode it once per message and share it.
+        let shareable = d.qos == QoS::AtMostOnce
+            && d.subscription_ids.is_empty()
+            && expiry.is_none()
+            && !(v5 && self.topic_alias_maximum > 0)
+            && msg.fanout.load(std::sync::atomic::Ordering::Relaxed) > 1;
+        if shareable {
+            let frame = msg.shared_frames[v5 as usize][d.retain as usize].get_or_init(|| {
+                let fields = PublishFields::plain(msg.topic.as_bytes(), d.retain);
+                let (body, props_len) = fields.lengths(msg, v5);
+                let mut out = BytesMut::with_capacity(crate::codec::packet_len(body));
+                fields.encode_header(&mut out, msg, v5, body, props_len);
+                out.extend_from_slice(&msg.payload);
+                out.freeze()
+            });
+            if frame.len() > self.max_packet_size {
+                return Written::TooLarge;
+            }
+            if frame.len() <= COPY_PAYLOAD_UP_TO {
+                self.scratch.extend_from_slice(frame);
+            } else {
+                self.push(frame.clone());
+            }
+            return Written::Sent;
+        }
         let mut alias = None;
         let mut send_topic = true;
         if v5 && self.topic_alias_maximum > 0 {
@@ -136,56 +163,109 @@ impl Outbound {
                 alias = Some(a);
             }
         }
-        let topic: &[u8] = if send_topic { msg.topic.as_bytes() } else { b"" };
-        let props_len = if v5 {
-            msg.properties.encoded_len()
-                + expiry.map_or(0, |_| 5)
-                + d.subscription_ids.iter().map(|&i| 1 + varint_len(i)).sum::<usize>()
-                + alias.map_or(0, |_| 3)
-        } else {
-            0
+        let fields = PublishFields {
+            topic: if send_topic { msg.topic.as_bytes() } else { b"" },
+            qos: d.qos,
+            retain: d.retain,
+            dup,
+            packet_id,
+            expiry,
+            subscription_ids: &d.subscription_ids,
+            alias,
         };
-        let body = 2
-            + topic.len()
-            + if d.qos == QoS::AtMostOnce { 0 } else { 2 }
-            + if v5 { varint_len(props_len as u32) + props_len } else { 0 }
-            + msg.payload.len();
+        let (body, props_len) = fields.lengths(msg, v5);
         if crate::codec::packet_len(body) > self.max_packet_size {
             if alias.is_some() && send_topic {
                 self.aliases.remove(msg.topic.as_str());
             }
             return Written::TooLarge;
         }
-        let first = 0x30 | ((dup as u8) << 3) | ((d.qos as u8) << 1) | d.retain as u8;
-        let out = &mut self.scratch;
-        put_fixed_header(out, first, body);
-        out.put_u16(topic.len() as u16);
-        out.put_slice(topic);
-        if d.qos != QoS::AtMostOnce {
-            out.put_u16(packet_id);
-        }
-        if v5 {
-            put_varint(out, props_len as u32);
-            msg.properties.encode_fields(out);
-            if let Some(e) = expiry {
-                out.put_u8(properties::MESSAGE_EXPIRY_INTERVAL);
-                out.put_u32(e);
-            }
-            for &i in &d.subscription_ids {
-                out.put_u8(properties::SUBSCRIPTION_IDENTIFIER);
-                put_varint(out, i);
-            }
-            if let Some(a) = alias {
-                out.put_u8(properties::TOPIC_ALIAS);
-                out.put_u16(a);
-            }
-        }
+        fields.encode_header(&mut self.scratch, msg, v5, body, props_len);
         if msg.payload.len() <= COPY_PAYLOAD_UP_TO {
-            out.put_slice(&msg.payload);
+            self.scratch.put_slice(&msg.payload);
         } else {
             self.push(msg.payload.clone());
         }
         Written::Sent
+    }
+}
+
+/// What one client's copy of a PUBLISH adds to the message itself.
+struct PublishFields<'a> {
+    topic: &'a [u8],
+    qos: QoS,
+    retain: bool,
+    dup: bool,
+    packet_id: u16,
+    expiry: Option<u32>,
+    subscription_ids: &'a [u32],
+    alias: Option<u16>,
+}
+
+impl<'a> PublishFields<'a> {
+    fn plain(topic: &'a [u8], retain: bool) -> Self {
+        Self {
+            topic,
+            qos: QoS::AtMostOnce,
+            retain,
+            dup: false,
+            packet_id: 0,
+            expiry: None,
+            subscription_ids: &[],
+            alias: None,
+        }
+    }
+
+    /// The remaining length (payload included) and the property length.
+    fn lengths(&self, msg: &crate::session::Message, v5: bool) -> (usize, usize) {
+        let props_len = if v5 {
+            msg.properties.encoded_len()
+                + self.expiry.map_or(0, |_| 5)
+                + self.subscription_ids.iter().map(|&i| 1 + varint_len(i)).sum::<usize>()
+                + self.alias.map_or(0, |_| 3)
+        } else {
+            0
+        };
+        let body = 2
+            + self.topic.len()
+            + if self.qos == QoS::AtMostOnce { 0 } else { 2 }
+            + if v5 { varint_len(props_len as u32) + props_len } else { 0 }
+            + msg.payload.len();
+        (body, props_len)
+    }
+
+    /// Everything before the payload.
+    fn encode_header(
+        &self,
+        out: &mut BytesMut,
+        msg: &crate::session::Message,
+        v5: bool,
+        body: usize,
+        props_len: usize,
+    ) {
+        let first = 0x30 | ((self.dup as u8) << 3) | ((self.qos as u8) << 1) | self.retain as u8;
+        put_fixed_header(out, first, body);
+        out.put_u16(self.topic.len() as u16);
+        out.put_slice(self.topic);
+        if self.qos != QoS::AtMostOnce {
+            out.put_u16(self.packet_id);
+        }
+        if v5 {
+            put_varint(out, props_len as u32);
+            msg.properties.encode_fields(out);
+            if let Some(e) = self.expiry {
+                out.put_u8(properties::MESSAGE_EXPIRY_INTERVAL);
+                out.put_u32(e);
+            }
+            for &i in self.subscription_ids {
+                out.put_u8(properties::SUBSCRIPTION_IDENTIFIER);
+                put_varint(out, i);
+            }
+            if let Some(a) = self.alias {
+                out.put_u8(properties::TOPIC_ALIAS);
+                out.put_u16(a);
+            }
+        }
     }
 }
 
