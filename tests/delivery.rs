@@ -52,10 +52,7 @@ async fn mqtt_4_3_3_qos2_both_ways_exactly_once() {
     p.send(&publish("news/breaking", b"quake", QoS::ExactlyOnce, 9)).await;
     assert_eq!(p.recv().await, Some(Packet::PubRec(PubResponse::new(9, ReasonCode::SUCCESS))));
     // A retransmission before PUBREL is not routed twice [MQTT-4.3.3-10].
-    let mut dup = match publish("news/breaking", b"quake", QoS::ExactlyOnce, 9) {
-        Packet::Publish(p) => p,
-        _ => unreachable!(),
-    };
+    let mut dup = publish_msg("news/breaking", b"quake", QoS::ExactlyOnce, 9);
     dup.dup = true;
     p.send(&Packet::Publish(dup)).await;
     assert!(matches!(p.recv().await, Some(Packet::PubRec(_))));
@@ -103,10 +100,7 @@ async fn mqtt_3_8_3_3_no_local_and_3_3_1_9_retain_as_published() {
     expect_suback(&mut c).await;
     c.send(&publish("mine", b"x", QoS::AtMostOnce, 0)).await;
     c.expect_silence(Duration::from_millis(300)).await;
-    let mut retained = match publish("rap", b"kept", QoS::AtMostOnce, 0) {
-        Packet::Publish(p) => p,
-        _ => unreachable!(),
-    };
+    let mut retained = publish_msg("rap", b"kept", QoS::AtMostOnce, 0);
     retained.retain = true;
     c.send(&Packet::Publish(retained)).await;
     assert!(expect_publish(&mut c).await.retain, "retain as published keeps the flag");
@@ -118,10 +112,7 @@ async fn retained_news_all_delivered_to_a_new_subscriber_with_flow_control() {
     let (mut p, _) = RawClient::connect(b.addr, connect_packet(V3_1_1, "cms", true)).await;
     const N: usize = 3000;
     for i in 0..N {
-        let mut m = match publish(&format!("news/story/{i}"), b"headline", QoS::AtLeastOnce, (i % 60000 + 1) as u16) {
-            Packet::Publish(p) => p,
-            _ => unreachable!(),
-        };
+        let mut m = publish_msg(&format!("news/story/{i}"), b"headline", QoS::AtLeastOnce, (i % 60000 + 1) as u16);
         m.retain = true;
         p.send(&Packet::Publish(m)).await;
         assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
@@ -211,10 +202,7 @@ async fn topic_aliases_outbound_when_the_client_allows_them() {
 async fn mqtt_3_3_2_8_inbound_topic_alias_out_of_range_is_0x94() {
     let b = start();
     let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "cms", true)).await;
-    let mut m = match publish("news/tech", b"1", QoS::AtMostOnce, 0) {
-        Packet::Publish(p) => p,
-        _ => unreachable!(),
-    };
+    let mut m = publish_msg("news/tech", b"1", QoS::AtMostOnce, 0);
     m.properties.topic_alias = Some(11);
     p.send(&Packet::Publish(m)).await;
     match p.recv().await {
@@ -250,10 +238,7 @@ async fn mqtt_3_3_2_6_message_expiry_counts_down_and_expired_messages_are_not_se
     tokio::time::sleep(Duration::from_millis(100)).await;
     let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "cms", true)).await;
     for (payload, expiry, id) in [(&b"short"[..], 1u32, 1u16), (&b"long"[..], 100, 2)] {
-        let mut m = match publish("news/x", payload, QoS::AtLeastOnce, id) {
-            Packet::Publish(p) => p,
-            _ => unreachable!(),
-        };
+        let mut m = publish_msg("news/x", payload, QoS::AtLeastOnce, id);
         m.properties.message_expiry_interval = Some(expiry);
         p.send(&Packet::Publish(m)).await;
         assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
@@ -433,10 +418,7 @@ async fn retained_replay_is_bounded_per_session_by_max_pending_retained() {
     let b = start_with("max_pending_retained = 50");
     let (mut p, _) = RawClient::connect(b.addr, connect_packet(V3_1_1, "cms", true)).await;
     for i in 0..100u16 {
-        let mut m = match publish(&format!("news/{i}"), b"h", QoS::AtLeastOnce, i + 1) {
-            Packet::Publish(p) => p,
-            _ => unreachable!(),
-        };
+        let mut m = publish_msg(&format!("news/{i}"), b"h", QoS::AtLeastOnce, i + 1);
         m.retain = true;
         p.send(&Packet::Publish(m)).await;
         assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
@@ -476,10 +458,7 @@ async fn one_message_to_many_subscribers_gives_each_its_own_correct_packet() {
     .await;
     expect_suback(&mut v5id).await;
     let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "cms", true)).await;
-    let mut m = match publish("news/x", &[7u8; 300], QoS::AtMostOnce, 0) {
-        Packet::Publish(p) => p,
-        _ => unreachable!(),
-    };
+    let mut m = publish_msg("news/x", &[7u8; 300], QoS::AtMostOnce, 0);
     m.properties.user_properties = vec![("story-id".into(), "s-9".into())];
     p.send(&Packet::Publish(m)).await;
     let a = expect_publish(&mut v3).await;

@@ -165,6 +165,14 @@ pub fn publish(topic: &str, payload: &[u8], qos: herald::codec::QoS, packet_id: 
     })
 }
 
+/// The PUBLISH itself, for tests that set flags or properties before sending it.
+pub fn publish_msg(topic: &str, payload: &[u8], qos: herald::codec::QoS, packet_id: u16) -> herald::codec::Publish {
+    match publish(topic, payload, qos, packet_id) {
+        Packet::Publish(p) => p,
+        _ => unreachable!("publish() builds a PUBLISH"),
+    }
+}
+
 pub fn subscribe(packet_id: u16, filter: &str, qos: herald::codec::QoS) -> Packet {
     Packet::Subscribe(herald::codec::Subscribe {
         packet_id,
