@@ -106,7 +106,7 @@ impl Connection {
         }));
         self.out.topic_alias_maximum = c.properties.topic_alias_maximum.unwrap_or(0);
         self.session_expiry = session_expiry;
-        self.will = c.will;
+        self.will = c.will.map(Box::new);
         self.client_id = client_id.clone();
 
         let (shared, mut state, session_present) = self.claim_session(&client_id, c.clean_start).await?;

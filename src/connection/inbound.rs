@@ -128,7 +128,7 @@ impl Connection {
         if self.blocked.is_empty() {
             self.out.packet(&ack);
         } else {
-            self.held_ack = Some(ack);
+            self.held_ack = Some(Box::new(ack));
         }
         Ok(())
     }

@@ -135,7 +135,9 @@ pub struct Connection {
     /// While output is queued: when the socket last took bytes from us (or the output began),
     /// to give up on a client that stopped reading. None while nothing is queued.
     last_write_progress: Option<Instant>,
-    will: Option<Will>,
+    /// Boxed, like `held_ack`: both are rare and a `Properties` is 400 bytes that every idle
+    /// connection would otherwise carry.
+    will: Option<Box<Will>>,
     /// How many QoS 1 and 2 messages may be in flight towards the client [MQTT-4.9.0-2].
     receive_window: usize,
     inbound_aliases: HashMap<u16, Arc<str>>,
@@ -144,7 +146,7 @@ pub struct Connection {
     /// not read and `held_ack` not sent until they are placed (or given up on).
     blocked: std::collections::VecDeque<(Arc<SessionShared>, Delivery)>,
     blocked_deadline: Option<tokio::time::Instant>,
-    held_ack: Option<Packet>,
+    held_ack: Option<Box<Packet>>,
 }
 
 enum Event {
@@ -468,7 +470,7 @@ impl Connection {
         };
         info!(client_id = %self.client_id, peer = %self.peer, reason = %close.describe(), "client disconnected");
         let publish_will = !matches!(close, Close::ClientDisconnect { with_will: false });
-        let will = self.will.take().filter(|_| publish_will);
+        let will = self.will.take().filter(|_| publish_will).map(|w| *w);
         let taken_over = matches!(close, Close::Kicked(r) if *r == ReasonCode::SESSION_TAKEN_OVER);
         state.expiry_interval = self.session_expiry;
         shared.online.store(false, Ordering::Release);
