@@ -10,6 +10,7 @@ for bin in mosquitto_pub mosquitto_sub mosquitto; do
   command -v "$bin" >/dev/null 2>&1 || need_apt=1
 done
 dpkg -s libclang-dev >/dev/null 2>&1 || need_apt=1
+python3 -m pip --version >/dev/null 2>&1 || need_apt=1
 if [ "$need_apt" -eq 1 ]; then
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
