@@ -27,10 +27,7 @@ async fn mqtt_3_1_4_3_takeover_closes_the_old_connection_with_0x8e() {
     let b = start();
     let (mut old, _) = RawClient::connect(b.addr, connect_packet(V5, "editor", true)).await;
     let (_new, _) = RawClient::connect(b.addr, connect_packet(V5, "editor", true)).await;
-    match old.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::SESSION_TAKEN_OVER),
-        other => panic!("expected DISCONNECT 0x8E, got {other:?}"),
-    }
+    expect_disconnect(&mut old, ReasonCode::SESSION_TAKEN_OVER).await;
     assert_eq!(old.recv().await, None, "the old connection is closed");
 }
 
@@ -41,10 +38,7 @@ async fn mqtt_3_1_2_24_keep_alive_enforced_at_one_and_a_half_times() {
     connect.keep_alive = 1;
     let (mut c, _) = RawClient::connect(b.addr, connect).await;
     let started = std::time::Instant::now();
-    match c.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::KEEP_ALIVE_TIMEOUT),
-        other => panic!("expected DISCONNECT 0x8D, got {other:?}"),
-    }
+    expect_disconnect(&mut c, ReasonCode::KEEP_ALIVE_TIMEOUT).await;
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(1400) && waited < Duration::from_secs(4), "{waited:?}");
 }
@@ -105,9 +99,7 @@ fn with_will(mut c: herald::codec::Connect, topic: &str, delay: Option<u32>) -> 
 #[tokio::test]
 async fn mqtt_3_1_2_8_will_published_when_the_connection_drops() {
     let b = start();
-    let (mut watcher, _) = RawClient::connect(b.addr, connect_packet(V5, "watcher", true)).await;
-    watcher.send(&subscribe(1, "status/#", QoS::AtLeastOnce)).await;
-    expect_suback(&mut watcher).await;
+    let mut watcher = subscriber(&b, "watcher", "status/#", QoS::AtLeastOnce).await;
     let (dying, _) =
         RawClient::connect(b.addr, with_will(connect_packet(V5, "dying", true), "status/dying", None)).await;
     drop(dying);
@@ -119,9 +111,7 @@ async fn mqtt_3_1_2_8_will_published_when_the_connection_drops() {
 #[tokio::test]
 async fn mqtt_3_14_4_3_normal_disconnect_discards_the_will() {
     let b = start();
-    let (mut watcher, _) = RawClient::connect(b.addr, connect_packet(V5, "watcher", true)).await;
-    watcher.send(&subscribe(1, "status/#", QoS::AtLeastOnce)).await;
-    expect_suback(&mut watcher).await;
+    let mut watcher = subscriber(&b, "watcher", "status/#", QoS::AtLeastOnce).await;
     let (mut polite, _) =
         RawClient::connect(b.addr, with_will(connect_packet(V5, "polite", true), "status/polite", None)).await;
     polite
@@ -133,9 +123,7 @@ async fn mqtt_3_14_4_3_normal_disconnect_discards_the_will() {
 #[tokio::test]
 async fn mqtt_3_1_3_9_will_delay_cancelled_by_a_reconnect() {
     let b = start();
-    let (mut watcher, _) = RawClient::connect(b.addr, connect_packet(V5, "watcher", true)).await;
-    watcher.send(&subscribe(1, "status/#", QoS::AtLeastOnce)).await;
-    expect_suback(&mut watcher).await;
+    let mut watcher = subscriber(&b, "watcher", "status/#", QoS::AtLeastOnce).await;
     let mut c = with_will(connect_packet(V5, "flaky", false), "status/flaky", Some(2));
     c.properties.session_expiry_interval = Some(60);
     let (flaky, _) = RawClient::connect(b.addr, c.clone()).await;
@@ -198,10 +186,7 @@ async fn mqtt_3_1_0_2_second_connect_is_a_protocol_error() {
     let b = start();
     let (mut c, _) = RawClient::connect(b.addr, connect_packet(V5, "twice", true)).await;
     c.send(&Packet::Connect(Box::new(connect_packet(V5, "twice", true)))).await;
-    match c.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::PROTOCOL_ERROR),
-        other => panic!("{other:?}"),
-    }
+    expect_disconnect(&mut c, ReasonCode::PROTOCOL_ERROR).await;
 }
 
 #[tokio::test]

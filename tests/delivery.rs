@@ -12,13 +12,6 @@ use herald::codec::{
     Packet, Properties, ProtocolVersion::*, PubResponse, Publish, QoS, ReasonCode, Subscribe, SubscriptionOptions,
 };
 
-async fn subscriber(b: &TestBroker, id: &str, filter: &str, qos: QoS) -> RawClient {
-    let (mut c, _) = RawClient::connect(b.addr, connect_packet(V5, id, true)).await;
-    c.send(&subscribe(1, filter, qos)).await;
-    assert_eq!(expect_suback(&mut c).await, vec![qos as u8]);
-    c
-}
-
 #[tokio::test]
 async fn mqtt_3_3_4_2_overlapping_subscriptions_deliver_one_copy_with_every_identifier() {
     let b = start();
@@ -205,10 +198,7 @@ async fn mqtt_3_3_2_8_inbound_topic_alias_out_of_range_is_0x94() {
     let mut m = publish_msg("news/tech", b"1", QoS::AtMostOnce, 0);
     m.properties.topic_alias = Some(11);
     p.send(&Packet::Publish(m)).await;
-    match p.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::TOPIC_ALIAS_INVALID),
-        other => panic!("{other:?}"),
-    }
+    expect_disconnect(&mut p, ReasonCode::TOPIC_ALIAS_INVALID).await;
 }
 
 #[tokio::test]
@@ -220,10 +210,7 @@ async fn mqtt_3_3_4_9_exceeding_our_receive_maximum_is_0x93() {
     }
     assert!(matches!(p.recv().await, Some(Packet::PubRec(_))));
     assert!(matches!(p.recv().await, Some(Packet::PubRec(_))));
-    match p.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::RECEIVE_MAXIMUM_EXCEEDED),
-        other => panic!("{other:?}"),
-    }
+    expect_disconnect(&mut p, ReasonCode::RECEIVE_MAXIMUM_EXCEEDED).await;
 }
 
 #[tokio::test]
@@ -285,10 +272,7 @@ async fn malformed_input_gets_0x81_and_other_clients_keep_receiving() {
     let mut s = subscriber(&b, "bystander", "news/#", QoS::AtMostOnce).await;
     let (mut bad, _) = RawClient::connect(b.addr, connect_packet(V5, "bad", true)).await;
     bad.send_raw(&[0x30, 0x05, 0x00, 0x09, b'a', b'b', b'c']).await; // topic length past the end
-    match bad.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::MALFORMED_PACKET),
-        other => panic!("{other:?}"),
-    }
+    expect_disconnect(&mut bad, ReasonCode::MALFORMED_PACKET).await;
     let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "cms", true)).await;
     p.send(&publish("news/x", b"still here", QoS::AtMostOnce, 0)).await;
     assert_eq!(&expect_publish(&mut s).await.payload[..], b"still here");
@@ -300,10 +284,7 @@ async fn packet_larger_than_our_maximum_is_0x95() {
     let (mut p, ack) = RawClient::connect(b.addr, connect_packet(V5, "big", true)).await;
     assert_eq!(ack.properties.maximum_packet_size, Some(1024));
     p.send(&publish("news/x", &[0u8; 2000], QoS::AtMostOnce, 0)).await;
-    match p.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::PACKET_TOO_LARGE),
-        other => panic!("{other:?}"),
-    }
+    expect_disconnect(&mut p, ReasonCode::PACKET_TOO_LARGE).await;
 }
 
 #[tokio::test]
@@ -407,10 +388,7 @@ async fn topics_deeper_than_max_topic_levels_are_refused_not_walked() {
     c.send(&publish(&ok, b"fine", QoS::AtMostOnce, 0)).await;
     assert_eq!(&expect_publish(&mut c).await.payload[..], b"fine");
     c.send(&publish(&deep, b"too deep", QoS::AtMostOnce, 0)).await;
-    match c.recv().await {
-        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, ReasonCode::TOPIC_NAME_INVALID),
-        other => panic!("{other:?}"),
-    }
+    expect_disconnect(&mut c, ReasonCode::TOPIC_NAME_INVALID).await;
 }
 
 #[tokio::test]

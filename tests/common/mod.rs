@@ -195,3 +195,19 @@ pub async fn expect_publish(c: &mut RawClient) -> herald::codec::Publish {
         other => panic!("expected PUBLISH, got {other:?}"),
     }
 }
+
+/// A 5.0 client subscribed to `filter`, its SUBACK checked.
+pub async fn subscriber(b: &TestBroker, id: &str, filter: &str, qos: herald::codec::QoS) -> RawClient {
+    let (mut c, _) = RawClient::connect(b.addr, connect_packet(ProtocolVersion::V5, id, true)).await;
+    c.send(&subscribe(1, filter, qos)).await;
+    assert_eq!(expect_suback(&mut c).await, vec![qos as u8]);
+    c
+}
+
+/// Expects a DISCONNECT with `reason` from the broker.
+pub async fn expect_disconnect(c: &mut RawClient, reason: herald::codec::ReasonCode) {
+    match c.recv().await {
+        Some(Packet::Disconnect(d)) => assert_eq!(d.reason, reason),
+        other => panic!("expected DISCONNECT 0x{:02X}, got {other:?}", reason.0),
+    }
+}
