@@ -167,9 +167,7 @@ impl Connection {
         }
         let limit = self.broker.config.mqtt.max_outbound_bytes;
         loop {
-            if let Err(close) = self.drain_deliveries() {
-                return close;
-            }
+            self.drain_deliveries();
             if let Err(close) = self.write_some() {
                 return close;
             }
@@ -354,7 +352,7 @@ impl Connection {
 
     /// Sends queued messages while the client's receive window allows: first the session's
     /// pending ones (retained on subscribe), then whatever the router has queued.
-    fn drain_deliveries(&mut self) -> Step {
+    fn drain_deliveries(&mut self) {
         let mut budget = 256;
         while budget > 0 && self.window_open() {
             let state = &mut self.session.as_mut().expect("session").1;
@@ -372,7 +370,6 @@ impl Connection {
         if shared.is_congested() && shared.mailbox.capacity() * 2 >= shared.mailbox.max_capacity() {
             shared.congested.store(false, Ordering::Relaxed);
         }
-        Ok(())
     }
 
     /// Sends one routed message: QoS 0 goes out and is forgotten; QoS 1 and 2 take a packet
