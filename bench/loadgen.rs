@@ -6,7 +6,9 @@
 //!
 //! Scenarios: `fanin` (P publishers -> one `news/#` subscriber), `fanout` (one publisher -> N
 //! `news/tech` subscribers), `conns` (C idle connections, resident memory per connection),
-//! `retained` (R retained messages, then the time for a new `news/#` subscriber to get them).
+//! `retained` (R retained messages, then the time for a new `news/#` subscriber to get them),
+//! `fill` (S offline persistent sessions and M messages queued for each, for start-up timing).
+//! `fanin --persistent true` makes the subscriber a persistent session: the durable rate.
 //! Each payload carries its send time and a sequence number, so latency and loss are exact.
 
 use std::collections::HashMap;
@@ -64,6 +66,11 @@ struct Conn {
 
 impl Conn {
     async fn open(addr: SocketAddr, client_id: &str) -> Conn {
+        Conn::open_session(addr, client_id, true).await
+    }
+
+    /// `clean` false opens (or resumes) a persistent session, whose messages the broker stores.
+    async fn open_session(addr: SocketAddr, client_id: &str, clean: bool) -> Conn {
         let stream = TcpStream::connect(addr).await.expect("connect");
         stream.set_nodelay(true).unwrap();
         let (reader, writer) = stream.into_split();
@@ -72,7 +79,7 @@ impl Conn {
         let mut c = Conn { reader, writer, decoder, buf: BytesMut::with_capacity(64 * 1024) };
         let connect = Connect {
             protocol: ProtocolVersion::V3_1_1,
-            clean_start: true,
+            clean_start: clean,
             keep_alive: 600,
             properties: Properties::default(),
             client_id: client_id.into(),
@@ -328,9 +335,11 @@ async fn fanin(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     let qos = QoS::from_u8(o.get("qos", 0)).unwrap();
     let rate: f64 = o.get("rate", 0.0);
     let secs: f64 = o.get("duration", 10.0);
+    // A persistent subscriber makes every QoS 1 message durable before its PUBACK.
+    let persistent: bool = o.get("persistent", false);
     let received = Arc::new(Received::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let mut sub = Conn::open(addr, "bench-fanin-sub").await;
+    let mut sub = Conn::open_session(addr, "bench-fanin-sub", !persistent).await;
     sub.subscribe("news/#", qos).await;
     let sub_task = tokio::spawn(subscriber_loop(sub, received.clone(), stop.clone()));
     let mut pubs = Vec::new();
@@ -362,6 +371,7 @@ async fn fanin(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     let got = received.count.load(Relaxed);
     let mut r = Report::new("fanin");
     r.num("qos", qos as u8 as f64).num("publishers", publishers as f64).num("target_rate", rate);
+    r.num("persistent", f64::from(u8::from(persistent)));
     r.num("sent", sent as f64).num("acked", acked as f64).num("delivered", got as f64);
     r.num("lost", expect.saturating_sub(got) as f64).num("rate_per_s", got as f64 / secs.min(elapsed));
     latency_fields(&mut r, &received);
@@ -502,6 +512,43 @@ async fn retained(addr: SocketAddr, o: &Opts) {
     }
 }
 
+/// Fills the broker's store: `sessions` persistent sessions subscribe to `news/#` and go
+/// offline, then `messages` QoS 1 messages are published to them, each queued for every session
+/// (sessions x messages queue entries, `messages` bodies).
+async fn fill(addr: SocketAddr, o: &Opts) {
+    let sessions: u32 = o.get("sessions", 1000);
+    let messages: u64 = o.get("messages", 1000);
+    let start = Instant::now();
+    for i in 0..sessions {
+        let mut c = Conn::open_session(addr, &format!("bench-fill-{i}"), false).await;
+        c.subscribe("news/#", QoS::AtLeastOnce).await;
+        let _ = c.writer.write_all(&[0xE0, 0]).await;
+    }
+    let c = Conn::open(addr, "bench-fill-pub").await;
+    let until = Instant::now() + Duration::from_secs(3600);
+    // One message at a time: each is fanned out to every offline session.
+    let (sent, acked) = fill_publish(c, messages, until).await;
+    let mut r = Report::new("fill");
+    r.num("sessions", sessions as f64).num("messages", sent as f64).num("acked", acked as f64);
+    r.num("queued", (acked * u64::from(sessions)) as f64).num("seconds", start.elapsed().as_secs_f64());
+    r.print();
+}
+
+async fn fill_publish(mut c: Conn, messages: u64, until: Instant) -> (u64, u64) {
+    let mut acked = 0;
+    for seq in 1..=messages {
+        if Instant::now() > until {
+            return (seq - 1, acked);
+        }
+        let packet_id = (seq % 65535 + 1) as u16;
+        c.send(&[publish("news/fill", QoS::AtLeastOnce, packet_id, false, payload(0, seq))]).await;
+        if let Some(Packet::PubAck(_)) = c.next().await {
+            acked += 1;
+        }
+    }
+    (messages, acked)
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let scenario = args.next().unwrap_or_else(|| {
@@ -525,6 +572,7 @@ fn main() {
             "fanout" => fanout(addr, &o, pid).await,
             "conns" => conns(addr, &o, pid).await,
             "retained" => retained(addr, &o).await,
+            "fill" => fill(addr, &o).await,
             other => panic!("unknown scenario {other}"),
         }
     });

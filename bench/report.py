@@ -112,6 +112,47 @@ for r in rows:
     figures = ", ".join(f"{k}={fmt(v) if isinstance(v, (int, float)) else v}" for k, v in r.items()
                         if k not in ("broker", "args", "scenario"))
     out.append(f"| {r['broker']} | `{r['args']}` | {figures} |")
+durable_path = __file__.replace("report.py", "durability.jsonl")
+try:
+    durable = [json.loads(line) for line in open(durable_path) if line.strip()]
+except OSError:
+    durable = []
+if durable:
+    out.append("\n## Durability\n")
+    out.append("Written by `bash bench/durability.sh`. Durable rate: `fanin --qos 1 --persistent true` (8 "
+               "publishers with 100 QoS 1 messages in flight each, one connected persistent subscriber, 256-byte "
+               "payloads): every message is stored before its PUBACK. Mosquitto runs with `persistence true`, "
+               "which saves its database at shutdown and on autosave, not per message: it promises less. "
+               "Start-up: 1000 offline persistent sessions with 1000 queued messages each (1M queue entries).\n")
+    sync = next((r for r in durable if r["broker"] == "herald-sync" and r.get("scenario") == "fanin"), None)
+    wal = next((r for r in durable if r["broker"] == "herald-wal" and r.get("scenario") == "fanin"), None)
+    mosq = next((r for r in durable if r["broker"] == "mosquitto" and r.get("scenario") == "fanin"), None)
+    out.append("| case | Herald sync | Herald wal | Mosquitto (persistence true) | Herald sync / Mosquitto | target | met |")
+    out.append("|---|---|---|---|---|---|---|")
+    def cell(r, k):
+        return fmt(r.get(k)) if r and r.get(k) is not None else "n/a"
+    def ratio(a, b, k):
+        return f"{a[k] / b[k]:.2f}" if a and b and b.get(k) else "n/a"
+    met = ("yes" if sync["rate_per_s"] >= 20000 and sync["lost"] == 0 else "**no**") if sync else "n/a"
+    out.append(f"| durable QoS 1, acknowledged and delivered msg/s | {cell(sync, 'rate_per_s')} | {cell(wal, 'rate_per_s')} | "
+               f"{cell(mosq, 'rate_per_s')} | {ratio(sync, mosq, 'rate_per_s')} | >= 20,000 in sync, 0 lost | {met} |")
+    out.append(f"| durable QoS 1, lost | {cell(sync, 'lost')} | {cell(wal, 'lost')} | {cell(mosq, 'lost')} | | 0 | |")
+    out.append(f"| durable QoS 1, p99 latency ms | {cell(sync, 'p99_ms')} | {cell(wal, 'p99_ms')} | {cell(mosq, 'p99_ms')} | "
+               f"{ratio(sync, mosq, 'p99_ms')} | | |")
+    for after in ("TERM", "KILL"):
+        h = next((r for r in durable if r["broker"] == "herald" and r.get("scenario") == "startup" and r.get("after") == after), None)
+        m = next((r for r in durable if r["broker"] == "mosquitto" and r.get("scenario") == "startup" and r.get("after") == after), None)
+        out.append(f"| start-up with {cell(h, 'queued')} queued, after SIG{after}, ms to listening | {cell(h, 'start_ms')} | | "
+                   f"{cell(m, 'start_ms')} | {ratio(h, m, 'start_ms')} | measured | |")
+        out.append(f"| resident memory after that start-up, MB | {cell(h, 'rss_mb')} | | {cell(m, 'rss_mb')} | "
+                   f"{ratio(h, m, 'rss_mb')} | | |")
+    out.append("")
+    out.append("| broker | run | figures |")
+    out.append("|---|---|---|")
+    for r in durable:
+        figures = ", ".join(f"{k}={fmt(v) if isinstance(v, (int, float)) else v}" for k, v in r.items()
+                            if k not in ("broker", "args", "scenario"))
+        out.append(f"| {r['broker']} | `{r['args']}` | {figures} |")
 try:
     out.append("\n" + open(__file__.replace("report.py", "notes.md")).read())
 except OSError:

@@ -19,7 +19,8 @@ use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::retain::RetainedStore;
 use crate::router::{parse_filter, MatchCache, Subscription, SubscriptionTree};
-use crate::session::{Delivery, Message, SessionShared, SessionState};
+use crate::session::{Delivery, Message, QueuePolicies, SessionShared, SessionState};
+use crate::store::{QueueRef, Store, StoreError, Txn};
 
 pub struct Broker {
     pub config: Config,
@@ -30,6 +31,10 @@ pub struct Broker {
     /// `router`.
     pub sessions: Mutex<HashMap<String, Arc<SessionShared>>>,
     pub metrics: Metrics,
+    pub store: Store,
+    pub queue_policies: QueuePolicies,
+    /// Sessions read back from the store, whose expiry and wills `run` schedules.
+    pub(crate) restored: Mutex<Vec<crate::recovery::Restored>>,
     next_id: AtomicU64,
     shutdown: watch::Sender<bool>,
 }
@@ -39,25 +44,35 @@ pub struct Broker {
 pub struct RouteOutcome {
     pub matched: usize,
     pub dropped: usize,
+    /// The store ticket the message's acknowledgement waits for: its body and queue entries
+    /// for persistent sessions, and the retained message (0: nothing was stored).
+    pub ticket: u64,
     /// Deliveries to connected sessions whose queue was full, for a publisher that can wait for
     /// room (see `route`).
     pub blocked: Vec<(Arc<SessionShared>, Delivery)>,
 }
 
 impl Broker {
-    pub fn new(config: Config) -> Arc<Broker> {
+    /// Opens the store and rebuilds the retained messages and persistent sessions it holds.
+    pub fn open(config: Config) -> Result<Arc<Broker>, StoreError> {
+        let (store, recovered) = Store::open(&config.storage.path, config.storage.durability)?;
         let (shutdown, _) = watch::channel(false);
         let match_cache = MatchCache::new(config.mqtt.match_cache_size);
-        Arc::new(Broker {
+        let broker = Arc::new(Broker {
+            queue_policies: QueuePolicies::new(&config.queue_policy),
             config,
             router: RwLock::default(),
             match_cache,
             retained: RwLock::default(),
             sessions: Mutex::default(),
             metrics: Metrics::default(),
+            store,
+            restored: Mutex::default(),
             next_id: AtomicU64::new(1),
             shutdown,
-        })
+        });
+        crate::recovery::restore(&broker, recovered);
+        Ok(broker)
     }
 
     pub fn next_id(&self) -> u64 {
@@ -98,7 +113,9 @@ impl Broker {
     /// subscriber marked congested (it kept its queue full for longer than a publisher may wait)
     /// is not waited for.
     pub fn route(&self, message: Arc<Message>, can_wait: bool) -> RouteOutcome {
+        let mut txn = Txn::default();
         if message.retain {
+            txn.set_retained(&message);
             self.retained.write().expect("retained lock").set(message.clone());
         }
         let targets = {
@@ -107,6 +124,11 @@ impl Broker {
         };
         message.fanout.store(targets.len(), std::sync::atomic::Ordering::Relaxed);
         let mut outcome = RouteOutcome::default();
+        // Deliveries to persistent sessions are placed only once their queue entries are
+        // committed to the batch, so that an acknowledgement's removal never overtakes them.
+        let mut durable: Vec<(Arc<SessionShared>, Delivery)> = Vec::new();
+        let mut message_id = None;
+        let mut after = Txn::default();
         for t in targets.iter() {
             if t.no_local && message.publisher == Some(t.session.id) {
                 continue;
@@ -114,27 +136,79 @@ impl Broker {
             outcome.matched += 1;
             let qos = t.qos.min(message.qos);
             let online = t.session.is_online();
-            // An offline session keeps only QoS 1 and 2 messages, and only if it is persistent.
-            let queues_offline = t.session.is_persistent() && qos > QoS::AtMostOnce;
-            if !online && !queues_offline {
+            // An offline session keeps only QoS 1 and 2 messages, and only if it is persistent;
+            // those are the messages the store keeps for it.
+            let durable_target = t.session.is_persistent() && qos > QoS::AtMostOnce;
+            if !online && !durable_target {
                 continue;
             }
-            let delivery = Delivery {
+            let mut delivery = Delivery {
                 message: message.clone(),
                 qos,
                 retain: t.retain_as_published && message.retain,
                 subscription_ids: t.identifiers.clone(),
+                stored: None,
             };
-            match t.session.mailbox.try_send(delivery) {
-                Ok(()) => {}
-                Err(TrySendError::Full(d)) if can_wait && online && !t.session.is_congested() => {
-                    outcome.blocked.push((t.session.clone(), d));
-                }
-                Err(_) => outcome.dropped += 1,
+            if durable_target {
+                let id = *message_id.get_or_insert_with(|| {
+                    let id = self.store.next_seq();
+                    txn.put_message(id, &message);
+                    id
+                });
+                let at = QueueRef { seq: self.store.next_seq(), message_id: id };
+                delivery.stored = Some(at);
+                txn.enqueue(&t.session.client_id, at, &delivery.queue_entry(None));
+                durable.push((t.session.clone(), delivery));
+                continue;
             }
+            self.place(&t.session, delivery, can_wait, &mut outcome, &mut after);
         }
+        outcome.ticket = self.store.commit(txn);
+        for (session, delivery) in durable {
+            self.place(&session, delivery, can_wait, &mut outcome, &mut after);
+        }
+        self.store.commit(after);
         self.metrics.message_routed(outcome.dropped);
         outcome
+    }
+
+    /// Hands one delivery to its session: the parked state's queue (with its overflow policy)
+    /// while offline, the mailbox while connected.
+    fn place(
+        &self,
+        session: &Arc<SessionShared>,
+        delivery: Delivery,
+        can_wait: bool,
+        outcome: &mut RouteOutcome,
+        after: &mut Txn,
+    ) {
+        let online = session.is_online();
+        if !online {
+            let mut own = session.ownership.lock().expect("ownership lock");
+            if let Some(parked) = own.parked.as_mut() {
+                let policy = self.queue_policies.for_topic(&delivery.message.topic);
+                let mqtt = &self.config.mqtt;
+                for (d, why) in parked.offer_offline(delivery, policy, mqtt.max_queued_messages, mqtt.max_queued_bytes) {
+                    self.metrics.queue_dropped(why);
+                    if let Some(at) = d.stored {
+                        after.remove_entry(&session.client_id, at);
+                    }
+                }
+                return;
+            }
+        }
+        match session.mailbox.try_send(delivery) {
+            Ok(()) => {}
+            Err(TrySendError::Full(d)) if can_wait && online && !session.is_congested() => {
+                outcome.blocked.push((session.clone(), d));
+            }
+            Err(TrySendError::Full(d)) | Err(TrySendError::Closed(d)) => {
+                outcome.dropped += 1;
+                if let Some(at) = d.stored {
+                    after.remove_entry(&session.client_id, at);
+                }
+            }
+        }
     }
 
     /// Adds a subscription to the tree; returns whether the session already had that filter.
@@ -150,9 +224,15 @@ impl Broker {
         }
     }
 
-    /// Drops a session for good: its subscriptions leave the tree and it leaves the registry,
-    /// unless a newer session has taken its client identifier since.
-    pub fn end_session(&self, session: &Arc<SessionShared>, state: &SessionState) {
+    /// Drops a session for good: its subscriptions leave the tree, its records leave the store
+    /// and it leaves the registry, unless a newer session has taken its client identifier since.
+    pub fn end_session(&self, session: &Arc<SessionShared>, state: &mut SessionState) {
+        let held = state.take_stored_refs();
+        if session.stored.swap(false, Ordering::AcqRel) || !held.is_empty() {
+            let mut txn = Txn::default();
+            txn.remove_session(&session.client_id, held);
+            self.store.commit(txn);
+        }
         {
             let mut router = self.router.write().expect("router lock");
             for filter in state.subscriptions.keys() {
@@ -185,6 +265,7 @@ pub async fn run(
         let addrs = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
         let _ = tx.send(addrs);
     }
+    crate::recovery::schedule(&broker);
     let mut tasks = tokio::task::JoinSet::new();
     for listener in listeners {
         tasks.spawn(crate::listener::accept_loop(broker.clone(), listener));
@@ -202,5 +283,7 @@ pub async fn run(
     if broker.metrics.connections_now() > 0 {
         warn!(open = broker.metrics.connections_now(), "connections still open at shutdown");
     }
+    broker.store.close();
+    info!("store closed");
     Ok(())
 }

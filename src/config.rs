@@ -27,6 +27,39 @@ pub struct Config {
     pub mqtt: Mqtt,
     #[serde(default)]
     pub log: Log,
+    /// Overflow policies of offline session queues, by topic filter; the first that matches a
+    /// message's topic applies, and `drop_oldest` when none does.
+    #[serde(default)]
+    pub queue_policy: Vec<QueuePolicyRule>,
+}
+
+/// What a persistent session's acknowledgements promise on a crash (docs/storage.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// Acknowledged once in the write-ahead log and fsynced: survives a power cut.
+    #[default]
+    Sync,
+    /// Acknowledged once in the write-ahead log, not fsynced: survives a crash of the broker,
+    /// not of the machine.
+    Wal,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueuePolicyRule {
+    pub filter: String,
+    /// `drop_oldest` or `drop_new`; give this or `keep_latest`.
+    pub policy: Option<OverflowPolicyName>,
+    /// Keep at most this many queued messages per topic, the latest.
+    pub keep_latest: Option<usize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OverflowPolicyName {
+    DropOldest,
+    DropNew,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -47,11 +80,13 @@ pub struct Listener {
 pub struct Storage {
     #[serde(default = "default_storage_path")]
     pub path: PathBuf,
+    #[serde(default)]
+    pub durability: Durability,
 }
 
 impl Default for Storage {
     fn default() -> Self {
-        Self { path: default_storage_path() }
+        Self { path: default_storage_path(), durability: Durability::default() }
     }
 }
 
@@ -71,9 +106,12 @@ pub struct Mqtt {
     pub max_keepalive: u16,
     /// Outgoing QoS 1 and 2 messages in flight for a client that states no Receive Maximum (3.1.1).
     pub max_inflight_messages: u16,
-    /// Bound of each session's queue of routed messages; beyond it new messages are dropped for
-    /// that session and counted.
+    /// Bound of each session's queue of routed messages. While the session is connected a full
+    /// queue holds publishers back (see `max_publish_wait_ms`); while it is offline the queue
+    /// policy of the message's topic decides what is dropped, and the drop is counted.
     pub max_queued_messages: usize,
+    /// Bound of the payload bytes queued for an offline session; 0 for no bound but the count.
+    pub max_queued_bytes: usize,
     /// Seconds a new socket has to send its CONNECT.
     pub connect_timeout: u64,
     /// Bytes encoded for one client and not yet taken by its socket above which its session
@@ -102,6 +140,7 @@ impl Default for Mqtt {
             max_keepalive: 60,
             max_inflight_messages: 100,
             max_queued_messages: 1000,
+            max_queued_bytes: 0,
             connect_timeout: 10,
             max_outbound_bytes: 1 << 20,
             match_cache_size: 10_000,
@@ -135,7 +174,13 @@ fn default_storage_path() -> PathBuf {
 
 impl Default for Config {
     fn default() -> Self {
-        Self { listeners: default_listeners(), storage: Storage::default(), mqtt: Mqtt::default(), log: Log::default() }
+        Self {
+            listeners: default_listeners(),
+            storage: Storage::default(),
+            mqtt: Mqtt::default(),
+            log: Log::default(),
+            queue_policy: Vec::new(),
+        }
     }
 }
 
@@ -190,6 +235,20 @@ impl Config {
         if m.max_topic_levels == 0 {
             return invalid("mqtt.max_topic_levels", "must be at least 1");
         }
+        for rule in &self.queue_policy {
+            let rule_invalid = |message: String| Err(ConfigError::Invalid { key: "queue_policy", message });
+            if !crate::codec::is_valid_topic_filter(&rule.filter) || rule.filter.starts_with("$share/") {
+                return rule_invalid(format!("filter {:?} is not a topic filter", rule.filter));
+            }
+            match (rule.policy, rule.keep_latest) {
+                (Some(_), None) => {}
+                (None, Some(n)) if n > 0 => {}
+                (None, Some(_)) => return rule_invalid(format!("keep_latest for {:?} must be at least 1", rule.filter)),
+                _ => {
+                    return rule_invalid(format!("{:?} needs exactly one of `policy` and `keep_latest`", rule.filter))
+                }
+            }
+        }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return invalid("log.level", "is not a valid log filter");
         }
@@ -226,5 +285,11 @@ mod tests {
         let e =
             Config::parse("[[listeners]]\nprotocol = \"gopher\"\nbind = \"127.0.0.1:1\"\n").unwrap_err().to_string();
         assert!(e.contains("gopher"), "{e}");
+        let e = Config::parse("[[queue_policy]]\nfilter = \"news/#\"\npolicy = \"drop_new\"\nkeep_latest = 2\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("queue_policy") && e.contains("exactly one"), "{e}");
+        let e = Config::parse("[storage]\ndurability = \"never\"\n").unwrap_err().to_string();
+        assert!(e.contains("never"), "{e}");
     }
 }

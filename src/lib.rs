@@ -17,7 +17,8 @@
 //! Modules: `config` (TOML configuration), `broker` (shared state, listeners, shutdown),
 //! `listener` (accept loops), `connection` (handshake, packet handling, outbound writing),
 //! `codec` (bytes <-> packets), `router` (subscription tree), `retain` (retained messages),
-//! `session` (session state and messages), `metrics` (counters).
+//! `session` (session state and messages), `metrics` (counters), `store` (RocksDB: retained
+//! messages and persistent sessions, group commit), `recovery` (rebuilding state from the store).
 
 pub mod broker;
 pub mod codec;
@@ -25,6 +26,8 @@ pub mod config;
 pub mod connection;
 pub mod listener;
 pub mod metrics;
+pub mod recovery;
 pub mod retain;
 pub mod router;
 pub mod session;
+pub mod store;

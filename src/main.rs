@@ -51,7 +51,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).init();
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async move {
-        let broker = Broker::new(config);
+        let broker = Broker::open(config)?;
         let server = tokio::spawn(broker::run(broker.clone(), None));
         let mut server = server;
         tokio::select! {

@@ -15,6 +15,11 @@ pub struct Metrics {
     pub messages_dropped_too_large: AtomicU64,
     pub messages_expired: AtomicU64,
     pub protocol_errors: AtomicU64,
+    /// Messages let go by an offline session's queue: the oldest to make room, the new one
+    /// (`drop_new`, or larger than `max_queued_bytes`), or one superseded under `keep_latest`.
+    pub queue_dropped_oldest: AtomicU64,
+    pub queue_dropped_new: AtomicU64,
+    pub queue_superseded: AtomicU64,
 }
 
 impl Metrics {
@@ -23,6 +28,16 @@ impl Metrics {
         if dropped > 0 {
             self.messages_dropped_queue_full.fetch_add(dropped as u64, Relaxed);
         }
+    }
+
+    pub fn queue_dropped(&self, why: crate::session::QueueDrop) {
+        use crate::session::QueueDrop;
+        let counter = match why {
+            QueueDrop::Oldest => &self.queue_dropped_oldest,
+            QueueDrop::New => &self.queue_dropped_new,
+            QueueDrop::Superseded => &self.queue_superseded,
+        };
+        counter.fetch_add(1, Relaxed);
     }
 
     pub fn connections_now(&self) -> u64 {

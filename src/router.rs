@@ -78,6 +78,24 @@ pub enum FilterError {
     Invalid,
 }
 
+/// Whether a (non-shared) filter matches a topic name, outside the tree: for the few rules in
+/// configuration, such as queue policies. `$` topics match no leading wildcard [MQTT-4.7.2-1].
+pub fn filter_matches(filter: &str, topic: &str) -> bool {
+    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
+        return false;
+    }
+    let mut topic_levels = topic.split('/');
+    for f in filter.split('/') {
+        match (f, topic_levels.next()) {
+            ("#", _) => return true,
+            ("+", Some(_)) => {}
+            (f, Some(t)) if f == t => {}
+            _ => return false,
+        }
+    }
+    topic_levels.next().is_none()
+}
+
 pub fn parse_filter(full: &str) -> Result<ParsedFilter<'_>, FilterError> {
     if let Some(rest) = full.strip_prefix("$share/") {
         let (share, filter) = rest.split_once('/').ok_or(FilterError::BadShare)?;
@@ -339,6 +357,16 @@ fn remove_here(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn filter_matches_follows_the_wildcard_rules_mqtt_4_7_1() {
+        assert!(filter_matches("news/#", "news"), "[MQTT-4.7.1-2] # matches its parent level");
+        assert!(filter_matches("news/+/breaking", "news/world/breaking"));
+        assert!(!filter_matches("news/+", "news/world/breaking"));
+        assert!(filter_matches("+/+", "/x"));
+        assert!(!filter_matches("#", "$SYS/broker/uptime"));
+        assert!(!filter_matches("news/tech", "news/tech/ai"));
+    }
 
     fn sub(id: u64, qos: QoS, identifier: Option<u32>) -> Subscription {
         Subscription {

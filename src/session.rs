@@ -14,6 +14,8 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 
 use crate::codec::{Properties, QoS, ReasonCode, SubscriptionOptions};
+use crate::store::records::QueueEntry;
+use crate::store::QueueRef;
 
 /// A message as accepted from a publisher. Routing shares it through an `Arc`; its payload is
 /// one `Bytes` for its whole life and is never copied per subscriber.
@@ -74,6 +76,70 @@ pub struct Delivery {
     pub qos: QoS,
     pub retain: bool,
     pub subscription_ids: Vec<u32>,
+    /// Its entry in the session's durable queue, for a persistent session; removed when the
+    /// client acknowledges it (or it is dropped or expires).
+    pub stored: Option<QueueRef>,
+}
+
+impl Delivery {
+    pub fn queue_entry(&self, inflight: Option<(u16, OutState)>) -> QueueEntry {
+        QueueEntry {
+            message_id: self.stored.map_or(0, |s| s.message_id),
+            qos: self.qos,
+            retain: self.retain,
+            subscription_ids: self.subscription_ids.clone(),
+            inflight,
+        }
+    }
+}
+
+/// What an offline session's queue does when a message arrives and the queue is full (or, for
+/// `KeepLatest`, when it already holds that many messages of the same topic).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OverflowPolicy {
+    DropOldest,
+    DropNew,
+    KeepLatest(usize),
+}
+
+/// The overflow policies of `[[queue_policy]]`, first match wins.
+#[derive(Default)]
+pub struct QueuePolicies {
+    rules: Vec<(String, OverflowPolicy)>,
+}
+
+impl QueuePolicies {
+    pub fn new(rules: &[crate::config::QueuePolicyRule]) -> Self {
+        use crate::config::OverflowPolicyName;
+        let rules = rules
+            .iter()
+            .map(|r| {
+                let policy = match (r.policy, r.keep_latest) {
+                    (_, Some(n)) => OverflowPolicy::KeepLatest(n),
+                    (Some(OverflowPolicyName::DropNew), None) => OverflowPolicy::DropNew,
+                    _ => OverflowPolicy::DropOldest,
+                };
+                (r.filter.clone(), policy)
+            })
+            .collect();
+        QueuePolicies { rules }
+    }
+
+    pub fn for_topic(&self, topic: &str) -> OverflowPolicy {
+        self.rules
+            .iter()
+            .find(|(filter, _)| crate::router::filter_matches(filter, topic))
+            .map_or(OverflowPolicy::DropOldest, |(_, p)| *p)
+    }
+}
+
+/// Why an offline session's queue let a message go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueueDrop {
+    Oldest,
+    New,
+    /// Replaced by a later message of the same topic (`keep_latest`).
+    Superseded,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,8 +164,11 @@ pub struct OutInflight {
 /// The part of a session that one task owns at a time and that survives reconnection.
 pub struct SessionState {
     pub mailbox: mpsc::Receiver<Delivery>,
-    /// Messages to send before the mailbox: retained messages on subscribe, in order.
+    /// Messages to send before the mailbox, in order: retained messages on subscribe, and what
+    /// was queued while the session was offline. Changed through `push_pending` and
+    /// `pop_pending`, which keep `pending_bytes`.
     pub pending: VecDeque<Delivery>,
+    pub pending_bytes: usize,
     /// Outgoing QoS 1 and 2 messages not yet completed, in the order they were sent [MQTT-4.6.0-1].
     pub inflight: VecDeque<OutInflight>,
     /// Incoming QoS 2 packet identifiers between PUBREC and PUBREL [MQTT-4.3.3-9].
@@ -117,6 +186,7 @@ impl SessionState {
         Self {
             mailbox,
             pending: VecDeque::new(),
+            pending_bytes: 0,
             inflight: VecDeque::new(),
             incoming_qos2: HashSet::new(),
             next_packet_id: 1,
@@ -124,6 +194,86 @@ impl SessionState {
             subscriptions: HashMap::new(),
             expiry_interval: 0,
         }
+    }
+
+    pub fn push_pending(&mut self, d: Delivery) {
+        self.pending_bytes += d.message.payload.len();
+        self.pending.push_back(d);
+    }
+
+    pub fn pop_pending(&mut self) -> Option<Delivery> {
+        let d = self.pending.pop_front()?;
+        self.pending_bytes -= d.message.payload.len();
+        Some(d)
+    }
+
+    /// Puts back a delivery that could not be sent yet, ahead of the others.
+    pub fn unpop_pending(&mut self, d: Delivery) {
+        self.pending_bytes += d.message.payload.len();
+        self.pending.push_front(d);
+    }
+
+    /// Moves what the router put in the mailbox to the end of `pending`, when the session is
+    /// parked, so that the offline queue's policies see one queue.
+    pub fn absorb_mailbox(&mut self) {
+        while let Ok(d) = self.mailbox.try_recv() {
+            self.push_pending(d);
+        }
+    }
+
+    /// Queues a message for this session while it is offline, within `max_messages` and
+    /// `max_bytes` (0: no byte bound) as `policy` says. Returns what was let go, with why.
+    pub fn offer_offline(
+        &mut self,
+        d: Delivery,
+        policy: OverflowPolicy,
+        max_messages: usize,
+        max_bytes: usize,
+    ) -> Vec<(Delivery, QueueDrop)> {
+        let mut dropped = Vec::new();
+        if let OverflowPolicy::KeepLatest(n) = policy {
+            let topic = d.message.topic.as_str();
+            let mut same = self.pending.iter().filter(|p| p.message.topic == topic).count();
+            while same >= n {
+                let pos = self.pending.iter().position(|p| p.message.topic == topic).expect("counted");
+                let old = self.pending.remove(pos).expect("position exists");
+                self.pending_bytes -= old.message.payload.len();
+                dropped.push((old, QueueDrop::Superseded));
+                same -= 1;
+            }
+        }
+        let size = d.message.payload.len();
+        if max_bytes > 0 && size > max_bytes {
+            dropped.push((d, QueueDrop::New));
+            return dropped;
+        }
+        let over = |s: &Self| s.pending.len() >= max_messages || (max_bytes > 0 && s.pending_bytes + size > max_bytes);
+        while over(self) {
+            if policy == OverflowPolicy::DropNew || self.pending.is_empty() {
+                dropped.push((d, QueueDrop::New));
+                return dropped;
+            }
+            let old = self.pop_pending().expect("not empty");
+            dropped.push((old, QueueDrop::Oldest));
+        }
+        self.push_pending(d);
+        dropped
+    }
+
+    /// Every durable queue reference the state holds, taking what is left in the mailbox.
+    pub fn take_stored_refs(&mut self) -> Vec<QueueRef> {
+        self.absorb_mailbox();
+        let pending = self.pending.iter().filter_map(|d| d.stored);
+        pending.chain(self.inflight.iter().filter_map(|m| m.delivery.stored)).collect()
+    }
+
+    /// Takes every durable queue reference out of the state's deliveries: the session stopped
+    /// being persistent, and its messages are no longer the store's.
+    pub fn forget_stored(&mut self) -> Vec<QueueRef> {
+        self.absorb_mailbox();
+        let pending = self.pending.iter_mut().map(|d| &mut d.stored);
+        let inflight = self.inflight.iter_mut().map(|m| &mut m.delivery.stored);
+        pending.chain(inflight).filter_map(Option::take).collect()
     }
 
     /// The next packet identifier not in use by an in-flight message [MQTT-2.2.1-2].
@@ -187,6 +337,8 @@ pub struct SessionShared {
     pub congested: AtomicBool,
     /// Signalled whenever a holder parks the state.
     pub parked_notify: Notify,
+    /// Whether the store holds a record of this session, to be removed when it ends.
+    pub stored: AtomicBool,
 }
 
 impl SessionShared {
@@ -201,6 +353,7 @@ impl SessionShared {
             ownership: Mutex::new(Ownership::default()),
             congested: AtomicBool::new(false),
             parked_notify: Notify::new(),
+            stored: AtomicBool::new(false),
         });
         (shared, SessionState::new(rx))
     }
@@ -233,7 +386,49 @@ mod tests {
             qos: QoS::AtLeastOnce,
             retain: false,
             subscription_ids: Vec::new(),
+            stored: None,
         }
+    }
+
+    fn on(topic: &str, payload: &'static [u8]) -> Delivery {
+        Delivery {
+            message: Arc::new(Message::new_for_test(topic, payload, QoS::AtLeastOnce, false)),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            subscription_ids: Vec::new(),
+            stored: None,
+        }
+    }
+
+    fn queued(s: &SessionState) -> Vec<(String, Bytes)> {
+        s.pending.iter().map(|d| (d.message.topic.clone(), d.message.payload.clone())).collect()
+    }
+
+    #[test]
+    fn offline_queue_policies_drop_oldest_drop_new_and_keep_latest() {
+        let (_, mut s) = SessionShared::new(1, "c".into(), 1);
+        for p in [&b"1"[..], b"2", b"3"] {
+            assert!(s.offer_offline(on("a", p), OverflowPolicy::DropOldest, 2, 0).len() <= 1);
+        }
+        assert_eq!(queued(&s), vec![("a".into(), Bytes::from_static(b"2")), ("a".into(), Bytes::from_static(b"3"))]);
+        let dropped = s.offer_offline(on("a", b"4"), OverflowPolicy::DropNew, 2, 0);
+        assert_eq!((dropped.len(), dropped[0].1), (1, QueueDrop::New));
+        assert_eq!(s.pending.len(), 2);
+
+        let (_, mut s) = SessionShared::new(2, "c".into(), 1);
+        for (t, p) in [("h", &b"h1"[..]), ("x", b"x1"), ("h", b"h2"), ("h", b"h3")] {
+            s.offer_offline(on(t, p), OverflowPolicy::KeepLatest(2), 100, 0);
+        }
+        assert_eq!(queued(&s).iter().map(|(_, p)| p.clone()).collect::<Vec<_>>(), vec!["x1", "h2", "h3"]);
+        assert_eq!(s.pending_bytes, 6);
+
+        let (_, mut s) = SessionShared::new(3, "c".into(), 1);
+        s.offer_offline(on("a", b"12345"), OverflowPolicy::DropOldest, 100, 8);
+        let dropped = s.offer_offline(on("a", b"6789"), OverflowPolicy::DropOldest, 100, 8);
+        assert_eq!((dropped.len(), dropped[0].1, s.pending_bytes), (1, QueueDrop::Oldest, 4));
+        let dropped = s.offer_offline(on("a", b"too large for the queue"), OverflowPolicy::DropOldest, 100, 8);
+        assert_eq!((dropped.len(), dropped[0].1), (1, QueueDrop::New), "larger than the bound on its own");
+        assert_eq!(s.pending_bytes, 4, "and nothing else is let go for it");
     }
 
     #[test]

@@ -16,8 +16,15 @@ fn temp_config(name: &str, text: &str) -> PathBuf {
 
 /// Starts the binary on an ephemeral port and returns it with the port it logged.
 fn spawn_broker(name: &str) -> (Child, u16) {
-    let config =
-        temp_config(name, "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n[log]\nlevel = \"info\"\n");
+    let dir = std::env::temp_dir().join(format!("herald-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(dir.join("data"));
+    let config = temp_config(
+        name,
+        &format!(
+            "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n[log]\nlevel = \"info\"\n",
+            dir.join("data").display().to_string()
+        ),
+    );
     let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["--config", config.to_str().unwrap()])
         .env("RUST_LOG", "info")
@@ -98,4 +105,26 @@ fn sigterm_stops_the_broker_cleanly() {
         assert!(started.elapsed() < Duration::from_secs(10), "broker did not exit");
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// [issue 4] A store RocksDB cannot read stops the broker with an error naming it; the broker
+/// never starts afresh over it, and leaves its files where they are.
+#[test]
+fn a_corrupted_store_stops_the_broker_with_a_clear_error() {
+    let (mut broker, _) = spawn_broker("corrupt");
+    let _ = broker.kill();
+    let _ = broker.wait();
+    let dir = std::env::temp_dir().join(format!("herald-test-{}-corrupt", std::process::id()));
+    let current = dir.join("data").join("CURRENT");
+    assert!(current.exists(), "the first run created a store");
+    std::fs::write(&current, b"garbage").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["--config", dir.join("config.toml").to_str().unwrap()])
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("store at") && err.contains("data"), "{err}");
+    assert_eq!(std::fs::read(&current).unwrap(), b"garbage", "the store was left as it was");
 }

@@ -48,6 +48,14 @@ impl Reader {
         Ok(self.buf.get_u32())
     }
 
+    /// Not an MQTT type: the store's records (`store::records`) carry sequence numbers and times.
+    pub fn u64_be(&mut self) -> Result<u64, DecodeError> {
+        if self.buf.len() < 8 {
+            return Err(DecodeError::malformed("record ends inside an eight byte integer"));
+        }
+        Ok(self.buf.get_u64())
+    }
+
     /// [MQTT-1.5.5-1] a variable byte integer uses at most four bytes and the minimum number of them.
     pub fn varint(&mut self) -> Result<u32, DecodeError> {
         let (value, used) =

@@ -11,6 +11,8 @@ use tracing::info;
 use super::{Close, Connection, Step};
 use crate::codec::{ConnAck, Connect, ErrorKind, Packet, Properties, ProtocolVersion, ReasonCode};
 use crate::session::{SessionShared, SessionState};
+use crate::store::records::SessionRecord;
+use crate::store::Txn;
 
 impl Connection {
     pub(super) async fn handshake(&mut self) -> Step {
@@ -112,6 +114,23 @@ impl Connection {
         let (shared, mut state, session_present) = self.claim_session(&client_id, c.clean_start).await?;
         shared.persistent.store(session_expiry > 0, Ordering::Release);
         state.expiry_interval = session_expiry;
+        if session_expiry > 0 {
+            // Written before any SUBSCRIBE of this connection, whose SUBACK waits for the store.
+            let mut txn = Txn::default();
+            let record = SessionRecord {
+                expiry_interval: session_expiry,
+                disconnected_at_ms: 0,
+                will: self.will.as_deref().cloned(),
+            };
+            txn.put_session(&client_id, &record);
+            self.broker.store.commit(txn);
+            shared.stored.store(true, Ordering::Release);
+        } else if shared.stored.swap(false, Ordering::AcqRel) {
+            // A stored session resumed without an expiry interval ends with this connection.
+            let mut txn = Txn::default();
+            txn.remove_session(&client_id, state.forget_stored());
+            self.broker.store.commit(txn);
+        }
 
         let mut properties = Properties::default();
         if v5 {
@@ -183,7 +202,8 @@ impl Connection {
                                 drop(own);
                                 sessions.remove(client_id);
                                 drop(sessions);
-                                self.broker.end_session(&existing, &state);
+                                let mut state = state;
+                                self.broker.end_session(&existing, &mut state);
                                 continue;
                             }
                             own.holder = Some((self.conn_id, self.kick_tx.take()));

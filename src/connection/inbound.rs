@@ -10,6 +10,7 @@ use crate::codec::{
 };
 use crate::router::{parse_filter, FilterError, Subscription};
 use crate::session::{Delivery, Message, OutState};
+use crate::store::Txn;
 
 fn topic_levels(topic: &str) -> usize {
     topic.bytes().filter(|&b| b == b'/').count() + 1
@@ -30,10 +31,18 @@ impl Connection {
             Packet::PubAck(r) => self.on_puback(r),
             Packet::PubRec(r) => self.on_pubrec(r),
             Packet::PubRel(r) => {
-                let state = &mut self.session.as_mut().expect("session").1;
-                state.incoming_qos2.remove(&r.packet_id);
+                let (shared, state) = self.session.as_mut().expect("session");
+                let mut ticket = 0;
+                if state.incoming_qos2.remove(&r.packet_id) && shared.is_persistent() {
+                    // PUBCOMP waits for the identifier to leave the store: were it still there
+                    // after a restart, a new message with the same identifier would be taken
+                    // for a duplicate and lost.
+                    let mut txn = Txn::default();
+                    txn.remove_incoming(&self.client_id, r.packet_id);
+                    ticket = self.broker.store.commit(txn);
+                }
                 // Mosquitto answers an unknown identifier with success too, as the vectors record.
-                self.out.packet(&Packet::PubComp(PubResponse::new(r.packet_id, ReasonCode::SUCCESS)));
+                self.send_ack(ticket, Packet::PubComp(PubResponse::new(r.packet_id, ReasonCode::SUCCESS)));
                 Ok(())
             }
             Packet::PubComp(r) => self.on_pubcomp(r),
@@ -85,6 +94,7 @@ impl Connection {
             return Err(violation(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED, "[MQTT-3.3.4-9] receive maximum exceeded"));
         }
         let mut reason = ReasonCode::SUCCESS;
+        let mut ticket = 0;
         if p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
             reason = ReasonCode(0x99);
         } else if p.topic.starts_with("$SYS") {
@@ -106,6 +116,7 @@ impl Connection {
                 fanout: Default::default(),
             });
             let outcome = self.broker.route(message, true);
+            ticket = outcome.ticket;
             if outcome.matched == 0 && p.qos == QoS::AtLeastOnce {
                 reason = ReasonCode::NO_MATCHING_SUBSCRIBERS;
             }
@@ -116,19 +127,22 @@ impl Connection {
             QoS::AtMostOnce => return Ok(()),
             QoS::AtLeastOnce => Packet::PubAck(PubResponse::new(p.packet_id, reason)),
             QoS::ExactlyOnce => {
-                let state = &mut self.session.as_mut().expect("session").1;
+                let (shared, state) = self.session.as_mut().expect("session");
                 let reason = if reason == ReasonCode::NO_MATCHING_SUBSCRIBERS { ReasonCode::SUCCESS } else { reason };
-                if !reason.is_error() {
-                    state.incoming_qos2.insert(p.packet_id);
+                if !reason.is_error() && state.incoming_qos2.insert(p.packet_id) && shared.is_persistent() {
+                    let mut txn = Txn::default();
+                    txn.put_incoming(&self.client_id, p.packet_id);
+                    ticket = ticket.max(self.broker.store.commit(txn));
                 }
                 Packet::PubRec(PubResponse::new(p.packet_id, reason))
             }
         };
-        // The acknowledgement is the promise: it waits until every subscriber has the message.
+        // The acknowledgement is the promise: it waits until every subscriber has the message
+        // and the store has what persistent sessions need of it.
         if self.blocked.is_empty() {
-            self.out.packet(&ack);
+            self.send_ack(ticket, ack);
         } else {
-            self.held_ack = Some(Box::new(ack));
+            self.held_ack = Some(Box::new((ticket, ack)));
         }
         Ok(())
     }
@@ -142,7 +156,10 @@ impl Connection {
         let state = &mut self.session.as_mut().expect("session").1;
         // Acknowledgements come mostly in order, so the search usually stops at the front.
         if let Some(pos) = state.inflight.iter().position(|m| m.packet_id == packet_id) {
-            state.inflight.remove(pos);
+            if let Some(m) = state.inflight.remove(pos) {
+                // [issue 4] a message leaves the durable queue only with its PUBACK or PUBCOMP.
+                self.forget_stored(&m.delivery);
+            }
         }
     }
 
@@ -165,6 +182,12 @@ impl Connection {
                 let state = &mut self.session.as_mut().expect("session").1;
                 if let Some(m) = state.inflight.iter_mut().find(|m| m.packet_id == r.packet_id) {
                     m.state = OutState::AwaitPubComp;
+                    if let Some(at) = m.delivery.stored {
+                        let mut txn = Txn::default();
+                        let entry = m.delivery.queue_entry(Some((r.packet_id, OutState::AwaitPubComp)));
+                        txn.update_entry(&self.client_id, at, &entry);
+                        self.broker.store.commit(txn);
+                    }
                 }
                 self.out.packet(&Packet::PubRel(PubResponse::new(r.packet_id, ReasonCode::SUCCESS)));
             }
@@ -196,6 +219,8 @@ impl Connection {
         let mut reasons = Vec::with_capacity(s.filters.len());
         let mut retained: Vec<Delivery> = Vec::new();
         let (shared, state) = self.session.as_mut().expect("session");
+        let persistent = shared.is_persistent();
+        let mut txn = Txn::default();
         for (filter, options) in &s.filters {
             let parsed = match parse_filter(filter) {
                 Ok(p) => p,
@@ -217,6 +242,9 @@ impl Connection {
             let sub = Subscription { session: shared.clone(), options: *options, identifier };
             let existed = self.broker.subscribe(filter, sub);
             state.subscriptions.insert(filter.clone(), (*options, identifier));
+            if persistent {
+                txn.put_subscription(&self.client_id, filter, options, identifier);
+            }
             reasons.push(ReasonCode(options.qos as u8));
             let send_retained = parsed.share.is_none()
                 && match options.retain_handling {
@@ -232,6 +260,7 @@ impl Connection {
                     // [MQTT-3.3.1-8] retained messages sent on subscribe keep their retain flag.
                     retain: true,
                     subscription_ids: identifier.into_iter().collect(),
+                    stored: None,
                 }));
             }
         }
@@ -245,29 +274,37 @@ impl Connection {
                 .fetch_add(dropped as u64, std::sync::atomic::Ordering::Relaxed);
             retained.truncate(room);
         }
-        state.pending.extend(retained);
-        self.out.packet(&Packet::SubAck(SubAck { packet_id: s.packet_id, properties: Properties::default(), reasons }));
+        for d in retained {
+            state.push_pending(d);
+        }
+        // The SUBACK promises the subscription, so it waits for the store like a PUBACK.
+        let ticket = self.broker.store.commit(txn);
+        self.send_ack(
+            ticket,
+            Packet::SubAck(SubAck { packet_id: s.packet_id, properties: Properties::default(), reasons }),
+        );
         Ok(())
     }
 
     fn on_unsubscribe(&mut self, u: Unsubscribe) -> Step {
         let (shared, state) = self.session.as_mut().expect("session");
         let mut reasons = Vec::with_capacity(u.filters.len());
+        let mut txn = Txn::default();
         for filter in &u.filters {
             let existed = state.subscriptions.remove(filter).is_some();
             if existed {
                 self.broker.unsubscribe(shared.id, filter);
+                if shared.is_persistent() {
+                    txn.remove_subscription(&self.client_id, filter);
+                }
             }
             reasons.push(if existed { ReasonCode::SUCCESS } else { ReasonCode::NO_SUBSCRIPTION_EXISTED });
         }
         if !self.v5() {
             reasons.clear();
         }
-        self.out.packet(&Packet::UnsubAck(UnsubAck {
-            packet_id: u.packet_id,
-            properties: Properties::default(),
-            reasons,
-        }));
+        let ticket = self.broker.store.commit(txn);
+        self.send_ack(ticket, Packet::UnsubAck(UnsubAck { packet_id: u.packet_id, properties: Properties::default(), reasons }));
         Ok(())
     }
 

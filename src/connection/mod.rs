@@ -20,6 +20,8 @@ use tracing::{debug, info};
 use crate::broker::Broker;
 use crate::codec::{DecodeError, Decoder, Disconnect, Packet, Properties, ReasonCode, Role, Will};
 use crate::session::{Delivery, Kick, Message, OutState, SessionShared, SessionState};
+use crate::store::records::{wall_ms_now, SessionRecord};
+use crate::store::Txn;
 use outbound::{Outbound, Written};
 
 /// Why a connection ended; decides the DISCONNECT sent (5.0), the will and the log line.
@@ -111,6 +113,8 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         blocked: Default::default(),
         blocked_deadline: None,
         held_ack: None,
+        acks: Default::default(),
+        committed: None,
     };
     let close = conn.run().await;
     conn.finish(close).await;
@@ -146,8 +150,18 @@ pub struct Connection {
     /// not read and `held_ack` not sent until they are placed (or given up on).
     blocked: std::collections::VecDeque<(Arc<SessionShared>, Delivery)>,
     blocked_deadline: Option<tokio::time::Instant>,
-    held_ack: Option<Box<Packet>>,
+    /// The acknowledgement of the PUBLISH in `blocked`, with its store ticket.
+    held_ack: Option<Box<(u64, Packet)>>,
+    /// Acknowledgements waiting, in order [MQTT-4.6.0-2], for their store ticket to commit.
+    acks: std::collections::VecDeque<(u64, Packet)>,
+    /// Follows the store's committed ticket while `acks` is not empty; None otherwise, so that
+    /// an idle connection carries no receiver.
+    committed: Option<tokio::sync::watch::Receiver<u64>>,
 }
+
+/// Acknowledgements a client may have waiting for the store before its input is no longer
+/// read: bounds the memory a publisher can hold while the disk is slow.
+const MAX_UNCOMMITTED_ACKS: usize = 1024;
 
 enum Event {
     Readable(std::io::Result<()>),
@@ -155,6 +169,7 @@ enum Event {
     WriteStalled,
     Delivery(Option<Delivery>),
     Kick(Option<Kick>),
+    Committed,
     KeepAlive,
     /// Pending messages (retained ones after a SUBSCRIBE) remain and the window allows more.
     MorePending,
@@ -167,6 +182,7 @@ impl Connection {
         }
         let limit = self.broker.config.mqtt.max_outbound_bytes;
         loop {
+            self.release_acks();
             self.drain_deliveries();
             if let Err(close) = self.write_some() {
                 return close;
@@ -180,7 +196,7 @@ impl Connection {
             // Above the outbound limit the client reads slower than we write: stop taking on
             // more (its queue fills, publishers wait or drop for it) and stop reading its input
             // until the socket has taken some.
-            let room = self.out.pending_bytes() < limit;
+            let room = self.out.pending_bytes() < limit && self.acks.len() < MAX_UNCOMMITTED_ACKS;
             let window_open = room && self.window_open();
             let writing = self.out.has_pending();
             let deadline = self.keep_alive.map(|k| tokio::time::Instant::from_std(self.last_inbound + k));
@@ -192,6 +208,7 @@ impl Connection {
             let event = tokio::select! {
                 biased;
                 k = &mut self.kick_rx => Event::Kick(k.ok()),
+                _ = committed_changed(&mut self.committed) => Event::Committed,
                 r = self.stream.writable(), if writing => Event::Writable(r),
                 r = self.stream.readable(), if room => Event::Readable(r),
                 d = state.mailbox.recv(), if window_open => Event::Delivery(d),
@@ -215,7 +232,7 @@ impl Connection {
                     Ok(())
                 }
                 Event::Delivery(None) => Err(Close::SocketClosed),
-                Event::MorePending => Ok(()),
+                Event::MorePending | Event::Committed => Ok(()),
             };
             if let Err(close) = step {
                 return close;
@@ -312,9 +329,14 @@ impl Connection {
     /// Drops the first blocked delivery for its subscriber, counted, and marks that subscriber
     /// congested if it is the one that kept us waiting.
     fn give_up_blocked(&mut self, congested: bool) -> Step {
-        let (target, _) = self.blocked.pop_front().expect("front exists");
+        let (target, delivery) = self.blocked.pop_front().expect("front exists");
         if congested {
             target.congested.store(true, Ordering::Relaxed);
+        }
+        if let Some(at) = delivery.stored {
+            let mut txn = Txn::default();
+            txn.remove_entry(&target.client_id, at);
+            self.broker.store.commit(txn);
         }
         self.broker.metrics.messages_dropped_queue_full.fetch_add(1, Ordering::Relaxed);
         self.blocked_deadline = None;
@@ -325,8 +347,9 @@ impl Connection {
         if !self.blocked.is_empty() {
             return Ok(());
         }
-        if let Some(ack) = self.held_ack.take() {
-            self.out.packet(&ack);
+        if let Some(held) = self.held_ack.take() {
+            let (ticket, ack) = *held;
+            self.send_ack(ticket, ack);
         }
         self.handle_input()
     }
@@ -346,6 +369,36 @@ impl Connection {
         }
     }
 
+    /// Sends an acknowledgement once `ticket` is committed to the store, after every earlier
+    /// acknowledgement that still waits for its own.
+    fn send_ack(&mut self, ticket: u64, ack: Packet) {
+        if self.acks.is_empty() && (ticket == 0 || self.broker.store.is_committed(ticket)) {
+            self.out.packet(&ack);
+            return;
+        }
+        if self.committed.is_none() {
+            self.committed = Some(self.broker.store.committed());
+        }
+        self.acks.push_back((ticket, ack));
+    }
+
+    fn release_acks(&mut self) {
+        let Some(committed) = &mut self.committed else { return };
+        let upto = *committed.borrow_and_update();
+        while self.acks.front().is_some_and(|(t, _)| *t <= upto) {
+            let (_, ack) = self.acks.pop_front().expect("front exists");
+            self.out.packet(&ack);
+        }
+        if self.acks.is_empty() {
+            self.committed = None;
+        }
+    }
+
+    /// Commits store writes for this connection's session, if it is persistent.
+    fn commit(&self, txn: Txn) -> u64 {
+        self.broker.store.commit(txn)
+    }
+
     fn window_open(&self) -> bool {
         self.session.as_ref().is_some_and(|(_, s)| s.inflight.len() < self.receive_window)
     }
@@ -356,7 +409,7 @@ impl Connection {
         let mut budget = 256;
         while budget > 0 && self.window_open() {
             let state = &mut self.session.as_mut().expect("session").1;
-            let next = match state.pending.pop_front() {
+            let next = match state.pop_pending() {
                 Some(d) => d,
                 None => match state.mailbox.try_recv() {
                     Ok(d) => d,
@@ -381,6 +434,7 @@ impl Connection {
             let now = Instant::now();
             if d.message.is_expired(now) {
                 metrics.messages_expired.fetch_add(1, Ordering::Relaxed);
+                self.forget_stored(&d);
                 return;
             }
             d.message.remaining_expiry(now)
@@ -397,17 +451,26 @@ impl Connection {
             return;
         }
         let Some(packet_id) = state.allocate_packet_id() else {
-            state.pending.push_front(d);
+            state.unpop_pending(d);
             return;
         };
         match self.out.publish(&d, packet_id, false, expiry) {
             Written::TooLarge => {
                 metrics.messages_dropped_too_large.fetch_add(1, Ordering::Relaxed);
+                self.forget_stored(&d);
             }
             Written::Sent => {
                 metrics.messages_sent.fetch_add(1, Ordering::Relaxed);
                 let out_state =
                     if d.qos == crate::codec::QoS::AtLeastOnce { OutState::AwaitPubAck } else { OutState::AwaitPubRec };
+                if let Some(at) = d.stored {
+                    // The packet identifier goes to the store with the entry, so that after a
+                    // restart the message is resent with the identifier the client knows.
+                    let mut txn = Txn::default();
+                    txn.update_entry(&self.client_id, at, &d.queue_entry(Some((packet_id, out_state))));
+                    self.commit(txn);
+                }
+                let state = &mut self.session.as_mut().expect("session").1;
                 let serial = state.allocations;
                 state.inflight.push_back(crate::session::OutInflight {
                     packet_id,
@@ -416,6 +479,15 @@ impl Connection {
                     state: out_state,
                 });
             }
+        }
+    }
+
+    /// Removes a delivery's durable queue entry: it was acknowledged, dropped or expired.
+    fn forget_stored(&self, d: &Delivery) {
+        if let Some(at) = d.stored {
+            let mut txn = Txn::default();
+            txn.remove_entry(&self.client_id, at);
+            self.commit(txn);
         }
     }
 
@@ -435,6 +507,10 @@ impl Connection {
                     let expiry = m.delivery.message.remaining_expiry(now);
                     if let Written::Sent = self.out.publish(&m.delivery, m.packet_id, true, expiry) {
                         keep.push_back(m);
+                    } else if let Some(at) = m.delivery.stored {
+                        let mut txn = Txn::default();
+                        txn.remove_entry(&self.client_id, at);
+                        self.broker.store.commit(txn);
                     }
                 }
             }
@@ -472,21 +548,36 @@ impl Connection {
         state.expiry_interval = self.session_expiry;
         shared.online.store(false, Ordering::Release);
         let ends_now = self.session_expiry == 0 && !taken_over;
+        let mut will_due = None;
+        let now_ms = wall_ms_now();
         if let Some(will) = will {
             let delay = will.properties.will_delay_interval.unwrap_or(0).min(self.session_expiry);
             if delay == 0 || ends_now {
                 self.broker.publish(will_message(will, shared.id));
             } else {
-                self.schedule_will(&shared, will, delay);
+                will_due = Some(will.clone());
+                schedule_will(&self.broker, &shared, will, u64::from(delay), now_ms);
             }
         }
         if ends_now {
-            self.broker.end_session(&shared, &state);
+            self.broker.end_session(&shared, &mut state);
             let mut own = shared.ownership.lock().expect("ownership lock");
             if own.holder.as_ref().is_some_and(|(id, _)| *id == self.conn_id) {
                 own.holder = None;
             }
             return;
+        }
+        state.absorb_mailbox();
+        if shared.is_persistent() && !taken_over {
+            let mut txn = Txn::default();
+            let record = SessionRecord {
+                expiry_interval: self.session_expiry,
+                disconnected_at_ms: now_ms,
+                will: will_due,
+            };
+            txn.put_session(&self.client_id, &record);
+            self.commit(txn);
+            shared.stored.store(true, Ordering::Release);
         }
         let generation = {
             let mut own = shared.ownership.lock().expect("ownership lock");
@@ -505,25 +596,44 @@ impl Connection {
             });
         }
     }
+}
 
-    fn schedule_will(&self, shared: &Arc<SessionShared>, will: Will, delay: u32) {
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-        shared.ownership.lock().expect("ownership lock").pending_will = Some(tx);
-        let broker = self.broker.clone();
-        let session_id = shared.id;
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(u64::from(delay))) => {
-                    broker.publish(will_message(will, session_id));
+/// Publishes a will after `delay` seconds unless the session is resumed first [MQTT-3.1.3-9];
+/// once published, the stored session record no longer carries it.
+pub(crate) fn schedule_will(
+    broker: &Arc<Broker>,
+    shared: &Arc<SessionShared>,
+    will: Will,
+    delay: u64,
+    disconnected_at_ms: u64,
+) {
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    shared.ownership.lock().expect("ownership lock").pending_will = Some(tx);
+    let broker = broker.clone();
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(delay)) => {
+                broker.publish(will_message(will, shared.id));
+                let own = shared.ownership.lock().expect("ownership lock");
+                if let (Some(parked), true) = (own.parked.as_ref(), shared.stored.load(Ordering::Acquire)) {
+                    let mut txn = Txn::default();
+                    let record = SessionRecord {
+                        expiry_interval: parked.expiry_interval,
+                        disconnected_at_ms,
+                        will: None,
+                    };
+                    txn.put_session(&shared.client_id, &record);
+                    broker.store.commit(txn);
                 }
-                _ = rx => {}
             }
-        });
-    }
+            _ = rx => {}
+        }
+    });
 }
 
 /// Ends a parked session whose expiry interval has passed, unless it was resumed meanwhile.
-fn expire_session(broker: &Broker, shared: &Arc<SessionShared>, generation: u64) {
+pub(crate) fn expire_session(broker: &Broker, shared: &Arc<SessionShared>, generation: u64) {
     let state = {
         let mut own = shared.ownership.lock().expect("ownership lock");
         if own.holder.is_some() || own.park_generation != generation {
@@ -531,9 +641,9 @@ fn expire_session(broker: &Broker, shared: &Arc<SessionShared>, generation: u64)
         }
         own.parked.take()
     };
-    if let Some(state) = state {
+    if let Some(mut state) = state {
         debug!(client_id = %shared.client_id, "session expired");
-        broker.end_session(shared, &state);
+        broker.end_session(shared, &mut state);
     }
 }
 
@@ -553,6 +663,18 @@ pub fn will_message(will: Will, publisher: u64) -> Arc<Message> {
         shared_frames: Default::default(),
         fanout: Default::default(),
     })
+}
+
+/// Ready when the store's committed ticket moves; never while nothing waits for it.
+async fn committed_changed(committed: &mut Option<tokio::sync::watch::Receiver<u64>>) {
+    match committed {
+        Some(rx) => {
+            if rx.changed().await.is_err() {
+                std::future::pending::<()>().await
+            }
+        }
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(deadline: Option<tokio::time::Instant>) {

@@ -18,6 +18,8 @@ pub struct TestBroker {
     pub addr: SocketAddr,
     pub broker: Arc<Broker>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The store's directory, when the broker owns it (removed after the broker stops).
+    _data: Option<tempfile::TempDir>,
 }
 
 impl TestBroker {
@@ -35,11 +37,24 @@ impl Drop for TestBroker {
     }
 }
 
-/// Starts a broker whose configuration is the default plus `extra` TOML for the `[mqtt]` table.
+/// Starts a broker whose configuration is the default plus `extra` TOML for the `[mqtt]` table,
+/// with its store in a temporary directory of its own.
 pub fn start_with(mqtt_toml: &str) -> TestBroker {
-    let text = format!("[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n[mqtt]\n{mqtt_toml}\n");
+    let data = tempfile::tempdir().expect("temporary directory");
+    let mut b = start_at(data.path(), &format!("[mqtt]\n{mqtt_toml}\n"));
+    b._data = Some(data);
+    b
+}
+
+/// Starts a broker on the store in `dir` (which outlives it, for restart tests), its
+/// configuration the default plus `extra_toml` (whole tables).
+pub fn start_at(dir: &std::path::Path, extra_toml: &str) -> TestBroker {
+    let text = format!(
+        "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n{extra_toml}\n",
+        dir.display().to_string()
+    );
     let config = Config::parse(&text).expect("test configuration");
-    let broker = Broker::new(config);
+    let broker = Broker::open(config).expect("store opens");
     let (tx, rx) = std::sync::mpsc::channel();
     let b = broker.clone();
     let thread = std::thread::spawn(move || {
@@ -53,7 +68,7 @@ pub fn start_with(mqtt_toml: &str) -> TestBroker {
         });
     });
     let addr = rx.recv_timeout(Duration::from_secs(10)).expect("broker started");
-    TestBroker { addr, broker, thread: Some(thread) }
+    TestBroker { addr, broker, thread: Some(thread), _data: None }
 }
 
 pub fn start() -> TestBroker {

@@ -1,0 +1,117 @@
+//! Rebuilding the broker's state from the store at start: retained messages into the retained
+//! tree, persistent sessions parked with their subscriptions in the router, their queue in
+//! `pending` and their in-flight messages with the packet identifiers the client knows, and the
+//! timers that expire them and publish their wills once the runtime runs.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tracing::info;
+
+use crate::broker::Broker;
+use crate::codec::Will;
+use crate::router::{parse_filter, Subscription};
+use crate::session::{Delivery, OutInflight, SessionShared};
+use crate::store::records::wall_ms_now;
+use crate::store::Recovered;
+
+/// A restored session's timers, scheduled by `schedule` when the broker runs.
+pub struct Restored {
+    session: Arc<SessionShared>,
+    /// Seconds until it expires; None for never.
+    expires_in: Option<u64>,
+    /// Its last connection's will and the seconds until it is due.
+    will: Option<(Will, u64)>,
+    disconnected_at_ms: u64,
+}
+
+pub fn restore(broker: &Broker, recovered: Recovered) {
+    {
+        let mut retained = broker.retained.write().expect("retained lock");
+        for m in recovered.retained {
+            retained.set(Arc::new(m));
+        }
+    }
+    let now_ms = wall_ms_now();
+    let mut sessions = broker.sessions.lock().expect("sessions lock");
+    let mut restored = broker.restored.lock().expect("restored lock");
+    for s in recovered.sessions {
+        let (shared, mut state) = broker.new_session(s.client_id.clone());
+        shared.persistent.store(true, Ordering::Release);
+        shared.stored.store(true, Ordering::Release);
+        state.expiry_interval = s.record.expiry_interval;
+        for (filter, options, identifier) in s.subscriptions {
+            if parse_filter(&filter).is_err() {
+                continue;
+            }
+            broker.subscribe(&filter, Subscription { session: shared.clone(), options, identifier });
+            state.subscriptions.insert(filter, (options, identifier));
+        }
+        // Restored identifiers may sit anywhere in the identifier space: have every allocation
+        // check them until they are acknowledged (see `allocate_packet_id`).
+        state.allocations = u64::from(u16::MAX);
+        let mut highest = 0u16;
+        for (at, entry, message) in s.queue {
+            let delivery = Delivery {
+                message,
+                qos: entry.qos,
+                retain: entry.retain,
+                subscription_ids: entry.subscription_ids,
+                stored: Some(at),
+            };
+            match entry.inflight {
+                Some((packet_id, out_state)) => {
+                    highest = highest.max(packet_id);
+                    state.inflight.push_back(OutInflight { packet_id, serial: 0, delivery, state: out_state });
+                }
+                None => state.push_pending(delivery),
+            }
+        }
+        state.next_packet_id = highest.checked_add(1).unwrap_or(1);
+        state.incoming_qos2.extend(s.incoming_qos2);
+        // A session that was connected when the broker stopped counts from now.
+        let elapsed = match s.record.disconnected_at_ms {
+            0 => 0,
+            at => now_ms.saturating_sub(at) / 1000,
+        };
+        let expires_in = (s.record.expiry_interval != u32::MAX)
+            .then(|| u64::from(s.record.expiry_interval).saturating_sub(elapsed));
+        let will = s.record.will.map(|w| {
+            let delay = w.properties.will_delay_interval.unwrap_or(0).min(s.record.expiry_interval);
+            (w, u64::from(delay).saturating_sub(elapsed))
+        });
+        {
+            let mut own = shared.ownership.lock().expect("ownership lock");
+            own.parked = Some(state);
+            own.park_generation = 1;
+        }
+        let disconnected_at_ms = match s.record.disconnected_at_ms {
+            0 => now_ms,
+            at => at,
+        };
+        restored.push(Restored { session: shared.clone(), expires_in, will, disconnected_at_ms });
+        sessions.insert(s.client_id, shared);
+    }
+    if !restored.is_empty() {
+        info!(sessions = restored.len(), "persistent sessions restored");
+    }
+}
+
+/// Starts the expiry timers and will timers of the restored sessions.
+pub fn schedule(broker: &Arc<Broker>) {
+    let restored = std::mem::take(&mut *broker.restored.lock().expect("restored lock"));
+    for r in restored {
+        if let Some((will, delay)) = r.will {
+            crate::connection::schedule_will(broker, &r.session, will, delay, r.disconnected_at_ms);
+        }
+        if let Some(secs) = r.expires_in {
+            let broker = broker.clone();
+            let session = r.session;
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_secs(secs)).await;
+                crate::connection::expire_session(&broker, &session, 1);
+            });
+        }
+    }
+}

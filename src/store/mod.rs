@@ -1,0 +1,535 @@
+//! The durable state, in RocksDB under `[storage] path`: retained messages and persistent
+//! sessions (their record, subscriptions, queue of message references, in-flight state and
+//! incoming QoS 2 identifiers), with message bodies stored once. docs/storage.md gives the
+//! column families, the key layout and what each durability mode can lose.
+//!
+//! Nothing on the hot path waits for the disk. Callers describe their writes in a `Txn` and
+//! `commit` it: that appends to the batch being gathered, under a lock held only for the append,
+//! and returns a ticket. One writer thread writes each gathered batch with one WAL write (and,
+//! in `sync` mode, one fsync) and then announces the ticket as committed. A connection holds
+//! back the acknowledgement of a PUBLISH or SUBSCRIBE until its ticket is committed, so many
+//! clients' messages share each fsync (group commit).
+
+pub mod records;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use crate::codec::SubscriptionOptions;
+use crate::config::Durability;
+use crate::session::Message;
+use records::{QueueEntry, SessionRecord};
+
+/// Column families, one per kind of record.
+pub const CF_META: &str = "meta";
+pub const CF_RETAINED: &str = "retained";
+pub const CF_MESSAGES: &str = "messages";
+pub const CF_SESSIONS: &str = "sessions";
+pub const CF_SUBSCRIPTIONS: &str = "subscriptions";
+pub const CF_QUEUE: &str = "queue";
+pub const CF_INCOMING: &str = "incoming_qos2";
+const FAMILIES: [&str; 7] = [CF_META, CF_RETAINED, CF_MESSAGES, CF_SESSIONS, CF_SUBSCRIPTIONS, CF_QUEUE, CF_INCOMING];
+const FORMAT_KEY: &[u8] = b"format";
+const FORMAT: &[u8] = b"herald-store-1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot open the store at {path}: {source}")]
+    Open { path: PathBuf, source: rocksdb::Error },
+    #[error("the store at {path} is unreadable: {why}; refusing to start with an empty store (move it aside to start afresh)")]
+    Corrupt { path: PathBuf, why: String },
+}
+
+/// A message's place in a session's durable queue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct QueueRef {
+    pub seq: u64,
+    pub message_id: u64,
+}
+
+/// What a restart finds: the retained messages and the persistent sessions that have not
+/// expired, with everything that refers to something missing or expired already removed.
+#[derive(Default)]
+pub struct Recovered {
+    pub retained: Vec<Message>,
+    pub sessions: Vec<RecoveredSession>,
+    pub queued: usize,
+    pub removed_expired_sessions: usize,
+    pub removed_expired_messages: usize,
+}
+
+pub struct RecoveredSession {
+    pub client_id: String,
+    pub record: SessionRecord,
+    pub subscriptions: Vec<(String, SubscriptionOptions, Option<u32>)>,
+    /// In queue order (which is routing order).
+    pub queue: Vec<(QueueRef, QueueEntry, Arc<Message>)>,
+    pub incoming_qos2: Vec<u16>,
+}
+
+enum Write {
+    Put(&'static str, Vec<u8>, Vec<u8>),
+    Delete(&'static str, Vec<u8>),
+    DeleteRange(&'static str, Vec<u8>, Vec<u8>),
+    /// One more queue entry refers to this body.
+    Ref(u64),
+    /// One fewer; the body goes with the last.
+    Unref(u64),
+}
+
+/// Writes described by one caller and committed together.
+#[derive(Default)]
+pub struct Txn {
+    writes: Vec<Write>,
+}
+
+impl Txn {
+    pub fn is_empty(&self) -> bool {
+        self.writes.is_empty()
+    }
+
+    pub fn put_message(&mut self, id: u64, message: &Message) {
+        self.writes.push(Write::Put(CF_MESSAGES, records::seq_key(id).to_vec(), records::encode_message(message)));
+    }
+
+    pub fn enqueue(&mut self, client_id: &str, at: QueueRef, entry: &QueueEntry) {
+        self.writes.push(Write::Ref(at.message_id));
+        self.writes.push(Write::Put(CF_QUEUE, records::queue_key(client_id, at.seq), records::encode_entry(entry)));
+    }
+
+    /// Records a queued message's packet identifier and QoS state once it is sent.
+    pub fn update_entry(&mut self, client_id: &str, at: QueueRef, entry: &QueueEntry) {
+        self.writes.push(Write::Put(CF_QUEUE, records::queue_key(client_id, at.seq), records::encode_entry(entry)));
+    }
+
+    pub fn remove_entry(&mut self, client_id: &str, at: QueueRef) {
+        self.writes.push(Write::Delete(CF_QUEUE, records::queue_key(client_id, at.seq)));
+        self.writes.push(Write::Unref(at.message_id));
+    }
+
+    pub fn put_session(&mut self, client_id: &str, record: &SessionRecord) {
+        self.writes.push(Write::Put(CF_SESSIONS, client_id.as_bytes().to_vec(), records::encode_session(record)));
+    }
+
+    /// Removes a session with everything it owns; `held` are the queue references its state
+    /// still held in memory, whose bodies may now go.
+    pub fn remove_session(&mut self, client_id: &str, held: impl IntoIterator<Item = QueueRef>) {
+        self.writes.push(Write::Delete(CF_SESSIONS, client_id.as_bytes().to_vec()));
+        for cf in [CF_SUBSCRIPTIONS, CF_QUEUE, CF_INCOMING] {
+            self.writes.push(Write::DeleteRange(
+                cf,
+                records::session_prefix(client_id),
+                records::session_range_end(client_id),
+            ));
+        }
+        self.writes.extend(held.into_iter().map(|r| Write::Unref(r.message_id)));
+    }
+
+    pub fn put_subscription(&mut self, client_id: &str, filter: &str, options: &SubscriptionOptions, id: Option<u32>) {
+        self.writes.push(Write::Put(
+            CF_SUBSCRIPTIONS,
+            records::subscription_key(client_id, filter),
+            records::encode_subscription(options, id),
+        ));
+    }
+
+    pub fn remove_subscription(&mut self, client_id: &str, filter: &str) {
+        self.writes.push(Write::Delete(CF_SUBSCRIPTIONS, records::subscription_key(client_id, filter)));
+    }
+
+    pub fn put_incoming(&mut self, client_id: &str, packet_id: u16) {
+        self.writes.push(Write::Put(CF_INCOMING, records::incoming_key(client_id, packet_id), Vec::new()));
+    }
+
+    pub fn remove_incoming(&mut self, client_id: &str, packet_id: u16) {
+        self.writes.push(Write::Delete(CF_INCOMING, records::incoming_key(client_id, packet_id)));
+    }
+
+    /// Stores a retained message, or removes the topic's when the payload is empty [MQTT-3.3.1-6].
+    pub fn set_retained(&mut self, message: &Message) {
+        if message.payload.is_empty() {
+            self.writes.push(Write::Delete(CF_RETAINED, message.topic.as_bytes().to_vec()));
+        } else {
+            self.writes.push(Write::Put(CF_RETAINED, message.topic.as_bytes().to_vec(), records::encode_message(message)));
+        }
+    }
+
+    pub fn remove_retained(&mut self, topic: &str) {
+        self.writes.push(Write::Delete(CF_RETAINED, topic.as_bytes().to_vec()));
+    }
+}
+
+/// The batch being gathered for the writer.
+struct Gathering {
+    batch: WriteBatch,
+    /// The ticket of `batch`: committed once the writer has written it.
+    ticket: u64,
+    /// Queue entries per stored body.
+    refs: HashMap<u64, u32>,
+    closing: bool,
+}
+
+struct Shared {
+    db: DB,
+    gathering: Mutex<Gathering>,
+    wake: Condvar,
+    committed: watch::Sender<u64>,
+    durability: Durability,
+    batches: AtomicU64,
+    writes: AtomicU64,
+    write_nanos: AtomicU64,
+}
+
+pub struct Store {
+    shared: Arc<Shared>,
+    next_seq: AtomicU64,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    path: PathBuf,
+}
+
+/// Figures for logs and, later, metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreStats {
+    pub batches: u64,
+    pub writes: u64,
+    pub write_nanos: u64,
+    pub stored_messages: usize,
+}
+
+impl Store {
+    /// Opens (or creates) the store and reads back what it holds. Anything RocksDB reports as
+    /// unreadable stops the broker: starting empty would silently lose every queued story.
+    pub fn open(path: &Path, durability: Durability) -> Result<(Store, Recovered), StoreError> {
+        let started = Instant::now();
+        let mut opts = Options::default();
+        opts.create_if_missing(true);
+        opts.create_missing_column_families(true);
+        opts.set_paranoid_checks(true);
+        opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
+        opts.set_max_background_jobs(2);
+        let existed = path.join("CURRENT").exists();
+        let families = FAMILIES.iter().map(|name| ColumnFamilyDescriptor::new(*name, opts.clone()));
+        let db = DB::open_cf_descriptors(&opts, path, families).map_err(|source| {
+            if source.kind() == rocksdb::ErrorKind::Corruption {
+                StoreError::Corrupt { path: path.into(), why: source.to_string() }
+            } else {
+                StoreError::Open { path: path.into(), source }
+            }
+        })?;
+        let corrupt = |why: String| StoreError::Corrupt { path: path.into(), why };
+        let meta = db.cf_handle(CF_META).expect("column family opened");
+        match db.get_cf(meta, FORMAT_KEY).map_err(|e| corrupt(e.to_string()))? {
+            Some(f) if f == FORMAT => {}
+            Some(f) => return Err(corrupt(format!("store format {:?}, this build reads {:?}", f, FORMAT))),
+            None if existed && has_any_record(&db) => {
+                return Err(corrupt("records present but no format marker".into()));
+            }
+            None => db.put_cf(meta, FORMAT_KEY, FORMAT).map_err(|e| corrupt(e.to_string()))?,
+        }
+        let (recovered, refs, max_seq) = recover(&db).map_err(corrupt)?;
+        info!(
+            path = %path.display(),
+            sessions = recovered.sessions.len(),
+            queued = recovered.queued,
+            retained = recovered.retained.len(),
+            expired_sessions = recovered.removed_expired_sessions,
+            expired_messages = recovered.removed_expired_messages,
+            ms = started.elapsed().as_millis() as u64,
+            "store opened"
+        );
+        let (committed, _) = watch::channel(0);
+        let shared = Arc::new(Shared {
+            db,
+            gathering: Mutex::new(Gathering { batch: WriteBatch::default(), ticket: 1, refs, closing: false }),
+            wake: Condvar::new(),
+            committed,
+            durability,
+            batches: AtomicU64::new(0),
+            writes: AtomicU64::new(0),
+            write_nanos: AtomicU64::new(0),
+        });
+        let writer_shared = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("herald-store".into())
+            .spawn(move || write_batches(&writer_shared))
+            .expect("spawn the store writer thread");
+        let store = Store {
+            shared,
+            next_seq: AtomicU64::new(max_seq + 1),
+            writer: Mutex::new(Some(writer)),
+            path: path.into(),
+        };
+        Ok((store, recovered))
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A fresh number for a message body or a queue entry; numbers are never reused.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Appends the writes to the batch being gathered and returns its ticket (0 for nothing).
+    /// Writes are applied in commit order.
+    pub fn commit(&self, txn: Txn) -> u64 {
+        if txn.writes.is_empty() {
+            return 0;
+        }
+        let shared = &*self.shared;
+        let db = &shared.db;
+        let cf = |name: &str| db.cf_handle(name).expect("column family opened");
+        let mut g = shared.gathering.lock().expect("store lock");
+        for w in txn.writes {
+            match w {
+                Write::Put(family, k, v) => g.batch.put_cf(cf(family), k, v),
+                Write::Delete(family, k) => g.batch.delete_cf(cf(family), k),
+                Write::DeleteRange(family, from, to) => g.batch.delete_range_cf(cf(family), from, to),
+                Write::Ref(id) => *g.refs.entry(id).or_insert(0) += 1,
+                Write::Unref(id) => {
+                    if let Some(n) = g.refs.get_mut(&id) {
+                        *n -= 1;
+                        if *n == 0 {
+                            g.refs.remove(&id);
+                            g.batch.delete_cf(cf(CF_MESSAGES), records::seq_key(id));
+                        }
+                    }
+                }
+            }
+        }
+        if g.batch.is_empty() {
+            // Only reference counts changed: nothing for the writer, nothing to wait for.
+            return 0;
+        }
+        let ticket = g.ticket;
+        drop(g);
+        shared.wake.notify_one();
+        ticket
+    }
+
+    /// Follows the committed ticket.
+    pub fn committed(&self) -> watch::Receiver<u64> {
+        self.shared.committed.subscribe()
+    }
+
+    pub fn is_committed(&self, ticket: u64) -> bool {
+        *self.shared.committed.borrow() >= ticket
+    }
+
+    pub fn stats(&self) -> StoreStats {
+        let s = &self.shared;
+        StoreStats {
+            batches: s.batches.load(Ordering::Relaxed),
+            writes: s.writes.load(Ordering::Relaxed),
+            write_nanos: s.write_nanos.load(Ordering::Relaxed),
+            stored_messages: s.gathering.lock().expect("store lock").refs.len(),
+        }
+    }
+
+    /// Writes what is gathered and stops the writer; later commits are not written.
+    pub fn close(&self) {
+        self.shared.gathering.lock().expect("store lock").closing = true;
+        self.shared.wake.notify_one();
+        if let Some(writer) = self.writer.lock().expect("writer lock").take() {
+            let _ = writer.join();
+        }
+        if let Err(e) = self.shared.db.flush_wal(true) {
+            warn!(error = %e, "flushing the store's WAL at shutdown failed");
+        }
+    }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+fn write_batches(shared: &Shared) {
+    let mut options = WriteOptions::default();
+    options.set_sync(shared.durability == Durability::Sync);
+    loop {
+        let (batch, ticket, closing) = {
+            let mut g = shared.gathering.lock().expect("store lock");
+            while g.batch.is_empty() && !g.closing {
+                g = shared.wake.wait(g).expect("store lock");
+            }
+            let ticket = g.ticket;
+            g.ticket += 1;
+            (std::mem::take(&mut g.batch), ticket, g.closing)
+        };
+        if !batch.is_empty() {
+            let n = batch.len() as u64;
+            let started = Instant::now();
+            if let Err(e) = shared.db.write_opt(batch, &options) {
+                // Acknowledgements wait on this write; carrying on would break the promise they
+                // make. Stopping lets publishers resend to a broker that can keep it.
+                error!(error = %e, "writing to the store failed; stopping");
+                std::process::exit(74);
+            }
+            shared.write_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            shared.batches.fetch_add(1, Ordering::Relaxed);
+            shared.writes.fetch_add(n, Ordering::Relaxed);
+        }
+        shared.committed.send_replace(ticket);
+        if closing {
+            return;
+        }
+    }
+}
+
+fn has_any_record(db: &DB) -> bool {
+    FAMILIES[1..].iter().any(|name| {
+        let cf = db.cf_handle(name).expect("column family opened");
+        db.iterator_cf(cf, IteratorMode::Start).next().is_some()
+    })
+}
+
+type Scan = (Recovered, HashMap<u64, u32>, u64);
+
+/// Reads every column family once, in key order, and removes what has expired or refers to
+/// nothing. Returns what was recovered, the references per body and the highest number used.
+fn recover(db: &DB) -> Result<Scan, String> {
+    let now_ms = records::wall_ms_now();
+    let now = Instant::now();
+    let cf = |name: &str| db.cf_handle(name).expect("column family opened");
+    let mut cleanup = WriteBatch::default();
+    let mut out = Recovered::default();
+    let mut max_seq = 0u64;
+
+    let mut sessions: HashMap<String, RecoveredSession> = HashMap::new();
+    for item in db.iterator_cf(cf(CF_SESSIONS), IteratorMode::Start) {
+        let (k, v) = item.map_err(|e| e.to_string())?;
+        let client_id = String::from_utf8(k.to_vec()).map_err(|e| format!("session key: {e}"))?;
+        let record = records::decode_session(&v).map_err(|e| e.to_string())?;
+        let expired = record.disconnected_at_ms != 0
+            && record.expiry_interval != u32::MAX
+            && now_ms >= record.disconnected_at_ms + u64::from(record.expiry_interval) * 1000;
+        if expired {
+            out.removed_expired_sessions += 1;
+            cleanup.delete_cf(cf(CF_SESSIONS), &k);
+            continue;
+        }
+        sessions.insert(
+            client_id.clone(),
+            RecoveredSession { client_id, record, subscriptions: Vec::new(), queue: Vec::new(), incoming_qos2: Vec::new() },
+        );
+    }
+
+    for item in db.iterator_cf(cf(CF_SUBSCRIPTIONS), IteratorMode::Start) {
+        let (k, v) = item.map_err(|e| e.to_string())?;
+        let (client_id, filter) = records::split_session_key(&k).map_err(|e| e.to_string())?;
+        match sessions.get_mut(&client_id) {
+            Some(s) => {
+                let filter = String::from_utf8(filter.to_vec()).map_err(|e| format!("subscription key: {e}"))?;
+                let (options, id) = records::decode_subscription(&v).map_err(|e| e.to_string())?;
+                s.subscriptions.push((filter, options, id));
+            }
+            None => cleanup.delete_cf(cf(CF_SUBSCRIPTIONS), &k),
+        }
+    }
+
+    for item in db.iterator_cf(cf(CF_INCOMING), IteratorMode::Start) {
+        let (k, _) = item.map_err(|e| e.to_string())?;
+        let (client_id, suffix) = records::split_session_key(&k).map_err(|e| e.to_string())?;
+        match (sessions.get_mut(&client_id), <[u8; 2]>::try_from(suffix)) {
+            (Some(s), Ok(id)) => s.incoming_qos2.push(u16::from_be_bytes(id)),
+            _ => cleanup.delete_cf(cf(CF_INCOMING), &k),
+        }
+    }
+
+    // Queue entries first, so that only bodies something refers to are decoded.
+    let mut entries: Vec<(String, QueueRef, QueueEntry)> = Vec::new();
+    let mut refs: HashMap<u64, u32> = HashMap::new();
+    for item in db.iterator_cf(cf(CF_QUEUE), IteratorMode::Start) {
+        let (k, v) = item.map_err(|e| e.to_string())?;
+        let (client_id, suffix) = records::split_session_key(&k).map_err(|e| e.to_string())?;
+        let seq = records::seq_of(suffix).map_err(|e| e.to_string())?;
+        max_seq = max_seq.max(seq);
+        if !sessions.contains_key(&client_id) {
+            cleanup.delete_cf(cf(CF_QUEUE), &k);
+            continue;
+        }
+        let entry = records::decode_entry(&v).map_err(|e| e.to_string())?;
+        *refs.entry(entry.message_id).or_insert(0) += 1;
+        entries.push((client_id, QueueRef { seq, message_id: entry.message_id }, entry));
+    }
+
+    let mut bodies: HashMap<u64, Arc<Message>> = HashMap::with_capacity(refs.len());
+    for item in db.iterator_cf(cf(CF_MESSAGES), IteratorMode::Start) {
+        let (k, v) = item.map_err(|e| e.to_string())?;
+        let id = records::seq_of(&k).map_err(|e| e.to_string())?;
+        max_seq = max_seq.max(id);
+        if !refs.contains_key(&id) {
+            cleanup.delete_cf(cf(CF_MESSAGES), &k);
+            continue;
+        }
+        let message = records::decode_message(&v).map_err(|e| e.to_string())?;
+        if message.is_expired(now) {
+            out.removed_expired_messages += 1;
+            refs.remove(&id);
+            cleanup.delete_cf(cf(CF_MESSAGES), &k);
+            continue;
+        }
+        bodies.insert(id, Arc::new(message));
+    }
+
+    for (client_id, at, entry) in entries {
+        match bodies.get(&at.message_id) {
+            Some(body) => {
+                let s = sessions.get_mut(&client_id).expect("checked above");
+                s.queue.push((at, entry, body.clone()));
+                out.queued += 1;
+            }
+            None => {
+                // Its body expired (or is missing): the entry goes too, never delivered.
+                cleanup.delete_cf(cf(CF_QUEUE), records::queue_key(&client_id, at.seq));
+                refs.remove(&at.message_id);
+            }
+        }
+    }
+
+    for item in db.iterator_cf(cf(CF_RETAINED), IteratorMode::Start) {
+        let (k, v) = item.map_err(|e| e.to_string())?;
+        let message = records::decode_message(&v).map_err(|e| e.to_string())?;
+        if message.is_expired(now) {
+            cleanup.delete_cf(cf(CF_RETAINED), &k);
+            continue;
+        }
+        out.retained.push(message);
+    }
+
+    // Sessions that expired while the broker was down go with everything they owned.
+    let expired: Vec<String> = {
+        let mut names = Vec::new();
+        for item in db.iterator_cf(cf(CF_SESSIONS), IteratorMode::Start) {
+            let (k, _) = item.map_err(|e| e.to_string())?;
+            let id = String::from_utf8_lossy(&k).into_owned();
+            if !sessions.contains_key(&id) {
+                names.push(id);
+            }
+        }
+        names
+    };
+    for id in expired {
+        for family in [CF_SUBSCRIPTIONS, CF_QUEUE, CF_INCOMING] {
+            cleanup.delete_range_cf(cf(family), records::session_prefix(&id), records::session_range_end(&id));
+        }
+    }
+
+    if !cleanup.is_empty() {
+        let mut options = WriteOptions::default();
+        options.set_sync(true);
+        db.write_opt(cleanup, &options).map_err(|e| e.to_string())?;
+    }
+    out.sessions = sessions.into_values().collect();
+    Ok((out, refs, max_seq))
+}
