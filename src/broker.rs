@@ -188,7 +188,8 @@ impl Broker {
             if let Some(parked) = own.parked.as_mut() {
                 let policy = self.queue_policies.for_topic(&delivery.message.topic);
                 let mqtt = &self.config.mqtt;
-                for (d, why) in parked.offer_offline(delivery, policy, mqtt.max_queued_messages, mqtt.max_queued_bytes) {
+                for (d, why) in parked.offer_offline(delivery, policy, mqtt.max_queued_messages, mqtt.max_queued_bytes)
+                {
                     self.metrics.queue_dropped(why);
                     if let Some(at) = d.stored {
                         after.remove_entry(&session.client_id, at);

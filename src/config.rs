@@ -243,10 +243,10 @@ impl Config {
             match (rule.policy, rule.keep_latest) {
                 (Some(_), None) => {}
                 (None, Some(n)) if n > 0 => {}
-                (None, Some(_)) => return rule_invalid(format!("keep_latest for {:?} must be at least 1", rule.filter)),
-                _ => {
-                    return rule_invalid(format!("{:?} needs exactly one of `policy` and `keep_latest`", rule.filter))
+                (None, Some(_)) => {
+                    return rule_invalid(format!("keep_latest for {:?} must be at least 1", rule.filter))
                 }
+                _ => return rule_invalid(format!("{:?} needs exactly one of `policy` and `keep_latest`", rule.filter)),
             }
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {

@@ -75,8 +75,8 @@ pub fn restore(broker: &Broker, recovered: Recovered) {
             0 => 0,
             at => now_ms.saturating_sub(at) / 1000,
         };
-        let expires_in = (s.record.expiry_interval != u32::MAX)
-            .then(|| u64::from(s.record.expiry_interval).saturating_sub(elapsed));
+        let expires_in =
+            (s.record.expiry_interval != u32::MAX).then(|| u64::from(s.record.expiry_interval).saturating_sub(elapsed));
         let will = s.record.will.map(|w| {
             let delay = w.properties.will_delay_interval.unwrap_or(0).min(s.record.expiry_interval);
             (w, u64::from(delay).saturating_sub(elapsed))

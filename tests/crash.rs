@@ -134,8 +134,7 @@ async fn queue_retained_and_qos2_in_flight_survive_sigkill() {
 /// Publishes numbered QoS 1 stories with up to `window` in flight until the connection dies;
 /// returns the numbers whose PUBACK arrived.
 async fn publish_until_killed(addr: std::net::SocketAddr, first: u32, window: usize) -> Vec<u32> {
-    let Ok(p) = tokio::time::timeout(WAIT, RawClient::connect(addr, connect_packet(V311, "editor", true))).await
-    else {
+    let Ok(p) = tokio::time::timeout(WAIT, RawClient::connect(addr, connect_packet(V311, "editor", true))).await else {
         return Vec::new();
     };
     let mut p = p.0;
@@ -146,7 +145,9 @@ async fn publish_until_killed(addr: std::net::SocketAddr, first: u32, window: us
     loop {
         while in_flight.len() < window {
             packet_id = packet_id % 60_000 + 1;
-            p.send(&publish("news/live", &next.to_be_bytes(), QoS::AtLeastOnce, packet_id)).await;
+            if !p.try_send(&publish("news/live", &next.to_be_bytes(), QoS::AtLeastOnce, packet_id)).await {
+                return acked;
+            }
             in_flight.insert(packet_id, next);
             next += 1;
         }
@@ -172,7 +173,9 @@ async fn receive_until_closed(addr: std::net::SocketAddr, quiet: Duration) -> Ve
         match c.recv_within(quiet).await {
             Ok(Some(Packet::Publish(p))) => {
                 got.push(u32::from_be_bytes(p.payload[..4].try_into().unwrap()));
-                c.send(&Packet::PubAck(PubResponse::new(p.packet_id, ReasonCode::SUCCESS))).await;
+                if !c.try_send(&Packet::PubAck(PubResponse::new(p.packet_id, ReasonCode::SUCCESS))).await {
+                    return got;
+                }
             }
             Ok(Some(_)) => {}
             _ => return got,
@@ -226,5 +229,10 @@ async fn crash_loop_loses_no_acknowledged_message() {
         lost.len()
     );
     assert!(acked.len() > cycles as usize * 10, "the publisher got too few acknowledgements to prove anything");
-    assert!(lost.is_empty(), "acknowledged but never delivered: {} messages, first {:?}", lost.len(), &lost[..lost.len().min(10)]);
+    assert!(
+        lost.is_empty(),
+        "acknowledged but never delivered: {} messages, first {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
 }

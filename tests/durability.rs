@@ -297,3 +297,66 @@ async fn a_session_resumed_without_expiry_leaves_the_store() {
     let (_c, ack) = RawClient::connect(b.addr, persistent(V5, "phone", 3600)).await;
     assert!(!ack.session_present);
 }
+
+/// Bodies are stored once [issue 4]: a story queued for 40 offline sessions is one body in the
+/// store, and the body goes once the last of them has acknowledged it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_story_for_many_offline_sessions_is_stored_once() {
+    let b = start();
+    for i in 0..40 {
+        subscribe_and_leave(&b, V311, &format!("phone-{i}"), "news/#", QoS::AtLeastOnce).await;
+    }
+    publish_acked(&b, "news/x", &["one story"]).await;
+    assert_eq!(b.broker.store.stats().stored_messages, 1);
+    for i in 0..40 {
+        let (mut c, _) = RawClient::connect(b.addr, persistent(V311, &format!("phone-{i}"), 0)).await;
+        assert_eq!(receive_acking(&mut c, 1).await, vec!["one story"]);
+        c.send(&Packet::PingReq).await;
+        assert!(matches!(c.recv().await, Some(Packet::PingResp)));
+        assert_eq!(b.broker.store.stats().stored_messages, usize::from(i < 39), "after {} acknowledgements", i + 1);
+    }
+}
+
+/// [MQTT-3.1.2-23] a session that expires while the broker runs leaves the store too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_expired_while_up_is_gone_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start_at(dir.path(), "");
+    let (mut c, _) = RawClient::connect(b.addr, persistent(V5, "brief", 1)).await;
+    c.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
+    expect_suback(&mut c).await;
+    disconnect(&mut c).await;
+    publish_acked(&b, "news/x", &["queued"]).await;
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    assert_eq!(b.broker.store.stats().stored_messages, 0, "its queue went with it");
+    let b = restart(b, dir.path(), "");
+    let (_c, ack) = RawClient::connect(b.addr, persistent(V5, "brief", 1)).await;
+    assert!(!ack.session_present);
+}
+
+/// The same with third-party clients: a `mosquitto_sub -c` session (clean session 0) gets the
+/// story published by `mosquitto_pub` while it was away, after the broker restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_clients_persistent_session_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let b = start_at(dir.path(), "");
+    let port = b.port().to_string();
+    let sub = |port: &str, extra: &[&str]| {
+        let mut args = vec!["-h", "127.0.0.1", "-p", port, "-c", "-i", "phone", "-q", "1", "-t", "news/#"];
+        args.extend_from_slice(extra);
+        std::process::Command::new("mosquitto_sub").args(args).output().expect("mosquitto_sub runs")
+    };
+    let out = tokio::task::block_in_place(|| sub(&port, &["-E"]));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = tokio::task::block_in_place(|| {
+        std::process::Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-q", "1", "-t", "news/tech/ai", "-m", "while you were away"])
+            .output()
+            .unwrap()
+    });
+    assert!(out.status.success());
+    let b = restart(b, dir.path(), "");
+    let port = b.port().to_string();
+    let out = tokio::task::block_in_place(|| sub(&port, &["-C", "1", "-W", "5"]));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "while you were away");
+}

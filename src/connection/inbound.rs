@@ -304,7 +304,10 @@ impl Connection {
             reasons.clear();
         }
         let ticket = self.broker.store.commit(txn);
-        self.send_ack(ticket, Packet::UnsubAck(UnsubAck { packet_id: u.packet_id, properties: Properties::default(), reasons }));
+        self.send_ack(
+            ticket,
+            Packet::UnsubAck(UnsubAck { packet_id: u.packet_id, properties: Properties::default(), reasons }),
+        );
         Ok(())
     }
 

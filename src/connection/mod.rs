@@ -570,11 +570,8 @@ impl Connection {
         state.absorb_mailbox();
         if shared.is_persistent() && !taken_over {
             let mut txn = Txn::default();
-            let record = SessionRecord {
-                expiry_interval: self.session_expiry,
-                disconnected_at_ms: now_ms,
-                will: will_due,
-            };
+            let record =
+                SessionRecord { expiry_interval: self.session_expiry, disconnected_at_ms: now_ms, will: will_due };
             txn.put_session(&self.client_id, &record);
             self.commit(txn);
             shared.stored.store(true, Ordering::Release);

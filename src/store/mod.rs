@@ -157,7 +157,11 @@ impl Txn {
         if message.payload.is_empty() {
             self.writes.push(Write::Delete(CF_RETAINED, message.topic.as_bytes().to_vec()));
         } else {
-            self.writes.push(Write::Put(CF_RETAINED, message.topic.as_bytes().to_vec(), records::encode_message(message)));
+            self.writes.push(Write::Put(
+                CF_RETAINED,
+                message.topic.as_bytes().to_vec(),
+                records::encode_message(message),
+            ));
         }
     }
 
@@ -420,7 +424,13 @@ fn recover(db: &DB) -> Result<Scan, String> {
         }
         sessions.insert(
             client_id.clone(),
-            RecoveredSession { client_id, record, subscriptions: Vec::new(), queue: Vec::new(), incoming_qos2: Vec::new() },
+            RecoveredSession {
+                client_id,
+                record,
+                subscriptions: Vec::new(),
+                queue: Vec::new(),
+                incoming_qos2: Vec::new(),
+            },
         );
     }
 

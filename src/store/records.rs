@@ -322,7 +322,12 @@ mod tests {
             }),
         };
         assert_eq!(decode_session(&encode_session(&s)).unwrap(), s);
-        let o = SubscriptionOptions { qos: QoS::ExactlyOnce, no_local: true, retain_as_published: true, retain_handling: 2 };
+        let o = SubscriptionOptions {
+            qos: QoS::ExactlyOnce,
+            no_local: true,
+            retain_as_published: true,
+            retain_handling: 2,
+        };
         assert_eq!(decode_subscription(&encode_subscription(&o, Some(9))).unwrap(), (o, Some(9)));
     }
 

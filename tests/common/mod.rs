@@ -123,6 +123,13 @@ impl RawClient {
         self.stream.write_all(&out).await.expect("write");
     }
 
+    /// Sends a packet; false if the connection is gone (for tests that kill the broker).
+    pub async fn try_send(&mut self, packet: &Packet) -> bool {
+        let mut out = BytesMut::new();
+        packet.encode(self.version, &mut out);
+        self.stream.write_all(&out).await.is_ok()
+    }
+
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         let _ = self.stream.write_all(bytes).await;
     }
