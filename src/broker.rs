@@ -152,11 +152,12 @@ impl Broker {
             if durable_target {
                 let id = *message_id.get_or_insert_with(|| {
                     let id = self.store.next_seq();
+                    let _ = message.store_id.set(id);
                     txn.put_message(id, &message);
                     id
                 });
                 let at = QueueRef { seq: self.store.next_seq(), message_id: id };
-                delivery.stored = Some(at);
+                delivery.stored = std::num::NonZeroU64::new(at.seq);
                 txn.enqueue(&t.session.client_id, at, &delivery.queue_entry(None));
                 durable.push((t.session.clone(), delivery));
                 continue;
@@ -191,7 +192,7 @@ impl Broker {
                 for (d, why) in parked.offer_offline(delivery, policy, mqtt.max_queued_messages, mqtt.max_queued_bytes)
                 {
                     self.metrics.queue_dropped(why);
-                    if let Some(at) = d.stored {
+                    if let Some(at) = d.queue_ref() {
                         after.remove_entry(&session.client_id, at);
                     }
                 }
@@ -205,7 +206,7 @@ impl Broker {
             }
             Err(TrySendError::Full(d)) | Err(TrySendError::Closed(d)) => {
                 outcome.dropped += 1;
-                if let Some(at) = d.stored {
+                if let Some(at) = d.queue_ref() {
                     after.remove_entry(&session.client_id, at);
                 }
             }

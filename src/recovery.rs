@@ -58,7 +58,7 @@ pub fn restore(broker: &Broker, recovered: Recovered) {
                 qos: entry.qos,
                 retain: entry.retain,
                 subscription_ids: entry.subscription_ids,
-                stored: Some(at),
+                stored: std::num::NonZeroU64::new(at.seq),
             };
             match entry.inflight {
                 Some((packet_id, out_state)) => {

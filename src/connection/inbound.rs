@@ -114,6 +114,7 @@ impl Connection {
                 publisher: Some(self.session.as_ref().expect("session").0.id),
                 shared_frames: Default::default(),
                 fanout: Default::default(),
+                store_id: Default::default(),
             });
             let outcome = self.broker.route(message, true);
             ticket = outcome.ticket;
@@ -182,7 +183,7 @@ impl Connection {
                 let state = &mut self.session.as_mut().expect("session").1;
                 if let Some(m) = state.inflight.iter_mut().find(|m| m.packet_id == r.packet_id) {
                     m.state = OutState::AwaitPubComp;
-                    if let Some(at) = m.delivery.stored {
+                    if let Some(at) = m.delivery.queue_ref() {
                         let mut txn = Txn::default();
                         let entry = m.delivery.queue_entry(Some((r.packet_id, OutState::AwaitPubComp)));
                         txn.update_entry(&self.client_id, at, &entry);

@@ -333,7 +333,7 @@ impl Connection {
         if congested {
             target.congested.store(true, Ordering::Relaxed);
         }
-        if let Some(at) = delivery.stored {
+        if let Some(at) = delivery.queue_ref() {
             let mut txn = Txn::default();
             txn.remove_entry(&target.client_id, at);
             self.broker.store.commit(txn);
@@ -463,7 +463,7 @@ impl Connection {
                 metrics.messages_sent.fetch_add(1, Ordering::Relaxed);
                 let out_state =
                     if d.qos == crate::codec::QoS::AtLeastOnce { OutState::AwaitPubAck } else { OutState::AwaitPubRec };
-                if let Some(at) = d.stored {
+                if let Some(at) = d.queue_ref() {
                     // The packet identifier goes to the store with the entry, so that after a
                     // restart the message is resent with the identifier the client knows.
                     let mut txn = Txn::default();
@@ -484,7 +484,7 @@ impl Connection {
 
     /// Removes a delivery's durable queue entry: it was acknowledged, dropped or expired.
     fn forget_stored(&self, d: &Delivery) {
-        if let Some(at) = d.stored {
+        if let Some(at) = d.queue_ref() {
             let mut txn = Txn::default();
             txn.remove_entry(&self.client_id, at);
             self.commit(txn);
@@ -507,7 +507,7 @@ impl Connection {
                     let expiry = m.delivery.message.remaining_expiry(now);
                     if let Written::Sent = self.out.publish(&m.delivery, m.packet_id, true, expiry) {
                         keep.push_back(m);
-                    } else if let Some(at) = m.delivery.stored {
+                    } else if let Some(at) = m.delivery.queue_ref() {
                         let mut txn = Txn::default();
                         txn.remove_entry(&self.client_id, at);
                         self.broker.store.commit(txn);
@@ -659,6 +659,7 @@ pub fn will_message(will: Will, publisher: u64) -> Arc<Message> {
         publisher: Some(publisher),
         shared_frames: Default::default(),
         fanout: Default::default(),
+        store_id: Default::default(),
     })
 }
 

@@ -489,6 +489,7 @@ fn recover(db: &DB) -> Result<Scan, String> {
             cleanup.delete_cf(cf(CF_MESSAGES), &k);
             continue;
         }
+        let _ = message.store_id.set(id);
         bodies.insert(id, Arc::new(message));
     }
 

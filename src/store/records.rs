@@ -145,6 +145,7 @@ pub fn decode_message(value: &[u8]) -> Result<Message, RecordError> {
         publisher: None,
         shared_frames: Default::default(),
         fanout: Default::default(),
+        store_id: Default::default(),
     })
 }
 
