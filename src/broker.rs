@@ -146,7 +146,7 @@ impl Broker {
                 message: message.clone(),
                 qos,
                 retain: t.retain_as_published && message.retain,
-                subscription_ids: t.identifiers.clone(),
+                subscription_ids: t.identifiers.as_slice().into(),
                 stored: None,
             };
             if durable_target {

@@ -57,7 +57,7 @@ pub fn restore(broker: &Broker, recovered: Recovered) {
                 message,
                 qos: entry.qos,
                 retain: entry.retain,
-                subscription_ids: entry.subscription_ids,
+                subscription_ids: entry.subscription_ids.into_boxed_slice(),
                 stored: std::num::NonZeroU64::new(at.seq),
             };
             match entry.inflight {
