@@ -347,8 +347,19 @@ impl Store {
     pub fn close(&self) {
         self.shared.gathering.lock().expect("store lock").closing = true;
         self.shared.wake.notify_one();
-        if let Some(writer) = self.writer.lock().expect("writer lock").take() {
-            let _ = writer.join();
+        let Some(writer) = self.writer.lock().expect("writer lock").take() else {
+            return; // closed already
+        };
+        let _ = writer.join();
+        let stats = self.stats();
+        if stats.batches > 0 {
+            info!(
+                batches = stats.batches,
+                writes = stats.writes,
+                writes_per_batch = stats.writes / stats.batches,
+                mean_write_us = stats.write_nanos / stats.batches / 1000,
+                "store writer stopped"
+            );
         }
         if let Err(e) = self.shared.db.flush_wal(true) {
             warn!(error = %e, "flushing the store's WAL at shutdown failed");
