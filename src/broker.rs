@@ -14,6 +14,7 @@ use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::auth::Auth;
 use crate::codec::QoS;
 use crate::config::Config;
 use crate::metrics::Metrics;
@@ -33,10 +34,24 @@ pub struct Broker {
     pub metrics: Metrics,
     pub store: Store,
     pub queue_policies: QueuePolicies,
+    /// Authentication and ACL, swapped whole on reload.
+    auth: RwLock<Arc<Auth>>,
+    /// Per listener, its TLS acceptor (None for plain listeners), swapped on reload.
+    tls: Vec<RwLock<Option<tokio_rustls::TlsAcceptor>>>,
     /// Sessions read back from the store, whose expiry and wills `run` schedules.
     pub(crate) restored: Mutex<Vec<crate::recovery::Restored>>,
     next_id: AtomicU64,
     shutdown: watch::Sender<bool>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Auth(#[from] crate::auth::AuthError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// What routing one message did.
@@ -53,8 +68,15 @@ pub struct RouteOutcome {
 }
 
 impl Broker {
-    /// Opens the store and rebuilds the retained messages and persistent sessions it holds.
-    pub fn open(config: Config) -> Result<Arc<Broker>, StoreError> {
+    /// Loads the auth files and TLS material, opens the store and rebuilds the retained messages
+    /// and persistent sessions it holds.
+    pub fn open(config: Config) -> Result<Arc<Broker>, BrokerError> {
+        let auth = Auth::load(&config.auth)?;
+        let tls = config
+            .listeners
+            .iter()
+            .map(|l| Ok(RwLock::new(if l.is_tls() { Some(crate::tls::acceptor(l)?) } else { None })))
+            .collect::<Result<Vec<_>, crate::tls::TlsError>>()?;
         let (store, recovered) = Store::open(&config.storage.path, config.storage.durability)?;
         let (shutdown, _) = watch::channel(false);
         let match_cache = MatchCache::new(config.mqtt.match_cache_size);
@@ -67,12 +89,41 @@ impl Broker {
             sessions: Mutex::default(),
             metrics: Metrics::default(),
             store,
+            auth: RwLock::new(Arc::new(auth)),
+            tls,
             restored: Mutex::default(),
             next_id: AtomicU64::new(1),
             shutdown,
         });
         crate::recovery::restore(&broker, recovered);
         Ok(broker)
+    }
+
+    pub fn auth(&self) -> Arc<Auth> {
+        self.auth.read().expect("auth lock").clone()
+    }
+
+    pub fn tls_acceptor(&self, listener: usize) -> Option<tokio_rustls::TlsAcceptor> {
+        self.tls.get(listener)?.read().expect("tls lock").clone()
+    }
+
+    /// Reloads the password file, the ACL file, the JWT key and the TLS certificates from the
+    /// paths in the configuration. Everything is loaded before anything is swapped: a reload that
+    /// fails anywhere keeps the whole old configuration. Connected clients keep their
+    /// connections; new connections see the new files.
+    pub fn reload(&self) -> Result<(), BrokerError> {
+        let auth = Auth::load(&self.config.auth)?;
+        let mut acceptors = Vec::new();
+        for l in &self.config.listeners {
+            acceptors.push(if l.is_tls() { Some(crate::tls::acceptor(l)?) } else { None });
+        }
+        *self.auth.write().expect("auth lock") = Arc::new(auth);
+        for (slot, a) in self.tls.iter().zip(acceptors) {
+            *slot.write().expect("tls lock") = a;
+        }
+        self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
+        info!("reloaded the password file, ACL, JWT key and TLS certificates");
+        Ok(())
     }
 
     pub fn next_id(&self) -> u64 {
@@ -260,7 +311,7 @@ pub async fn run(
     for l in &broker.config.listeners {
         let listener = TcpListener::bind(&l.bind).await?;
         let addr = listener.local_addr()?;
-        info!(%addr, protocol = "mqtt", "listening");
+        info!(%addr, protocol = ?l.protocol, "listening");
         listeners.push(listener);
     }
     if let Some(tx) = bound {
@@ -269,8 +320,8 @@ pub async fn run(
     }
     crate::recovery::schedule(&broker);
     let mut tasks = tokio::task::JoinSet::new();
-    for listener in listeners {
-        tasks.spawn(crate::listener::accept_loop(broker.clone(), listener));
+    for (index, listener) in listeners.into_iter().enumerate() {
+        tasks.spawn(crate::listener::accept_loop(broker.clone(), listener, index));
     }
     let mut shutdown = broker.shutdown_signal();
     let _ = shutdown.wait_for(|s| *s).await;

@@ -31,6 +31,37 @@ pub struct Config {
     /// message's topic applies, and `drop_oldest` when none does.
     #[serde(default)]
     pub queue_policy: Vec<QueuePolicyRule>,
+    #[serde(default)]
+    pub auth: AuthConfig,
+}
+
+/// Who may connect and what they may do (docs/security.md). Reloaded on SIGHUP.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Whether clients without credentials may connect. Unset: only on loopback listeners.
+    pub allow_anonymous: Option<bool>,
+    /// A Mosquitto-format password file (`user:$7$...` lines), managed by `herald passwd`.
+    pub password_file: Option<PathBuf>,
+    /// A Mosquitto-format ACL file; once given, what it does not allow is denied.
+    pub acl_file: Option<PathBuf>,
+    pub jwt: Option<JwtConfig>,
+}
+
+/// JSON Web Tokens accepted as the CONNECT password.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    pub hs256_secret: Option<String>,
+    /// PEM file of the issuer's RSA public key.
+    pub rs256_public_key: Option<PathBuf>,
+    /// The claim taken as the user name.
+    #[serde(default = "default_username_claim")]
+    pub username_claim: String,
+}
+
+fn default_username_claim() -> String {
+    "sub".into()
 }
 
 /// What a persistent session's acknowledgements promise on a crash (docs/storage.md).
@@ -65,7 +96,14 @@ pub enum OverflowPolicyName {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ListenerProtocol {
+    /// MQTT over TCP.
     Mqtt,
+    /// MQTT over TLS.
+    Mqtts,
+    /// MQTT over WebSocket.
+    Ws,
+    /// MQTT over WebSocket over TLS.
+    Wss,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -73,6 +111,47 @@ pub enum ListenerProtocol {
 pub struct Listener {
     pub protocol: ListenerProtocol,
     pub bind: String,
+    /// PEM certificate chain and private key (`mqtts`, `wss`).
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// PEM CA certificates that client certificates are checked against.
+    pub ca: Option<PathBuf>,
+    /// Refuse clients without a certificate signed by `ca`.
+    #[serde(default)]
+    pub require_client_cert: bool,
+    /// Take a client certificate's common name as the user name (no password needed).
+    #[serde(default)]
+    pub use_identity_as_username: bool,
+    /// WebSocket: the Origin headers accepted; empty accepts any.
+    #[serde(default)]
+    pub allowed_origins: Vec<String>,
+    /// WebSocket: the HTTP path.
+    #[serde(default = "default_ws_path")]
+    pub path: String,
+}
+
+fn default_ws_path() -> String {
+    "/mqtt".into()
+}
+
+impl Listener {
+    pub fn plain(bind: &str) -> Listener {
+        Listener {
+            protocol: ListenerProtocol::Mqtt,
+            bind: bind.into(),
+            cert: None,
+            key: None,
+            ca: None,
+            require_client_cert: false,
+            use_identity_as_username: false,
+            allowed_origins: Vec::new(),
+            path: default_ws_path(),
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self.protocol, ListenerProtocol::Mqtts | ListenerProtocol::Wss)
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -165,7 +244,7 @@ impl Default for Log {
 }
 
 fn default_listeners() -> Vec<Listener> {
-    vec![Listener { protocol: ListenerProtocol::Mqtt, bind: "127.0.0.1:1883".into() }]
+    vec![Listener::plain("127.0.0.1:1883")]
 }
 
 fn default_storage_path() -> PathBuf {
@@ -180,6 +259,7 @@ impl Default for Config {
             mqtt: Mqtt::default(),
             log: Log::default(),
             queue_policy: Vec::new(),
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -211,6 +291,23 @@ impl Config {
                     key: "listeners.bind",
                     message: format!("{:?} is not an address:port", l.bind),
                 });
+            }
+            if l.is_tls() && (l.cert.is_none() || l.key.is_none()) {
+                return Err(ConfigError::Invalid {
+                    key: "listeners.cert",
+                    message: format!("listener {} is TLS and needs `cert` and `key`", l.bind),
+                });
+            }
+            if (l.require_client_cert || l.use_identity_as_username) && l.ca.is_none() {
+                return Err(ConfigError::Invalid {
+                    key: "listeners.ca",
+                    message: format!("listener {} checks client certificates and needs `ca`", l.bind),
+                });
+            }
+        }
+        if let Some(j) = &self.auth.jwt {
+            if j.hs256_secret.is_some() == j.rs256_public_key.is_some() {
+                return invalid("auth.jwt", "needs exactly one of hs256_secret and rs256_public_key");
             }
         }
         let m = &self.mqtt;

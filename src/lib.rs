@@ -20,6 +20,7 @@
 //! `session` (session state and messages), `metrics` (counters), `store` (RocksDB: retained
 //! messages and persistent sessions, group commit), `recovery` (rebuilding state from the store).
 
+pub mod auth;
 pub mod broker;
 pub mod codec;
 pub mod config;
@@ -31,3 +32,4 @@ pub mod retain;
 pub mod router;
 pub mod session;
 pub mod store;
+pub mod tls;

@@ -8,7 +8,11 @@ use herald::broker::{self, Broker};
 use herald::config::Config;
 use tracing_subscriber::EnvFilter;
 
-const USAGE: &str = "usage: herald [--config PATH]\n\nRuns the Herald MQTT broker. PATH defaults to ./config.toml.";
+const USAGE: &str = "usage: herald [--config PATH]\n       herald passwd FILE USER [PASSWORD]\n\n\
+Runs the Herald MQTT broker. PATH defaults to ./config.toml; SIGHUP reloads the password file,\n\
+ACL, JWT key and TLS certificates.\n\
+`herald passwd` adds or replaces USER in the Mosquitto-format password FILE (created if missing),\n\
+with a PBKDF2-SHA512 hash; the password is read from the first line of standard input unless given.";
 
 fn parse_args() -> Result<PathBuf, String> {
     let mut args = std::env::args().skip(1);
@@ -23,7 +27,38 @@ fn parse_args() -> Result<PathBuf, String> {
     Ok(path)
 }
 
+/// `herald passwd FILE USER [PASSWORD]`.
+fn passwd(args: &[String]) -> ExitCode {
+    let (file, user, password) = match args {
+        [file, user] => {
+            let mut line = String::new();
+            if std::io::stdin().read_line(&mut line).is_err() || line.trim_end_matches(['\r', '\n']).is_empty() {
+                eprintln!("herald passwd: no password on standard input");
+                return ExitCode::from(2);
+            }
+            (file, user, line.trim_end_matches(['\r', '\n']).to_owned())
+        }
+        [file, user, password] => (file, user, password.clone()),
+        _ => {
+            eprintln!("{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    let iterations = herald::auth::password::DEFAULT_ITERATIONS;
+    match herald::auth::password::set_password(file.as_ref(), user, password.as_bytes(), iterations) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald passwd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("passwd") {
+        return passwd(&args[1..]);
+    }
     let path = match parse_args() {
         Ok(p) => p,
         Err(e) => {
@@ -54,9 +89,18 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
         let broker = Broker::open(config)?;
         let server = tokio::spawn(broker::run(broker.clone(), None));
         let mut server = server;
-        tokio::select! {
-            res = &mut server => return res.context("broker task")?.context("listener"),
-            _ = shutdown_signal() => {}
+        let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .context("installing the SIGHUP handler")?;
+        loop {
+            tokio::select! {
+                res = &mut server => return res.context("broker task")?.context("listener"),
+                _ = shutdown_signal() => break,
+                _ = hangup.recv() => {
+                    if let Err(e) = broker.reload() {
+                        tracing::error!(error = %e, "reload failed; keeping the previous configuration");
+                    }
+                }
+            }
         }
         broker.begin_shutdown();
         server.await.context("broker task")?.context("listener")

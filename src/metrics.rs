@@ -20,6 +20,14 @@ pub struct Metrics {
     pub queue_dropped_oldest: AtomicU64,
     pub queue_dropped_new: AtomicU64,
     pub queue_superseded: AtomicU64,
+    /// CONNECTs refused for their credentials (0x86 / 0x04) or as anonymous (0x87 / 0x05).
+    pub auth_failures: AtomicU64,
+    /// PUBLISHes, subscriptions and deliveries the ACL refused.
+    pub acl_denied_publish: AtomicU64,
+    pub acl_denied_subscribe: AtomicU64,
+    pub acl_denied_delivery: AtomicU64,
+    pub tls_handshake_failures: AtomicU64,
+    pub reloads: AtomicU64,
 }
 
 impl Metrics {

@@ -5,7 +5,6 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::AsyncReadExt;
 use tracing::info;
 
 use super::{Close, Connection, Step};
@@ -94,6 +93,40 @@ impl Connection {
         } else {
             u32::MAX
         };
+        let auth = broker.auth();
+        let open = auth.passwords.is_none() && auth.jwt.is_none();
+        let (username, password) = (c.username.clone(), c.password.clone());
+        let certificate_name = self.certificate_name.take();
+        let loopback = self.loopback;
+        let check = move |auth: &crate::auth::Auth| {
+            auth.authenticate(username.as_deref(), password.as_deref(), certificate_name.as_deref(), loopback)
+        };
+        let verdict = if open {
+            check(&auth)
+        } else {
+            // PBKDF2 and RSA take milliseconds: off the async workers.
+            let a = auth.clone();
+            tokio::task::spawn_blocking(move || check(&a)).await.map_err(|_| Close::Refused("authentication failed"))?
+        };
+        let (refusal, username) = match verdict {
+            crate::auth::Verdict::Allowed(user) => (None, user),
+            crate::auth::Verdict::BadCredentials(why) => {
+                let code =
+                    if v5 { ReasonCode::BAD_USER_NAME_OR_PASSWORD } else { ReasonCode::V3_BAD_USER_NAME_OR_PASSWORD };
+                (Some((why, code)), None)
+            }
+            crate::auth::Verdict::NotAuthorized(why) => {
+                let code = if v5 { ReasonCode::NOT_AUTHORIZED } else { ReasonCode::V3_NOT_AUTHORIZED };
+                (Some((why, code)), None)
+            }
+        };
+        if let Some((why, code)) = refusal {
+            broker.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+            info!(client_id = %client_id, peer = %self.peer, reason = %why, "connection refused");
+            refuse(&mut self.out, code);
+            return Err(Close::Refused("authentication failed"));
+        }
+        self.acl = auth.client_acl(username.as_deref(), &client_id).map(Box::new);
         let mut server_keep_alive = None;
         let mut keep_alive = c.keep_alive;
         if v5 && config.max_keepalive > 0 && (keep_alive == 0 || keep_alive > config.max_keepalive) {

@@ -99,6 +99,11 @@ impl Connection {
             reason = ReasonCode(0x99);
         } else if p.topic.starts_with("$SYS") {
             // [MQTT-4.7.2] `$SYS` belongs to the broker: accepted and not routed.
+        } else if self.acl.as_ref().is_some_and(|acl| !acl.can_publish(&p.topic)) {
+            // Not routed; 5.0 learns why from the acknowledgement, 3.1.1 has no way to be told.
+            self.broker.metrics.acl_denied_publish.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(client_id = %self.client_id, topic = %p.topic, "PUBLISH denied by the ACL");
+            reason = ReasonCode::NOT_AUTHORIZED;
         } else if !duplicate_qos2 {
             let mut properties = std::mem::take(&mut p.properties);
             properties.subscription_identifiers.clear();
@@ -239,6 +244,11 @@ impl Connection {
             }
             if parsed.share.is_some() && options.no_local {
                 return Err(violation(ReasonCode::PROTOCOL_ERROR, "[MQTT-3.8.3-4] no local on a shared subscription"));
+            }
+            if self.acl.as_ref().is_some_and(|acl| !acl.can_subscribe(parsed.filter)) {
+                self.broker.metrics.acl_denied_subscribe.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                reasons.push(if v5 { ReasonCode::NOT_AUTHORIZED } else { ReasonCode::UNSPECIFIED_ERROR });
+                continue;
             }
             let sub = Subscription { session: shared.clone(), options: *options, identifier };
             let existed = self.broker.subscribe(filter, sub);

@@ -5,6 +5,9 @@
 mod handshake;
 mod inbound;
 pub mod outbound;
+mod socket;
+
+pub use socket::Socket;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -13,8 +16,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
-use tokio::net::TcpStream;
 use tracing::{debug, info};
 
 use crate::broker::Broker;
@@ -85,8 +86,22 @@ impl Drop for OpenGuard<'_> {
     }
 }
 
+/// Where a connection came from.
+#[derive(Clone, Debug)]
+pub struct Origin {
+    pub peer: SocketAddr,
+    /// Whether it arrived on a loopback listener (anonymous clients' default).
+    pub loopback: bool,
+    /// Index of its listener in the configuration.
+    pub listener: usize,
+    /// The common name of its verified TLS client certificate, where the listener takes it as
+    /// the user name.
+    pub certificate_name: Option<String>,
+}
+
 /// Runs a connection from accept to close, in one task that both reads and writes.
-pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
+pub async fn serve(broker: Arc<Broker>, stream: Socket, origin: Origin) {
+    let peer = origin.peer;
     broker.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
     broker.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
     let _open = OpenGuard(&broker);
@@ -115,6 +130,9 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
         held_ack: None,
         acks: Default::default(),
         committed: None,
+        loopback: origin.loopback,
+        certificate_name: origin.certificate_name.map(String::into_boxed_str),
+        acl: None,
     };
     let close = conn.run().await;
     conn.finish(close).await;
@@ -123,7 +141,7 @@ pub async fn serve(broker: Arc<Broker>, stream: TcpStream, peer: SocketAddr) {
 pub struct Connection {
     broker: Arc<Broker>,
     peer: SocketAddr,
-    stream: TcpStream,
+    stream: Socket,
     conn_id: u64,
     decoder: Decoder,
     inbuf: BytesMut,
@@ -157,6 +175,10 @@ pub struct Connection {
     /// Follows the store's committed ticket while `acks` is not empty; None otherwise, so that
     /// an idle connection carries no receiver.
     committed: Option<tokio::sync::watch::Receiver<u64>>,
+    loopback: bool,
+    certificate_name: Option<Box<str>>,
+    /// The client's ACL rules; None when no ACL file is configured.
+    acl: Option<Box<crate::auth::acl::ClientAcl>>,
 }
 
 /// Acknowledgements a client may have waiting for the store before its input is no longer
@@ -441,6 +463,13 @@ impl Connection {
         } else {
             None
         };
+        if self.acl.as_ref().is_some_and(|acl| !acl.can_read(&d.message.topic)) {
+            // Checked per message: a retained message or a resumed session's queue obeys the
+            // rules of this connection, which may be newer than the subscription.
+            metrics.acl_denied_delivery.fetch_add(1, Ordering::Relaxed);
+            self.forget_stored(&d);
+            return;
+        }
         let state = &mut self.session.as_mut().expect("session").1;
         if d.qos == crate::codec::QoS::AtMostOnce {
             if let Written::TooLarge = self.out.publish(&d, 0, false, expiry) {

@@ -6,7 +6,6 @@ use std::collections::VecDeque;
 use std::io::IoSlice;
 
 use bytes::{BufMut, Bytes, BytesMut};
-use tokio::net::TcpStream;
 
 use crate::codec::wire::{put_varint, varint_len};
 use crate::codec::{properties, put_fixed_header, Packet, ProtocolVersion, QoS};
@@ -75,7 +74,7 @@ impl Outbound {
     }
 
     /// Writes as much as the socket takes now, without waiting; returns the bytes written.
-    pub fn try_flush(&mut self, stream: &TcpStream) -> std::io::Result<usize> {
+    pub fn try_flush(&mut self, stream: &super::Socket) -> std::io::Result<usize> {
         self.seal();
         let mut total = 0;
         while !self.queue.is_empty() {
@@ -109,7 +108,7 @@ impl Outbound {
     }
 
     /// Writes everything queued, waiting for the socket as needed.
-    pub async fn flush_all(&mut self, stream: &TcpStream) -> std::io::Result<()> {
+    pub async fn flush_all(&mut self, stream: &super::Socket) -> std::io::Result<()> {
         loop {
             self.try_flush(stream)?;
             if !self.has_pending() {

@@ -16,6 +16,8 @@ use tokio::net::TcpStream;
 
 pub struct TestBroker {
     pub addr: SocketAddr,
+    /// Every listener's address, in configuration order (the plain one first).
+    pub addrs: Vec<SocketAddr>,
     pub broker: Arc<Broker>,
     thread: Option<std::thread::JoinHandle<()>>,
     /// The store's directory, when the broker owns it (removed after the broker stops).
@@ -63,12 +65,12 @@ pub fn start_at(dir: &std::path::Path, extra_toml: &str) -> TestBroker {
             let (btx, brx) = tokio::sync::oneshot::channel();
             let server = tokio::spawn(broker::run(b, Some(btx)));
             let addrs = brx.await.expect("broker bound");
-            tx.send(addrs[0]).unwrap();
+            tx.send(addrs).unwrap();
             server.await.unwrap().unwrap();
         });
     });
-    let addr = rx.recv_timeout(Duration::from_secs(10)).expect("broker started");
-    TestBroker { addr, broker, thread: Some(thread), _data: None }
+    let addrs: Vec<SocketAddr> = rx.recv_timeout(Duration::from_secs(10)).expect("broker started");
+    TestBroker { addr: addrs[0], addrs, broker, thread: Some(thread), _data: None }
 }
 
 pub fn start() -> TestBroker {

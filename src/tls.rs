@@ -1,0 +1,67 @@
+//! TLS for the `mqtts` and `wss` listeners, with rustls and its `ring` provider: the server
+//! certificate and key from PEM files, and optionally client certificates checked against a CA,
+//! whose common name can stand for the user name.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use tokio_rustls::TlsAcceptor;
+
+use crate::config::Listener;
+
+#[derive(Debug, thiserror::Error)]
+#[error("TLS for listener {bind}: {why}")]
+pub struct TlsError {
+    pub bind: String,
+    pub why: String,
+}
+
+fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs: Vec<_> = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{}: no certificate in it", path.display()));
+    }
+    Ok(certs)
+}
+
+/// Builds the acceptor of a TLS listener from its files, as now on disk (also on reload).
+pub fn acceptor(l: &Listener) -> Result<TlsAcceptor, TlsError> {
+    let err = |why: String| TlsError { bind: l.bind.clone(), why };
+    let (Some(cert), Some(key)) = (&l.cert, &l.key) else {
+        return Err(err("needs `cert` and `key`".into()));
+    };
+    let chain = certificates(cert).map_err(err)?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| err(format!("{}: {e}", key.display())))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| err(e.to_string()))?;
+    let builder = match &l.ca {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in certificates(ca).map_err(err)? {
+                roots.add(c).map_err(|e| err(format!("{}: {e}", ca.display())))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+            let verifier = if l.require_client_cert { verifier } else { verifier.allow_unauthenticated() };
+            builder.with_client_cert_verifier(verifier.build().map_err(|e| err(e.to_string()))?)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let config = builder.with_single_cert(chain, key).map_err(|e| err(e.to_string()))?;
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// The common name of a verified client certificate.
+pub fn common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
