@@ -38,14 +38,39 @@ pub struct Broker {
     auth: RwLock<Arc<Auth>>,
     /// Per listener, its TLS acceptor (None for plain listeners), swapped on reload.
     tls: Vec<RwLock<Option<tokio_rustls::TlsAcceptor>>>,
+    limits: RwLock<Arc<crate::config::Limits>>,
+    /// Open connections and recent CONNECTs per IP address, kept only while a per-IP limit is on.
+    per_ip: Mutex<HashMap<std::net::IpAddr, IpUse>>,
+    started: std::time::Instant,
     /// Sessions read back from the store, whose expiry and wills `run` schedules.
     pub(crate) restored: Mutex<Vec<crate::recovery::Restored>>,
     next_id: AtomicU64,
     shutdown: watch::Sender<bool>,
 }
 
+/// Open connections and CONNECTs in the current second from one IP address.
+#[derive(Default)]
+pub struct IpUse {
+    open: u32,
+    second: u64,
+    connects: u32,
+}
+
+/// Why a connection limit refused a client.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionRefusal {
+    /// `max_connections`: 0x89 server busy.
+    ServerBusy,
+    /// `max_connections_per_ip`: 0x97 quota exceeded.
+    QuotaExceeded,
+    /// `connection_rate_per_ip`: 0x9F connection rate exceeded.
+    RateExceeded,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BrokerError {
+    #[error("cannot reload: {0}; restart the broker for that")]
+    Restart(&'static str),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("{0}")]
@@ -80,6 +105,7 @@ impl Broker {
         let (store, recovered) = Store::open(&config.storage.path, config.storage.durability)?;
         let (shutdown, _) = watch::channel(false);
         let match_cache = MatchCache::new(config.mqtt.match_cache_size);
+        let limits = Arc::new(config.limits.clone());
         let broker = Arc::new(Broker {
             queue_policies: QueuePolicies::new(&config.queue_policy),
             config,
@@ -91,6 +117,9 @@ impl Broker {
             store,
             auth: RwLock::new(Arc::new(auth)),
             tls,
+            limits: RwLock::new(limits),
+            per_ip: Mutex::default(),
+            started: std::time::Instant::now(),
             restored: Mutex::default(),
             next_id: AtomicU64::new(1),
             shutdown,
@@ -112,18 +141,87 @@ impl Broker {
     /// fails anywhere keeps the whole old configuration. Connected clients keep their
     /// connections; new connections see the new files.
     pub fn reload(&self) -> Result<(), BrokerError> {
-        let auth = Auth::load(&self.config.auth)?;
+        self.reload_from(&self.config)
+    }
+
+    /// `reload` with the reloadable parts of a freshly read configuration: `[auth]`, `[limits]`
+    /// and the listeners' TLS files. The listeners themselves must be the same ones.
+    pub fn reload_from(&self, config: &Config) -> Result<(), BrokerError> {
+        let same_listeners = config.listeners.len() == self.config.listeners.len()
+            && config
+                .listeners
+                .iter()
+                .zip(&self.config.listeners)
+                .all(|(a, b)| a.bind == b.bind && a.protocol == b.protocol);
+        if !same_listeners {
+            return Err(BrokerError::Restart("the listeners changed"));
+        }
+        let auth = Auth::load(&config.auth)?;
         let mut acceptors = Vec::new();
-        for l in &self.config.listeners {
+        for l in &config.listeners {
             acceptors.push(if l.is_tls() { Some(crate::tls::acceptor(l)?) } else { None });
         }
         *self.auth.write().expect("auth lock") = Arc::new(auth);
+        *self.limits.write().expect("limits lock") = Arc::new(config.limits.clone());
         for (slot, a) in self.tls.iter().zip(acceptors) {
             *slot.write().expect("tls lock") = a;
         }
         self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
-        info!("reloaded the password file, ACL, JWT key and TLS certificates");
+        info!("reloaded the password file, ACL, JWT key, limits and TLS certificates");
         Ok(())
+    }
+
+    pub fn uptime_secs(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+
+    pub fn limits(&self) -> Arc<crate::config::Limits> {
+        self.limits.read().expect("limits lock").clone()
+    }
+
+    /// Admits a new client from `ip` against the connection limits. `Ok(true)` means it was
+    /// counted against its address, and `release_ip` must be called when it closes.
+    pub fn admit(&self, ip: std::net::IpAddr, limits: &crate::config::Limits) -> Result<bool, ConnectionRefusal> {
+        if limits.max_connections > 0 && self.metrics.connections_now() as usize > limits.max_connections {
+            self.metrics.limit_max_connections.fetch_add(1, Ordering::Relaxed);
+            return Err(ConnectionRefusal::ServerBusy);
+        }
+        if limits.max_connections_per_ip == 0 && limits.connection_rate_per_ip == 0 {
+            return Ok(false);
+        }
+        let second = self.started.elapsed().as_secs();
+        let mut per_ip = self.per_ip.lock().expect("per-ip lock");
+        let used = per_ip.entry(ip).or_default();
+        if used.second != second {
+            used.second = second;
+            used.connects = 0;
+        }
+        used.connects += 1;
+        if limits.connection_rate_per_ip > 0 && used.connects > limits.connection_rate_per_ip {
+            self.metrics.limit_connection_rate.fetch_add(1, Ordering::Relaxed);
+            return Err(ConnectionRefusal::RateExceeded);
+        }
+        if limits.max_connections_per_ip > 0 && used.open as usize >= limits.max_connections_per_ip {
+            self.metrics.limit_connections_per_ip.fetch_add(1, Ordering::Relaxed);
+            return Err(ConnectionRefusal::QuotaExceeded);
+        }
+        used.open += 1;
+        Ok(true)
+    }
+
+    pub fn release_ip(&self, ip: std::net::IpAddr) {
+        let mut per_ip = self.per_ip.lock().expect("per-ip lock");
+        if let Some(used) = per_ip.get_mut(&ip) {
+            used.open = used.open.saturating_sub(1);
+            if used.open == 0 && used.second != self.started.elapsed().as_secs() {
+                per_ip.remove(&ip);
+            }
+        }
+        // Addresses that only ever got refused leave no entry behind for long.
+        if per_ip.len() > 100_000 {
+            let now = self.started.elapsed().as_secs();
+            per_ip.retain(|_, u| u.open > 0 || u.second == now);
+        }
     }
 
     pub fn next_id(&self) -> u64 {

@@ -33,6 +33,40 @@ pub struct Config {
     pub queue_policy: Vec<QueuePolicyRule>,
     #[serde(default)]
     pub auth: AuthConfig,
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// Limits against abuse and overload (docs/security.md), reloaded on SIGHUP. 0 turns a limit
+/// off; each has a reason code and a counter.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Connections open at once; beyond: CONNACK 0x89 server busy (3.1.1: 0x03).
+    pub max_connections: usize,
+    /// Connections open at once from one IP address; beyond: CONNACK 0x97 quota exceeded (0x03).
+    pub max_connections_per_ip: usize,
+    /// CONNECTs per second from one IP address; beyond: CONNACK 0x9F connection rate exceeded (0x03).
+    pub connection_rate_per_ip: u32,
+    /// Subscriptions one session may hold; beyond: SUBACK 0x97 (3.1.1: 0x80) for the excess filters.
+    pub max_subscriptions_per_client: usize,
+    /// PUBLISHes per second from one client; beyond: dropped, PUBACK/PUBREC 0x97 for 5.0 QoS 1/2.
+    pub publish_rate_per_client: u32,
+    /// Bytes in a topic name or filter; longer: as `max_topic_levels`.
+    pub max_topic_length: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_connections: 0,
+            max_connections_per_ip: 0,
+            connection_rate_per_ip: 0,
+            max_subscriptions_per_client: 0,
+            publish_rate_per_client: 0,
+            max_topic_length: 65_535,
+        }
+    }
 }
 
 /// Who may connect and what they may do (docs/security.md). Reloaded on SIGHUP.
@@ -260,6 +294,7 @@ impl Default for Config {
             log: Log::default(),
             queue_policy: Vec::new(),
             auth: AuthConfig::default(),
+            limits: Limits::default(),
         }
     }
 }

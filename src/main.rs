@@ -96,7 +96,9 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
                 res = &mut server => return res.context("broker task")?.context("listener"),
                 _ = shutdown_signal() => break,
                 _ = hangup.recv() => {
-                    if let Err(e) = broker.reload() {
+                    let reloaded = Config::load(&path).map_err(|e| e.to_string())
+                        .and_then(|c| broker.reload_from(&c).map_err(|e| e.to_string()));
+                    if let Err(e) = reloaded {
                         tracing::error!(error = %e, "reload failed; keeping the previous configuration");
                     }
                 }

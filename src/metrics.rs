@@ -28,6 +28,16 @@ pub struct Metrics {
     pub acl_denied_delivery: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
     pub reloads: AtomicU64,
+    /// Refusals by limit (docs/security.md): connections over `max_connections`, over
+    /// `max_connections_per_ip`, over `connection_rate_per_ip`; subscriptions over
+    /// `max_subscriptions_per_client`; PUBLISHes over `publish_rate_per_client`; topics over
+    /// `max_topic_length`.
+    pub limit_max_connections: AtomicU64,
+    pub limit_connections_per_ip: AtomicU64,
+    pub limit_connection_rate: AtomicU64,
+    pub limit_subscriptions: AtomicU64,
+    pub limit_publish_rate: AtomicU64,
+    pub limit_topic_length: AtomicU64,
 }
 
 impl Metrics {

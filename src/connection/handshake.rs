@@ -53,6 +53,21 @@ impl Connection {
         if let Some(max) = c.properties.maximum_packet_size {
             self.out.max_packet_size = max as usize;
         }
+        match broker.admit(self.peer.ip(), &self.limits) {
+            Ok(counted) => self.counted_ip = counted,
+            Err(refusal) => {
+                use crate::broker::ConnectionRefusal::*;
+                let code = match (v5, refusal) {
+                    (false, _) => ReasonCode::V3_SERVER_UNAVAILABLE,
+                    (true, ServerBusy) => ReasonCode::SERVER_BUSY,
+                    (true, QuotaExceeded) => ReasonCode::QUOTA_EXCEEDED,
+                    (true, RateExceeded) => ReasonCode::CONNECTION_RATE_EXCEEDED,
+                };
+                info!(peer = %self.peer, ?refusal, "connection refused by a limit");
+                refuse(&mut self.out, code);
+                return Err(Close::Refused("connection limit"));
+            }
+        }
         if let Some(will) = &c.will {
             if will.topic.bytes().filter(|&b| b == b'/').count() >= config.max_topic_levels {
                 if v5 {

@@ -79,6 +79,10 @@ impl Connection {
                 return Err(violation(ReasonCode::MALFORMED_PACKET, "[MQTT-3.3.2-1] empty topic name without alias"));
             }
         }
+        if p.topic.len() > self.limits.max_topic_length {
+            self.broker.metrics.limit_topic_length.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(violation(ReasonCode::TOPIC_NAME_INVALID, "topic name longer than max_topic_length"));
+        }
         if topic_levels(&p.topic) > self.broker.config.mqtt.max_topic_levels {
             // The trees are walked level by level; an absurdly deep topic is refused rather than
             // let it cost unbounded depth.
@@ -99,6 +103,9 @@ impl Connection {
             reason = ReasonCode(0x99);
         } else if p.topic.starts_with("$SYS") {
             // [MQTT-4.7.2] `$SYS` belongs to the broker: accepted and not routed.
+        } else if self.over_publish_rate() {
+            self.broker.metrics.limit_publish_rate.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            reason = ReasonCode::QUOTA_EXCEEDED;
         } else if self.acl.as_ref().is_some_and(|acl| !acl.can_publish(&p.topic)) {
             // Not routed; 5.0 learns why from the acknowledgement, 3.1.1 has no way to be told.
             self.broker.metrics.acl_denied_publish.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -151,6 +158,21 @@ impl Connection {
             self.held_ack = Some(Box::new((ticket, ack)));
         }
         Ok(())
+    }
+
+    /// `publish_rate_per_client`, counted per whole second of the broker's uptime.
+    fn over_publish_rate(&mut self) -> bool {
+        let rate = self.limits.publish_rate_per_client;
+        if rate == 0 {
+            return false;
+        }
+        let second = self.broker.uptime_secs() as u32;
+        if second != self.publish_second {
+            self.publish_second = second;
+            self.publishes_this_second = 0;
+        }
+        self.publishes_this_second += 1;
+        self.publishes_this_second > rate
     }
 
     fn inflight_state(&self, packet_id: u16) -> Option<OutState> {
@@ -238,6 +260,20 @@ impl Connection {
                     continue;
                 }
             };
+            let max_subscriptions = self.limits.max_subscriptions_per_client;
+            if max_subscriptions > 0
+                && state.subscriptions.len() >= max_subscriptions
+                && !state.subscriptions.contains_key(filter.as_str())
+            {
+                self.broker.metrics.limit_subscriptions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                reasons.push(if v5 { ReasonCode::QUOTA_EXCEEDED } else { ReasonCode::UNSPECIFIED_ERROR });
+                continue;
+            }
+            if filter.len() > self.limits.max_topic_length {
+                self.broker.metrics.limit_topic_length.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                reasons.push(if v5 { ReasonCode::TOPIC_FILTER_INVALID } else { ReasonCode::UNSPECIFIED_ERROR });
+                continue;
+            }
             if topic_levels(parsed.filter) > self.broker.config.mqtt.max_topic_levels {
                 reasons.push(if v5 { ReasonCode::TOPIC_FILTER_INVALID } else { ReasonCode::UNSPECIFIED_ERROR });
                 continue;

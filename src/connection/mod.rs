@@ -133,6 +133,10 @@ pub async fn serve(broker: Arc<Broker>, stream: Socket, origin: Origin) {
         loopback: origin.loopback,
         certificate_name: origin.certificate_name.map(String::into_boxed_str),
         acl: None,
+        limits: broker.limits(),
+        counted_ip: false,
+        publish_second: 0,
+        publishes_this_second: 0,
     };
     let close = conn.run().await;
     conn.finish(close).await;
@@ -179,6 +183,13 @@ pub struct Connection {
     certificate_name: Option<Box<str>>,
     /// The client's ACL rules; None when no ACL file is configured.
     acl: Option<Box<crate::auth::acl::ClientAcl>>,
+    /// The limits as they were when the client connected.
+    limits: Arc<crate::config::Limits>,
+    /// Whether the per-IP limits counted this connection (released when it ends).
+    counted_ip: bool,
+    /// `publish_rate_per_client`: the current second (of the broker's uptime) and its count.
+    publish_second: u32,
+    publishes_this_second: u32,
 }
 
 /// Acknowledgements a client may have waiting for the store before its input is no longer
@@ -561,6 +572,9 @@ impl Connection {
             self.broker.metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
         }
         self.settle_session(&close);
+        if self.counted_ip {
+            self.broker.release_ip(self.peer.ip());
+        }
         let _ = tokio::time::timeout(Duration::from_secs(2), self.out.flush_all(&self.stream)).await;
         let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
     }

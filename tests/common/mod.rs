@@ -48,6 +48,14 @@ pub fn start_with(mqtt_toml: &str) -> TestBroker {
     b
 }
 
+/// Starts a broker with whole extra tables of configuration and a store of its own.
+pub fn start_toml(extra_toml: &str) -> TestBroker {
+    let data = tempfile::tempdir().expect("temporary directory");
+    let mut b = start_at(data.path(), extra_toml);
+    b._data = Some(data);
+    b
+}
+
 /// Starts a broker on the store in `dir` (which outlives it, for restart tests), its
 /// configuration the default plus `extra_toml` (whole tables).
 pub fn start_at(dir: &std::path::Path, extra_toml: &str) -> TestBroker {
