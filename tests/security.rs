@@ -181,8 +181,9 @@ async fn jwt_tokens_hs256_and_rs256() {
     let pub_pem = dir.path().join("jwt.pub");
     assert!(Command::new("openssl")
         .args(["genpkey", "-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048", "-out", key_pem.to_str().unwrap()])
-        .status()
+        .output()
         .unwrap()
+        .status
         .success());
     assert!(Command::new("openssl")
         .args(["rsa", "-in", key_pem.to_str().unwrap(), "-pubout", "-out", pub_pem.to_str().unwrap()])
@@ -360,4 +361,142 @@ async fn reload_swaps_passwords_and_acl_and_keeps_connections() {
     assert_eq!(connack_code(b.addr, login(V5, "n3", Some("alice"), Some("new"))).await, 0, "old file kept");
     connected.send(&Packet::PingReq).await;
     assert!(matches!(connected.recv().await, Some(Packet::PingResp)), "the connection survived both reloads");
+}
+
+/// SIGHUP on the real binary: a changed password file and new TLS certificates (a new CA) take
+/// effect without a restart, and the client connected before keeps its connection.
+#[test]
+fn sighup_reloads_passwords_and_certificates_in_the_running_binary() {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    certs(dir.path(), "device-1");
+    let passwd = dir.path().join("passwd");
+    herald_passwd(&passwd, "alice", "old");
+    let d = |f: &str| toml_path(&dir.path().join(f));
+    let config = dir.path().join("herald.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
+             [[listeners]]\nprotocol = \"mqtts\"\nbind = \"127.0.0.1:0\"\ncert = {}\nkey = {}\n\
+             [storage]\npath = {}\n[auth]\npassword_file = {}\n",
+            d("server.pem"),
+            d("server.key"),
+            d("data"),
+            toml_path(&passwd)
+        ),
+    )
+    .unwrap();
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let mut child = KillOnDrop(
+        Command::new(env!("CARGO_BIN_EXE_herald"))
+            .args(["--config", config.to_str().unwrap()])
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    let mut ports = Vec::new();
+    while ports.len() < 2 {
+        let line = lines.next().expect("broker exited before listening").unwrap();
+        if let Some(rest) = line.split("addr=127.0.0.1:").nth(1) {
+            ports.push(rest.split(|c: char| !c.is_ascii_digit()).next().unwrap().to_string());
+        }
+    }
+    let (log_tx, log_rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            let _ = log_tx.send(l);
+        }
+    });
+    let pub_with = |user: &str, pw: &str| {
+        Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &ports[0], "-u", user, "-P", pw, "-t", "t", "-m", "m"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    let tls_pub = || {
+        Command::new("mosquitto_pub")
+            .args(["-h", "localhost", "-p", &ports[1], "--cafile", dir.path().join("ca.pem").to_str().unwrap()])
+            .args(["-u", "alice", "-P", "new", "-t", "t", "-m", "m"])
+            .output()
+            .unwrap()
+            .status
+            .success()
+    };
+    // A raw 3.1.1 client that stays connected across the reload.
+    let mut kept = std::net::TcpStream::connect(("127.0.0.1", ports[0].parse::<u16>().unwrap())).unwrap();
+    let connect = [
+        0x10, 0x1C, 0, 4, b'M', b'Q', b'T', b'T', 4, 0xC2, 0, 60, 0, 4, b'k', b'e', b'p', b't', 0, 5, b'a', b'l', b'i',
+        b'c', b'e', 0, 3, b'o', b'l', b'd',
+    ];
+    kept.write_all(&connect).unwrap();
+    let mut connack = [0u8; 4];
+    kept.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+
+    assert!(pub_with("alice", "old"));
+    herald_passwd(&passwd, "alice", "new");
+    let old_ca = std::fs::read(dir.path().join("ca.pem")).unwrap();
+    certs(dir.path(), "device-1"); // a new CA and server certificate
+    assert_ne!(old_ca, std::fs::read(dir.path().join("ca.pem")).unwrap());
+    assert!(!tls_pub(), "before the reload the server still shows the old certificate");
+    assert!(Command::new("kill").args(["-HUP", &child.0.id().to_string()]).status().unwrap().success());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let line = log_rx.recv_timeout(Duration::from_secs(10)).expect("a reload line in the log");
+        if line.contains("reloaded") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline);
+    }
+    assert!(!pub_with("alice", "old"));
+    assert!(pub_with("alice", "new"));
+    assert!(tls_pub(), "after the reload the new certificate is served");
+    kept.write_all(&[0xC0, 0]).unwrap();
+    let mut pingresp = [0u8; 2];
+    kept.read_exact(&mut pingresp).unwrap();
+    assert_eq!(pingresp, [0xD0, 0], "the connection made before the reload is still served");
+}
+
+/// [issue 5] a resumed session's queued messages are checked against the ACL of the new
+/// connection: rules tightened by a reload while the phone was away stop them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_session_obeys_the_acl_of_its_new_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let acl = dir.path().join("acl");
+    std::fs::write(&acl, "topic readwrite news/#\n").unwrap();
+    let b = start_at(&dir.path().join("data"), &format!("[auth]\nacl_file = {}\n", toml_path(&acl)));
+    let mut persistent = connect_packet(V311, "phone", false);
+    persistent.clean_start = false;
+    let (mut phone, _) = RawClient::connect(b.addr, persistent.clone()).await;
+    phone.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
+    assert_eq!(expect_suback(&mut phone).await, vec![1]);
+    drop(phone);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let (mut editor, _) = RawClient::connect(b.addr, connect_packet(V311, "cms", true)).await;
+    for (i, topic) in ["news/open", "news/embargoed/x"].iter().enumerate() {
+        editor.send(&publish(topic, b"story", QoS::AtLeastOnce, i as u16 + 1)).await;
+        assert!(matches!(editor.recv().await, Some(Packet::PubAck(_))));
+    }
+    std::fs::write(&acl, "topic readwrite news/#\ntopic deny news/embargoed/#\n").unwrap();
+    b.broker.reload().unwrap();
+    let (mut phone, ack) = RawClient::connect(b.addr, persistent).await;
+    assert!(ack.session_present);
+    let m = expect_publish(&mut phone).await;
+    assert_eq!(m.topic, "news/open");
+    phone.send(&Packet::PubAck(PubResponse::new(m.packet_id, ReasonCode::SUCCESS))).await;
+    phone.expect_silence(Duration::from_millis(300)).await;
+    assert_eq!(b.broker.metrics.acl_denied_delivery.load(std::sync::atomic::Ordering::Relaxed), 1);
 }

@@ -76,6 +76,8 @@ async fn websocket<S: AsyncRead + AsyncWrite + Unpin>(
     timeout: Duration,
 ) {
     let listener = broker.config.listeners[origin.listener].clone();
+    // The callback's signature is tungstenite's, large error type included.
+    #[allow(clippy::result_large_err)]
     let check = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
         let refuse = |status: StatusCode, why: &str| {
             let mut r = ErrorResponse::new(Some(why.to_owned()));
