@@ -6,6 +6,10 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+fn test_dir(name: &str) -> PathBuf {
+    std::env::temp_dir().join(format!("herald-test-{}-{name}", std::process::id()))
+}
+
 fn temp_config(name: &str, text: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("herald-test-{}-{name}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -76,6 +80,7 @@ fn conformance_vectors_all_pass() {
     println!("{text}");
     assert!(text.contains("vectors: 1483 passed, 0 failed"), "{text}");
     assert!(out.status.success());
+    let _ = std::fs::remove_dir_all(test_dir("vectors"));
 }
 
 #[test]
@@ -105,6 +110,7 @@ fn sigterm_stops_the_broker_cleanly() {
         assert!(started.elapsed() < Duration::from_secs(10), "broker did not exit");
         std::thread::sleep(Duration::from_millis(50));
     }
+    let _ = std::fs::remove_dir_all(test_dir("sigterm"));
 }
 
 /// [issue 4] A store RocksDB cannot read stops the broker with an error naming it; the broker
@@ -127,4 +133,5 @@ fn a_corrupted_store_stops_the_broker_with_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("store at") && err.contains("data"), "{err}");
     assert_eq!(std::fs::read(&current).unwrap(), b"garbage", "the store was left as it was");
+    let _ = std::fs::remove_dir_all(dir);
 }
