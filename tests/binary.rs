@@ -1,9 +1,10 @@
 //! The `herald` binary as an operator runs it: configuration errors, the third-party conformance
 //! vectors replayed against it, and a clean exit on SIGTERM.
 
-use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
+
+mod common;
 use std::time::{Duration, Instant};
 
 fn test_dir(name: &str) -> PathBuf {
@@ -11,7 +12,7 @@ fn test_dir(name: &str) -> PathBuf {
 }
 
 fn temp_config(name: &str, text: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("herald-test-{}-{name}", std::process::id()));
+    let dir = test_dir(name);
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join("config.toml");
     std::fs::write(&path, text).unwrap();
@@ -20,7 +21,7 @@ fn temp_config(name: &str, text: &str) -> PathBuf {
 
 /// Starts the binary on an ephemeral port and returns it with the port it logged.
 fn spawn_broker(name: &str) -> (Child, u16) {
-    let dir = std::env::temp_dir().join(format!("herald-test-{}-{name}", std::process::id()));
+    let dir = test_dir(name);
     let _ = std::fs::remove_dir_all(dir.join("data"));
     let config = temp_config(
         name,
@@ -29,24 +30,8 @@ fn spawn_broker(name: &str) -> (Child, u16) {
             dir.join("data").display().to_string()
         ),
     );
-    let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["--config", config.to_str().unwrap()])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let port = loop {
-        let line = lines.next().expect("broker exited before listening").unwrap();
-        if let Some(rest) = line.split("addr=127.0.0.1:").nth(1) {
-            break rest.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap();
-        }
-    };
-    // Keep draining the log so the broker never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, port)
+    let (child, ports, _log) = common::spawn_herald(&config, 1);
+    (child, ports[0])
 }
 
 #[test]
@@ -120,7 +105,7 @@ fn a_corrupted_store_stops_the_broker_with_a_clear_error() {
     let (mut broker, _) = spawn_broker("corrupt");
     let _ = broker.kill();
     let _ = broker.wait();
-    let dir = std::env::temp_dir().join(format!("herald-test-{}-corrupt", std::process::id()));
+    let dir = test_dir("corrupt");
     let current = dir.join("data").join("CURRENT");
     assert!(current.exists(), "the first run created a store");
     std::fs::write(&current, b"garbage").unwrap();

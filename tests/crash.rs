@@ -7,9 +7,8 @@
 mod common;
 
 use std::collections::{HashMap, HashSet};
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use common::*;
@@ -34,22 +33,8 @@ impl Herald {
             ),
         )
         .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(["--config", config.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let port: u16 = loop {
-            let line = lines.next().expect("broker exited before listening").unwrap();
-            if let Some(rest) = line.split("addr=127.0.0.1:").nth(1) {
-                break rest.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap();
-            }
-        };
-        std::thread::spawn(move || for _ in lines {});
+        let (child, ports, _log) = spawn_herald(&config, 1);
+        let port = ports[0];
         Herald { child, addr: ([127, 0, 0, 1], port).into() }
     }
 

@@ -367,7 +367,7 @@ async fn reload_swaps_passwords_and_acl_and_keeps_connections() {
 /// effect without a restart, and the client connected before keeps its connection.
 #[test]
 fn sighup_reloads_passwords_and_certificates_in_the_running_binary() {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{Read, Write};
     let dir = tempfile::tempdir().unwrap();
     certs(dir.path(), "device-1");
     let passwd = dir.path().join("passwd");
@@ -394,30 +394,9 @@ fn sighup_reloads_passwords_and_certificates_in_the_running_binary() {
             let _ = self.0.wait();
         }
     }
-    let mut child = KillOnDrop(
-        Command::new(env!("CARGO_BIN_EXE_herald"))
-            .args(["--config", config.to_str().unwrap()])
-            .env("RUST_LOG", "info")
-            .env("NO_COLOR", "1")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
-    let mut ports = Vec::new();
-    while ports.len() < 2 {
-        let line = lines.next().expect("broker exited before listening").unwrap();
-        if let Some(rest) = line.split("addr=127.0.0.1:").nth(1) {
-            ports.push(rest.split(|c: char| !c.is_ascii_digit()).next().unwrap().to_string());
-        }
-    }
-    let (log_tx, log_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for l in lines.map_while(Result::ok) {
-            let _ = log_tx.send(l);
-        }
-    });
+    let (child, ports, log_rx) = spawn_herald(&config, 2);
+    let child = KillOnDrop(child);
+    let ports: Vec<String> = ports.iter().map(u16::to_string).collect();
     let pub_with = |user: &str, pw: &str| {
         Command::new("mosquitto_pub")
             .args(["-h", "127.0.0.1", "-p", &ports[0], "-u", user, "-P", pw, "-t", "t", "-m", "m"])

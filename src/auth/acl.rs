@@ -78,12 +78,7 @@ pub fn filter_covered_by(rule: &str, filter: &str) -> bool {
 
 impl Acl {
     pub fn load(path: &Path) -> Result<Acl, AuthError> {
-        let text = std::fs::read_to_string(path).map_err(|e| AuthError::File {
-            path: path.into(),
-            line: 0,
-            why: e.to_string(),
-        })?;
-        Self::parse(&text).map_err(|(line, why)| AuthError::File { path: path.into(), line, why })
+        super::load_file(path, Self::parse)
     }
 
     pub fn parse(text: &str) -> Result<Acl, (usize, String)> {

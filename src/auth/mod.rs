@@ -24,6 +24,19 @@ pub enum AuthError {
     Jwt(String),
 }
 
+/// Reads one of the auth files and parses it with `parse`, which reports a line number.
+fn load_file<T>(
+    path: &std::path::Path,
+    parse: impl FnOnce(&str) -> Result<T, (usize, String)>,
+) -> Result<T, AuthError> {
+    let text = std::fs::read_to_string(path).map_err(|e| AuthError::File {
+        path: path.into(),
+        line: 0,
+        why: e.to_string(),
+    })?;
+    parse(&text).map_err(|(line, why)| AuthError::File { path: path.into(), line, why })
+}
+
 pub struct Auth {
     /// None: anonymous clients are allowed on loopback listeners only.
     pub allow_anonymous: Option<bool>,

@@ -86,12 +86,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 
 impl PasswordFile {
     pub fn load(path: &Path) -> Result<PasswordFile, AuthError> {
-        let text = std::fs::read_to_string(path).map_err(|e| AuthError::File {
-            path: path.into(),
-            line: 0,
-            why: e.to_string(),
-        })?;
-        Self::parse(&text).map_err(|(line, why)| AuthError::File { path: path.into(), line, why })
+        super::load_file(path, Self::parse)
     }
 
     pub fn parse(text: &str) -> Result<PasswordFile, (usize, String)> {

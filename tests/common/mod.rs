@@ -243,3 +243,37 @@ pub async fn expect_disconnect(c: &mut RawClient, reason: herald::codec::ReasonC
         other => panic!("expected DISCONNECT 0x{:02X}, got {other:?}", reason.0),
     }
 }
+
+/// Starts the `herald` binary with `config` and waits until its `listeners` listeners have
+/// logged their addresses. Returns the process (the caller stops it), their ports in order, and
+/// the rest of its log, line by line (the log is always drained, so the broker never blocks on
+/// a full pipe).
+pub fn spawn_herald(
+    config: &std::path::Path,
+    listeners: usize,
+) -> (std::process::Child, Vec<u16>, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, BufReader};
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .args(["--config", config.to_str().unwrap()])
+        .env("RUST_LOG", "info")
+        .env("NO_COLOR", "1")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut ports = Vec::new();
+    while ports.len() < listeners {
+        let line = lines.next().expect("broker exited before listening").unwrap();
+        if let Some(rest) = line.split("addr=127.0.0.1:").nth(1) {
+            ports.push(rest.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap());
+        }
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    (child, ports, rx)
+}
