@@ -45,7 +45,24 @@ pub struct Broker {
     /// Sessions read back from the store, whose expiry and wills `run` schedules.
     pub(crate) restored: Mutex<Vec<crate::recovery::Restored>>,
     next_id: AtomicU64,
+    /// Message ids handed out in this run (the low 40 bits of an id).
+    message_ids: AtomicU64,
     shutdown: watch::Sender<bool>,
+    /// Where the HTTP server listens, once bound.
+    http_addr: std::sync::OnceLock<SocketAddr>,
+    /// Set once every listener is bound and cleared when shutdown begins: /readyz.
+    listening: std::sync::atomic::AtomicBool,
+}
+
+/// Session figures for `$SYS` and the API, counted over the registry.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SessionCounts {
+    pub total: u64,
+    pub online: u64,
+    /// Messages waiting: in mailboxes, and in parked sessions' queues.
+    pub queued: u64,
+    /// Messages in flight in parked sessions (a connected session's in-flight window is its own).
+    pub inflight: u64,
 }
 
 /// Open connections and CONNECTs in the current second from one IP address.
@@ -122,7 +139,10 @@ impl Broker {
             started: std::time::Instant::now(),
             restored: Mutex::default(),
             next_id: AtomicU64::new(1),
+            message_ids: AtomicU64::new(1),
             shutdown,
+            http_addr: std::sync::OnceLock::new(),
+            listening: std::sync::atomic::AtomicBool::new(false),
         });
         crate::recovery::restore(&broker, recovered);
         Ok(broker)
@@ -169,6 +189,98 @@ impl Broker {
         self.metrics.reloads.fetch_add(1, Ordering::Relaxed);
         info!("reloaded the password file, ACL, JWT key, limits and TLS certificates");
         Ok(())
+    }
+
+    /// Reloads from the file the configuration came from (SIGHUP, `POST /api/v1/reload`), or
+    /// from the configuration in memory when it came from no file.
+    pub fn reload_config_file(&self) -> Result<(), String> {
+        match &self.config.source {
+            Some(path) => {
+                let config = Config::load(path).map_err(|e| e.to_string())?;
+                self.reload_from(&config).map_err(|e| e.to_string())
+            }
+            None => self.reload().map_err(|e| e.to_string()),
+        }
+    }
+
+    /// A message id unique across restarts: the store's boot count in the high 24 bits, a
+    /// counter of this run in the low 40. Shown as 16 hex digits (`message_id_text`).
+    pub fn next_message_id(&self) -> u64 {
+        (self.store.boot() << 40) | (self.message_ids.fetch_add(1, Ordering::Relaxed) & ((1 << 40) - 1))
+    }
+
+    pub fn http_addr(&self) -> Option<SocketAddr> {
+        self.http_addr.get().copied()
+    }
+
+    /// Whether the broker serves: the store is open and every listener is bound.
+    pub fn is_ready(&self) -> bool {
+        self.listening.load(Ordering::Acquire) && !*self.shutdown.borrow()
+    }
+
+    /// Counts sessions, those connected, and what waits in their queues. Walks every session:
+    /// for `$SYS` and scrapes, never the hot path. The registry lock is held only to copy the
+    /// list.
+    pub fn session_counts(&self) -> SessionCounts {
+        let sessions: Vec<Arc<SessionShared>> =
+            self.sessions.lock().expect("sessions lock").values().cloned().collect();
+        let mut counts = SessionCounts { total: sessions.len() as u64, ..Default::default() };
+        for s in &sessions {
+            counts.queued += (s.mailbox.max_capacity() - s.mailbox.capacity()) as u64;
+            if s.is_online() {
+                counts.online += 1;
+            } else if let Some(parked) = s.ownership.lock().expect("ownership lock").parked.as_ref() {
+                counts.queued += parked.pending.len() as u64;
+                counts.inflight += parked.inflight.len() as u64;
+            }
+        }
+        counts
+    }
+
+    /// Disconnects the client holding `client_id`'s session with DISCONNECT 0x98 (5.0), and
+    /// with `remove_session` ends the session too, queued messages and all. Returns false if
+    /// there is no such session.
+    pub async fn disconnect_client(&self, client_id: &str, remove_session: bool) -> bool {
+        let Some(session) = self.sessions.lock().expect("sessions lock").get(client_id).cloned() else {
+            return false;
+        };
+        let was_online = {
+            let mut own = session.ownership.lock().expect("ownership lock");
+            own.kick(crate::codec::ReasonCode::ADMINISTRATIVE_ACTION);
+            own.holder.is_some()
+        };
+        info!(client_id, remove_session, "disconnected by the admin API");
+        if !remove_session {
+            return true;
+        }
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let notified = session.parked_notify.notified();
+            let parked = {
+                let mut own = session.ownership.lock().expect("ownership lock");
+                if own.holder.is_none() {
+                    if let Some(cancel) = own.pending_will.take() {
+                        let _ = cancel.send(());
+                    }
+                    own.park_generation += 1;
+                    Some(own.parked.take())
+                } else {
+                    None
+                }
+            };
+            match parked {
+                Some(Some(mut state)) => {
+                    self.end_session(&session, &mut state);
+                    return true;
+                }
+                // Ended with its connection (not persistent), or never held.
+                Some(None) => return true,
+                None if !was_online || tokio::time::Instant::now() > deadline => return true,
+                None => {
+                    let _ = tokio::time::timeout(std::time::Duration::from_millis(100), notified).await;
+                }
+            }
+        }
     }
 
     pub fn uptime_secs(&self) -> u64 {
@@ -263,8 +375,13 @@ impl Broker {
     /// is not waited for.
     pub fn route(&self, message: Arc<Message>, can_wait: bool) -> RouteOutcome {
         let mut txn = Txn::default();
+        // `$SYS` updates are the broker's own: not counted as received, and their retained
+        // values are not stored (they would be stale after a restart anyway).
+        let sys = message.topic.starts_with("$SYS/");
         if message.retain {
-            txn.set_retained(&message);
+            if !sys {
+                txn.set_retained(&message);
+            }
             self.retained.write().expect("retained lock").set(message.clone());
         }
         let targets = {
@@ -318,7 +435,9 @@ impl Broker {
             self.place(&session, delivery, can_wait, &mut outcome, &mut after);
         }
         self.store.commit(after);
-        self.metrics.message_routed(outcome.dropped);
+        if !sys {
+            self.metrics.message_routed(outcome.dropped);
+        }
         outcome
     }
 
@@ -345,6 +464,7 @@ impl Broker {
                         after.remove_entry(&session.client_id, at);
                     }
                 }
+                self.metrics.queue_depth.observe(parked.pending.len() as u64);
                 return;
             }
         }
@@ -399,8 +519,12 @@ impl Broker {
     }
 }
 
-/// Binds every configured listener and serves until shutdown. Returns the bound addresses
-/// through `bound` as soon as they are known, so tests can use port 0.
+/// Binds every configured listener (and the HTTP server) and serves until shutdown. Returns
+/// the bound addresses through `bound` as soon as they are known, so tests can use port 0.
+///
+/// Shutdown: the listeners stop accepting, every connection is asked to close (5.0 clients get
+/// DISCONNECT 0x8B) and flushes its acknowledgements, and once all are closed or
+/// `[shutdown] grace_period` has run out, the store writes what is gathered and closes.
 pub async fn run(
     broker: Arc<Broker>,
     bound: Option<tokio::sync::oneshot::Sender<Vec<SocketAddr>>>,
@@ -412,27 +536,39 @@ pub async fn run(
         info!(%addr, protocol = ?l.protocol, "listening");
         listeners.push(listener);
     }
+    let mut tasks = tokio::task::JoinSet::new();
+    if let Some(http) = &broker.config.http {
+        let listener = TcpListener::bind(&http.bind).await?;
+        let addr = listener.local_addr()?;
+        let _ = broker.http_addr.set(addr);
+        info!(%addr, "http listening");
+        tasks.spawn(crate::http::serve(broker.clone(), listener));
+    }
+    broker.listening.store(true, Ordering::Release);
     if let Some(tx) = bound {
         let addrs = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
         let _ = tx.send(addrs);
     }
     crate::recovery::schedule(&broker);
-    let mut tasks = tokio::task::JoinSet::new();
     for (index, listener) in listeners.into_iter().enumerate() {
         tasks.spawn(crate::listener::accept_loop(broker.clone(), listener, index));
     }
+    if broker.config.sys.interval > 0 {
+        tasks.spawn(crate::sys::publish_loop(broker.clone()));
+    }
     let mut shutdown = broker.shutdown_signal();
     let _ = shutdown.wait_for(|s| *s).await;
-    info!("shutting down: no longer accepting connections");
+    let grace = std::time::Duration::from_secs(broker.config.shutdown.grace_period);
+    info!(grace_secs = grace.as_secs(), "shutting down: no longer accepting connections");
+    broker.listening.store(false, Ordering::Release);
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
-    // Give connections a moment to send their DISCONNECT and flush.
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    let deadline = tokio::time::Instant::now() + grace;
     while broker.metrics.connections_now() > 0 && tokio::time::Instant::now() < deadline {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     if broker.metrics.connections_now() > 0 {
-        warn!(open = broker.metrics.connections_now(), "connections still open at shutdown");
+        warn!(open = broker.metrics.connections_now(), "connections still open when the grace period ran out");
     }
     broker.store.close();
     info!("store closed");

@@ -35,6 +35,61 @@ pub struct Config {
     pub auth: AuthConfig,
     #[serde(default)]
     pub limits: Limits,
+    #[serde(default)]
+    pub sys: Sys,
+    /// The HTTP admin API and /metrics; off when absent.
+    #[serde(default)]
+    pub http: Option<Http>,
+    #[serde(default)]
+    pub shutdown: Shutdown,
+    /// The file this configuration was read from, for reloads; not a key.
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
+}
+
+/// The `$SYS` tree (docs/operations.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Sys {
+    /// Seconds between publications of `$SYS`; 0 turns `$SYS` off.
+    pub interval: u64,
+}
+
+impl Default for Sys {
+    fn default() -> Self {
+        Self { interval: 10 }
+    }
+}
+
+/// The HTTP server: /metrics, /healthz, /readyz and the admin API (docs/http-api.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http {
+    pub bind: String,
+    /// The bearer token every request but /healthz and /readyz must carry. Required when `bind`
+    /// is not a loopback address; optional (and then enforced) on loopback.
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+impl Http {
+    pub fn is_loopback(&self) -> bool {
+        self.bind.parse::<SocketAddr>().is_ok_and(|a| a.ip().is_loopback())
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Shutdown {
+    /// Seconds between SIGTERM/SIGINT and exit: connections are asked to close at once, and
+    /// the store is flushed and closed once they have, or when this runs out.
+    pub grace_period: u64,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self { grace_period: 10 }
+    }
 }
 
 /// Limits against abuse and overload (docs/security.md), reloaded on SIGHUP. 0 turns a limit
@@ -269,11 +324,21 @@ impl Default for Mqtt {
 pub struct Log {
     /// A tracing filter such as "info" or "herald=debug"; RUST_LOG overrides it.
     pub level: String,
+    /// "text" (one human-readable line per event) or "json" (one JSON object per line).
+    pub format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
 }
 
 impl Default for Log {
     fn default() -> Self {
-        Self { level: "info".into() }
+        Self { level: "info".into(), format: LogFormat::Text }
     }
 }
 
@@ -295,6 +360,10 @@ impl Default for Config {
             queue_policy: Vec::new(),
             auth: AuthConfig::default(),
             limits: Limits::default(),
+            sys: Sys::default(),
+            http: None,
+            shutdown: Shutdown::default(),
+            source: None,
         }
     }
 }
@@ -302,10 +371,12 @@ impl Default for Config {
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        Self::parse(&text).map_err(|e| match e {
+        let mut config = Self::parse(&text).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse { path: path.into(), message },
             other => other,
-        })
+        })?;
+        config.source = Some(path.into());
+        Ok(config)
     }
 
     pub fn parse(text: &str) -> Result<Config, ConfigError> {
@@ -379,6 +450,17 @@ impl Config {
                     return rule_invalid(format!("keep_latest for {:?} must be at least 1", rule.filter))
                 }
                 _ => return rule_invalid(format!("{:?} needs exactly one of `policy` and `keep_latest`", rule.filter)),
+            }
+        }
+        if let Some(http) = &self.http {
+            if http.bind.parse::<SocketAddr>().is_err() {
+                return Err(ConfigError::Invalid {
+                    key: "http.bind",
+                    message: format!("{:?} is not an address:port", http.bind),
+                });
+            }
+            if !http.is_loopback() && http.token.as_deref().unwrap_or("").is_empty() {
+                return invalid("http.token", "is required when http.bind is not a loopback address");
             }
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {

@@ -17,19 +17,24 @@
 //! Modules: `config` (TOML configuration), `broker` (shared state, listeners, shutdown),
 //! `listener` (accept loops), `connection` (handshake, packet handling, outbound writing),
 //! `codec` (bytes <-> packets), `router` (subscription tree), `retain` (retained messages),
-//! `session` (session state and messages), `metrics` (counters), `store` (RocksDB: retained
-//! messages and persistent sessions, group commit), `recovery` (rebuilding state from the store).
+//! `session` (session state and messages), `metrics` (counters, histograms, the snapshot),
+//! `sys` (the `$SYS` tree), `http` (/metrics, health and the admin API), `logging` (text or
+//! JSON lines), `store` (RocksDB: retained messages and persistent sessions, group commit),
+//! `recovery` (rebuilding state from the store).
 
 pub mod auth;
 pub mod broker;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod http;
 pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod recovery;
 pub mod retain;
 pub mod router;
 pub mod session;
 pub mod store;
+pub mod sys;
 pub mod tls;

@@ -6,11 +6,11 @@ use std::process::ExitCode;
 use anyhow::Context;
 use herald::broker::{self, Broker};
 use herald::config::Config;
-use tracing_subscriber::EnvFilter;
 
 const USAGE: &str = "usage: herald [--config PATH]\n       herald passwd FILE USER [PASSWORD]\n\n\
-Runs the Herald MQTT broker. PATH defaults to ./config.toml; SIGHUP reloads the password file,\n\
-ACL, JWT key and TLS certificates.\n\
+Runs the Herald MQTT broker. PATH defaults to ./config.toml; SIGHUP (or POST /api/v1/reload)\n\
+reloads the password file, ACL, JWT key, limits and TLS certificates; SIGTERM or SIGINT shuts\n\
+down within [shutdown] grace_period.\n\
 `herald passwd` adds or replaces USER in the Mosquitto-format password FILE (created if missing),\n\
 with a PBKDF2-SHA512 hash; the password is read from the first line of standard input unless given.";
 
@@ -80,10 +80,7 @@ fn main() -> ExitCode {
 
 fn run(path: PathBuf) -> anyhow::Result<()> {
     let config = Config::load(&path)?;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.log.level));
-    // Colour only for a terminal: log files and pipes get plain text.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
-    tracing_subscriber::fmt().with_env_filter(filter).with_target(false).with_ansi(ansi).init();
+    herald::logging::init(&config.log);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async move {
         let broker = Broker::open(config)?;
@@ -96,9 +93,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
                 res = &mut server => return res.context("broker task")?.context("listener"),
                 _ = shutdown_signal() => break,
                 _ = hangup.recv() => {
-                    let reloaded = Config::load(&path).map_err(|e| e.to_string())
-                        .and_then(|c| broker.reload_from(&c).map_err(|e| e.to_string()));
-                    if let Err(e) = reloaded {
+                    if let Err(e) = broker.reload_config_file() {
                         tracing::error!(error = %e, "reload failed; keeping the previous configuration");
                     }
                 }

@@ -1,14 +1,30 @@
-//! Counters behind the log lines and, later, `$SYS` and `/metrics`: plain relaxed atomics,
-//! cheap enough for the hot path.
+//! The figures behind `$SYS` (`sys`) and `/metrics` (`http::prometheus`): relaxed atomic
+//! counters and histograms cheap enough for the hot path, and `Snapshot`, the one reading both
+//! publish from, so that the two always agree.
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 #[derive(Default)]
 pub struct Metrics {
+    /// Sockets accepted, and open now (including those that have not completed CONNECT).
     pub connections_total: AtomicU64,
     pub connections_open: AtomicU64,
+    /// Clients whose CONNECT succeeded and which are still connected, and the most ever.
+    pub clients_connected: AtomicU64,
+    pub clients_maximum: AtomicU64,
+    /// Sessions that ended because their expiry interval ran out while disconnected.
+    pub sessions_expired: AtomicU64,
+    /// PUBLISH packets accepted from clients, wills and the HTTP API (not `$SYS` updates).
     pub messages_received: AtomicU64,
+    /// PUBLISH packets written to clients.
     pub messages_sent: AtomicU64,
+    /// MQTT packets of every kind read and written, and the bytes.
+    pub packets_received: AtomicU64,
+    pub packets_sent: AtomicU64,
+    pub bytes_received: AtomicU64,
+    pub bytes_sent: AtomicU64,
+    /// QoS 1 and 2 deliveries the subscriber completed (PUBACK, PUBCOMP).
+    pub deliveries_acknowledged: AtomicU64,
     /// Deliveries that found a session's queue full.
     pub messages_dropped_queue_full: AtomicU64,
     /// Deliveries larger than the subscriber's maximum packet size [MQTT-3.1.2-25].
@@ -38,6 +54,10 @@ pub struct Metrics {
     pub limit_subscriptions: AtomicU64,
     pub limit_publish_rate: AtomicU64,
     pub limit_topic_length: AtomicU64,
+    /// Microseconds from a PUBLISH's arrival to its delivery being written for a subscriber.
+    pub delivery_latency: Histogram<LATENCY_BUCKETS>,
+    /// Length of an offline session's queue each time a message joins it.
+    pub queue_depth: Histogram<DEPTH_BUCKETS>,
 }
 
 impl Metrics {
@@ -60,5 +80,245 @@ impl Metrics {
 
     pub fn connections_now(&self) -> u64 {
         self.connections_open.load(Relaxed)
+    }
+
+    pub fn client_connected(&self) {
+        let now = self.clients_connected.fetch_add(1, Relaxed) + 1;
+        self.clients_maximum.fetch_max(now, Relaxed);
+    }
+
+    pub fn client_disconnected(&self) {
+        self.clients_connected.fetch_sub(1, Relaxed);
+    }
+
+    /// Messages dropped for any reason but expiry: full queues, too large for the client, and
+    /// the offline queue policies.
+    pub fn publish_dropped(&self) -> u64 {
+        [
+            &self.messages_dropped_queue_full,
+            &self.messages_dropped_too_large,
+            &self.queue_dropped_oldest,
+            &self.queue_dropped_new,
+            &self.queue_superseded,
+        ]
+        .iter()
+        .map(|c| c.load(Relaxed))
+        .sum()
+    }
+}
+
+/// Upper bounds of the delivery latency buckets, in microseconds (100 us to 60 s).
+pub const LATENCY_BUCKETS: usize = 14;
+pub const LATENCY_BOUNDS_US: [u64; LATENCY_BUCKETS] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 10_000_000, 60_000_000,
+];
+/// Upper bounds of the store commit latency buckets, in microseconds (50 us to 1 s).
+pub const COMMIT_BUCKETS: usize = 12;
+pub const COMMIT_BOUNDS_US: [u64; COMMIT_BUCKETS] =
+    [50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 250_000, 1_000_000];
+/// Upper bounds of the queue depth buckets, in messages.
+pub const DEPTH_BUCKETS: usize = 10;
+pub const DEPTH_BOUNDS: [u64; DEPTH_BUCKETS] = [1, 10, 50, 100, 500, 1_000, 5_000, 10_000, 50_000, 100_000];
+
+/// A histogram of integer observations with fixed bucket bounds, as Prometheus keeps them:
+/// per-bucket counts (not cumulative here; `read` makes them so), the count and the sum.
+pub struct Histogram<const N: usize> {
+    bounds: &'static [u64; N],
+    /// One more than the bounds: the last is +Inf.
+    buckets: [AtomicU64; N],
+    above: AtomicU64,
+    count: AtomicU64,
+    sum: AtomicU64,
+}
+
+impl Default for Histogram<LATENCY_BUCKETS> {
+    fn default() -> Self {
+        Self::new(&LATENCY_BOUNDS_US)
+    }
+}
+
+impl Default for Histogram<DEPTH_BUCKETS> {
+    fn default() -> Self {
+        Self::new(&DEPTH_BOUNDS)
+    }
+}
+
+impl Default for Histogram<COMMIT_BUCKETS> {
+    fn default() -> Self {
+        Self::new(&COMMIT_BOUNDS_US)
+    }
+}
+
+/// A histogram as read at one moment: cumulative counts per upper bound, then the count and
+/// sum, in the unit it was observed in.
+#[derive(Clone, Debug, Default)]
+pub struct HistogramReading {
+    pub cumulative: Vec<(u64, u64)>,
+    pub count: u64,
+    pub sum: u64,
+}
+
+impl<const N: usize> Histogram<N> {
+    pub fn new(bounds: &'static [u64; N]) -> Self {
+        Self {
+            bounds,
+            buckets: std::array::from_fn(|_| AtomicU64::new(0)),
+            above: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+            sum: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, value: u64) {
+        match self.bounds.iter().position(|&b| value <= b) {
+            Some(i) => self.buckets[i].fetch_add(1, Relaxed),
+            None => self.above.fetch_add(1, Relaxed),
+        };
+        self.count.fetch_add(1, Relaxed);
+        self.sum.fetch_add(value, Relaxed);
+    }
+
+    pub fn read(&self) -> HistogramReading {
+        let mut running = 0;
+        let cumulative = self
+            .bounds
+            .iter()
+            .zip(&self.buckets)
+            .map(|(b, c)| {
+                running += c.load(Relaxed);
+                (*b, running)
+            })
+            .collect();
+        // The count is the +Inf bucket; read after the buckets so it is never below them.
+        let count = (running + self.above.load(Relaxed)).max(self.count.load(Relaxed));
+        HistogramReading { cumulative, count, sum: self.sum.load(Relaxed) }
+    }
+}
+
+/// Whether a figure only grows (a counter) or goes up and down (a gauge).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// One figure, named in both worlds: its `$SYS` topic (Mosquitto's where Mosquitto has one)
+/// and its Prometheus metric name.
+#[derive(Clone, Debug)]
+pub struct Figure {
+    pub sys_topic: &'static str,
+    pub metric: &'static str,
+    pub help: &'static str,
+    pub kind: Kind,
+    pub value: u64,
+}
+
+/// Every figure at one moment, read once and rendered by both `$SYS` and `/metrics`.
+#[derive(Clone, Debug)]
+pub struct Snapshot {
+    pub uptime_secs: u64,
+    pub figures: Vec<Figure>,
+    pub delivery_latency_us: HistogramReading,
+    pub store_commit_us: HistogramReading,
+    pub queue_depth: HistogramReading,
+}
+
+impl Snapshot {
+    pub fn take(broker: &crate::broker::Broker) -> Snapshot {
+        let m = &broker.metrics;
+        let c = |a: &AtomicU64| a.load(Relaxed);
+        let sessions = broker.session_counts();
+        let store = broker.store.stats();
+        let retained = broker.retained.read().expect("retained lock").len() as u64;
+        let subscriptions = broker.router.read().expect("router lock").len() as u64;
+        use Kind::{Counter, Gauge};
+        let f = |sys_topic, metric, kind, help, value| Figure { sys_topic, metric, help, kind, value };
+        let connected = c(&m.clients_connected);
+        let figures = vec![
+            f("clients/connected", "herald_clients_connected", Gauge, "Clients connected now.", connected),
+            f(
+                "clients/disconnected",
+                "herald_clients_disconnected",
+                Gauge,
+                "Persistent sessions whose client is not connected.",
+                sessions.total.saturating_sub(sessions.online),
+            ),
+            f("clients/total", "herald_sessions", Gauge, "Sessions, connected or not.", sessions.total),
+            f("clients/maximum", "herald_clients_maximum", Gauge, "Most clients connected at once.", c(&m.clients_maximum)),
+            f("clients/expired", "herald_sessions_expired_total", Counter, "Sessions ended by their expiry interval.", c(&m.sessions_expired)),
+            f("connections/total", "herald_connections_total", Counter, "TCP connections accepted.", c(&m.connections_total)),
+            f("messages/received", "herald_packets_received_total", Counter, "MQTT packets received.", c(&m.packets_received)),
+            f("messages/sent", "herald_packets_sent_total", Counter, "MQTT packets sent.", c(&m.packets_sent)),
+            f(
+                "messages/stored",
+                "herald_messages_stored",
+                Gauge,
+                "Retained messages plus message bodies kept for persistent sessions.",
+                retained + store.stored_messages as u64,
+            ),
+            f("publish/messages/received", "herald_publish_received_total", Counter, "PUBLISH packets accepted (clients, wills, HTTP).", c(&m.messages_received)),
+            f("publish/messages/sent", "herald_publish_sent_total", Counter, "PUBLISH packets sent to subscribers.", c(&m.messages_sent)),
+            f("publish/messages/dropped", "herald_publish_dropped_total", Counter, "Deliveries dropped: full queues, too large, queue policies.", m.publish_dropped()),
+            f("bytes/received", "herald_bytes_received_total", Counter, "Bytes read from clients.", c(&m.bytes_received)),
+            f("bytes/sent", "herald_bytes_sent_total", Counter, "Bytes written to clients.", c(&m.bytes_sent)),
+            f("subscriptions/count", "herald_subscriptions", Gauge, "Subscriptions in the subscription tree.", subscriptions),
+            f("retained messages/count", "herald_retained_messages", Gauge, "Retained messages.", retained),
+            f("store/messages/count", "herald_store_messages", Gauge, "Message bodies in the store for persistent sessions.", store.stored_messages as u64),
+            f("store/messages/bytes", "herald_store_bytes", Gauge, "Bytes of the store's files on disk.", broker.store.disk_bytes()),
+            f("herald/queued", "herald_queued_messages", Gauge, "Messages waiting in session queues (mailboxes and offline queues).", sessions.queued),
+            f("herald/inflight", "herald_inflight_messages", Gauge, "QoS 1 and 2 messages sent to disconnected sessions and not yet acknowledged.", sessions.inflight),
+            f("herald/deliveries/acknowledged", "herald_deliveries_acknowledged_total", Counter, "QoS 1 and 2 deliveries completed by the subscriber.", c(&m.deliveries_acknowledged)),
+            f("herald/dropped/queue_full", "herald_dropped_queue_full_total", Counter, "Deliveries dropped: the subscriber's queue was full.", c(&m.messages_dropped_queue_full)),
+            f("herald/dropped/too_large", "herald_dropped_too_large_total", Counter, "Deliveries dropped: larger than the client's maximum packet size.", c(&m.messages_dropped_too_large)),
+            f("herald/dropped/policy/oldest", "herald_dropped_policy_oldest_total", Counter, "Offline queue: oldest message dropped to make room.", c(&m.queue_dropped_oldest)),
+            f("herald/dropped/policy/new", "herald_dropped_policy_new_total", Counter, "Offline queue: new message dropped (drop_new or over max_queued_bytes).", c(&m.queue_dropped_new)),
+            f("herald/dropped/policy/superseded", "herald_dropped_policy_superseded_total", Counter, "Offline queue: message replaced under keep_latest.", c(&m.queue_superseded)),
+            f("herald/expired", "herald_messages_expired_total", Counter, "Messages whose expiry interval ran out before delivery.", c(&m.messages_expired)),
+            f("herald/limits/max_connections", "herald_limit_max_connections_total", Counter, "CONNECTs refused by max_connections.", c(&m.limit_max_connections)),
+            f("herald/limits/connections_per_ip", "herald_limit_connections_per_ip_total", Counter, "CONNECTs refused by max_connections_per_ip.", c(&m.limit_connections_per_ip)),
+            f("herald/limits/connection_rate", "herald_limit_connection_rate_total", Counter, "CONNECTs refused by connection_rate_per_ip.", c(&m.limit_connection_rate)),
+            f("herald/limits/subscriptions", "herald_limit_subscriptions_total", Counter, "Subscriptions refused by max_subscriptions_per_client.", c(&m.limit_subscriptions)),
+            f("herald/limits/publish_rate", "herald_limit_publish_rate_total", Counter, "PUBLISHes refused by publish_rate_per_client.", c(&m.limit_publish_rate)),
+            f("herald/limits/topic_length", "herald_limit_topic_length_total", Counter, "Topics refused by max_topic_length.", c(&m.limit_topic_length)),
+            f("herald/auth/failures", "herald_auth_failures_total", Counter, "CONNECTs refused for their credentials.", c(&m.auth_failures)),
+            f("herald/acl/denied/publish", "herald_acl_denied_publish_total", Counter, "PUBLISHes the ACL refused.", c(&m.acl_denied_publish)),
+            f("herald/acl/denied/subscribe", "herald_acl_denied_subscribe_total", Counter, "Subscriptions the ACL refused.", c(&m.acl_denied_subscribe)),
+            f("herald/acl/denied/delivery", "herald_acl_denied_delivery_total", Counter, "Deliveries the ACL stopped.", c(&m.acl_denied_delivery)),
+            f("herald/tls/handshake_failures", "herald_tls_handshake_failures_total", Counter, "TLS handshakes that failed.", c(&m.tls_handshake_failures)),
+            f("herald/protocol_errors", "herald_protocol_errors_total", Counter, "Connections closed for a malformed packet or a protocol violation.", c(&m.protocol_errors)),
+            f("herald/reloads", "herald_reloads_total", Counter, "Successful reloads of auth, limits and certificates.", c(&m.reloads)),
+            f("herald/store/batches", "herald_store_batches_total", Counter, "Store write batches (one WAL write, and one fsync in sync mode, each).", store.batches),
+            f("herald/store/writes", "herald_store_writes_total", Counter, "Store writes in those batches.", store.writes),
+        ];
+        Snapshot {
+            uptime_secs: broker.uptime_secs(),
+            figures,
+            delivery_latency_us: m.delivery_latency.read(),
+            store_commit_us: broker.store.commit_latency(),
+            queue_depth: m.queue_depth.read(),
+        }
+    }
+
+    pub fn get(&self, sys_topic: &str) -> Option<u64> {
+        self.figures.iter().find(|f| f.sys_topic == sys_topic).map(|f| f.value)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_count_includes_overflow() {
+        let h = Histogram::new(&DEPTH_BOUNDS);
+        for v in [0, 1, 2, 10, 11, 1_000_000] {
+            h.observe(v);
+        }
+        let r = h.read();
+        assert_eq!(r.cumulative[0], (1, 2), "0 and 1 are <= 1");
+        assert_eq!(r.cumulative[1], (10, 4));
+        assert_eq!(r.cumulative[2], (50, 5));
+        assert_eq!(r.cumulative.last().unwrap().1, 5, "one above the last bound");
+        assert_eq!((r.count, r.sum), (6, 1_000_024));
     }
 }

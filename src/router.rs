@@ -263,6 +263,54 @@ impl SubscriptionTree {
     }
 }
 
+impl SubscriptionTree {
+    /// How many sessions a message on `topic` would reach (a shared group counts once), without
+    /// advancing any group's turn: for the admin API.
+    pub fn subscriber_count(&self, topic: &str) -> usize {
+        let mut found: Vec<&Subscription> = Vec::new();
+        let mut shared: Vec<&SharedGroup> = Vec::new();
+        let levels: Vec<&str> = topic.split('/').collect();
+        collect(&self.root, &levels, 0, topic.starts_with('$'), &mut found, &mut shared);
+        let sessions: std::collections::HashSet<u64> = found.iter().map(|s| s.session.id).collect();
+        sessions.len() + shared.iter().filter(|g| !g.members.is_empty()).count()
+    }
+
+    /// Every filter in the tree (shared ones as `$share/group/filter`) with its number of
+    /// subscribers, for the admin API.
+    pub fn filters(&self) -> Vec<(String, usize)> {
+        let mut out = Vec::new();
+        list_filters(&self.root, &mut Vec::new(), &mut out);
+        out
+    }
+}
+
+fn list_filters(node: &Node, path: &mut Vec<String>, out: &mut Vec<(String, usize)>) {
+    if let Some(subs) = &node.subs {
+        let here = path.join("/");
+        let hash = if path.is_empty() { "#".to_owned() } else { format!("{here}/#") };
+        for (filter, n) in [(&here, subs.exact.len()), (&hash, subs.hash.len())] {
+            if n > 0 {
+                out.push((filter.clone(), n));
+            }
+        }
+        for (filter, groups) in [(&here, &subs.exact_shared), (&hash, &subs.hash_shared)] {
+            for (group, g) in groups {
+                out.push((format!("$share/{group}/{filter}"), g.members.len()));
+            }
+        }
+    }
+    for (level, child) in &node.literal {
+        path.push(level.to_string());
+        list_filters(child, path, out);
+        path.pop();
+    }
+    if let Some(plus) = &node.plus {
+        path.push("+".to_owned());
+        list_filters(plus, path, out);
+        path.pop();
+    }
+}
+
 fn collect<'a>(
     node: &'a Node,
     levels: &[&str],

@@ -39,6 +39,9 @@ pub struct Message {
     pub fanout: std::sync::atomic::AtomicUsize,
     /// Its body's id in the store, once routing stored it for a persistent session.
     pub store_id: std::sync::OnceLock<u64>,
+    /// The message id the broker gave it on acceptance (`Broker::next_message_id`); 0 for
+    /// messages read back from the store and for `$SYS` updates.
+    pub id: u64,
 }
 
 impl Message {
@@ -68,6 +71,7 @@ impl Message {
             shared_frames: Default::default(),
             fanout: Default::default(),
             store_id: Default::default(),
+            id: 0,
         }
     }
 }
@@ -338,6 +342,21 @@ pub struct Ownership {
     pub pending_will: Option<tokio::sync::oneshot::Sender<()>>,
     /// Bumped each time the state is parked, so a stale expiry timer can tell.
     pub park_generation: u64,
+    /// What the admin API shows of the client.
+    pub client: ClientInfo,
+}
+
+/// The client of a session as the admin API lists it; updated on CONNECT, SUBSCRIBE,
+/// UNSUBSCRIBE and disconnection, never on the message path.
+#[derive(Clone, Debug, Default)]
+pub struct ClientInfo {
+    pub peer: Option<std::net::SocketAddr>,
+    /// 3, 4 or 5: MQTT 3.1, 3.1.1, 5.0.
+    pub protocol: u8,
+    pub username: Option<String>,
+    pub connected_at_ms: u64,
+    pub disconnected_at_ms: u64,
+    pub subscriptions: usize,
 }
 
 /// The router's and registry's handle on a session.

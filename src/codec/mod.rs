@@ -136,6 +136,7 @@ impl ReasonCode {
     pub const PACKET_TOO_LARGE: Self = Self(0x95);
     pub const QUOTA_EXCEEDED: Self = Self(0x97);
     pub const SERVER_SHUTTING_DOWN: Self = Self(0x8B);
+    pub const ADMINISTRATIVE_ACTION: Self = Self(0x98);
     pub const SHARED_SUBSCRIPTIONS_NOT_SUPPORTED: Self = Self(0x9E);
     pub const CONNECTION_RATE_EXCEEDED: Self = Self(0x9F);
 

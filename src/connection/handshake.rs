@@ -36,7 +36,9 @@ impl Connection {
             match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.inbuf)).await {
                 Err(_) => return Err(Close::Refused("no CONNECT within the connect timeout")),
                 Ok(Ok(0)) | Ok(Err(_)) => return Err(Close::SocketClosed),
-                Ok(Ok(_)) => {}
+                Ok(Ok(n)) => {
+                    self.broker.metrics.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+                }
             }
         };
         self.accept_connect(*connect).await
@@ -200,6 +202,16 @@ impl Connection {
             code: ReasonCode::SUCCESS,
             properties,
         });
+        self.broker.metrics.client_connected();
+        self.broker.metrics.packets_received.fetch_add(1, Ordering::Relaxed);
+        shared.ownership.lock().expect("ownership lock").client = crate::session::ClientInfo {
+            peer: Some(self.peer),
+            protocol: c.protocol as u8,
+            username: username.clone(),
+            connected_at_ms: crate::store::records::wall_ms_now(),
+            disconnected_at_ms: 0,
+            subscriptions: state.subscriptions.len(),
+        };
         self.session = Some((shared, state));
         if connack.encoded_len(self.out.version) > self.out.max_packet_size {
             // [MQTT-3.1.2-25] the CONNACK itself does not fit: all we can do is close.

@@ -102,7 +102,9 @@ impl Connection {
         if p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
             reason = ReasonCode(0x99);
         } else if p.topic.starts_with("$SYS") {
-            // [MQTT-4.7.2] `$SYS` belongs to the broker: accepted and not routed.
+            // [MQTT-4.7.2-1] `$SYS` belongs to the broker: never routed; 5.0 is told why, 3.1.1
+            // is acknowledged as Mosquitto does.
+            reason = ReasonCode::NOT_AUTHORIZED;
         } else if self.over_publish_rate() {
             self.broker.metrics.limit_publish_rate.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             reason = ReasonCode::QUOTA_EXCEEDED;
@@ -127,6 +129,7 @@ impl Connection {
                 shared_frames: Default::default(),
                 fanout: Default::default(),
                 store_id: Default::default(),
+                id: self.broker.next_message_id(),
             });
             let outcome = self.broker.route(message, true);
             ticket = outcome.ticket;
@@ -185,6 +188,7 @@ impl Connection {
         // Acknowledgements come mostly in order, so the search usually stops at the front.
         if let Some(pos) = state.inflight.iter().position(|m| m.packet_id == packet_id) {
             if let Some(m) = state.inflight.remove(pos) {
+                self.broker.metrics.deliveries_acknowledged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // [issue 4] a message leaves the durable queue only with its PUBACK or PUBCOMP.
                 self.forget_stored(&m.delivery);
             }
@@ -324,6 +328,7 @@ impl Connection {
         for d in retained {
             state.push_pending(d);
         }
+        self.note_subscription_count();
         // The SUBACK promises the subscription, so it waits for the store like a PUBACK.
         let ticket = self.broker.store.commit(txn);
         self.send_ack(
@@ -350,12 +355,19 @@ impl Connection {
         if !self.v5() {
             reasons.clear();
         }
+        self.note_subscription_count();
         let ticket = self.broker.store.commit(txn);
         self.send_ack(
             ticket,
             Packet::UnsubAck(UnsubAck { packet_id: u.packet_id, properties: Properties::default(), reasons }),
         );
         Ok(())
+    }
+
+    /// Keeps the admin API's count of this client's subscriptions.
+    fn note_subscription_count(&self) {
+        let (shared, state) = self.session.as_ref().expect("session");
+        shared.ownership.lock().expect("ownership lock").client.subscriptions = state.subscriptions.len();
     }
 
     fn on_disconnect(&mut self, d: Disconnect) -> Step {

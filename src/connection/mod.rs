@@ -261,7 +261,7 @@ impl Connection {
                 Event::Readable(Ok(())) => self.read_input(),
                 Event::Writable(Err(_)) | Event::Readable(Err(_)) => Err(Close::SocketClosed),
                 Event::Delivery(Some(d)) => {
-                    self.start_delivery(d);
+                    self.start_delivery(d, &mut None);
                     Ok(())
                 }
                 Event::Delivery(None) => Err(Close::SocketClosed),
@@ -279,7 +279,9 @@ impl Connection {
             self.last_write_progress = None;
             return Ok(());
         }
-        match self.out.try_flush(&self.stream) {
+        let flushed = self.out.try_flush(&self.stream);
+        self.count_output(flushed.as_ref().copied().unwrap_or(0));
+        match flushed {
             Err(_) => Err(Close::SocketClosed),
             // Everything went: nothing to watch, and no clock read on the common path.
             Ok(_) if !self.out.has_pending() => {
@@ -295,6 +297,19 @@ impl Connection {
         }
     }
 
+    /// Adds what was written to the broker's byte and packet counters: once per write, not per
+    /// packet.
+    fn count_output(&mut self, bytes: usize) {
+        let metrics = &self.broker.metrics;
+        if bytes > 0 {
+            metrics.bytes_sent.fetch_add(bytes as u64, Ordering::Relaxed);
+        }
+        let packets = std::mem::take(&mut self.out.packets_encoded);
+        if packets > 0 {
+            metrics.packets_sent.fetch_add(packets, Ordering::Relaxed);
+        }
+    }
+
     /// Reads what the socket has and handles every complete packet.
     fn read_input(&mut self) -> Step {
         if self.inbuf.capacity() - self.inbuf.len() < 4096 {
@@ -302,7 +317,8 @@ impl Connection {
         }
         match self.stream.try_read_buf(&mut self.inbuf) {
             Ok(0) => Err(Close::SocketClosed),
-            Ok(_) => {
+            Ok(n) => {
+                self.broker.metrics.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
                 let step = self.handle_input();
                 if self.inbuf.is_empty() {
                     // Everything read was handled: an idle connection holds no input buffer.
@@ -351,7 +367,7 @@ impl Connection {
             }
             d = state.mailbox.recv(), if window_open => {
                 if let Some(d) = d {
-                    self.start_delivery(d);
+                    self.start_delivery(d, &mut None);
                 }
                 Ok(())
             }
@@ -390,16 +406,26 @@ impl Connection {
     /// Decodes and handles every complete packet in the input buffer.
     fn handle_input(&mut self) -> Step {
         self.last_inbound = Instant::now();
-        loop {
+        let mut packets = 0;
+        let step = loop {
             if !self.blocked.is_empty() {
-                return Ok(());
+                break Ok(());
             }
             match self.decoder.decode(&mut self.inbuf) {
-                Ok(Some(packet)) => self.handle_packet(packet)?,
-                Ok(None) => return Ok(()),
-                Err(e) => return Err(Close::Decode(e)),
+                Ok(Some(packet)) => {
+                    packets += 1;
+                    if let Err(close) = self.handle_packet(packet) {
+                        break Err(close);
+                    }
+                }
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(Close::Decode(e)),
             }
+        };
+        if packets > 0 {
+            self.broker.metrics.packets_received.fetch_add(packets, Ordering::Relaxed);
         }
+        step
     }
 
     /// Sends an acknowledgement once `ticket` is committed to the store, after every earlier
@@ -440,6 +466,8 @@ impl Connection {
     /// pending ones (retained on subscribe), then whatever the router has queued.
     fn drain_deliveries(&mut self) {
         let mut budget = 256;
+        // One clock reading for the whole batch: the deliveries go out within microseconds.
+        let mut now = None;
         while budget > 0 && self.window_open() {
             let state = &mut self.session.as_mut().expect("session").1;
             let next = match state.pop_pending() {
@@ -449,7 +477,7 @@ impl Connection {
                     Err(_) => break,
                 },
             };
-            self.start_delivery(next);
+            self.start_delivery(next, &mut now);
             budget -= 1;
         }
         let shared = &self.session.as_ref().expect("session").0;
@@ -460,11 +488,11 @@ impl Connection {
 
     /// Sends one routed message: QoS 0 goes out and is forgotten; QoS 1 and 2 take a packet
     /// identifier and wait in flight for their acknowledgement.
-    fn start_delivery(&mut self, d: Delivery) {
+    fn start_delivery(&mut self, d: Delivery, now: &mut Option<Instant>) {
         let metrics = &self.broker.metrics;
-        // Reading the clock is only needed, per delivery, for messages that expire.
+        let now = *now.get_or_insert_with(Instant::now);
+        let latency_us = now.saturating_duration_since(d.message.received_at).as_micros() as u64;
         let expiry = if d.message.expiry_interval.is_some() {
-            let now = Instant::now();
             if d.message.is_expired(now) {
                 metrics.messages_expired.fetch_add(1, Ordering::Relaxed);
                 self.forget_stored(&d);
@@ -487,6 +515,7 @@ impl Connection {
                 metrics.messages_dropped_too_large.fetch_add(1, Ordering::Relaxed);
             } else {
                 metrics.messages_sent.fetch_add(1, Ordering::Relaxed);
+                metrics.delivery_latency.observe(latency_us);
             }
             return;
         }
@@ -501,6 +530,7 @@ impl Connection {
             }
             Written::Sent => {
                 metrics.messages_sent.fetch_add(1, Ordering::Relaxed);
+                metrics.delivery_latency.observe(latency_us);
                 let out_state =
                     if d.qos == crate::codec::QoS::AtLeastOnce { OutState::AwaitPubAck } else { OutState::AwaitPubRec };
                 if let Some(at) = d.queue_ref() {
@@ -575,7 +605,9 @@ impl Connection {
         if self.counted_ip {
             self.broker.release_ip(self.peer.ip());
         }
+        let before = self.out.pending_bytes();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.out.flush_all(&self.stream)).await;
+        self.count_output(before - self.out.pending_bytes());
         let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
     }
 
@@ -585,6 +617,8 @@ impl Connection {
             return;
         };
         info!(client_id = %self.client_id, peer = %self.peer, reason = %close.describe(), "client disconnected");
+        self.broker.metrics.client_disconnected();
+        shared.ownership.lock().expect("ownership lock").client.disconnected_at_ms = wall_ms_now();
         let publish_will = !matches!(close, Close::ClientDisconnect { with_will: false });
         let will = self.will.take().filter(|_| publish_will).map(|w| *w);
         let taken_over = matches!(close, Close::Kicked(r) if *r == ReasonCode::SESSION_TAKEN_OVER);
@@ -596,7 +630,7 @@ impl Connection {
         if let Some(will) = will {
             let delay = will.properties.will_delay_interval.unwrap_or(0).min(self.session_expiry);
             if delay == 0 || ends_now {
-                self.broker.publish(will_message(will, shared.id));
+                self.broker.publish(will_message(will, shared.id, self.broker.next_message_id()));
             } else {
                 will_due = Some(will.clone());
                 schedule_will(&self.broker, &shared, will, u64::from(delay), now_ms);
@@ -654,7 +688,7 @@ pub(crate) fn schedule_will(
     tokio::spawn(async move {
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(delay)) => {
-                broker.publish(will_message(will, shared.id));
+                broker.publish(will_message(will, shared.id, broker.next_message_id()));
                 let own = shared.ownership.lock().expect("ownership lock");
                 if let (Some(parked), true) = (own.parked.as_ref(), shared.stored.load(Ordering::Acquire)) {
                     let mut txn = Txn::default();
@@ -683,11 +717,12 @@ pub(crate) fn expire_session(broker: &Broker, shared: &Arc<SessionShared>, gener
     };
     if let Some(mut state) = state {
         debug!(client_id = %shared.client_id, "session expired");
+        broker.metrics.sessions_expired.fetch_add(1, Ordering::Relaxed);
         broker.end_session(shared, &mut state);
     }
 }
 
-pub fn will_message(will: Will, publisher: u64) -> Arc<Message> {
+pub fn will_message(will: Will, publisher: u64, id: u64) -> Arc<Message> {
     let mut properties = will.properties;
     let expiry_interval = properties.message_expiry_interval.take();
     properties.will_delay_interval = None;
@@ -703,6 +738,7 @@ pub fn will_message(will: Will, publisher: u64) -> Arc<Message> {
         shared_frames: Default::default(),
         fanout: Default::default(),
         store_id: Default::default(),
+        id,
     })
 }
 

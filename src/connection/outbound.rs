@@ -26,6 +26,8 @@ pub struct Outbound {
     /// Topic aliases the client accepts from us, and those assigned so far.
     pub topic_alias_maximum: u16,
     aliases: std::collections::HashMap<String, u16>,
+    /// Packets encoded since the connection last added them to the broker's counter.
+    pub packets_encoded: u64,
 }
 
 pub enum Written {
@@ -43,10 +45,12 @@ impl Outbound {
             max_packet_size: usize::MAX,
             topic_alias_maximum: 0,
             aliases: Default::default(),
+            packets_encoded: 0,
         }
     }
 
     pub fn packet(&mut self, packet: &Packet) {
+        self.packets_encoded += 1;
         packet.encode(self.version, &mut self.scratch);
     }
 
@@ -148,6 +152,7 @@ impl Outbound {
             } else {
                 self.push(frame.clone());
             }
+            self.packets_encoded += 1;
             return Written::Sent;
         }
         let mut alias = None;
@@ -185,6 +190,7 @@ impl Outbound {
         } else {
             self.push(msg.payload.clone());
         }
+        self.packets_encoded += 1;
         Written::Sent
     }
 }

@@ -38,6 +38,8 @@ pub const CF_INCOMING: &str = "incoming_qos2";
 const FAMILIES: [&str; 7] = [CF_META, CF_RETAINED, CF_MESSAGES, CF_SESSIONS, CF_SUBSCRIPTIONS, CF_QUEUE, CF_INCOMING];
 const FORMAT_KEY: &[u8] = b"format";
 const FORMAT: &[u8] = b"herald-store-1";
+/// How many times a broker has opened this store: the high bits of every message id.
+const BOOT_KEY: &[u8] = b"boot";
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -189,6 +191,8 @@ struct Shared {
     batches: AtomicU64,
     writes: AtomicU64,
     write_nanos: AtomicU64,
+    /// Time per batch write (with its fsync in `sync` mode), for /metrics.
+    commit_latency: crate::metrics::Histogram<{ crate::metrics::COMMIT_BUCKETS }>,
 }
 
 pub struct Store {
@@ -196,6 +200,7 @@ pub struct Store {
     next_seq: AtomicU64,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     path: PathBuf,
+    boot: u64,
 }
 
 /// Figures for logs and, later, metrics.
@@ -242,6 +247,11 @@ impl Store {
             }
             None => db.put_cf(meta, FORMAT_KEY, FORMAT).map_err(|e| corrupt(e.to_string()))?,
         }
+        let boot = match db.get_cf(meta, BOOT_KEY).map_err(|e| corrupt(e.to_string()))? {
+            Some(b) => u64::from_be_bytes(b.as_slice().try_into().map_err(|_| corrupt("boot counter".into()))?) + 1,
+            None => 1,
+        };
+        db.put_cf(meta, BOOT_KEY, boot.to_be_bytes()).map_err(|e| corrupt(e.to_string()))?;
         let (recovered, refs, max_seq) = recover(&db).map_err(corrupt)?;
         info!(
             path = %path.display(),
@@ -263,6 +273,7 @@ impl Store {
             batches: AtomicU64::new(0),
             writes: AtomicU64::new(0),
             write_nanos: AtomicU64::new(0),
+            commit_latency: Default::default(),
         });
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
@@ -274,12 +285,30 @@ impl Store {
             next_seq: AtomicU64::new(max_seq + 1),
             writer: Mutex::new(Some(writer)),
             path: path.into(),
+            boot,
         };
         Ok((store, recovered))
     }
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// How many times the store has been opened, this time included: message ids carry it so
+    /// that they stay unique across restarts.
+    pub fn boot(&self) -> u64 {
+        self.boot
+    }
+
+    /// The store's batch write latencies (fsync included in `sync` mode), in microseconds.
+    pub fn commit_latency(&self) -> crate::metrics::HistogramReading {
+        self.shared.commit_latency.read()
+    }
+
+    /// Bytes of the store's files on disk (tables, logs, manifests).
+    pub fn disk_bytes(&self) -> u64 {
+        let Ok(dir) = std::fs::read_dir(&self.path) else { return 0 };
+        dir.filter_map(|e| e.ok()?.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()
     }
 
     /// A fresh number for a message body or a queue entry; numbers are never reused.
@@ -403,7 +432,9 @@ fn write_batches(shared: &Shared) {
                 error!(error = %e, "writing to the store failed; stopping");
                 std::process::exit(74);
             }
-            shared.write_nanos.fetch_add(started.elapsed().as_nanos() as u64, Ordering::Relaxed);
+            let nanos = started.elapsed().as_nanos() as u64;
+            shared.write_nanos.fetch_add(nanos, Ordering::Relaxed);
+            shared.commit_latency.observe(nanos / 1000);
             shared.batches.fetch_add(1, Ordering::Relaxed);
             shared.writes.fetch_add(n, Ordering::Relaxed);
         }

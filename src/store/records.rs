@@ -146,6 +146,7 @@ pub fn decode_message(value: &[u8]) -> Result<Message, RecordError> {
         shared_frames: Default::default(),
         fanout: Default::default(),
         store_id: Default::default(),
+        id: 0,
     })
 }
 

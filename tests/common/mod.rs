@@ -265,7 +265,8 @@ pub fn spawn_herald(
     let mut ports = Vec::new();
     while ports.len() < listeners {
         let line = lines.next().expect("broker exited before listening").unwrap();
-        if let Some(rest) = line.split("addr=127.0.0.1:").nth(1) {
+        // Text lines carry `addr=127.0.0.1:PORT`, JSON lines `"addr":"127.0.0.1:PORT"`.
+        if let Some(rest) = line.split("addr=127.0.0.1:").nth(1).or_else(|| line.split("\"addr\":\"127.0.0.1:").nth(1)) {
             ports.push(rest.split(|c: char| !c.is_ascii_digit()).next().unwrap().parse().unwrap());
         }
     }
@@ -276,4 +277,52 @@ pub fn spawn_herald(
         }
     });
     (child, ports, rx)
+}
+
+/// An HTTP/1.1 exchange over a real socket, one request per connection: (status, headers
+/// lower-cased, body).
+pub fn http_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).expect("connect to the HTTP server");
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut req = format!("{method} {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !body.is_empty() || method == "POST" {
+        req.push_str(&format!("content-length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    s.write_all(body).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).expect("read the response");
+    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head");
+    let head = String::from_utf8(raw[..split].to_vec()).unwrap();
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect::<Vec<_>>();
+    let body = raw[split + 4..].to_vec();
+    let length: usize = headers.iter().find(|(k, _)| k == "content-length").map(|(_, v)| v.parse().unwrap()).unwrap();
+    assert_eq!(body.len(), length, "content-length matches the body");
+    (status, headers, body)
+}
+
+/// `http` with a JSON answer.
+pub fn http_json(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, serde_json::Value) {
+    let (status, headers, body) = http_request(addr, method, path, &[], body.as_bytes());
+    assert!(
+        headers.iter().any(|(k, v)| k == "content-type" && v.starts_with("application/json")),
+        "{path}: {headers:?}"
+    );
+    (status, serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {body:?}")))
 }

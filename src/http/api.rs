@@ -1,0 +1,370 @@
+//! The endpoints: health, `/metrics` and the admin API. Every answer but `/metrics` is JSON;
+//! every error is `{"error": "..."}` with its status.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use serde_json::{json, Value};
+
+use super::{Request, Response};
+use crate::broker::Broker;
+use crate::codec::{Properties, QoS};
+use crate::metrics::Snapshot;
+use crate::session::{Message, SessionShared};
+
+/// Most clients one page of `GET /api/v1/clients` holds.
+const MAX_PAGE: usize = 1000;
+
+pub async fn handle(broker: &Arc<Broker>, req: Request) -> Response {
+    let path = if req.path.len() > 1 { req.path.trim_end_matches('/') } else { req.path.as_str() }.to_owned();
+    let method = req.method.as_str();
+    match (method, path.as_str()) {
+        ("GET", "/healthz") => return Response::json(200, &json!({ "status": "live" })),
+        ("GET", "/readyz") => {
+            return if broker.is_ready() {
+                Response::json(200, &json!({ "status": "ready", "store": "open", "listeners": "up" }))
+            } else {
+                Response::json(503, &json!({ "status": "not ready", "error": "starting or shutting down" }))
+            }
+        }
+        _ => {}
+    }
+    if let Some(refusal) = check_token(broker, &req) {
+        return refusal;
+    }
+    let allowed = match path.as_str() {
+        "/metrics" | "/api/v1/clients" | "/api/v1/topics" => "GET",
+        "/api/v1/publish" | "/api/v1/reload" => "POST",
+        p if p.starts_with("/api/v1/clients/") => "GET, DELETE",
+        _ => return Response::error(404, format!("no such endpoint: {path}")),
+    };
+    match (method, path.as_str()) {
+        ("GET", "/metrics") => metrics(broker).await,
+        ("POST", "/api/v1/publish") => publish(broker, &req).await,
+        ("GET", "/api/v1/clients") => list_clients(broker, &req).await,
+        ("GET", "/api/v1/topics") => topics(broker, &req).await,
+        ("POST", "/api/v1/reload") => reload(broker).await,
+        ("GET", p) if p.starts_with("/api/v1/clients/") => get_client(broker, &p["/api/v1/clients/".len()..]),
+        ("DELETE", p) if p.starts_with("/api/v1/clients/") => {
+            delete_client(broker, &p["/api/v1/clients/".len()..], &req).await
+        }
+        _ => {
+            let mut r = Response::error(405, format!("{method} is not allowed on {path}; allowed: {allowed}"));
+            r.extra_headers.push(("allow", allowed.to_owned()));
+            r
+        }
+    }
+}
+
+/// `[http] token`: every endpoint but the health checks needs `Authorization: Bearer <token>`.
+fn check_token(broker: &Broker, req: &Request) -> Option<Response> {
+    let expected = broker.config.http.as_ref()?.token.as_deref().filter(|t| !t.is_empty())?;
+    let given = req.header("authorization").and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        return None;
+    }
+    let mut r = Response::error(401, "missing or wrong bearer token");
+    r.extra_headers.push(("www-authenticate", "Bearer".to_owned()));
+    Some(r)
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn metrics(broker: &Arc<Broker>) -> Response {
+    let b = broker.clone();
+    match tokio::task::spawn_blocking(move || Snapshot::take(&b)).await {
+        Ok(snapshot) => Response {
+            status: 200,
+            content_type: super::prometheus::CONTENT_TYPE,
+            body: super::prometheus::render(&snapshot).into_bytes(),
+            extra_headers: Vec::new(),
+        },
+        Err(_) => Response::error(500, "reading the metrics failed"),
+    }
+}
+
+async fn reload(broker: &Arc<Broker>) -> Response {
+    let b = broker.clone();
+    match tokio::task::spawn_blocking(move || b.reload_config_file()).await {
+        Ok(Ok(())) => Response::json(200, &json!({ "reloaded": true })),
+        Ok(Err(e)) => {
+            tracing::error!(error = %e, "reload failed; keeping the previous configuration");
+            Response::error(400, format!("reload failed, previous configuration kept: {e}"))
+        }
+        Err(_) => Response::error(500, "reload failed"),
+    }
+}
+
+/// What `POST /api/v1/publish` accepts, checked field by field so that the error names the field.
+fn parse_publish(broker: &Broker, body: &[u8]) -> Result<Message, String> {
+    let v: Value = serde_json::from_slice(body).map_err(|e| format!("body is not JSON: {e}"))?;
+    let obj = v.as_object().ok_or("body must be a JSON object")?;
+    const KNOWN: [&str; 9] = [
+        "topic",
+        "payload",
+        "payload_base64",
+        "qos",
+        "retain",
+        "user_properties",
+        "message_expiry_interval",
+        "content_type",
+        "response_topic",
+    ];
+    if let Some(k) = obj.keys().find(|k| !KNOWN.contains(&k.as_str())) {
+        return Err(format!("unknown field {k:?}"));
+    }
+    let topic = obj.get("topic").and_then(Value::as_str).ok_or("`topic` (a string) is required")?;
+    check_topic(broker, topic, "topic")?;
+    let payload = match (obj.get("payload"), obj.get("payload_base64")) {
+        (Some(_), Some(_)) => return Err("give `payload` or `payload_base64`, not both".into()),
+        (Some(p), None) => p.as_str().ok_or("`payload` must be a string")?.as_bytes().to_vec(),
+        (None, Some(p)) => base64::engine::general_purpose::STANDARD
+            .decode(p.as_str().ok_or("`payload_base64` must be a string")?)
+            .map_err(|e| format!("`payload_base64` is not base64: {e}"))?,
+        (None, None) => Vec::new(),
+    };
+    if payload.len() > broker.config.mqtt.max_packet_size as usize {
+        return Err("payload larger than mqtt.max_packet_size".into());
+    }
+    let qos = match obj.get("qos").map(Value::as_u64) {
+        None | Some(Some(0)) => QoS::AtMostOnce,
+        Some(Some(1)) => QoS::AtLeastOnce,
+        Some(Some(2)) => QoS::ExactlyOnce,
+        _ => return Err("`qos` must be 0, 1 or 2".into()),
+    };
+    let retain = match obj.get("retain") {
+        None => false,
+        Some(r) => r.as_bool().ok_or("`retain` must be true or false")?,
+    };
+    let mut properties = Properties::default();
+    match obj.get("user_properties") {
+        None => {}
+        Some(Value::Object(map)) => {
+            for (k, v) in map {
+                let v = v.as_str().ok_or("`user_properties` values must be strings")?;
+                properties.user_properties.push((k.clone(), v.to_owned()));
+            }
+        }
+        Some(Value::Array(pairs)) => {
+            for pair in pairs {
+                let (k, v) = match pair {
+                    Value::Array(kv) if kv.len() == 2 => (kv[0].as_str(), kv[1].as_str()),
+                    Value::Object(o) => (o.get("key").and_then(Value::as_str), o.get("value").and_then(Value::as_str)),
+                    _ => (None, None),
+                };
+                let (Some(k), Some(v)) = (k, v) else {
+                    return Err("`user_properties` items must be [key, value] or {\"key\", \"value\"} strings".into());
+                };
+                properties.user_properties.push((k.to_owned(), v.to_owned()));
+            }
+        }
+        Some(_) => return Err("`user_properties` must be an object or an array of pairs".into()),
+    }
+    let expiry_interval = match obj.get("message_expiry_interval") {
+        None => None,
+        Some(e) => Some(
+            e.as_u64()
+                .and_then(|n| u32::try_from(n).ok())
+                .ok_or("`message_expiry_interval` must be seconds (0 to 4294967295)")?,
+        ),
+    };
+    if let Some(ct) = obj.get("content_type") {
+        properties.content_type = Some(ct.as_str().ok_or("`content_type` must be a string")?.to_owned());
+    }
+    if let Some(rt) = obj.get("response_topic") {
+        let rt = rt.as_str().ok_or("`response_topic` must be a string")?;
+        check_topic(broker, rt, "response_topic")?;
+        properties.response_topic = Some(rt.to_owned());
+    }
+    Ok(Message {
+        topic: topic.to_owned(),
+        payload: payload.into(),
+        qos,
+        retain,
+        properties,
+        expiry_interval,
+        received_at: Instant::now(),
+        publisher: None,
+        shared_frames: Default::default(),
+        fanout: Default::default(),
+        store_id: Default::default(),
+        id: broker.next_message_id(),
+    })
+}
+
+fn check_topic(broker: &Broker, topic: &str, field: &str) -> Result<(), String> {
+    if topic.is_empty() || !crate::codec::is_valid_topic_name(topic) {
+        return Err(format!("`{field}` {topic:?} is not a valid topic name (empty, wildcards or NUL)"));
+    }
+    if topic.starts_with('$') {
+        return Err(format!("`{field}`: topics starting with `$` belong to the broker [MQTT-4.7.2-1]"));
+    }
+    if topic.len() > broker.limits().max_topic_length {
+        return Err(format!("`{field}` is longer than limits.max_topic_length"));
+    }
+    if topic.split('/').count() > broker.config.mqtt.max_topic_levels {
+        return Err(format!("`{field}` has more levels than mqtt.max_topic_levels"));
+    }
+    Ok(())
+}
+
+/// Routes the message like a PUBLISH from a client, and answers once it is as safe as a
+/// PUBACK would promise: stored for persistent sessions (and retained) when the store has
+/// committed it.
+async fn publish(broker: &Arc<Broker>, req: &Request) -> Response {
+    let message = match parse_publish(broker, &req.body) {
+        Ok(m) => m,
+        Err(e) => return Response::error(400, e),
+    };
+    let id = message.id;
+    let (topic, qos, retain) = (message.topic.clone(), message.qos as u8, message.retain);
+    let outcome = broker.route(Arc::new(message), false);
+    if outcome.ticket != 0 {
+        let mut committed = broker.store.committed();
+        let wait = committed.wait_for(|t| *t >= outcome.ticket);
+        if !matches!(tokio::time::timeout(Duration::from_secs(30), wait).await, Ok(Ok(_))) {
+            return Response::error(503, "the store did not commit the message in 30 s");
+        }
+    }
+    tracing::info!(id = %message_id_text(id), %topic, qos, retain, subscribers = outcome.matched, "published over HTTP");
+    Response::json(200, &json!({ "id": message_id_text(id), "subscribers": outcome.matched }))
+}
+
+pub fn message_id_text(id: u64) -> String {
+    format!("{id:016x}")
+}
+
+fn client_json(s: &SessionShared) -> Value {
+    let connected = s.is_online();
+    let mailbox = (s.mailbox.max_capacity() - s.mailbox.capacity()) as u64;
+    let own = s.ownership.lock().expect("ownership lock");
+    let c = &own.client;
+    let (queued, inflight, subscriptions) = match own.parked.as_ref() {
+        Some(p) => (mailbox + p.pending.len() as u64, Some(p.inflight.len()), p.subscriptions.len()),
+        None => (mailbox, None, c.subscriptions),
+    };
+    let protocol = match c.protocol {
+        3 => "3.1",
+        4 => "3.1.1",
+        5 => "5.0",
+        _ => "unknown",
+    };
+    json!({
+        "client_id": s.client_id,
+        "connected": connected,
+        "address": c.peer.map(|p| p.to_string()),
+        "protocol_version": protocol,
+        "username": c.username,
+        "persistent": s.is_persistent(),
+        "subscriptions": subscriptions,
+        "queued": queued,
+        "inflight": inflight,
+        "connected_at_ms": (c.connected_at_ms > 0).then_some(c.connected_at_ms),
+        "disconnected_at_ms": (!connected && c.disconnected_at_ms > 0).then_some(c.disconnected_at_ms),
+    })
+}
+
+/// `GET /api/v1/clients?limit=N&after=ID`: clients in client id order, a page at a time;
+/// `next` is the `after` of the following page (null on the last).
+async fn list_clients(broker: &Arc<Broker>, req: &Request) -> Response {
+    let limit = match req.param("limit").map(str::parse::<usize>) {
+        None => 100,
+        Some(Ok(n)) if (1..=MAX_PAGE).contains(&n) => n,
+        _ => return Response::error(400, format!("`limit` must be 1 to {MAX_PAGE}")),
+    };
+    let after = req.param("after").unwrap_or("").to_owned();
+    let b = broker.clone();
+    let page = tokio::task::spawn_blocking(move || {
+        let sessions: Vec<Arc<SessionShared>> = b.sessions.lock().expect("sessions lock").values().cloned().collect();
+        let total = sessions.len();
+        // The first `limit + 1` ids after the cursor, without sorting everything.
+        let mut heap: std::collections::BinaryHeap<(String, usize)> = Default::default();
+        for (i, s) in sessions.iter().enumerate() {
+            if s.client_id.as_str() > after.as_str() {
+                heap.push((s.client_id.clone(), i));
+                if heap.len() > limit + 1 {
+                    heap.pop();
+                }
+            }
+        }
+        let mut chosen = heap.into_sorted_vec();
+        let more = chosen.len() > limit;
+        chosen.truncate(limit);
+        let next = if more { chosen.last().map(|(id, _)| id.clone()) } else { None };
+        let data: Vec<Value> = chosen.iter().map(|(_, i)| client_json(&sessions[*i])).collect();
+        json!({ "data": data, "total": total, "limit": limit, "next": next })
+    })
+    .await;
+    match page {
+        Ok(v) => Response::json(200, &v),
+        Err(_) => Response::error(500, "listing clients failed"),
+    }
+}
+
+fn get_client(broker: &Broker, client_id: &str) -> Response {
+    let session = broker.sessions.lock().expect("sessions lock").get(client_id).cloned();
+    let Some(session) = session else {
+        return Response::error(404, format!("no session for client id {client_id:?}"));
+    };
+    let mut v = client_json(&session);
+    // One client's view also lists its subscriptions, where its state is at hand (parked).
+    if let Some(parked) = session.ownership.lock().expect("ownership lock").parked.as_ref() {
+        let mut filters: Vec<&String> = parked.subscriptions.keys().collect();
+        filters.sort();
+        v["filters"] = json!(filters);
+    }
+    Response::json(200, &v)
+}
+
+/// `DELETE /api/v1/clients/{id}[?remove_session=true]`.
+async fn delete_client(broker: &Arc<Broker>, client_id: &str, req: &Request) -> Response {
+    let remove_session = match req.param("remove_session") {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Response::error(400, "`remove_session` must be true or false"),
+    };
+    if broker.disconnect_client(client_id, remove_session).await {
+        Response::json(200, &json!({ "client_id": client_id, "disconnected": true, "session_removed": remove_session }))
+    } else {
+        Response::error(404, format!("no session for client id {client_id:?}"))
+    }
+}
+
+/// `GET /api/v1/topics?filter=F` (default `#`): retained topics matching F with their
+/// subscriber counts, and the subscribed filters under F with theirs.
+async fn topics(broker: &Arc<Broker>, req: &Request) -> Response {
+    let filter = req.param("filter").unwrap_or("#").to_owned();
+    if !crate::codec::is_valid_topic_filter(&filter) || filter.starts_with("$share/") {
+        return Response::error(400, format!("`filter` {filter:?} is not a topic filter"));
+    }
+    let b = broker.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        let retained = b.retained.read().expect("retained lock").matching(&filter);
+        let router = b.router.read().expect("router lock");
+        let mut topics: Vec<Value> = retained
+            .iter()
+            .map(|m| json!({ "topic": m.topic, "retained": true, "subscribers": router.subscriber_count(&m.topic) }))
+            .collect();
+        topics.sort_by(|a, b| a["topic"].as_str().cmp(&b["topic"].as_str()));
+        let mut filters: Vec<(String, usize)> = router
+            .filters()
+            .into_iter()
+            .filter(|(f, _)| {
+                let plain = f.strip_prefix("$share/").and_then(|r| r.split_once('/')).map_or(f.as_str(), |(_, f)| f);
+                crate::router::filter_matches(&filter, plain)
+            })
+            .collect();
+        filters.sort();
+        let subscriptions: Vec<Value> =
+            filters.into_iter().map(|(f, n)| json!({ "filter": f, "subscribers": n })).collect();
+        json!({ "filter": filter, "retained": topics.len(), "topics": topics, "subscriptions": subscriptions })
+    })
+    .await;
+    match result {
+        Ok(v) => Response::json(200, &v),
+        Err(_) => Response::error(500, "listing topics failed"),
+    }
+}
