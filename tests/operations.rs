@@ -115,7 +115,8 @@ async fn only_users_the_acl_allows_read_sys() {
     let dir = tempfile::tempdir().unwrap();
     let acl = dir.path().join("acl");
     std::fs::write(&acl, "topic read news/#\nuser ops\ntopic read $SYS/#\n").unwrap();
-    let (b, _) = ops_broker(1, &format!("[auth]\nallow_anonymous = true\nacl_file = {:?}\n", acl.display().to_string()));
+    let (b, _) =
+        ops_broker(1, &format!("[auth]\nallow_anonymous = true\nacl_file = {:?}\n", acl.display().to_string()));
     let mut reader_connect = connect_packet(V5, "reader", true);
     reader_connect.username = Some("reader".into());
     let (mut reader, _) = RawClient::connect(b.addr, reader_connect).await;
@@ -308,7 +309,10 @@ async fn http_publish_reaches_mqtt_subscribers_with_its_properties() {
     assert!(u64::from_str_radix(id, 16).is_ok());
     assert_eq!(v["subscribers"], 1);
     let p = expect_publish(&mut reader).await;
-    assert_eq!((p.topic.as_str(), &p.payload[..], p.qos), ("news/tech/ai", &b"Model beats benchmark"[..], QoS::AtLeastOnce));
+    assert_eq!(
+        (p.topic.as_str(), &p.payload[..], p.qos),
+        ("news/tech/ai", &b"Model beats benchmark"[..], QoS::AtLeastOnce)
+    );
     assert_eq!(
         p.properties.user_properties,
         vec![("desk".to_owned(), "tech".to_owned()), ("story-id".to_owned(), "s-42".to_owned())]
@@ -535,8 +539,10 @@ async fn reload_endpoint_swaps_the_password_file() {
         assert!(ok);
     };
     set("first");
-    let (b, http) =
-        ops_broker(0, &format!("[auth]\nallow_anonymous = false\npassword_file = {:?}\n", passwd.display().to_string()));
+    let (b, http) = ops_broker(
+        0,
+        &format!("[auth]\nallow_anonymous = false\npassword_file = {:?}\n", passwd.display().to_string()),
+    );
     let login = |password: &str| {
         let mut c = connect_packet(V5, "alice-phone", true);
         c.username = Some("alice".into());
@@ -648,7 +654,10 @@ fn json_logs_are_one_object_per_line() {
 #[test]
 fn sigterm_disconnects_clients_flushes_the_store_and_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().unwrap();
-    let config = binary_config(dir.path(), "[shutdown]\ngrace_period = 5\n[sys]\ninterval = 0\n[mqtt]\nmax_queued_messages = 1000000\n");
+    let config = binary_config(
+        dir.path(),
+        "[shutdown]\ngrace_period = 5\n[sys]\ninterval = 0\n[mqtt]\nmax_queued_messages = 1000000\n",
+    );
     let (child, ports, log) = spawn_herald(&config, 2);
     let mut child = Child(child);
     let addr: SocketAddr = ([127, 0, 0, 1], ports[0]).into();
