@@ -16,13 +16,9 @@ pub struct Metrics {
     pub sessions_expired: AtomicU64,
     /// PUBLISH packets accepted from clients, wills and the HTTP API (not `$SYS` updates).
     pub messages_received: AtomicU64,
-    /// PUBLISH packets written to clients.
-    pub messages_sent: AtomicU64,
-    /// MQTT packets of every kind read and written, and the bytes.
-    pub packets_received: AtomicU64,
-    pub packets_sent: AtomicU64,
-    pub bytes_received: AtomicU64,
-    pub bytes_sent: AtomicU64,
+    /// Bumped on every read, write and delivery: PUBLISH packets written to clients, MQTT
+    /// packets of every kind read and written, and the bytes (`Hot`).
+    pub hot: Striped,
     /// QoS 1 and 2 deliveries the subscriber completed (PUBACK, PUBCOMP).
     pub deliveries_acknowledged: AtomicU64,
     /// Deliveries that found a session's queue full.
@@ -54,10 +50,74 @@ pub struct Metrics {
     pub limit_subscriptions: AtomicU64,
     pub limit_publish_rate: AtomicU64,
     pub limit_topic_length: AtomicU64,
-    /// Microseconds from a PUBLISH's arrival to its delivery being written for a subscriber.
+    /// Microseconds from a PUBLISH's arrival to its delivery being written for a subscriber:
+    /// every delivery of a message routed to at most 16 sessions, about 16 of a wider one.
     pub delivery_latency: Histogram<LATENCY_BUCKETS>,
     /// Length of an offline session's queue each time a message joins it.
     pub queue_depth: Histogram<DEPTH_BUCKETS>,
+}
+
+/// The counters of `Metrics::hot`.
+#[derive(Clone, Copy)]
+pub enum Hot {
+    MessagesSent = 0,
+    PacketsReceived = 1,
+    PacketsSent = 2,
+    BytesReceived = 3,
+    BytesSent = 4,
+}
+const HOT_COUNTERS: usize = 5;
+
+/// Counters bumped so often (per delivery, per read and write) that an atomic
+/// read-modify-write on one shared word was measurable (a 1-to-1000 fan-out spent 4% of its
+/// CPU on three of them): each thread adds into a stripe of its own with a plain load and
+/// store, and a reading sums the stripes. A thread's stripe stays registered after the thread
+/// ends, so nothing counted is lost; only the runtime's worker threads bump these.
+pub struct Striped {
+    /// Tells apart the brokers of one process (tests run several).
+    instance: u64,
+    stripes: std::sync::Mutex<Vec<std::sync::Arc<Stripe>>>,
+}
+
+#[derive(Default)]
+#[repr(align(64))]
+struct Stripe([AtomicU64; HOT_COUNTERS]);
+
+type StripeCache = std::cell::RefCell<Vec<(u64, std::sync::Arc<Stripe>)>>;
+
+thread_local! {
+    static STRIPES: StripeCache = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+impl Default for Striped {
+    fn default() -> Self {
+        static INSTANCES: AtomicU64 = AtomicU64::new(1);
+        Self { instance: INSTANCES.fetch_add(1, Relaxed), stripes: Default::default() }
+    }
+}
+
+impl Striped {
+    pub fn add(&self, counter: Hot, n: u64) {
+        STRIPES.with(|cache| {
+            let mut cache = cache.borrow_mut();
+            let stripe = match cache.iter().find(|(id, _)| *id == self.instance) {
+                Some((_, s)) => s,
+                None => {
+                    let s = std::sync::Arc::new(Stripe::default());
+                    self.stripes.lock().expect("stripes lock").push(s.clone());
+                    cache.push((self.instance, s));
+                    &cache.last().expect("just pushed").1
+                }
+            };
+            // Only this thread writes this stripe: no read-modify-write needed.
+            let slot = &stripe.0[counter as usize];
+            slot.store(slot.load(Relaxed) + n, Relaxed);
+        });
+    }
+
+    pub fn get(&self, counter: Hot) -> u64 {
+        self.stripes.lock().expect("stripes lock").iter().map(|s| s.0[counter as usize].load(Relaxed)).sum()
+    }
 }
 
 impl Metrics {
@@ -126,7 +186,6 @@ pub struct Histogram<const N: usize> {
     /// One more than the bounds: the last is +Inf.
     buckets: [AtomicU64; N],
     above: AtomicU64,
-    count: AtomicU64,
     sum: AtomicU64,
 }
 
@@ -163,17 +222,16 @@ impl<const N: usize> Histogram<N> {
             bounds,
             buckets: std::array::from_fn(|_| AtomicU64::new(0)),
             above: AtomicU64::new(0),
-            count: AtomicU64::new(0),
             sum: AtomicU64::new(0),
         }
     }
 
     pub fn observe(&self, value: u64) {
+        // Two atomic additions: the count is the sum of the buckets, read when scraped.
         match self.bounds.iter().position(|&b| value <= b) {
             Some(i) => self.buckets[i].fetch_add(1, Relaxed),
             None => self.above.fetch_add(1, Relaxed),
         };
-        self.count.fetch_add(1, Relaxed);
         self.sum.fetch_add(value, Relaxed);
     }
 
@@ -188,8 +246,7 @@ impl<const N: usize> Histogram<N> {
                 (*b, running)
             })
             .collect();
-        // The count is the +Inf bucket; read after the buckets so it is never below them.
-        let count = (running + self.above.load(Relaxed)).max(self.count.load(Relaxed));
+        let count = running + self.above.load(Relaxed);
         HistogramReading { cumulative, count, sum: self.sum.load(Relaxed) }
     }
 }
@@ -269,9 +326,9 @@ impl Snapshot {
                 "herald_packets_received_total",
                 Counter,
                 "MQTT packets received.",
-                c(&m.packets_received),
+                m.hot.get(Hot::PacketsReceived),
             ),
-            f("messages/sent", "herald_packets_sent_total", Counter, "MQTT packets sent.", c(&m.packets_sent)),
+            f("messages/sent", "herald_packets_sent_total", Counter, "MQTT packets sent.", m.hot.get(Hot::PacketsSent)),
             f(
                 "messages/stored",
                 "herald_messages_stored",
@@ -291,7 +348,7 @@ impl Snapshot {
                 "herald_publish_sent_total",
                 Counter,
                 "PUBLISH packets sent to subscribers.",
-                c(&m.messages_sent),
+                m.hot.get(Hot::MessagesSent),
             ),
             f(
                 "publish/messages/dropped",
@@ -305,9 +362,9 @@ impl Snapshot {
                 "herald_bytes_received_total",
                 Counter,
                 "Bytes read from clients.",
-                c(&m.bytes_received),
+                m.hot.get(Hot::BytesReceived),
             ),
-            f("bytes/sent", "herald_bytes_sent_total", Counter, "Bytes written to clients.", c(&m.bytes_sent)),
+            f("bytes/sent", "herald_bytes_sent_total", Counter, "Bytes written to clients.", m.hot.get(Hot::BytesSent)),
             f(
                 "subscriptions/count",
                 "herald_subscriptions",
@@ -516,6 +573,24 @@ impl Snapshot {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn striped_counters_sum_every_thread_and_keep_instances_apart() {
+        let a = std::sync::Arc::new(Striped::default());
+        let b = Striped::default();
+        a.add(Hot::BytesSent, 5);
+        b.add(Hot::BytesSent, 7);
+        let threads: Vec<_> = (0..4)
+            .map(|_| {
+                let a = a.clone();
+                std::thread::spawn(move || (0..1000).for_each(|_| a.add(Hot::BytesSent, 1)))
+            })
+            .collect();
+        threads.into_iter().for_each(|t| t.join().unwrap());
+        assert_eq!(a.get(Hot::BytesSent), 4005, "ended threads' counts are kept");
+        assert_eq!(b.get(Hot::BytesSent), 7);
+        assert_eq!(a.get(Hot::PacketsSent), 0);
+    }
 
     #[test]
     fn histogram_buckets_are_cumulative_and_count_includes_overflow() {

@@ -37,7 +37,7 @@ impl Connection {
                 Err(_) => return Err(Close::Refused("no CONNECT within the connect timeout")),
                 Ok(Ok(0)) | Ok(Err(_)) => return Err(Close::SocketClosed),
                 Ok(Ok(n)) => {
-                    self.broker.metrics.bytes_received.fetch_add(n as u64, Ordering::Relaxed);
+                    self.broker.metrics.hot.add(crate::metrics::Hot::BytesReceived, n as u64);
                 }
             }
         };
@@ -203,7 +203,7 @@ impl Connection {
             properties,
         });
         self.broker.metrics.client_connected();
-        self.broker.metrics.packets_received.fetch_add(1, Ordering::Relaxed);
+        self.broker.metrics.hot.add(crate::metrics::Hot::PacketsReceived, 1);
         shared.ownership.lock().expect("ownership lock").client = crate::session::ClientInfo {
             peer: Some(self.peer),
             protocol: c.protocol as u8,
