@@ -63,6 +63,8 @@ pub struct SessionCounts {
     pub queued: u64,
     /// Messages in flight in parked sessions (a connected session's in-flight window is its own).
     pub inflight: u64,
+    /// Payload bytes queued in parked sessions.
+    pub queued_bytes: u64,
 }
 
 /// Open connections and CONNECTs in the current second from one IP address.
@@ -231,6 +233,7 @@ impl Broker {
                 counts.online += 1;
             } else if let Some(parked) = s.ownership.lock().expect("ownership lock").parked.as_ref() {
                 counts.queued += parked.pending.len() as u64;
+                counts.queued_bytes += parked.pending_bytes as u64;
                 counts.inflight += parked.inflight.len() as u64;
             }
         }

@@ -285,7 +285,10 @@ impl Snapshot {
         let c = |a: &AtomicU64| a.load(Relaxed);
         let sessions = broker.session_counts();
         let store = broker.store.stats();
-        let retained = broker.retained.read().expect("retained lock").len() as u64;
+        let (retained, retained_bytes) = {
+            let r = broker.retained.read().expect("retained lock");
+            (r.len() as u64, r.payload_bytes() as u64)
+        };
         let subscriptions = broker.router.read().expect("router lock").len() as u64;
         use Kind::{Counter, Gauge};
         let f = |sys_topic, metric, kind, help, value| Figure { sys_topic, metric, help, kind, value };
@@ -333,7 +336,7 @@ impl Snapshot {
                 "messages/stored",
                 "herald_messages_stored",
                 Gauge,
-                "Retained messages plus message bodies kept for persistent sessions.",
+                "Messages held: retained messages plus message bodies kept for persistent sessions.",
                 retained + store.stored_messages as u64,
             ),
             f(
@@ -377,12 +380,26 @@ impl Snapshot {
                 "store/messages/count",
                 "herald_store_messages",
                 Gauge,
-                "Message bodies in the store for persistent sessions.",
-                store.stored_messages as u64,
+                "Same as messages/stored (Mosquitto publishes both).",
+                retained + store.stored_messages as u64,
             ),
             f(
                 "store/messages/bytes",
-                "herald_store_bytes",
+                "herald_store_message_bytes",
+                Gauge,
+                "Payload bytes of retained messages and of offline sessions' queues.",
+                retained_bytes + sessions.queued_bytes,
+            ),
+            f(
+                "herald/store/bodies",
+                "herald_store_bodies",
+                Gauge,
+                "Message bodies in the store for persistent sessions (each stored once).",
+                store.stored_messages as u64,
+            ),
+            f(
+                "herald/store/disk_bytes",
+                "herald_store_disk_bytes",
                 Gauge,
                 "Bytes of the store's files on disk.",
                 broker.store.disk_bytes(),

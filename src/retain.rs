@@ -16,6 +16,8 @@ struct Node {
 pub struct RetainedStore {
     root: Node,
     count: usize,
+    /// Payload bytes of the retained messages, for `$SYS/broker/store/messages/bytes`.
+    bytes: usize,
 }
 
 impl RetainedStore {
@@ -31,8 +33,9 @@ impl RetainedStore {
     pub fn set(&mut self, message: Arc<Message>) {
         let levels: Vec<&str> = message.topic.split('/').collect();
         if message.payload.is_empty() {
-            if remove(&mut self.root, &levels) {
+            if let Some(old) = remove(&mut self.root, &levels) {
                 self.count -= 1;
+                self.bytes -= old.payload.len();
             }
             return;
         }
@@ -40,9 +43,15 @@ impl RetainedStore {
         for level in levels {
             node = node.children.entry(level.into()).or_default();
         }
-        if node.message.replace(message).is_none() {
-            self.count += 1;
+        self.bytes += message.payload.len();
+        match node.message.replace(message) {
+            None => self.count += 1,
+            Some(old) => self.bytes -= old.payload.len(),
         }
+    }
+
+    pub fn payload_bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Every unexpired retained message whose topic matches `filter`.
@@ -56,13 +65,11 @@ impl RetainedStore {
     }
 }
 
-fn remove(node: &mut Node, levels: &[&str]) -> bool {
+fn remove(node: &mut Node, levels: &[&str]) -> Option<Arc<Message>> {
     let Some((first, rest)) = levels.split_first() else {
-        return node.message.take().is_some();
+        return node.message.take();
     };
-    let Some(child) = node.children.get_mut(*first) else {
-        return false;
-    };
+    let child = node.children.get_mut(*first)?;
     let removed = remove(child, rest);
     if child.message.is_none() && child.children.is_empty() {
         node.children.remove(*first);
@@ -127,11 +134,11 @@ mod tests {
         let mut s = RetainedStore::default();
         s.set(msg("news/tech", b"a"));
         s.set(msg("news/tech", b"b"));
-        s.set(msg("news", b"c"));
-        assert_eq!(s.len(), 2);
+        s.set(msg("news", b"cc"));
+        assert_eq!((s.len(), s.payload_bytes()), (2, 3));
         assert_eq!(&s.matching("news/tech")[0].payload[..], b"b");
         s.set(msg("news/tech", b""));
-        assert_eq!(s.len(), 1);
+        assert_eq!((s.len(), s.payload_bytes()), (1, 2));
         assert_eq!(topics(&s, "news/#"), vec!["news"]);
     }
 

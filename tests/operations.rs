@@ -234,7 +234,9 @@ async fn histograms_count_every_delivery_store_commit_and_offline_queue() {
     assert_eq!(samples["herald_offline_queue_depth_sum"], 6.0, "depths 1, 2, 3");
     assert_eq!(samples["herald_queued_messages"], 3.0);
     assert_eq!(samples["herald_clients_disconnected"], 1.0);
-    assert!(samples["herald_store_messages"] >= 3.0);
+    assert_eq!(samples["herald_store_bodies"], 3.0, "one body per message, stored for the offline session");
+    assert_eq!(samples["herald_store_message_bytes"], 15.0, "three queued payloads of 5 bytes");
+    assert!(samples["herald_store_disk_bytes"] > 0.0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
