@@ -45,6 +45,25 @@ pub struct Message {
 }
 
 impl Message {
+    /// A message received now, with no properties, expiry, publisher or id: set those with
+    /// struct update syntax (`Message { id, ..Message::new(..) }`).
+    pub fn new(topic: String, payload: Bytes, qos: QoS, retain: bool) -> Message {
+        Message {
+            topic,
+            payload,
+            qos,
+            retain,
+            properties: Properties::default(),
+            expiry_interval: None,
+            received_at: Instant::now(),
+            publisher: None,
+            shared_frames: Default::default(),
+            fanout: Default::default(),
+            store_id: Default::default(),
+            id: 0,
+        }
+    }
+
     pub fn is_expired(&self, now: Instant) -> bool {
         match self.expiry_interval {
             Some(secs) => now.duration_since(self.received_at).as_secs() >= u64::from(secs),
@@ -59,20 +78,7 @@ impl Message {
 
     #[cfg(test)]
     pub fn new_for_test(topic: &str, payload: &'static [u8], qos: QoS, retain: bool) -> Message {
-        Message {
-            topic: topic.into(),
-            payload: Bytes::from_static(payload),
-            qos,
-            retain,
-            properties: Properties::default(),
-            expiry_interval: None,
-            received_at: Instant::now(),
-            publisher: None,
-            shared_frames: Default::default(),
-            fanout: Default::default(),
-            store_id: Default::default(),
-            id: 0,
-        }
+        Message::new(topic.into(), Bytes::from_static(payload), qos, retain)
     }
 }
 

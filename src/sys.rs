@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 
 use crate::broker::Broker;
-use crate::codec::{Properties, QoS};
+use crate::codec::QoS;
 use crate::metrics::Snapshot;
 use crate::session::Message;
 
@@ -89,20 +89,8 @@ pub async fn publish_loop(broker: Arc<Broker>) {
             if published.get(&topic) == Some(&value) {
                 continue;
             }
-            broker.publish(Arc::new(Message {
-                topic: topic.clone(),
-                payload: Bytes::from(value.clone().into_bytes()),
-                qos: QoS::AtMostOnce,
-                retain: true,
-                properties: Properties::default(),
-                expiry_interval: None,
-                received_at: now,
-                publisher: None,
-                shared_frames: Default::default(),
-                fanout: Default::default(),
-                store_id: Default::default(),
-                id: 0,
-            }));
+            let payload = Bytes::from(value.clone().into_bytes());
+            broker.publish(Arc::new(Message::new(topic.clone(), payload, QoS::AtMostOnce, true)));
             published.insert(topic, value);
         }
     }

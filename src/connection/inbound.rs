@@ -2,7 +2,6 @@
 //! SUBSCRIBE, UNSUBSCRIBE, PINGREQ and DISCONNECT.
 
 use std::sync::Arc;
-use std::time::Instant;
 
 use super::{Close, Connection, Step};
 use crate::codec::{
@@ -118,18 +117,11 @@ impl Connection {
             properties.subscription_identifiers.clear();
             let expiry_interval = properties.message_expiry_interval.take();
             let message = Arc::new(Message {
-                topic: p.topic,
-                payload: p.payload,
-                qos: p.qos,
-                retain: p.retain,
                 properties,
                 expiry_interval,
-                received_at: Instant::now(),
                 publisher: Some(self.session.as_ref().expect("session").0.id),
-                shared_frames: Default::default(),
-                fanout: Default::default(),
-                store_id: Default::default(),
                 id: self.broker.next_message_id(),
+                ..Message::new(p.topic, p.payload, p.qos, p.retain)
             });
             let outcome = self.broker.route(message, true);
             ticket = outcome.ticket;

@@ -748,18 +748,11 @@ pub fn will_message(will: Will, publisher: u64, id: u64) -> Arc<Message> {
     let expiry_interval = properties.message_expiry_interval.take();
     properties.will_delay_interval = None;
     Arc::new(Message {
-        topic: will.topic,
-        payload: will.payload,
-        qos: will.qos,
-        retain: will.retain,
         properties,
         expiry_interval,
-        received_at: Instant::now(),
         publisher: Some(publisher),
-        shared_frames: Default::default(),
-        fanout: Default::default(),
-        store_id: Default::default(),
         id,
+        ..Message::new(will.topic, will.payload, will.qos, will.retain)
     })
 }
 

@@ -2,7 +2,7 @@
 //! every error is `{"error": "..."}` with its status.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use base64::Engine;
 use serde_json::{json, Value};
@@ -180,18 +180,10 @@ fn parse_publish(broker: &Broker, body: &[u8]) -> Result<Message, String> {
         properties.response_topic = Some(rt.to_owned());
     }
     Ok(Message {
-        topic: topic.to_owned(),
-        payload: payload.into(),
-        qos,
-        retain,
         properties,
         expiry_interval,
-        received_at: Instant::now(),
-        publisher: None,
-        shared_frames: Default::default(),
-        fanout: Default::default(),
-        store_id: Default::default(),
         id: broker.next_message_id(),
+        ..Message::new(topic.to_owned(), payload.into(), qos, retain)
     })
 }
 

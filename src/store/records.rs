@@ -135,18 +135,10 @@ pub fn decode_message(value: &[u8]) -> Result<Message, RecordError> {
     let properties = Properties::decode(&mut r, PropertyContext::Publish, false).map_err(e)?;
     let payload = r.rest();
     Ok(Message {
-        topic,
-        payload,
-        qos: qos_of(W, flags & 0b11)?,
-        retain: flags & 0b100 != 0,
         properties,
         expiry_interval: (flags & 0b1000 != 0).then_some(expiry),
         received_at: instant_of(received_ms),
-        publisher: None,
-        shared_frames: Default::default(),
-        fanout: Default::default(),
-        store_id: Default::default(),
-        id: 0,
+        ..Message::new(topic, payload, qos_of(W, flags & 0b11)?, flags & 0b100 != 0)
     })
 }
 
