@@ -262,9 +262,7 @@ impl Broker {
             let parked = {
                 let mut own = session.ownership.lock().expect("ownership lock");
                 if own.holder.is_none() {
-                    if let Some(cancel) = own.pending_will.take() {
-                        let _ = cancel.send(());
-                    }
+                    // A delayed will stays scheduled: removing the session must not lose it.
                     own.park_generation += 1;
                     Some(own.parked.take())
                 } else {
