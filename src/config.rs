@@ -483,6 +483,20 @@ mod tests {
     }
 
     #[test]
+    fn the_packaged_config_parses_and_the_http_token_rule_holds() {
+        let text = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/contrib/config.toml")).unwrap();
+        let c = Config::parse(&text).unwrap();
+        assert_eq!(c.storage.path, PathBuf::from("/var/lib/herald"));
+        assert_eq!(c.log.format, LogFormat::Json);
+        assert!(c.http.as_ref().is_some_and(Http::is_loopback));
+        let e = Config::parse("[http]\nbind = \"0.0.0.0:8080\"\n").unwrap_err().to_string();
+        assert!(e.contains("http.token"), "{e}");
+        assert!(Config::parse("[http]\nbind = \"0.0.0.0:8080\"\ntoken = \"t\"\n").is_ok());
+        let e = Config::parse("[log]\nformat = \"xml\"\n").unwrap_err().to_string();
+        assert!(e.contains("xml"), "{e}");
+    }
+
+    #[test]
     fn unknown_keys_are_refused_by_name() {
         let e = Config::parse("[mqtt]\nmax_packet_sise = 10\n").unwrap_err().to_string();
         assert!(e.contains("max_packet_sise"), "{e}");
