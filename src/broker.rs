@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::auth::Auth;
 use crate::codec::QoS;
@@ -52,7 +52,22 @@ pub struct Broker {
     http_addr: std::sync::OnceLock<SocketAddr>,
     /// Set once every listener is bound and cleared when shutdown begins: /readyz.
     listening: std::sync::atomic::AtomicBool,
+    /// Delivery receipts and recent story ids.
+    pub receipts: crate::receipts::Receipts,
+    /// Undelivered events for the webhook task (`[delivery] webhook`), and its receiving end
+    /// until `run` starts the task.
+    webhook: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
+    webhook_events: Mutex<Option<tokio::sync::mpsc::Receiver<Vec<u8>>>>,
+    pub webhook_failures: Arc<AtomicU64>,
+    /// Topic filters of the high priority class.
+    high_priority: Vec<String>,
+    /// Degraded mode (docs/news-delivery.md): normal QoS 0 traffic is shed and new normal
+    /// publishes are refused while set.
+    pub degraded: std::sync::atomic::AtomicBool,
 }
+
+/// Where undelivered messages are announced.
+pub const UNDELIVERED_TOPIC: &str = "$SYS/broker/herald/undelivered";
 
 /// Session figures for `$SYS` and the API, counted over the registry.
 #[derive(Clone, Copy, Debug, Default)]
@@ -125,6 +140,21 @@ impl Broker {
         let (shutdown, _) = watch::channel(false);
         let match_cache = MatchCache::new(config.mqtt.match_cache_size);
         let limits = Arc::new(config.limits.clone());
+        let (webhook, webhook_events) = match &config.delivery.webhook {
+            Some(_) => {
+                let (tx, rx) = tokio::sync::mpsc::channel(crate::webhook::QUEUE);
+                (Some(tx), Some(rx))
+            }
+            None => (None, None),
+        };
+        let receipts = crate::receipts::Receipts::new(config.receipts.clone());
+        receipts.restore(recovered.receipts.iter().filter_map(|v| crate::receipts::Receipt::decode(v)).collect());
+        let high_priority = config
+            .priority
+            .iter()
+            .filter(|r| r.class == crate::config::PriorityClass::High)
+            .map(|r| r.filter.clone())
+            .collect();
         let broker = Arc::new(Broker {
             queue_policies: QueuePolicies::new(&config.queue_policy),
             config,
@@ -145,7 +175,23 @@ impl Broker {
             shutdown,
             http_addr: std::sync::OnceLock::new(),
             listening: std::sync::atomic::AtomicBool::new(false),
+            receipts,
+            webhook,
+            webhook_events: Mutex::new(webhook_events),
+            webhook_failures: Arc::default(),
+            high_priority,
+            degraded: std::sync::atomic::AtomicBool::new(false),
         });
+        // Queued messages read back keep counting on their receipts.
+        for session in &recovered.sessions {
+            for (_, _, body) in &session.queue {
+                if body.id != 0 && body.receipt.get().is_none() {
+                    if let Some(r) = broker.receipts.by_id(body.id) {
+                        let _ = body.receipt.set(r);
+                    }
+                }
+            }
+        }
         crate::recovery::restore(&broker, recovered);
         Ok(broker)
     }
@@ -209,6 +255,60 @@ impl Broker {
     /// counter of this run in the low 40. Shown as 16 hex digits (`message_id_text`).
     pub fn next_message_id(&self) -> u64 {
         (self.store.boot() << 40) | (self.message_ids.fetch_add(1, Ordering::Relaxed) & ((1 << 40) - 1))
+    }
+
+    /// Gives a message accepted from a publisher its id and, if it is tracked, its receipt; or
+    /// finds it to be a retry of a story accepted within the deduplication window, and returns
+    /// `Err` with that story's message id.
+    pub fn accept_message(&self, mut message: Message) -> Result<Arc<Message>, u64> {
+        message.id = self.next_message_id();
+        match self.receipts.admit(message.id, &message, message.received_at) {
+            crate::receipts::Admission::Duplicate(original) => {
+                debug!(topic = %message.topic, original = %crate::receipts::message_id_text(original), "duplicate story not routed");
+                Err(original)
+            }
+            crate::receipts::Admission::New(receipt) => {
+                if let Some(r) = receipt {
+                    let _ = message.receipt.set(r);
+                }
+                Ok(Arc::new(message))
+            }
+        }
+    }
+
+    /// Whether any topic is in the high priority class: connections then keep a lane for it.
+    pub fn has_priority_lanes(&self) -> bool {
+        !self.high_priority.is_empty()
+    }
+
+    /// Whether a topic is in the high priority class (`[[priority]]`).
+    pub fn is_high_priority(&self, topic: &str) -> bool {
+        !self.high_priority.is_empty() && self.high_priority.iter().any(|f| crate::router::filter_matches(f, topic))
+    }
+
+    /// Hands off a message that did not reach a session [issue 7]: counted on its receipt,
+    /// published to `$SYS/broker/herald/undelivered` and queued for the webhook.
+    pub fn undelivered(&self, client_id: &str, message: &Message, reason: &'static str) {
+        message.count(crate::receipts::Count::Undelivered);
+        self.metrics.undelivered.fetch_add(1, Ordering::Relaxed);
+        let story_id = message.properties.user_properties.iter().find(|(k, _)| k == crate::receipts::STORY_ID);
+        let event = serde_json::json!({
+            "client_id": client_id,
+            "id": crate::receipts::message_id_text(message.id),
+            "story_id": story_id.map(|(_, v)| v),
+            "topic": message.topic,
+            "reason": reason,
+            "at_ms": crate::store::records::wall_ms_now(),
+        });
+        let body = serde_json::to_vec(&event).expect("JSON values serialize");
+        info!(client_id, id = %crate::receipts::message_id_text(message.id), topic = %message.topic, reason, "undelivered");
+        if let Some(tx) = &self.webhook {
+            if tx.try_send(body.clone()).is_err() {
+                self.webhook_failures.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let sys = Message::new(UNDELIVERED_TOPIC.into(), body.into(), QoS::AtMostOnce, false);
+        self.publish(Arc::new(sys));
     }
 
     pub fn http_addr(&self) -> Option<SocketAddr> {
@@ -390,6 +490,13 @@ impl Broker {
             self.match_cache.matches(&router, &message.topic)
         };
         message.fanout.store(targets.len(), std::sync::atomic::Ordering::Relaxed);
+        let high = self.is_high_priority(&message.topic);
+        if high {
+            message.high.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
+        // Degraded mode sheds normal QoS 0 deliveries first [issue 7].
+        let shed_qos0 = !high && self.degraded.load(std::sync::atomic::Ordering::Relaxed);
+        let mut routed = 0u32;
         let mut outcome = RouteOutcome::default();
         // Deliveries to persistent sessions are placed only once their queue entries are
         // committed to the batch, so that an acknowledgement's removal never overtakes them.
@@ -407,6 +514,12 @@ impl Broker {
             // those are the messages the store keeps for it.
             let durable_target = t.session.is_persistent() && qos > QoS::AtMostOnce;
             if !online && !durable_target {
+                continue;
+            }
+            routed += 1;
+            if shed_qos0 && qos == QoS::AtMostOnce {
+                self.metrics.degraded_shed.fetch_add(1, Ordering::Relaxed);
+                message.count(crate::receipts::Count::DroppedShed);
                 continue;
             }
             let mut delivery = Delivery {
@@ -439,6 +552,9 @@ impl Broker {
         if !sys {
             self.metrics.message_routed(outcome.dropped);
         }
+        if let Some(r) = message.receipt.get() {
+            r.add(crate::receipts::Count::Routed, routed);
+        }
         outcome
     }
 
@@ -458,9 +574,15 @@ impl Broker {
             if let Some(parked) = own.parked.as_mut() {
                 let policy = self.queue_policies.for_topic(&delivery.message.topic);
                 let mqtt = &self.config.mqtt;
+                delivery.message.count(crate::receipts::Count::Queued);
                 for (d, why) in parked.offer_offline(delivery, policy, mqtt.max_queued_messages, mqtt.max_queued_bytes)
                 {
                     self.metrics.queue_dropped(why);
+                    d.message.count(match why {
+                        crate::session::QueueDrop::Oldest => crate::receipts::Count::DroppedOldest,
+                        crate::session::QueueDrop::New => crate::receipts::Count::DroppedNew,
+                        crate::session::QueueDrop::Superseded => crate::receipts::Count::DroppedSuperseded,
+                    });
                     if let Some(at) = d.queue_ref() {
                         after.remove_entry(&session.client_id, at);
                     }
@@ -469,6 +591,25 @@ impl Broker {
                 return;
             }
         }
+        if delivery.message.is_high() {
+            // The high-priority lane: ahead of whatever backlog the mailbox holds, and never
+            // waited for (a breaking story must not hold its publisher up either).
+            let urgent = session.urgent();
+            let mut queue = urgent.queue.lock().expect("urgent lock");
+            if queue.len() < self.config.mqtt.max_queued_messages {
+                queue.push_back(delivery);
+                drop(queue);
+                urgent.notify.notify_one();
+            } else {
+                drop(queue);
+                outcome.dropped += 1;
+                delivery.message.count(crate::receipts::Count::DroppedQueueFull);
+                if let Some(at) = delivery.queue_ref() {
+                    after.remove_entry(&session.client_id, at);
+                }
+            }
+            return;
+        }
         match session.mailbox.try_send(delivery) {
             Ok(()) => {}
             Err(TrySendError::Full(d)) if can_wait && online && !session.is_congested() => {
@@ -476,6 +617,7 @@ impl Broker {
             }
             Err(TrySendError::Full(d)) | Err(TrySendError::Closed(d)) => {
                 outcome.dropped += 1;
+                d.message.count(crate::receipts::Count::DroppedQueueFull);
                 if let Some(at) = d.queue_ref() {
                     after.remove_entry(&session.client_id, at);
                 }
@@ -557,6 +699,14 @@ pub async fn run(
     if broker.config.sys.interval > 0 {
         tasks.spawn(crate::sys::publish_loop(broker.clone()));
     }
+    tasks.spawn(crate::receipts::maintain(broker.clone()));
+    tasks.spawn(crate::pressure::monitor(broker.clone()));
+    let webhook_events = broker.webhook_events.lock().expect("webhook lock").take();
+    if let (Some(url), Some(events)) = (&broker.config.delivery.webhook, webhook_events) {
+        let endpoint = crate::webhook::Endpoint::parse(url).expect("validated with the configuration");
+        // Not in `tasks`: it drains what is queued after shutdown begins too, until the broker goes.
+        tokio::spawn(crate::webhook::run(endpoint, events, broker.webhook_failures.clone()));
+    }
     let mut shutdown = broker.shutdown_signal();
     let _ = shutdown.wait_for(|s| *s).await;
     let grace = std::time::Duration::from_secs(broker.config.shutdown.grace_period);
@@ -571,6 +721,7 @@ pub async fn run(
     if broker.metrics.connections_now() > 0 {
         warn!(open = broker.metrics.connections_now(), "connections still open when the grace period ran out");
     }
+    crate::receipts::flush(&broker);
     broker.store.close();
     info!("store closed");
     Ok(())

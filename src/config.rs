@@ -42,9 +42,105 @@ pub struct Config {
     pub http: Option<Http>,
     #[serde(default)]
     pub shutdown: Shutdown,
+    #[serde(default)]
+    pub receipts: ReceiptsConfig,
+    #[serde(default)]
+    pub delivery: DeliveryConfig,
+    /// Priority classes by topic filter, first match wins; other topics are normal.
+    #[serde(default)]
+    pub priority: Vec<PriorityRule>,
+    #[serde(default)]
+    pub degraded: DegradedConfig,
     /// The file this configuration was read from, for reloads; not a key.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+}
+
+/// Delivery receipts and story deduplication (docs/news-delivery.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReceiptsConfig {
+    /// Keep receipts for QoS 1 and 2 messages.
+    pub enabled: bool,
+    /// Also for QoS 0 messages.
+    pub qos0: bool,
+    /// Receipts held in memory (and so readable), the newest.
+    pub max_in_memory: usize,
+    /// Seconds a receipt is kept (in memory and in the store) after its message was published.
+    pub retention: u64,
+    /// Seconds within which a PUBLISH with a `story-id` seen before is a duplicate; 0: off.
+    pub dedup_window: u64,
+    /// Seconds after which a receipt asked for on a response topic is sent even if deliveries
+    /// are still pending.
+    pub report_after: u64,
+}
+
+impl Default for ReceiptsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            qos0: false,
+            max_in_memory: 100_000,
+            retention: 86_400,
+            dedup_window: 600,
+            report_after: 60,
+        }
+    }
+}
+
+/// Retries for 3.1.1 subscribers and the hand-off of undelivered messages.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DeliveryConfig {
+    /// Seconds a 3.1.1 subscriber has to acknowledge a QoS 1/2 message before it is sent again
+    /// with DUP; the wait doubles after each retry. 0: no retries.
+    pub retry_after: u64,
+    pub max_retries: u32,
+    /// Of a client's receive window, the in-flight messages kept for high-priority messages
+    /// (at most half the window): normal ones stop short of it.
+    pub high_priority_inflight: usize,
+    /// An http:// URL that gets a POST with each undelivered message (JSON).
+    pub webhook: Option<String>,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        Self { retry_after: 30, max_retries: 2, high_priority_inflight: 10, webhook: None }
+    }
+}
+
+/// `[[priority]] filter = "news/breaking/#"`, `class = "high"`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriorityRule {
+    pub filter: String,
+    pub class: PriorityClass,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PriorityClass {
+    High,
+    #[default]
+    Normal,
+}
+
+/// When Herald sheds normal traffic to keep high-priority traffic flowing.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DegradedConfig {
+    /// Enter degraded mode above this many messages waiting in session queues; 0: no bound.
+    pub max_queued_messages: u64,
+    /// Enter degraded mode above this resident memory in MiB; 0: no bound.
+    pub max_memory_mb: u64,
+    /// Leave it when every measure is below this fraction of its bound.
+    pub recover_at: f64,
+}
+
+impl Default for DegradedConfig {
+    fn default() -> Self {
+        Self { max_queued_messages: 0, max_memory_mb: 0, recover_at: 0.8 }
+    }
 }
 
 /// The `$SYS` tree (docs/operations.md).
@@ -363,6 +459,10 @@ impl Default for Config {
             sys: Sys::default(),
             http: None,
             shutdown: Shutdown::default(),
+            receipts: ReceiptsConfig::default(),
+            delivery: DeliveryConfig::default(),
+            priority: Vec::new(),
+            degraded: DegradedConfig::default(),
             source: None,
         }
     }
@@ -462,6 +562,25 @@ impl Config {
             if !http.is_loopback() && http.token.as_deref().unwrap_or("").is_empty() {
                 return invalid("http.token", "is required when http.bind is not a loopback address");
             }
+        }
+        for rule in &self.priority {
+            if !crate::codec::is_valid_topic_filter(&rule.filter) || rule.filter.starts_with("$share/") {
+                return Err(ConfigError::Invalid {
+                    key: "priority.filter",
+                    message: format!("{:?} is not a topic filter", rule.filter),
+                });
+            }
+        }
+        if let Some(url) = &self.delivery.webhook {
+            if crate::webhook::Endpoint::parse(url).is_none() {
+                return invalid("delivery.webhook", "must be an http://host:port/path URL");
+            }
+        }
+        if !(0.0..1.0).contains(&self.degraded.recover_at) {
+            return invalid("degraded.recover_at", "must be between 0 and 1");
+        }
+        if self.receipts.max_in_memory == 0 {
+            return invalid("receipts.max_in_memory", "must be at least 1");
         }
         if tracing_subscriber::EnvFilter::try_new(&self.log.level).is_err() {
             return invalid("log.level", "is not a valid log filter");

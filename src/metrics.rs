@@ -50,6 +50,15 @@ pub struct Metrics {
     pub limit_subscriptions: AtomicU64,
     pub limit_publish_rate: AtomicU64,
     pub limit_topic_length: AtomicU64,
+    /// Messages handed off as undelivered (expired or out of retries without an
+    /// acknowledgement), QoS 1 resends to 3.1.1 subscribers, and PUBLISHes refused or shed in
+    /// degraded mode.
+    pub undelivered: AtomicU64,
+    pub retries: AtomicU64,
+    pub degraded_refused: AtomicU64,
+    pub degraded_shed: AtomicU64,
+    /// Microseconds from a PUBLISH's arrival to a subscriber's acknowledgement of it.
+    pub ack_latency: Histogram<LATENCY_BUCKETS>,
     /// Microseconds from a PUBLISH's arrival to its delivery being written for a subscriber:
     /// every delivery of a message routed to at most 16 sessions, about 16 of a wider one.
     pub delivery_latency: Histogram<LATENCY_BUCKETS>,
@@ -275,6 +284,7 @@ pub struct Snapshot {
     pub uptime_secs: u64,
     pub figures: Vec<Figure>,
     pub delivery_latency_us: HistogramReading,
+    pub ack_latency_us: HistogramReading,
     pub store_commit_us: HistogramReading,
     pub queue_depth: HistogramReading,
 }
@@ -559,6 +569,69 @@ impl Snapshot {
                 c(&m.reloads),
             ),
             f(
+                "herald/receipts/tracked",
+                "herald_receipts_tracked_total",
+                Counter,
+                "Messages given a delivery receipt.",
+                broker.receipts.tracked.load(Relaxed),
+            ),
+            f(
+                "herald/receipts/in_memory",
+                "herald_receipts_in_memory",
+                Gauge,
+                "Receipts held in memory (readable through the API).",
+                broker.receipts.len() as u64,
+            ),
+            f(
+                "herald/stories/duplicates",
+                "herald_story_duplicates_total",
+                Counter,
+                "PUBLISHes not routed: their story-id was seen within the deduplication window.",
+                broker.receipts.duplicates.load(Relaxed),
+            ),
+            f(
+                "herald/undelivered",
+                "herald_undelivered_total",
+                Counter,
+                "Messages handed off as undelivered to a session (expired, or out of retries).",
+                c(&m.undelivered),
+            ),
+            f(
+                "herald/retries",
+                "herald_retries_total",
+                Counter,
+                "QoS 1/2 messages sent again with DUP to 3.1.1 subscribers that did not acknowledge.",
+                c(&m.retries),
+            ),
+            f(
+                "herald/webhook/failures",
+                "herald_webhook_failures_total",
+                Counter,
+                "Undelivered events the webhook did not take (error, timeout or full queue).",
+                broker.webhook_failures.load(Relaxed),
+            ),
+            f(
+                "herald/degraded",
+                "herald_degraded",
+                Gauge,
+                "1 while in degraded mode (normal traffic shed, high priority kept).",
+                u64::from(broker.degraded.load(Relaxed)),
+            ),
+            f(
+                "herald/degraded/refused",
+                "herald_degraded_refused_total",
+                Counter,
+                "Normal-priority PUBLISHes refused (0x97) in degraded mode.",
+                c(&m.degraded_refused),
+            ),
+            f(
+                "herald/degraded/shed",
+                "herald_degraded_shed_total",
+                Counter,
+                "Normal-priority QoS 0 deliveries shed in degraded mode.",
+                c(&m.degraded_shed),
+            ),
+            f(
                 "herald/store/batches",
                 "herald_store_batches_total",
                 Counter,
@@ -577,6 +650,7 @@ impl Snapshot {
             uptime_secs: broker.uptime_secs(),
             figures,
             delivery_latency_us: m.delivery_latency.read(),
+            ack_latency_us: m.ack_latency.read(),
             store_commit_us: broker.store.commit_latency(),
             queue_depth: m.queue_depth.read(),
         }

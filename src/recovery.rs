@@ -53,6 +53,9 @@ pub fn restore(broker: &Broker, recovered: Recovered) {
         state.allocations = u64::from(u16::MAX);
         let mut highest = 0u16;
         for (at, entry, message) in s.queue {
+            if broker.is_high_priority(&message.topic) {
+                message.high.store(true, std::sync::atomic::Ordering::Relaxed);
+            }
             let delivery = Delivery {
                 message,
                 qos: entry.qos,
@@ -63,7 +66,14 @@ pub fn restore(broker: &Broker, recovered: Recovered) {
             match entry.inflight {
                 Some((packet_id, out_state)) => {
                     highest = highest.max(packet_id);
-                    state.inflight.push_back(OutInflight { packet_id, serial: 0, delivery, state: out_state });
+                    state.inflight.push_back(OutInflight {
+                        packet_id,
+                        serial: 0,
+                        delivery,
+                        state: out_state,
+                        sent_at: None,
+                        retries: 0,
+                    });
                 }
                 None => state.push_pending(delivery),
             }

@@ -40,8 +40,14 @@ pub struct Message {
     /// Its body's id in the store, once routing stored it for a persistent session.
     pub store_id: std::sync::OnceLock<u64>,
     /// The message id the broker gave it on acceptance (`Broker::next_message_id`); 0 for
-    /// messages read back from the store and for `$SYS` updates.
+    /// `$SYS` updates.
     pub id: u64,
+    /// Its delivery receipt, when it is tracked (`receipts`): every outcome of a delivery of it
+    /// is counted there.
+    /// Set once: on acceptance, or when a queued message is read back from the store.
+    pub receipt: std::sync::OnceLock<Arc<crate::receipts::Receipt>>,
+    /// In the high priority class (`[[priority]]`), set when it is routed or read back.
+    pub high: AtomicBool,
 }
 
 impl Message {
@@ -61,7 +67,20 @@ impl Message {
             fanout: Default::default(),
             store_id: Default::default(),
             id: 0,
+            receipt: std::sync::OnceLock::new(),
+            high: AtomicBool::new(false),
         }
+    }
+
+    /// Counts an outcome of one of its deliveries on its receipt, if it has one.
+    pub fn count(&self, count: crate::receipts::Count) {
+        if let Some(r) = self.receipt.get() {
+            r.add(count, 1);
+        }
+    }
+
+    pub fn is_high(&self) -> bool {
+        self.high.load(Ordering::Relaxed)
     }
 
     pub fn is_expired(&self, now: Instant) -> bool {
@@ -182,6 +201,12 @@ pub struct OutInflight {
     pub serial: u64,
     pub delivery: Delivery,
     pub state: OutState,
+    /// When it was last sent, for the retries to 3.1.1 clients (`[delivery] retry_after`);
+    /// None where there are no retries.
+    pub sent_at: Option<Instant>,
+    /// Times it was sent again on the same connection; one more than `max_retries` once it
+    /// was handed off as undelivered.
+    pub retries: u8,
 }
 
 /// The part of a session that one task owns at a time and that survives reconnection.
@@ -219,9 +244,26 @@ impl SessionState {
         }
     }
 
+    /// Queues a delivery at the end of its class: a high-priority one after the other
+    /// high-priority ones, ahead of every normal one [issue 7], so `pending` always holds the
+    /// high-priority deliveries first.
     pub fn push_pending(&mut self, d: Delivery) {
         self.pending_bytes += d.message.payload.len();
-        self.pending.push_back(d);
+        if d.message.is_high() && self.pending.back().is_some_and(|last| !last.message.is_high()) {
+            let at = self.pending.iter().position(|p| !p.message.is_high()).unwrap_or(self.pending.len());
+            self.pending.insert(at, d);
+        } else {
+            self.pending.push_back(d);
+        }
+    }
+
+    /// Takes the oldest normal delivery, or the oldest of all if every one is high priority:
+    /// what an offline queue lets go first when it is full.
+    fn pop_oldest_for_room(&mut self) -> Option<Delivery> {
+        let at = self.pending.iter().position(|p| !p.message.is_high()).unwrap_or(0);
+        let d = self.pending.remove(at)?;
+        self.pending_bytes -= d.message.payload.len();
+        Some(d)
     }
 
     pub fn pop_pending(&mut self) -> Option<Delivery> {
@@ -276,7 +318,7 @@ impl SessionState {
                 dropped.push((d, QueueDrop::New));
                 return dropped;
             }
-            let old = self.pop_pending().expect("not empty");
+            let old = self.pop_oldest_for_room().expect("not empty");
             dropped.push((old, QueueDrop::Oldest));
         }
         self.push_pending(d);
@@ -382,6 +424,16 @@ pub struct SessionShared {
     pub parked_notify: Notify,
     /// Whether the store holds a record of this session, to be removed when it ends.
     pub stored: AtomicBool,
+    /// The high-priority lane, made on first use (only with `[[priority]]` rules): its
+    /// deliveries go out ahead of the mailbox.
+    pub urgent: std::sync::OnceLock<Box<Urgent>>,
+}
+
+/// A connected session's high-priority deliveries, bounded like the mailbox.
+#[derive(Default)]
+pub struct Urgent {
+    pub queue: Mutex<VecDeque<Delivery>>,
+    pub notify: Notify,
 }
 
 impl SessionShared {
@@ -397,8 +449,13 @@ impl SessionShared {
             congested: AtomicBool::new(false),
             parked_notify: Notify::new(),
             stored: AtomicBool::new(false),
+            urgent: std::sync::OnceLock::new(),
         });
         (shared, SessionState::new(rx))
+    }
+
+    pub fn urgent(&self) -> &Urgent {
+        self.urgent.get_or_init(Box::default)
     }
 
     pub fn is_online(&self) -> bool {
@@ -482,6 +539,25 @@ mod tests {
     }
 
     #[test]
+    fn high_priority_goes_ahead_of_normal_and_is_dropped_last() {
+        let high = |p: &'static [u8]| {
+            let d = on("news/breaking/x", p);
+            d.message.high.store(true, Ordering::Relaxed);
+            d
+        };
+        let (_, mut s) = SessionShared::new(1, "c".into(), 1);
+        for d in [on("news/f", b"f1"), high(b"b1"), on("news/f", b"f2"), high(b"b2")] {
+            s.offer_offline(d, OverflowPolicy::DropOldest, 4, 0);
+        }
+        let order: Vec<Bytes> = queued(&s).into_iter().map(|(_, p)| p).collect();
+        assert_eq!(order, vec!["b1", "b2", "f1", "f2"]);
+        let dropped = s.offer_offline(high(b"b3"), OverflowPolicy::DropOldest, 4, 0);
+        assert_eq!(&dropped[0].0.message.payload[..], b"f1", "the oldest normal one makes room");
+        let order: Vec<Bytes> = queued(&s).into_iter().map(|(_, p)| p).collect();
+        assert_eq!(order, vec!["b1", "b2", "b3", "f2"]);
+    }
+
+    #[test]
     fn packet_ids_skip_zero_and_those_in_flight_after_a_lap_mqtt_2_2_1_2() {
         let (_, mut s) = SessionShared::new(1, "c".into(), 1);
         let first = s.allocate_packet_id().unwrap();
@@ -491,6 +567,8 @@ mod tests {
             serial: s.allocations,
             delivery: delivery(),
             state: OutState::AwaitPubAck,
+            sent_at: None,
+            retries: 0,
         });
         let mut seen = std::collections::HashSet::new();
         for _ in 0..200_000 {

@@ -1,7 +1,7 @@
 //! Packets from the client once connected: PUBLISH and its acknowledgements in both directions,
 //! SUBSCRIBE, UNSUBSCRIBE, PINGREQ and DISCONNECT.
 
-use std::sync::Arc;
+use std::time::Instant;
 
 use super::{Close, Connection, Step};
 use crate::codec::{
@@ -98,6 +98,22 @@ impl Connection {
         }
         let mut reason = ReasonCode::SUCCESS;
         let mut ticket = 0;
+        let mut message_id = None;
+        let wants_id = match self.msg_id_on_ack {
+            super::MsgIdOnAck::Never => false,
+            super::MsgIdOnAck::Always => true,
+            super::MsgIdOnAck::OnRequest => p.properties.user_properties.iter().any(|(k, _)| {
+                k == crate::receipts::STORY_ID || k == crate::receipts::RECEIPT_REQUEST
+            }),
+        };
+        let shed = self.broker.degraded.load(std::sync::atomic::Ordering::Relaxed)
+            && !self.broker.is_high_priority(&p.topic);
+        if shed && !v5 && p.qos > QoS::AtMostOnce {
+            // 3.1.1 cannot be told 0x97: closing without an acknowledgement leaves the story
+            // with the publisher, which sends it again once it reconnects.
+            self.broker.metrics.degraded_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            return Err(Close::Overloaded);
+        }
         if p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
             reason = ReasonCode(0x99);
         } else if p.topic.starts_with("$SYS") {
@@ -112,28 +128,44 @@ impl Connection {
             self.broker.metrics.acl_denied_publish.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::debug!(client_id = %self.client_id, topic = %p.topic, "PUBLISH denied by the ACL");
             reason = ReasonCode::NOT_AUTHORIZED;
+        } else if shed {
+            // Degraded mode: normal traffic is refused while high priority keeps flowing.
+            self.broker.metrics.degraded_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            reason = ReasonCode::QUOTA_EXCEEDED;
         } else if !duplicate_qos2 {
             let mut properties = std::mem::take(&mut p.properties);
             properties.subscription_identifiers.clear();
             let expiry_interval = properties.message_expiry_interval.take();
-            let message = Arc::new(Message {
+            let message = Message {
                 properties,
                 expiry_interval,
                 publisher: Some(self.session.as_ref().expect("session").0.id),
-                id: self.broker.next_message_id(),
                 ..Message::new(p.topic, p.payload, p.qos, p.retain)
-            });
-            let outcome = self.broker.route(message, true);
-            ticket = outcome.ticket;
-            if outcome.matched == 0 && p.qos == QoS::AtLeastOnce {
-                reason = ReasonCode::NO_MATCHING_SUBSCRIBERS;
+            };
+            match self.broker.accept_message(message) {
+                // A retry of a story already accepted: acknowledged, with the first one's id.
+                Err(original) => message_id = Some(original),
+                Ok(message) => {
+                    message_id = Some(message.id);
+                    let outcome = self.broker.route(message, true);
+                    ticket = outcome.ticket;
+                    if outcome.matched == 0 && p.qos == QoS::AtLeastOnce {
+                        reason = ReasonCode::NO_MATCHING_SUBSCRIBERS;
+                    }
+                    self.blocked.extend(outcome.blocked);
+                }
             }
-            self.blocked.extend(outcome.blocked);
         }
         let reason = if v5 { reason } else { ReasonCode::SUCCESS };
+        let mut response = PubResponse::new(p.packet_id, reason);
+        if let (true, Some(id)) = (wants_id, message_id) {
+            // The delivery receipt's key, for the publisher to look up [issue 7].
+            let id = crate::receipts::message_id_text(id);
+            response.properties.user_properties.push((crate::receipts::MSG_ID_PROPERTY.to_owned(), id));
+        }
         let ack = match p.qos {
             QoS::AtMostOnce => return Ok(()),
-            QoS::AtLeastOnce => Packet::PubAck(PubResponse::new(p.packet_id, reason)),
+            QoS::AtLeastOnce => Packet::PubAck(response),
             QoS::ExactlyOnce => {
                 let (shared, state) = self.session.as_mut().expect("session");
                 let reason = if reason == ReasonCode::NO_MATCHING_SUBSCRIBERS { ReasonCode::SUCCESS } else { reason };
@@ -142,7 +174,8 @@ impl Connection {
                     txn.put_incoming(&self.client_id, p.packet_id);
                     ticket = ticket.max(self.broker.store.commit(txn));
                 }
-                Packet::PubRec(PubResponse::new(p.packet_id, reason))
+                response.reason = reason;
+                Packet::PubRec(response)
             }
         };
         // The acknowledgement is the promise: it waits until every subscriber has the message
@@ -180,7 +213,14 @@ impl Connection {
         // Acknowledgements come mostly in order, so the search usually stops at the front.
         if let Some(pos) = state.inflight.iter().position(|m| m.packet_id == packet_id) {
             if let Some(m) = state.inflight.remove(pos) {
-                self.broker.metrics.deliveries_acknowledged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let metrics = &self.broker.metrics;
+                metrics.deliveries_acknowledged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let now = Instant::now();
+                let message = &m.delivery.message;
+                metrics.ack_latency.observe(now.saturating_duration_since(message.received_at).as_micros() as u64);
+                if let Some(r) = message.receipt.get() {
+                    r.acknowledged(now);
+                }
                 // [issue 4] a message leaves the durable queue only with its PUBACK or PUBCOMP.
                 self.forget_stored(&m.delivery);
             }

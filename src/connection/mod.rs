@@ -43,6 +43,8 @@ pub enum Close {
     Refused(&'static str),
     /// The client read nothing for a whole keep-alive period while we had data for it.
     WriteStalled,
+    /// A 3.1.1 client published normal traffic in degraded mode (5.0 gets PUBACK 0x97).
+    Overloaded,
 }
 
 impl Close {
@@ -72,6 +74,7 @@ impl Close {
             Close::SocketClosed => "connection lost".into(),
             Close::Refused(why) => format!("refused: {why}"),
             Close::WriteStalled => "client stopped reading; its outbound buffer stayed full".into(),
+            Close::Overloaded => "degraded mode: a normal-priority QoS 1/2 PUBLISH from a 3.1.1 client".into(),
         }
     }
 }
@@ -137,6 +140,11 @@ pub async fn serve(broker: Arc<Broker>, stream: Socket, origin: Origin) {
         counted_ip: false,
         publish_second: 0,
         publishes_this_second: 0,
+        high_reserve: 0,
+        lanes: false,
+        msg_id_on_ack: MsgIdOnAck::Never,
+        retry_after: None,
+        next_retry: None,
     };
     let close = conn.run().await;
     conn.finish(close).await;
@@ -190,10 +198,34 @@ pub struct Connection {
     /// `publish_rate_per_client`: the current second (of the broker's uptime) and its count.
     publish_second: u32,
     publishes_this_second: u32,
+    /// In-flight slots of the receive window only high-priority messages may take (0 without
+    /// `[[priority]]` rules).
+    high_reserve: usize,
+    /// When 5.0 acknowledgements carry the `herald-msg-id` user property.
+    msg_id_on_ack: MsgIdOnAck,
+    /// Whether the session has a high-priority lane (there are `[[priority]]` rules).
+    lanes: bool,
+    /// `[delivery] retry_after` for a 3.1.1 client; None for 5.0, which may not be resent to on
+    /// the same connection [MQTT-4.4.0-1].
+    retry_after: Option<Duration>,
+    /// When the oldest unacknowledged message is due for a retry.
+    next_retry: Option<Instant>,
 }
 
 /// Deliveries per message the latency histogram records, at least (see `start_delivery`).
 const LATENCY_SAMPLES: u64 = 16;
+
+/// When a 5.0 client's PUBACK/PUBREC carries `herald-msg-id` [issue 7]: never for 3.1.1 or a
+/// client that set Request Problem Information to 0 [MQTT-3.1.2-29]; always when its CONNECT
+/// asked (user property `herald-msg-id`); otherwise for PUBLISHes with a `story-id` or
+/// `herald-receipt` user property. Not unasked: clients and conformance vectors expect a bare
+/// acknowledgement.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum MsgIdOnAck {
+    Never,
+    OnRequest,
+    Always,
+}
 
 /// Acknowledgements a client may have waiting for the store before its input is no longer
 /// read: bounds the memory a publisher can hold while the disk is slow.
@@ -206,7 +238,10 @@ enum Event {
     Delivery(Option<Delivery>),
     Kick(Option<Kick>),
     Committed,
-    KeepAlive,
+    /// The keep-alive deadline or a retry fell due.
+    Timer,
+    /// A high-priority delivery arrived.
+    Urgent,
     /// Pending messages (retained ones after a SUBSCRIBE) remain and the window allows more.
     MorePending,
 }
@@ -234,21 +269,29 @@ impl Connection {
             // until the socket has taken some.
             let room = self.out.pending_bytes() < limit && self.acks.len() < MAX_UNCOMMITTED_ACKS;
             let window_open = room && self.window_open();
+            let high_window_open = room && self.lanes && self.high_window_open();
             let writing = self.out.has_pending();
-            let deadline = self.keep_alive.map(|k| tokio::time::Instant::from_std(self.last_inbound + k));
+            let keep_alive = self.keep_alive.map(|k| self.last_inbound + k);
+            let deadline = match (keep_alive, self.next_retry) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            }
+            .map(tokio::time::Instant::from_std);
             let stall = self
                 .last_write_progress
                 .map(|t| tokio::time::Instant::from_std(t + self.keep_alive.unwrap_or(Duration::from_secs(60))));
-            let state = &mut self.session.as_mut().expect("session after handshake").1;
+            let (shared, state) = self.session.as_mut().expect("session after handshake");
             let more_pending = window_open && !state.pending.is_empty();
+            let urgent = shared.urgent.get();
             let event = tokio::select! {
                 biased;
                 k = &mut self.kick_rx => Event::Kick(k.ok()),
                 _ = committed_changed(&mut self.committed) => Event::Committed,
                 r = self.stream.writable(), if writing => Event::Writable(r),
                 r = self.stream.readable(), if room => Event::Readable(r),
+                _ = urgent_notified(urgent), if high_window_open => Event::Urgent,
                 d = state.mailbox.recv(), if window_open => Event::Delivery(d),
-                _ = sleep_until(deadline) => Event::KeepAlive,
+                _ = sleep_until(deadline) => Event::Timer,
                 _ = sleep_until(stall), if writing => Event::WriteStalled,
                 // Ready at once: the loop goes round to send the next part of the pending queue
                 // after input and timers have had their turn.
@@ -258,7 +301,15 @@ impl Connection {
                 Event::Kick(Some(k)) if k.reason == ReasonCode::SERVER_SHUTTING_DOWN => Err(Close::ServerShutdown),
                 Event::Kick(Some(k)) => Err(Close::Kicked(k.reason)),
                 Event::Kick(None) => Err(Close::ServerShutdown),
-                Event::KeepAlive => Err(Close::KeepAliveTimeout),
+                Event::Timer => {
+                    let now = Instant::now();
+                    if keep_alive.is_some_and(|k| now >= k) {
+                        Err(Close::KeepAliveTimeout)
+                    } else {
+                        self.retry_unacknowledged(now);
+                        Ok(())
+                    }
+                }
                 Event::WriteStalled => Err(Close::WriteStalled),
                 Event::Writable(Ok(())) => Ok(()),
                 Event::Readable(Ok(())) => self.read_input(),
@@ -268,7 +319,7 @@ impl Connection {
                     Ok(())
                 }
                 Event::Delivery(None) => Err(Close::SocketClosed),
-                Event::MorePending | Event::Committed => Ok(()),
+                Event::MorePending | Event::Committed | Event::Urgent => Ok(()),
             };
             if let Err(close) = step {
                 return close;
@@ -391,6 +442,7 @@ impl Connection {
             self.broker.store.commit(txn);
         }
         self.broker.metrics.messages_dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+        delivery.message.count(crate::receipts::Count::DroppedQueueFull);
         self.blocked_deadline = None;
         self.after_blocked()
     }
@@ -461,7 +513,15 @@ impl Connection {
         self.broker.store.commit(txn)
     }
 
+    /// Room in the client's receive window for a normal message: all of it but the slots kept
+    /// for high-priority ones.
     fn window_open(&self) -> bool {
+        self.session.as_ref().is_some_and(|(_, s)| s.inflight.len() + self.high_reserve < self.receive_window)
+    }
+
+    /// Room for a high-priority message: the whole window, which is the client's Receive
+    /// Maximum at most [MQTT-4.9.0-2].
+    fn high_window_open(&self) -> bool {
         self.session.as_ref().is_some_and(|(_, s)| s.inflight.len() < self.receive_window)
     }
 
@@ -471,6 +531,23 @@ impl Connection {
         let mut budget = 256;
         // One clock reading for the whole batch: the deliveries go out within microseconds.
         let mut now = None;
+        if self.lanes {
+            // The high-priority lane first, then high-priority messages of an offline replay
+            // (they lead `pending`), each within the whole window [issue 7].
+            let shared = self.session.as_ref().expect("session").0.clone();
+            while budget > 0 && self.high_window_open() {
+                let state = &mut self.session.as_mut().expect("session").1;
+                let next = match shared.urgent.get().and_then(|u| u.queue.lock().expect("urgent lock").pop_front()) {
+                    Some(d) => d,
+                    None if state.pending.front().is_some_and(|d| d.message.is_high()) => {
+                        state.pop_pending().expect("front exists")
+                    }
+                    None => break,
+                };
+                self.start_delivery(next, &mut now);
+                budget -= 1;
+            }
+        }
         while budget > 0 && self.window_open() {
             let state = &mut self.session.as_mut().expect("session").1;
             let next = match state.pop_pending() {
@@ -512,7 +589,11 @@ impl Connection {
         let expiry = if let (Some(now), true) = (now, d.message.expiry_interval.is_some()) {
             if d.message.is_expired(now) {
                 metrics.messages_expired.fetch_add(1, Ordering::Relaxed);
+                d.message.count(crate::receipts::Count::Expired);
                 self.forget_stored(&d);
+                if d.qos > crate::codec::QoS::AtMostOnce {
+                    self.broker.undelivered(&self.client_id, &d.message, "expired");
+                }
                 return;
             }
             d.message.remaining_expiry(now)
@@ -523,6 +604,7 @@ impl Connection {
             // Checked per message: a retained message or a resumed session's queue obeys the
             // rules of this connection, which may be newer than the subscription.
             metrics.acl_denied_delivery.fetch_add(1, Ordering::Relaxed);
+            d.message.count(crate::receipts::Count::DroppedNotAuthorized);
             self.forget_stored(&d);
             return;
         }
@@ -530,8 +612,10 @@ impl Connection {
         if d.qos == crate::codec::QoS::AtMostOnce {
             if let Written::TooLarge = self.out.publish(&d, 0, false, expiry) {
                 metrics.messages_dropped_too_large.fetch_add(1, Ordering::Relaxed);
+                d.message.count(crate::receipts::Count::DroppedTooLarge);
             } else {
                 metrics.hot.add(crate::metrics::Hot::MessagesSent, 1);
+                d.message.count(crate::receipts::Count::DeliveredQos0);
                 if let Some(us) = latency_us {
                     metrics.delivery_latency.observe(us);
                 }
@@ -545,10 +629,17 @@ impl Connection {
         match self.out.publish(&d, packet_id, false, expiry) {
             Written::TooLarge => {
                 metrics.messages_dropped_too_large.fetch_add(1, Ordering::Relaxed);
+                d.message.count(crate::receipts::Count::DroppedTooLarge);
                 self.forget_stored(&d);
             }
             Written::Sent => {
                 metrics.hot.add(crate::metrics::Hot::MessagesSent, 1);
+                d.message.count(crate::receipts::Count::Sent);
+                let sent_at = self.retry_after.map(|after| {
+                    let at = now.unwrap_or_else(Instant::now);
+                    self.next_retry.get_or_insert(at + after);
+                    at
+                });
                 if let Some(us) = latency_us {
                     metrics.delivery_latency.observe(us);
                 }
@@ -568,8 +659,53 @@ impl Connection {
                     serial,
                     delivery: d,
                     state: out_state,
+                    sent_at,
+                    retries: 0,
                 });
             }
+        }
+    }
+
+    /// Sends again, with DUP, the QoS 1 and 2 messages a 3.1.1 client has not acknowledged
+    /// within `retry_after` (doubling after each retry), at most `max_retries` times; after
+    /// that the message is handed off as undelivered once and stays in flight, so that it is
+    /// still resent when the client reconnects [MQTT-4.4.0-1] [issue 7].
+    fn retry_unacknowledged(&mut self, now: Instant) {
+        let Some(base) = self.retry_after else { return };
+        let max_retries = self.broker.config.delivery.max_retries.min(30) as u8;
+        let mut next: Option<Instant> = None;
+        let mut handoff = Vec::new();
+        let state = &mut self.session.as_mut().expect("session").1;
+        for m in state.inflight.iter_mut() {
+            let (Some(sent_at), OutState::AwaitPubAck | OutState::AwaitPubRec) = (m.sent_at, m.state) else {
+                continue;
+            };
+            if m.retries > max_retries {
+                continue; // handed off already
+            }
+            let due = sent_at + base * (1u32 << m.retries);
+            if now < due {
+                next = Some(next.map_or(due, |n| n.min(due)));
+                continue;
+            }
+            if m.retries == max_retries {
+                m.retries += 1;
+                handoff.push(m.delivery.message.clone());
+                continue;
+            }
+            let expiry = m.delivery.message.remaining_expiry(now);
+            if let Written::Sent = self.out.publish(&m.delivery, m.packet_id, true, expiry) {
+                m.retries += 1;
+                m.sent_at = Some(now);
+                self.broker.metrics.retries.fetch_add(1, Ordering::Relaxed);
+                m.delivery.message.count(crate::receipts::Count::Retries);
+                let due = now + base * (1u32 << m.retries);
+                next = Some(next.map_or(due, |n| n.min(due)));
+            }
+        }
+        self.next_retry = next;
+        for message in handoff {
+            self.broker.undelivered(&self.client_id, &message, "no acknowledgement after retries");
         }
     }
 
@@ -597,6 +733,11 @@ impl Connection {
                 _ => {
                     let expiry = m.delivery.message.remaining_expiry(now);
                     if let Written::Sent = self.out.publish(&m.delivery, m.packet_id, true, expiry) {
+                        let mut m = m;
+                        if let Some(after) = self.retry_after {
+                            m.sent_at = Some(now);
+                            self.next_retry.get_or_insert(now + after);
+                        }
                         keep.push_back(m);
                     } else if let Some(at) = m.delivery.queue_ref() {
                         let mut txn = Txn::default();
@@ -664,6 +805,11 @@ impl Connection {
                 own.holder = None;
             }
             return;
+        }
+        if let Some(urgent) = shared.urgent.get() {
+            for d in urgent.queue.lock().expect("urgent lock").drain(..) {
+                state.push_pending(d);
+            }
         }
         state.absorb_mailbox();
         if shared.is_persistent() && !taken_over {
@@ -754,6 +900,14 @@ pub fn will_message(will: Will, publisher: u64, id: u64) -> Arc<Message> {
         id,
         ..Message::new(will.topic, will.payload, will.qos, will.retain)
     })
+}
+
+/// Ready when a high-priority delivery is signalled; never for a session without the lane.
+async fn urgent_notified(urgent: Option<&Box<crate::session::Urgent>>) {
+    match urgent {
+        Some(u) => u.notify.notified().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Ready when the store's committed ticket moves; never while nothing waits for it.

@@ -37,6 +37,7 @@ pub async fn handle(broker: &Arc<Broker>, req: Request) -> Response {
         "/metrics" | "/api/v1/clients" | "/api/v1/topics" => "GET",
         "/api/v1/publish" | "/api/v1/reload" => "POST",
         p if p.starts_with("/api/v1/clients/") => "GET, DELETE",
+        p if p.starts_with("/api/v1/messages/") && p.ends_with("/receipts") => "GET",
         _ => return Response::error(404, format!("no such endpoint: {path}")),
     };
     match (method, path.as_str()) {
@@ -46,6 +47,13 @@ pub async fn handle(broker: &Arc<Broker>, req: Request) -> Response {
         ("GET", "/api/v1/topics") => topics(broker, &req).await,
         ("POST", "/api/v1/reload") => reload(broker).await,
         ("GET", p) if p.starts_with("/api/v1/clients/") => get_client(broker, &p["/api/v1/clients/".len()..]),
+        ("GET", p) if p.starts_with("/api/v1/messages/") => {
+            let key = &p["/api/v1/messages/".len()..p.len() - "/receipts".len()];
+            match broker.receipts.find(key) {
+                Some(r) => Response::json(200, &r.to_json()),
+                None => Response::error(404, format!("no receipt for {key:?} (message id or story id)")),
+            }
+        }
         ("DELETE", p) if p.starts_with("/api/v1/clients/") => {
             delete_client(broker, &p["/api/v1/clients/".len()..], &req).await
         }
@@ -179,12 +187,7 @@ fn parse_publish(broker: &Broker, body: &[u8]) -> Result<Message, String> {
         check_topic(broker, rt, "response_topic")?;
         properties.response_topic = Some(rt.to_owned());
     }
-    Ok(Message {
-        properties,
-        expiry_interval,
-        id: broker.next_message_id(),
-        ..Message::new(topic.to_owned(), payload.into(), qos, retain)
-    })
+    Ok(Message { properties, expiry_interval, ..Message::new(topic.to_owned(), payload.into(), qos, retain) })
 }
 
 fn check_topic(broker: &Broker, topic: &str, field: &str) -> Result<(), String> {
@@ -211,9 +214,20 @@ async fn publish(broker: &Arc<Broker>, req: &Request) -> Response {
         Ok(m) => m,
         Err(e) => return Response::error(400, e),
     };
-    let id = message.id;
+    if broker.degraded.load(std::sync::atomic::Ordering::Relaxed) && !broker.is_high_priority(&message.topic) {
+        broker.metrics.degraded_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        return Response::error(503, "degraded mode: only high-priority topics are accepted now (0x97)");
+    }
     let (topic, qos, retain) = (message.topic.clone(), message.qos as u8, message.retain);
-    let outcome = broker.route(Arc::new(message), false);
+    let message = match broker.accept_message(message) {
+        Ok(m) => m,
+        Err(original) => {
+            let id = crate::receipts::message_id_text(original);
+            return Response::json(200, &json!({ "id": id, "subscribers": 0, "duplicate": true }));
+        }
+    };
+    let id = message.id;
+    let outcome = broker.route(message, false);
     if outcome.ticket != 0 {
         let mut committed = broker.store.committed();
         let wait = committed.wait_for(|t| *t >= outcome.ticket);
@@ -221,13 +235,10 @@ async fn publish(broker: &Arc<Broker>, req: &Request) -> Response {
             return Response::error(503, "the store did not commit the message in 30 s");
         }
     }
-    tracing::info!(id = %message_id_text(id), %topic, qos, retain, subscribers = outcome.matched, "published over HTTP");
-    Response::json(200, &json!({ "id": message_id_text(id), "subscribers": outcome.matched }))
+    tracing::info!(id = %crate::receipts::message_id_text(id), %topic, qos, retain, subscribers = outcome.matched, "published over HTTP");
+    Response::json(200, &json!({ "id": crate::receipts::message_id_text(id), "subscribers": outcome.matched }))
 }
 
-pub fn message_id_text(id: u64) -> String {
-    format!("{id:016x}")
-}
 
 fn client_json(s: &SessionShared) -> Value {
     let connected = s.is_online();

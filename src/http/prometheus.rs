@@ -30,6 +30,13 @@ pub fn render(s: &Snapshot) -> String {
     );
     histogram(
         &mut out,
+        "herald_ack_latency_seconds",
+        "Time from a PUBLISH's arrival to a subscriber's acknowledgement (PUBACK, PUBCOMP).",
+        &s.ack_latency_us,
+        1e-6,
+    );
+    histogram(
+        &mut out,
         "herald_store_commit_seconds",
         "Time to write one store batch, fsync included in sync mode.",
         &s.store_commit_us,

@@ -35,7 +35,9 @@ pub const CF_SESSIONS: &str = "sessions";
 pub const CF_SUBSCRIPTIONS: &str = "subscriptions";
 pub const CF_QUEUE: &str = "queue";
 pub const CF_INCOMING: &str = "incoming_qos2";
-const FAMILIES: [&str; 7] = [CF_META, CF_RETAINED, CF_MESSAGES, CF_SESSIONS, CF_SUBSCRIPTIONS, CF_QUEUE, CF_INCOMING];
+pub const CF_RECEIPTS: &str = "receipts";
+const FAMILIES: [&str; 8] =
+    [CF_META, CF_RETAINED, CF_MESSAGES, CF_SESSIONS, CF_SUBSCRIPTIONS, CF_QUEUE, CF_INCOMING, CF_RECEIPTS];
 const FORMAT_KEY: &[u8] = b"format";
 const FORMAT: &[u8] = b"herald-store-1";
 /// How many times a broker has opened this store: the high bits of every message id.
@@ -65,6 +67,8 @@ pub struct Recovered {
     pub queued: usize,
     pub removed_expired_sessions: usize,
     pub removed_expired_messages: usize,
+    /// Delivery receipts as stored (`receipts::Receipt::encode`).
+    pub receipts: Vec<Vec<u8>>,
 }
 
 pub struct RecoveredSession {
@@ -165,6 +169,14 @@ impl Txn {
                 records::encode_message(message),
             ));
         }
+    }
+
+    pub fn put_receipt(&mut self, id: u64, value: Vec<u8>) {
+        self.writes.push(Write::Put(CF_RECEIPTS, records::seq_key(id).to_vec(), value));
+    }
+
+    pub fn remove_receipt(&mut self, id: u64) {
+        self.writes.push(Write::Delete(CF_RECEIPTS, records::seq_key(id).to_vec()));
     }
 
     pub fn remove_retained(&mut self, topic: &str) {
@@ -571,6 +583,11 @@ fn recover(db: &DB) -> Result<Scan, String> {
             continue;
         }
         out.retained.push(message);
+    }
+
+    for item in db.iterator_cf(cf(CF_RECEIPTS), IteratorMode::Start) {
+        let (_, v) = item.map_err(|e| e.to_string())?;
+        out.receipts.push(v.to_vec());
     }
 
     // Sessions that expired while the broker was down go with everything they owned.

@@ -115,9 +115,11 @@ fn qos_of(what: &'static str, v: u8) -> Result<QoS, RecordError> {
 pub fn encode_message(m: &Message) -> Vec<u8> {
     let mut out = BytesMut::with_capacity(32 + m.topic.len() + m.payload.len() + m.properties.wire_len());
     out.put_u8(FORMAT);
-    out.put_u8(m.qos as u8 | (u8::from(m.retain) << 2) | (u8::from(m.expiry_interval.is_some()) << 3));
+    // Bit 4: a message id follows the expiry interval (records written before issue 7 have none).
+    out.put_u8(m.qos as u8 | (u8::from(m.retain) << 2) | (u8::from(m.expiry_interval.is_some()) << 3) | 0b1_0000);
     out.put_u64(wall_ms_of(m.received_at));
     out.put_u32(m.expiry_interval.unwrap_or(0));
+    out.put_u64(m.id);
     put_str(&mut out, &m.topic);
     m.properties.encode(&mut out);
     out.put_slice(&m.payload);
@@ -131,6 +133,7 @@ pub fn decode_message(value: &[u8]) -> Result<Message, RecordError> {
     let flags = r.u8().map_err(e)?;
     let received_ms = r.u64_be().map_err(e)?;
     let expiry = r.u32().map_err(e)?;
+    let id = if flags & 0b1_0000 != 0 { r.u64_be().map_err(e)? } else { 0 };
     let topic = r.utf8().map_err(e)?;
     let properties = Properties::decode(&mut r, PropertyContext::Publish, false).map_err(e)?;
     let payload = r.rest();
@@ -138,6 +141,7 @@ pub fn decode_message(value: &[u8]) -> Result<Message, RecordError> {
         properties,
         expiry_interval: (flags & 0b1000 != 0).then_some(expiry),
         received_at: instant_of(received_ms),
+        id,
         ..Message::new(topic, payload, qos_of(W, flags & 0b11)?, flags & 0b100 != 0)
     })
 }
@@ -285,13 +289,21 @@ mod tests {
         m.properties.content_type = Some("text/plain".into());
         m.expiry_interval = Some(300);
         m.received_at = Instant::now() - Duration::from_secs(10);
+        m.id = 0x0000_0300_0000_002a;
         let back = decode_message(&encode_message(&m)).unwrap();
+        assert_eq!(back.id, m.id, "the message id survives, for its receipt");
         assert_eq!(back.topic, m.topic);
         assert_eq!(back.payload, m.payload);
         assert_eq!((back.qos, back.retain), (QoS::ExactlyOnce, true));
         assert_eq!(back.properties, m.properties);
         let remaining = back.remaining_expiry(Instant::now()).unwrap();
         assert!((289..=290).contains(&remaining), "remaining expiry {remaining}");
+        // A record from before message ids (flag bit 4 clear) still reads, with id 0.
+        let mut old = encode_message(&m);
+        old[1] &= !0b1_0000;
+        old.drain(14..22);
+        let back = decode_message(&old).unwrap();
+        assert_eq!((back.id, back.topic.as_str()), (0, "news/tech/ai"));
     }
 
     #[test]

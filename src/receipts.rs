@@ -1,0 +1,546 @@
+//! Delivery receipts [issue 7]: for each tracked message, what became of it per session: routed,
+//! delivered at QoS 0, sent at QoS 1/2, acknowledged, queued for offline sessions, expired,
+//! dropped (and by what), undelivered (handed off), with first and last acknowledgement time and
+//! acknowledgement latency. docs/news-delivery.md explains the model.
+//!
+//! A `Receipt` hangs off its `Message` (`Message::receipt`), so every place that already handles
+//! a delivery bumps the receipt's counters with a relaxed atomic add and no lookup. The registry
+//! here indexes the receipts by message id and story id, bounded by `[receipts] max_in_memory`,
+//! and a flusher task writes the changed ones to the store once a second (kept there for
+//! `[receipts] retention`). Story ids also drive deduplication: a PUBLISH whose `story-id` was seen
+//! within `[receipts] dedup_window` is acknowledged and not routed again.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use serde_json::{json, Value};
+
+use crate::config::ReceiptsConfig;
+use crate::store::records::wall_ms_now;
+
+/// The user property a publisher names its story with.
+pub const STORY_ID: &str = "story-id";
+/// The user property Herald adds to a 5.0 PUBACK (and PUBREC) with the message id.
+pub const MSG_ID_PROPERTY: &str = "herald-msg-id";
+/// The user property with which a 5.0 publisher asks for the receipt on its response topic.
+pub const RECEIPT_REQUEST: &str = "herald-receipt";
+
+/// A message id as the API and the PUBACK property show it: 16 hex digits.
+pub fn message_id_text(id: u64) -> String {
+    format!("{id:016x}")
+}
+
+/// What a receipt counts, in order; `COUNTS` names them in the JSON and the store.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Count {
+    Routed = 0,
+    DeliveredQos0,
+    Sent,
+    Acknowledged,
+    Queued,
+    Expired,
+    DroppedQueueFull,
+    DroppedOldest,
+    DroppedNew,
+    DroppedSuperseded,
+    DroppedTooLarge,
+    DroppedNotAuthorized,
+    /// Normal QoS 0 shed in degraded mode.
+    DroppedShed,
+    Undelivered,
+    Retries,
+}
+
+pub const COUNTS: [&str; 15] = [
+    "routed",
+    "delivered_qos0",
+    "sent",
+    "acknowledged",
+    "queued",
+    "expired",
+    "queue_full",
+    "drop_oldest",
+    "drop_new",
+    "keep_latest",
+    "too_large",
+    "not_authorized",
+    "degraded",
+    "undelivered",
+    "retries",
+];
+
+/// Upper bounds of the acknowledgement latency buckets, in milliseconds.
+pub const ACK_BOUNDS_MS: [u64; 12] = [5, 10, 25, 50, 100, 250, 500, 1_000, 5_000, 30_000, 300_000, 3_600_000];
+
+/// A receipt for a message that asked for it on its response topic.
+#[derive(Clone, Debug)]
+pub struct ReportTo {
+    pub response_topic: String,
+    pub correlation_data: Option<bytes::Bytes>,
+}
+
+pub struct Receipt {
+    pub id: u64,
+    pub topic: String,
+    pub story_id: Option<String>,
+    pub qos: u8,
+    pub published_ms: u64,
+    received_at: Instant,
+    counts: [AtomicU32; COUNTS.len()],
+    first_ack_ms: AtomicU64,
+    last_ack_ms: AtomicU64,
+    /// Acknowledgements per latency bucket (`ACK_BOUNDS_MS`), the last for longer.
+    ack_latency: [AtomicU32; ACK_BOUNDS_MS.len() + 1],
+    /// Changed since the flusher last wrote it.
+    dirty: AtomicBool,
+    pub report_to: Option<ReportTo>,
+    reported: AtomicBool,
+}
+
+impl std::fmt::Debug for Receipt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Receipt").field("id", &self.id).field("topic", &self.topic).finish_non_exhaustive()
+    }
+}
+
+impl Receipt {
+    pub fn new(id: u64, topic: &str, story_id: Option<String>, qos: u8, received_at: Instant) -> Receipt {
+        Receipt {
+            id,
+            topic: topic.to_owned(),
+            story_id,
+            qos,
+            published_ms: crate::store::records::wall_ms_of(received_at),
+            received_at,
+            counts: Default::default(),
+            first_ack_ms: AtomicU64::new(0),
+            last_ack_ms: AtomicU64::new(0),
+            ack_latency: Default::default(),
+            dirty: AtomicBool::new(true),
+            report_to: None,
+            reported: AtomicBool::new(false),
+        }
+    }
+
+    pub fn add(&self, count: Count, n: u32) {
+        self.counts[count as usize].fetch_add(n, Relaxed);
+        self.dirty.store(true, Relaxed);
+    }
+
+    pub fn get(&self, count: Count) -> u32 {
+        self.counts[count as usize].load(Relaxed)
+    }
+
+    /// A subscriber acknowledged its delivery (PUBACK, or PUBCOMP at QoS 2).
+    pub fn acknowledged(&self, now: Instant) {
+        let ms = wall_ms_now();
+        let _ = self.first_ack_ms.compare_exchange(0, ms, Relaxed, Relaxed);
+        self.last_ack_ms.fetch_max(ms, Relaxed);
+        let latency = now.saturating_duration_since(self.received_at).as_millis() as u64;
+        let bucket = ACK_BOUNDS_MS.iter().position(|&b| latency <= b).unwrap_or(ACK_BOUNDS_MS.len());
+        self.ack_latency[bucket].fetch_add(1, Relaxed);
+        self.add(Count::Acknowledged, 1);
+    }
+
+    /// Deliveries with no outcome yet: routed, and not acknowledged, delivered at QoS 0,
+    /// expired or dropped.
+    pub fn pending(&self) -> u32 {
+        let done = [
+            Count::Acknowledged,
+            Count::DeliveredQos0,
+            Count::Expired,
+            Count::DroppedQueueFull,
+            Count::DroppedOldest,
+            Count::DroppedNew,
+            Count::DroppedSuperseded,
+            Count::DroppedTooLarge,
+            Count::DroppedNotAuthorized,
+            Count::DroppedShed,
+        ];
+        self.get(Count::Routed).saturating_sub(done.iter().map(|c| self.get(*c)).sum())
+    }
+
+    pub fn dropped(&self) -> u32 {
+        (Count::DroppedQueueFull as usize..=Count::DroppedShed as usize)
+            .map(|i| self.counts[i].load(Relaxed))
+            .sum()
+    }
+
+    /// The acknowledgement latency at quantile `q`, as the upper bound of its bucket (ms).
+    fn ack_quantile(&self, q: f64) -> Option<u64> {
+        let counts: Vec<u64> = self.ack_latency.iter().map(|c| u64::from(c.load(Relaxed))).collect();
+        let total: u64 = counts.iter().sum();
+        if total == 0 {
+            return None;
+        }
+        let rank = ((total as f64) * q).ceil().max(1.0) as u64;
+        let mut seen = 0;
+        for (i, c) in counts.iter().enumerate() {
+            seen += c;
+            if seen >= rank {
+                return Some(ACK_BOUNDS_MS.get(i).copied().unwrap_or(u64::MAX));
+            }
+        }
+        None
+    }
+
+    pub fn to_json(&self) -> Value {
+        let ms = |a: &AtomicU64| match a.load(Relaxed) {
+            0 => Value::Null,
+            v => Value::from(v),
+        };
+        let mut dropped_by = serde_json::Map::new();
+        for i in Count::DroppedQueueFull as usize..=Count::DroppedShed as usize {
+            dropped_by.insert(COUNTS[i].to_owned(), Value::from(self.counts[i].load(Relaxed)));
+        }
+        json!({
+            "id": message_id_text(self.id),
+            "topic": self.topic,
+            "story_id": self.story_id,
+            "qos": self.qos,
+            "published_at_ms": self.published_ms,
+            "routed": self.get(Count::Routed),
+            "delivered_qos0": self.get(Count::DeliveredQos0),
+            "sent": self.get(Count::Sent),
+            "acknowledged": self.get(Count::Acknowledged),
+            "queued": self.get(Count::Queued),
+            "expired": self.get(Count::Expired),
+            "dropped": self.dropped(),
+            "dropped_by": dropped_by,
+            "undelivered": self.get(Count::Undelivered),
+            "retries": self.get(Count::Retries),
+            "pending": self.pending(),
+            "first_ack_at_ms": ms(&self.first_ack_ms),
+            "last_ack_at_ms": ms(&self.last_ack_ms),
+            "ack_latency_ms": {
+                "p50": self.ack_quantile(0.50),
+                "p90": self.ack_quantile(0.90),
+                "p99": self.ack_quantile(0.99),
+            },
+        })
+    }
+
+    /// The record the store keeps: the JSON minus what is derived.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut counts: Vec<u32> = self.counts.iter().map(|c| c.load(Relaxed)).collect();
+        counts.extend(self.ack_latency.iter().map(|c| c.load(Relaxed)));
+        let v = json!({
+            "id": self.id,
+            "topic": self.topic,
+            "story_id": self.story_id,
+            "qos": self.qos,
+            "published_ms": self.published_ms,
+            "counts": counts,
+            "first_ack_ms": self.first_ack_ms.load(Relaxed),
+            "last_ack_ms": self.last_ack_ms.load(Relaxed),
+        });
+        serde_json::to_vec(&v).expect("JSON values serialize")
+    }
+
+    pub fn decode(value: &[u8]) -> Option<Receipt> {
+        let v: Value = serde_json::from_slice(value).ok()?;
+        let published_ms = v["published_ms"].as_u64()?;
+        let r = Receipt::new(
+            v["id"].as_u64()?,
+            v["topic"].as_str()?,
+            v["story_id"].as_str().map(str::to_owned),
+            v["qos"].as_u64()? as u8,
+            crate::store::records::instant_of(published_ms),
+        );
+        let counts = v["counts"].as_array()?;
+        for (slot, c) in r.counts.iter().chain(r.ack_latency.iter()).zip(counts) {
+            slot.store(c.as_u64()? as u32, Relaxed);
+        }
+        r.first_ack_ms.store(v["first_ack_ms"].as_u64().unwrap_or(0), Relaxed);
+        r.last_ack_ms.store(v["last_ack_ms"].as_u64().unwrap_or(0), Relaxed);
+        r.dirty.store(false, Relaxed);
+        Some(Receipt { published_ms, ..r })
+    }
+}
+
+/// The receipts in memory and the story ids seen recently.
+pub struct Receipts {
+    pub config: ReceiptsConfig,
+    index: Mutex<Index>,
+    /// Summaries for /metrics: totals over every receipt.
+    pub tracked: AtomicU64,
+    pub duplicates: AtomicU64,
+}
+
+#[derive(Default)]
+struct Index {
+    by_id: HashMap<u64, Arc<Receipt>>,
+    /// Oldest first, for the `max_in_memory` bound.
+    order: VecDeque<u64>,
+    /// Story id to the latest message id that carried it.
+    by_story: HashMap<String, u64>,
+    /// Story ids seen within the deduplication window: when, and under which message id.
+    recent: HashMap<String, (Instant, u64)>,
+    recent_order: VecDeque<(Instant, String)>,
+}
+
+/// What `Receipts::admit` decided for a new message.
+pub enum Admission {
+    /// Route it; its receipt, if it is tracked.
+    New(Option<Arc<Receipt>>),
+    /// A retry of a story already accepted within the window: acknowledge with that message id,
+    /// do not route.
+    Duplicate(u64),
+}
+
+/// Story ids remembered for deduplication at most (the oldest go first beyond this).
+const MAX_RECENT_STORIES: usize = 1_000_000;
+
+impl Receipts {
+    pub fn new(config: ReceiptsConfig) -> Receipts {
+        Receipts { config, index: Mutex::default(), tracked: AtomicU64::new(0), duplicates: AtomicU64::new(0) }
+    }
+
+    /// Decides whether a message accepted now with `id` is new or a retry of a story, and opens
+    /// its receipt if it is tracked (`[receipts] enabled`, QoS 1 and 2, or QoS 0 with `qos0`).
+    pub fn admit(&self, id: u64, message: &crate::session::Message, now: Instant) -> Admission {
+        let story_id =
+            message.properties.user_properties.iter().find(|(k, _)| k == STORY_ID).map(|(_, v)| v.clone());
+        let window = std::time::Duration::from_secs(self.config.dedup_window);
+        let track = self.config.enabled && (message.qos as u8 > 0 || self.config.qos0);
+        if story_id.is_none() && !track {
+            return Admission::New(None);
+        }
+        let mut index = self.index.lock().expect("receipts lock");
+        if let (Some(story), false) = (&story_id, window.is_zero()) {
+            while index.recent_order.front().is_some_and(|(t, _)| now.duration_since(*t) > window)
+                || index.recent_order.len() > MAX_RECENT_STORIES
+            {
+                let (t, s) = index.recent_order.pop_front().expect("front exists");
+                if index.recent.get(&s).is_some_and(|(seen, _)| *seen == t) {
+                    index.recent.remove(&s);
+                }
+            }
+            if let Some((_, original)) = index.recent.get(story) {
+                self.duplicates.fetch_add(1, Relaxed);
+                return Admission::Duplicate(*original);
+            }
+            index.recent.insert(story.clone(), (now, id));
+            index.recent_order.push_back((now, story.clone()));
+        }
+        if !track {
+            return Admission::New(None);
+        }
+        let mut receipt = Receipt::new(id, &message.topic, story_id.clone(), message.qos as u8, message.received_at);
+        let asked = message.properties.user_properties.iter().any(|(k, _)| k == RECEIPT_REQUEST);
+        if let (true, Some(topic)) = (asked, &message.properties.response_topic) {
+            receipt.report_to = Some(ReportTo {
+                response_topic: topic.clone(),
+                correlation_data: message.properties.correlation_data.clone(),
+            });
+        }
+        let receipt = Arc::new(receipt);
+        self.insert(&mut index, receipt.clone());
+        self.tracked.fetch_add(1, Relaxed);
+        Admission::New(Some(receipt))
+    }
+
+    fn insert(&self, index: &mut Index, receipt: Arc<Receipt>) {
+        if let Some(story) = &receipt.story_id {
+            index.by_story.insert(story.clone(), receipt.id);
+        }
+        index.order.push_back(receipt.id);
+        index.by_id.insert(receipt.id, receipt);
+        while index.order.len() > self.config.max_in_memory {
+            let old = index.order.pop_front().expect("not empty");
+            if let Some(r) = index.by_id.remove(&old) {
+                if let Some(story) = &r.story_id {
+                    if index.by_story.get(story) == Some(&old) {
+                        index.by_story.remove(story);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Puts back receipts read from the store at start (oldest first).
+    pub fn restore(&self, mut receipts: Vec<Receipt>) {
+        receipts.sort_by_key(|r| r.id);
+        let mut index = self.index.lock().expect("receipts lock");
+        for r in receipts {
+            self.insert(&mut index, Arc::new(r));
+        }
+    }
+
+    /// A receipt by message id (16 hex digits) or by story id.
+    pub fn find(&self, key: &str) -> Option<Arc<Receipt>> {
+        let index = self.index.lock().expect("receipts lock");
+        let id = u64::from_str_radix(key, 16).ok().filter(|_| key.len() == 16);
+        id.and_then(|id| index.by_id.get(&id))
+            .or_else(|| index.by_story.get(key).and_then(|id| index.by_id.get(id)))
+            .cloned()
+    }
+
+    /// The receipt of a message recovered from the store, so that its remaining deliveries
+    /// still count.
+    pub fn by_id(&self, id: u64) -> Option<Arc<Receipt>> {
+        self.index.lock().expect("receipts lock").by_id.get(&id).cloned()
+    }
+
+    /// Receipts changed since the last call (their dirty flag cleared), and ids of those older
+    /// than the retention, which leave memory.
+    pub fn take_changes(&self) -> (Vec<Arc<Receipt>>, Vec<u64>) {
+        let retention_ms = self.config.retention.saturating_mul(1000);
+        let now_ms = wall_ms_now();
+        let mut index = self.index.lock().expect("receipts lock");
+        let mut expired = Vec::new();
+        while let Some(&oldest) = index.order.front() {
+            let old = index.by_id.get(&oldest).is_none_or_old(now_ms, retention_ms);
+            if !old {
+                break;
+            }
+            index.order.pop_front();
+            if let Some(r) = index.by_id.remove(&oldest) {
+                if let Some(story) = &r.story_id {
+                    if index.by_story.get(story) == Some(&oldest) {
+                        index.by_story.remove(story);
+                    }
+                }
+            }
+            expired.push(oldest);
+        }
+        let changed = index.by_id.values().filter(|r| r.dirty.swap(false, Relaxed)).cloned().collect();
+        (changed, expired)
+    }
+
+    /// Receipts asked for on a response topic whose deliveries are all settled, or that have
+    /// waited `report_after`; each is reported once.
+    pub fn due_reports(&self, now: Instant) -> Vec<Arc<Receipt>> {
+        let after = std::time::Duration::from_secs(self.config.report_after);
+        let index = self.index.lock().expect("receipts lock");
+        index
+            .by_id
+            .values()
+            .filter(|r| r.report_to.is_some() && !r.reported.load(Relaxed))
+            .filter(|r| r.pending() == 0 || now.duration_since(r.received_at) >= after)
+            .filter(|r| !r.reported.swap(true, Relaxed))
+            .cloned()
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.lock().expect("receipts lock").by_id.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Writes the receipts that changed to the store and removes those past the retention.
+pub fn flush(broker: &crate::broker::Broker) {
+    let (changed, expired) = broker.receipts.take_changes();
+    if changed.is_empty() && expired.is_empty() {
+        return;
+    }
+    let mut txn = crate::store::Txn::default();
+    for r in &changed {
+        txn.put_receipt(r.id, r.encode());
+    }
+    for id in expired {
+        txn.remove_receipt(id);
+    }
+    broker.store.commit(txn);
+}
+
+/// Once a second: writes the receipts that changed to the store and removes those past the
+/// retention, and publishes the receipts asked for on a response topic once their deliveries
+/// are settled (or `report_after` has passed).
+pub async fn maintain(broker: Arc<crate::broker::Broker>) {
+    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let b = broker.clone();
+        let flushed = tokio::task::spawn_blocking(move || flush(&b)).await;
+        if flushed.is_err() {
+            tracing::error!("writing receipts failed");
+        }
+        for r in broker.receipts.due_reports(Instant::now()) {
+            let Some(to) = &r.report_to else { continue };
+            let body = serde_json::to_vec(&r.to_json()).expect("JSON values serialize");
+            let mut m = crate::session::Message::new(
+                to.response_topic.clone(),
+                body.into(),
+                crate::codec::QoS::AtLeastOnce,
+                false,
+            );
+            m.properties.correlation_data = to.correlation_data.clone();
+            m.properties.content_type = Some("application/json".into());
+            m.properties.user_properties.push((MSG_ID_PROPERTY.into(), message_id_text(r.id)));
+            broker.publish(Arc::new(m));
+        }
+    }
+}
+
+trait OldReceipt {
+    fn is_none_or_old(self, now_ms: u64, retention_ms: u64) -> bool;
+}
+
+impl OldReceipt for Option<&Arc<Receipt>> {
+    fn is_none_or_old(self, now_ms: u64, retention_ms: u64) -> bool {
+        match self {
+            None => true,
+            Some(r) => now_ms.saturating_sub(r.published_ms) > retention_ms,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::QoS;
+    use crate::session::Message;
+
+    fn config() -> ReceiptsConfig {
+        ReceiptsConfig { max_in_memory: 3, ..ReceiptsConfig::default() }
+    }
+
+    fn story(id: &str) -> Message {
+        let mut m = Message::new("news/x".into(), bytes::Bytes::from_static(b"s"), QoS::AtLeastOnce, false);
+        m.properties.user_properties.push((STORY_ID.into(), id.into()));
+        m
+    }
+
+    #[test]
+    fn counts_pending_and_quantiles() {
+        let r = Receipt::new(1, "news/x", None, 1, Instant::now());
+        r.add(Count::Routed, 5);
+        r.add(Count::DeliveredQos0, 1);
+        r.add(Count::DroppedOldest, 1);
+        r.acknowledged(Instant::now());
+        assert_eq!((r.pending(), r.dropped()), (2, 1));
+        let v = r.to_json();
+        assert_eq!((v["routed"].as_u64(), v["acknowledged"].as_u64(), v["pending"].as_u64()), (Some(5), Some(1), Some(2)));
+        assert_eq!(v["ack_latency_ms"]["p99"].as_u64(), Some(5));
+        assert_eq!(v["dropped_by"]["drop_oldest"], 1);
+        let back = Receipt::decode(&r.encode()).unwrap();
+        assert_eq!(back.to_json(), v, "the store keeps everything the JSON shows");
+    }
+
+    #[test]
+    fn a_story_id_within_the_window_is_a_duplicate_and_memory_is_bounded() {
+        let receipts = Receipts::new(config());
+        let now = Instant::now();
+        assert!(matches!(receipts.admit(10, &story("a"), now), Admission::New(Some(_))));
+        assert!(matches!(receipts.admit(11, &story("a"), now), Admission::Duplicate(10)));
+        assert!(matches!(receipts.admit(12, &story("b"), now), Admission::New(Some(_))));
+        assert_eq!(receipts.find("a").unwrap().id, 10);
+        assert_eq!(receipts.find(&format!("{:016x}", 12)).unwrap().id, 12);
+        for id in 13..20 {
+            let m = Message::new("t".into(), bytes::Bytes::new(), QoS::AtLeastOnce, false);
+            receipts.admit(id, &m, now);
+        }
+        assert_eq!(receipts.len(), 3, "max_in_memory");
+        assert!(receipts.find("a").is_none(), "evicted with its receipt");
+        let qos0 = Message::new("t".into(), bytes::Bytes::new(), QoS::AtMostOnce, false);
+        assert!(matches!(receipts.admit(30, &qos0, now), Admission::New(None)), "QoS 0 is not tracked by default");
+    }
+}
