@@ -163,9 +163,7 @@ impl Receipt {
     }
 
     pub fn dropped(&self) -> u32 {
-        (Count::DroppedQueueFull as usize..=Count::DroppedShed as usize)
-            .map(|i| self.counts[i].load(Relaxed))
-            .sum()
+        (Count::DroppedQueueFull as usize..=Count::DroppedShed as usize).map(|i| self.counts[i].load(Relaxed)).sum()
     }
 
     /// The acknowledgement latency at quantile `q`, as the upper bound of its bucket (ms).
@@ -301,8 +299,7 @@ impl Receipts {
     /// Decides whether a message accepted now with `id` is new or a retry of a story, and opens
     /// its receipt if it is tracked (`[receipts] enabled`, QoS 1 and 2, or QoS 0 with `qos0`).
     pub fn admit(&self, id: u64, message: &crate::session::Message, now: Instant) -> Admission {
-        let story_id =
-            message.properties.user_properties.iter().find(|(k, _)| k == STORY_ID).map(|(_, v)| v.clone());
+        let story_id = message.properties.user_properties.iter().find(|(k, _)| k == STORY_ID).map(|(_, v)| v.clone());
         let window = std::time::Duration::from_secs(self.config.dedup_window);
         let track = self.config.enabled && (message.qos as u8 > 0 || self.config.qos0);
         if story_id.is_none() && !track {
@@ -518,7 +515,10 @@ mod tests {
         r.acknowledged(Instant::now());
         assert_eq!((r.pending(), r.dropped()), (2, 1));
         let v = r.to_json();
-        assert_eq!((v["routed"].as_u64(), v["acknowledged"].as_u64(), v["pending"].as_u64()), (Some(5), Some(1), Some(2)));
+        assert_eq!(
+            (v["routed"].as_u64(), v["acknowledged"].as_u64(), v["pending"].as_u64()),
+            (Some(5), Some(1), Some(2))
+        );
         assert_eq!(v["ack_latency_ms"]["p99"].as_u64(), Some(5));
         assert_eq!(v["dropped_by"]["drop_oldest"], 1);
         let back = Receipt::decode(&r.encode()).unwrap();

@@ -45,7 +45,11 @@ impl Endpoint {
 /// Posts each event to the endpoint, one at a time, each with a 5 s timeout; failures are
 /// logged and counted, and the event is not retried (the `$SYS` copy is the durable record of
 /// the hand-off for anyone subscribed).
-pub async fn run(endpoint: Endpoint, mut events: mpsc::Receiver<Vec<u8>>, failures: std::sync::Arc<std::sync::atomic::AtomicU64>) {
+pub async fn run(
+    endpoint: Endpoint,
+    mut events: mpsc::Receiver<Vec<u8>>,
+    failures: std::sync::Arc<std::sync::atomic::AtomicU64>,
+) {
     while let Some(body) = events.recv().await {
         let result = tokio::time::timeout(Duration::from_secs(5), post(&endpoint, &body)).await;
         let error = match result {

@@ -102,12 +102,14 @@ impl Connection {
         let wants_id = match self.msg_id_on_ack {
             super::MsgIdOnAck::Never => false,
             super::MsgIdOnAck::Always => true,
-            super::MsgIdOnAck::OnRequest => p.properties.user_properties.iter().any(|(k, _)| {
-                k == crate::receipts::STORY_ID || k == crate::receipts::RECEIPT_REQUEST
-            }),
+            super::MsgIdOnAck::OnRequest => p
+                .properties
+                .user_properties
+                .iter()
+                .any(|(k, _)| k == crate::receipts::STORY_ID || k == crate::receipts::RECEIPT_REQUEST),
         };
-        let shed = self.broker.degraded.load(std::sync::atomic::Ordering::Relaxed)
-            && !self.broker.is_high_priority(&p.topic);
+        let shed =
+            self.broker.degraded.load(std::sync::atomic::Ordering::Relaxed) && !self.broker.is_high_priority(&p.topic);
         if shed && !v5 && p.qos > QoS::AtMostOnce {
             // 3.1.1 cannot be told 0x97: closing without an acknowledgement leaves the story
             // with the publisher, which sends it again once it reconnects.

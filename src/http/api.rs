@@ -37,7 +37,7 @@ pub async fn handle(broker: &Arc<Broker>, req: Request) -> Response {
         "/metrics" | "/api/v1/clients" | "/api/v1/topics" => "GET",
         "/api/v1/publish" | "/api/v1/reload" => "POST",
         p if p.starts_with("/api/v1/clients/") => "GET, DELETE",
-        p if p.starts_with("/api/v1/messages/") && p.ends_with("/receipts") => "GET",
+        p if receipt_key(p).is_some() => "GET",
         _ => return Response::error(404, format!("no such endpoint: {path}")),
     };
     match (method, path.as_str()) {
@@ -47,8 +47,8 @@ pub async fn handle(broker: &Arc<Broker>, req: Request) -> Response {
         ("GET", "/api/v1/topics") => topics(broker, &req).await,
         ("POST", "/api/v1/reload") => reload(broker).await,
         ("GET", p) if p.starts_with("/api/v1/clients/") => get_client(broker, &p["/api/v1/clients/".len()..]),
-        ("GET", p) if p.starts_with("/api/v1/messages/") => {
-            let key = &p["/api/v1/messages/".len()..p.len() - "/receipts".len()];
+        ("GET", p) if receipt_key(p).is_some() => {
+            let key = receipt_key(p).expect("checked");
             match broker.receipts.find(key) {
                 Some(r) => Response::json(200, &r.to_json()),
                 None => Response::error(404, format!("no receipt for {key:?} (message id or story id)")),
@@ -63,6 +63,11 @@ pub async fn handle(broker: &Arc<Broker>, req: Request) -> Response {
             r
         }
     }
+}
+
+/// The message id or story id of `/api/v1/messages/{key}/receipts`.
+fn receipt_key(path: &str) -> Option<&str> {
+    path.strip_prefix("/api/v1/messages/")?.strip_suffix("/receipts").filter(|k| !k.is_empty())
 }
 
 /// `[http] token`: every endpoint but the health checks needs `Authorization: Bearer <token>`.
@@ -238,7 +243,6 @@ async fn publish(broker: &Arc<Broker>, req: &Request) -> Response {
     tracing::info!(id = %crate::receipts::message_id_text(id), %topic, qos, retain, subscribers = outcome.matched, "published over HTTP");
     Response::json(200, &json!({ "id": crate::receipts::message_id_text(id), "subscribers": outcome.matched }))
 }
-
 
 fn client_json(s: &SessionShared) -> Value {
     let connected = s.is_online();
