@@ -549,6 +549,100 @@ async fn fill_publish(mut c: Conn, messages: u64, until: Instant) -> (u64, u64) 
     (messages, acked)
 }
 
+/// Reads PUBLISHes until `stop`, recording the latency of breaking stories (topics under
+/// `news/breaking/`) apart from the rest, which are only counted.
+async fn overload_subscriber(mut c: Conn, breaking: Arc<Received>, normal: Arc<AtomicU64>, stop: Arc<AtomicBool>) {
+    let mut batch = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_millis(200), c.next_batch(&mut batch)).await {
+            Err(_) if stop.load(Relaxed) => break,
+            Err(_) => continue,
+            Ok(false) => break,
+            Ok(true) => {}
+        }
+        let now = now_ns();
+        let mut acks = Vec::new();
+        let mut features = 0;
+        for p in batch.drain(..) {
+            if let Packet::Publish(p) = p {
+                if p.topic.starts_with("news/breaking/") {
+                    let sent = u64::from_be_bytes(p.payload[..8].try_into().unwrap());
+                    let us = (now.saturating_sub(sent) / 1000).min(u32::MAX as u64) as u32;
+                    breaking.latencies_us.lock().unwrap().push(us);
+                    breaking.count.fetch_add(1, Relaxed);
+                } else {
+                    features += 1;
+                }
+                if p.qos == QoS::AtLeastOnce {
+                    acks.push(Packet::PubAck(PubResponse::new(p.packet_id, ReasonCode::SUCCESS)));
+                }
+            }
+        }
+        normal.fetch_add(features, Relaxed);
+        if !acks.is_empty() {
+            c.send(&acks).await;
+        }
+    }
+}
+
+/// The breaking-news lane under overload [issue 7]: `subscribers` readers of `news/#`, 8
+/// publishers of features at QoS 0 as fast as they can (saturating the broker), and one
+/// newsroom publishing a breaking story at QoS 1 `--breaking-rate` times a second. Reports the
+/// latency of the breaking stories at the readers and how many arrived.
+async fn overload(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
+    let subscribers: u32 = o.get("subscribers", 200);
+    let secs: f64 = o.get("duration", 10.0);
+    let breaking_rate: f64 = o.get("breaking-rate", 10.0);
+    let breaking = Arc::new(Received::default());
+    let normal = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut subs = Vec::new();
+    for i in 0..subscribers {
+        let mut c = Conn::open(addr, &format!("bench-overload-sub-{i}")).await;
+        c.subscribe("news/#", QoS::AtLeastOnce).await;
+        subs.push(tokio::spawn(overload_subscriber(c, breaking.clone(), normal.clone(), stop.clone())));
+    }
+    let cpu0 = pid.and_then(broker_cpu_us);
+    let start = Instant::now();
+    let until = start + Duration::from_secs_f64(secs);
+    let mut pubs = Vec::new();
+    for p in 0..8u32 {
+        let c = Conn::open(addr, &format!("bench-overload-features-{p}")).await;
+        pubs.push(tokio::spawn(publisher_loop(c, p, "news/features/x".into(), QoS::AtMostOnce, 0.0, until)));
+    }
+    let newsroom = Conn::open(addr, "bench-overload-newsroom").await;
+    let (sent, _) = publisher_loop(newsroom, 99, "news/breaking/x".into(), QoS::AtLeastOnce, breaking_rate, until).await;
+    let mut features_sent = 0;
+    for p in pubs {
+        features_sent += p.await.map(|(s, _)| s).unwrap_or(0);
+    }
+    // Breaking stories still on their way get a few seconds; features are not waited for.
+    let expect = sent * subscribers as u64;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while breaking.count.load(Relaxed) < expect && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cpu1 = pid.and_then(broker_cpu_us);
+    stop.store(true, Relaxed);
+    for s in subs {
+        let _ = s.await;
+    }
+    let got = breaking.count.load(Relaxed);
+    let mut lat = std::mem::take(&mut *breaking.latencies_us.lock().unwrap());
+    lat.sort_unstable();
+    let mut r = Report::new("overload");
+    r.num("subscribers", subscribers as f64).num("breaking_published", sent as f64);
+    r.num("breaking_delivered", got as f64).num("breaking_lost", expect.saturating_sub(got) as f64);
+    r.num("breaking_p50_ms", percentile(&lat, 0.50)).num("breaking_p99_ms", percentile(&lat, 0.99));
+    r.num("breaking_max_ms", lat.last().copied().unwrap_or(0) as f64 / 1000.0);
+    r.num("features_published", features_sent as f64);
+    r.num("features_delivered_per_s", normal.load(Relaxed) as f64 / secs);
+    if let (Some(a), Some(b)) = (cpu0, cpu1) {
+        r.num("broker_cpu_share", (b - a) as f64 / 1e6 / start.elapsed().as_secs_f64());
+    }
+    r.print();
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let scenario = args.next().unwrap_or_else(|| {
@@ -573,6 +667,7 @@ fn main() {
             "conns" => conns(addr, &o, pid).await,
             "retained" => retained(addr, &o).await,
             "fill" => fill(addr, &o).await,
+            "overload" => overload(addr, &o, pid).await,
             other => panic!("unknown scenario {other}"),
         }
     });

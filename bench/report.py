@@ -153,6 +153,30 @@ if durable:
         figures = ", ".join(f"{k}={fmt(v) if isinstance(v, (int, float)) else v}" for k, v in r.items()
                             if k not in ("broker", "args", "scenario"))
         out.append(f"| {r['broker']} | `{r['args']}` | {figures} |")
+overload_path = __file__.replace("report.py", "overload.jsonl")
+try:
+    overload = [json.loads(line) for line in open(overload_path) if line.strip()]
+except OSError:
+    overload = []
+if overload:
+    out.append("\n## Overload: the breaking-news lane\n")
+    out.append("Written by `bash bench/overload.sh`. 200 readers of `news/#` (QoS 1 subscriptions), 8 publishers of "
+               "features at QoS 0 as fast as they go, so the broker (pinned to one core) is saturated, and one newsroom "
+               "publishing a breaking story (`news/breaking/x`) at QoS 1 ten times a second. `herald-lanes` has "
+               "`[[priority]] news/breaking/# high` and `[degraded] max_queued_messages = 100000`; `herald-plain` "
+               "and Mosquitto have no priority class. Target: breaking stories delivered with p99 < 100 ms.\n")
+    out.append("| broker | breaking p50 ms | breaking p99 ms | breaking max ms | breaking delivered / expected | "
+               "features delivered/s | p99 < 100 ms |")
+    out.append("|---|---|---|---|---|---|---|")
+    for r in overload:
+        if r.get("scenario") != "overload":
+            out.append(f"| {r['broker']} | failed | | | | | |")
+            continue
+        expected = r["breaking_published"] * r["subscribers"]
+        met = "yes" if r["breaking_p99_ms"] < 100 and r["breaking_lost"] == 0 else "**no**"
+        out.append(f"| {r['broker']} | {fmt(r['breaking_p50_ms'])} | {fmt(r['breaking_p99_ms'])} | "
+                   f"{fmt(r['breaking_max_ms'])} | {fmt(r['breaking_delivered'])} / {fmt(expected)} | "
+                   f"{fmt(r['features_delivered_per_s'])} | {met} |")
 try:
     out.append("\n" + open(__file__.replace("report.py", "notes.md")).read())
 except OSError:
