@@ -611,7 +611,8 @@ async fn overload(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
         pubs.push(tokio::spawn(publisher_loop(c, p, "news/features/x".into(), QoS::AtMostOnce, 0.0, until)));
     }
     let newsroom = Conn::open(addr, "bench-overload-newsroom").await;
-    let (sent, _) = publisher_loop(newsroom, 99, "news/breaking/x".into(), QoS::AtLeastOnce, breaking_rate, until).await;
+    let (sent, _) =
+        publisher_loop(newsroom, 99, "news/breaking/x".into(), QoS::AtLeastOnce, breaking_rate, until).await;
     let mut features_sent = 0;
     for p in pubs {
         features_sent += p.await.map(|(s, _)| s).unwrap_or(0);

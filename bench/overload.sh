@@ -50,7 +50,7 @@ level = "warn"
 filter = "news/breaking/#"
 class = "high"
 [degraded]
-max_queued_messages = 100000
+max_queued_messages = 20000
 CONF
 printf 'listener %s 127.0.0.1\nallow_anonymous true\nmax_queued_messages 1000\n' "$PORT" > "$work/mosquitto.conf"
 

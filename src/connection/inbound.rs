@@ -131,9 +131,12 @@ impl Connection {
             tracing::debug!(client_id = %self.client_id, topic = %p.topic, "PUBLISH denied by the ACL");
             reason = ReasonCode::NOT_AUTHORIZED;
         } else if shed {
-            // Degraded mode: normal traffic is refused while high priority keeps flowing.
+            // Degraded mode: normal traffic is refused while high priority keeps flowing, and
+            // the publisher is not read from for a moment: refusing at full speed would only
+            // invite it to send faster.
             self.broker.metrics.degraded_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             reason = ReasonCode::QUOTA_EXCEEDED;
+            self.paused_until = Some(Instant::now() + super::SHED_PAUSE);
         } else if !duplicate_qos2 {
             let mut properties = std::mem::take(&mut p.properties);
             properties.subscription_identifiers.clear();

@@ -141,6 +141,7 @@ pub async fn serve(broker: Arc<Broker>, stream: Socket, origin: Origin) {
         publish_second: 0,
         publishes_this_second: 0,
         high_reserve: 0,
+        paused_until: None,
         lanes: false,
         msg_id_on_ack: MsgIdOnAck::Never,
         retry_after: None,
@@ -203,6 +204,8 @@ pub struct Connection {
     high_reserve: usize,
     /// When 5.0 acknowledgements carry the `herald-msg-id` user property.
     msg_id_on_ack: MsgIdOnAck,
+    /// Input is not read until then: a publisher of refused normal traffic in degraded mode.
+    paused_until: Option<Instant>,
     /// Whether the session has a high-priority lane (there are `[[priority]]` rules).
     lanes: bool,
     /// `[delivery] retry_after` for a 3.1.1 client; None for 5.0, which may not be resent to on
@@ -226,6 +229,13 @@ pub(crate) enum MsgIdOnAck {
     OnRequest,
     Always,
 }
+
+/// Encoded output above which a session with a high-priority lane takes no more normal
+/// deliveries (`mqtt.max_outbound_bytes` still bounds the whole).
+const NORMAL_OUTPUT_WITH_LANES: usize = 64 * 1024;
+
+/// How long a publisher whose normal PUBLISH was refused in degraded mode is not read from.
+const SHED_PAUSE: Duration = Duration::from_millis(100);
 
 /// Acknowledgements a client may have waiting for the store before its input is no longer
 /// read: bounds the memory a publisher can hold while the disk is slow.
@@ -267,16 +277,24 @@ impl Connection {
             // Above the outbound limit the client reads slower than we write: stop taking on
             // more (its queue fills, publishers wait or drop for it) and stop reading its input
             // until the socket has taken some.
+            if self.paused_until.is_some_and(|t| Instant::now() >= t) {
+                self.paused_until = None;
+            }
             let room = self.out.pending_bytes() < limit && self.acks.len() < MAX_UNCOMMITTED_ACKS;
-            let window_open = room && self.window_open();
+            let reading = room && self.paused_until.is_none();
+            // With a high-priority lane, normal deliveries stop at a small amount of encoded
+            // output, so that a breaking story finds little ahead of it in the byte stream;
+            // the backlog waits in the mailbox, which the lane overtakes.
+            let window_open =
+                room && self.window_open() && !(self.lanes && self.out.pending_bytes() >= NORMAL_OUTPUT_WITH_LANES);
             let high_window_open = room && self.lanes && self.high_window_open();
             let writing = self.out.has_pending();
             let keep_alive = self.keep_alive.map(|k| self.last_inbound + k);
-            let deadline = match (keep_alive, self.next_retry) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            }
-            .map(tokio::time::Instant::from_std);
+            let deadline = [keep_alive, self.next_retry, self.paused_until]
+                .into_iter()
+                .flatten()
+                .min()
+                .map(tokio::time::Instant::from_std);
             let stall = self
                 .last_write_progress
                 .map(|t| tokio::time::Instant::from_std(t + self.keep_alive.unwrap_or(Duration::from_secs(60))));
@@ -288,7 +306,7 @@ impl Connection {
                 k = &mut self.kick_rx => Event::Kick(k.ok()),
                 _ = committed_changed(&mut self.committed) => Event::Committed,
                 r = self.stream.writable(), if writing => Event::Writable(r),
-                r = self.stream.readable(), if room => Event::Readable(r),
+                r = self.stream.readable(), if reading => Event::Readable(r),
                 _ = urgent_notified(urgent), if high_window_open => Event::Urgent,
                 d = state.mailbox.recv(), if window_open => Event::Delivery(d),
                 _ = sleep_until(deadline) => Event::Timer,
@@ -548,7 +566,8 @@ impl Connection {
                 budget -= 1;
             }
         }
-        while budget > 0 && self.window_open() {
+        while budget > 0 && self.window_open() && !(self.lanes && self.out.pending_bytes() >= NORMAL_OUTPUT_WITH_LANES)
+        {
             let state = &mut self.session.as_mut().expect("session").1;
             let next = match state.pop_pending() {
                 Some(d) => d,
@@ -600,6 +619,15 @@ impl Connection {
         } else {
             None
         };
+        if d.qos == crate::codec::QoS::AtMostOnce
+            && !d.message.is_high()
+            && self.broker.degraded.load(Ordering::Relaxed)
+        {
+            // Degraded mode sheds normal QoS 0 first, the backlog included [issue 7].
+            metrics.degraded_shed.fetch_add(1, Ordering::Relaxed);
+            d.message.count(crate::receipts::Count::DroppedShed);
+            return;
+        }
         if self.acl.as_ref().is_some_and(|acl| !acl.can_read(&d.message.topic)) {
             // Checked per message: a retained message or a resumed session's queue obeys the
             // rules of this connection, which may be newer than the subscription.
