@@ -60,14 +60,21 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ReceiptsConfig {
-    /// Keep receipts for QoS 1 and 2 messages.
-    pub enabled: bool,
-    /// Also for QoS 0 messages.
+    /// Which messages get a receipt: "stories" (a `story-id` user property, the HTTP API, or a
+    /// topic matching `topics`), "all" (every QoS 1 and 2 message, and QoS 0 with `qos0`;
+    /// costs about 1 us of CPU per message, docs/benchmarks.md), or "none".
+    pub track: TrackReceipts,
+    /// Topic filters whose messages are tracked as stories even without a `story-id`.
+    pub topics: Vec<String>,
+    /// With `track = "all"`, QoS 0 messages too.
     pub qos0: bool,
     /// Receipts held in memory (and so readable), the newest.
     pub max_in_memory: usize,
     /// Seconds a receipt is kept (in memory and in the store) after its message was published.
     pub retention: u64,
+    /// Which receipts the store keeps: "stories" (messages with a `story-id` user property or
+    /// published through the HTTP API), "all", or "none". Every tracked receipt is in memory.
+    pub persist: PersistReceipts,
     /// Seconds within which a PUBLISH with a `story-id` seen before is a duplicate; 0: off.
     pub dedup_window: u64,
     /// Seconds after which a receipt asked for on a response topic is sent even if deliveries
@@ -78,14 +85,32 @@ pub struct ReceiptsConfig {
 impl Default for ReceiptsConfig {
     fn default() -> Self {
         Self {
-            enabled: true,
+            track: TrackReceipts::Stories,
+            topics: Vec::new(),
             qos0: false,
             max_in_memory: 100_000,
             retention: 86_400,
+            persist: PersistReceipts::Stories,
             dedup_window: 600,
             report_after: 60,
         }
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrackReceipts {
+    Stories,
+    All,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PersistReceipts {
+    Stories,
+    All,
+    None,
 }
 
 /// Retries for 3.1.1 subscribers and the hand-off of undelivered messages.
@@ -578,6 +603,12 @@ impl Config {
         }
         if !(0.0..1.0).contains(&self.degraded.recover_at) {
             return invalid("degraded.recover_at", "must be between 0 and 1");
+        }
+        if let Some(f) = self.receipts.topics.iter().find(|f| !crate::codec::is_valid_topic_filter(f)) {
+            return Err(ConfigError::Invalid {
+                key: "receipts.topics",
+                message: format!("{f:?} is not a topic filter"),
+            });
         }
         if self.receipts.max_in_memory == 0 {
             return invalid("receipts.max_in_memory", "must be at least 1");

@@ -71,7 +71,7 @@ pub fn restore(broker: &Broker, recovered: Recovered) {
                         serial: 0,
                         delivery,
                         state: out_state,
-                        sent_at: None,
+                        sent_tick: 0,
                         retries: 0,
                     });
                 }

@@ -201,9 +201,9 @@ pub struct OutInflight {
     pub serial: u64,
     pub delivery: Delivery,
     pub state: OutState,
-    /// When it was last sent, for the retries to 3.1.1 clients (`[delivery] retry_after`);
-    /// None where there are no retries.
-    pub sent_at: Option<Instant>,
+    /// The connection's retry tick when it was last sent (`Connection::retry_tick`): retries
+    /// are counted in ticks of `[delivery] retry_after`, so that sending needs no clock.
+    pub sent_tick: u32,
     /// Times it was sent again on the same connection; one more than `max_retries` once it
     /// was handed off as undelivered.
     pub retries: u8,
@@ -567,7 +567,7 @@ mod tests {
             serial: s.allocations,
             delivery: delivery(),
             state: OutState::AwaitPubAck,
-            sent_at: None,
+            sent_tick: 0,
             retries: 0,
         });
         let mut seen = std::collections::HashSet::new();

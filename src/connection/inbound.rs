@@ -220,7 +220,8 @@ impl Connection {
             if let Some(m) = state.inflight.remove(pos) {
                 let metrics = &self.broker.metrics;
                 metrics.deliveries_acknowledged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let now = Instant::now();
+                // The time this input was read: close enough, and no clock reading per ack.
+                let now = self.last_inbound;
                 let message = &m.delivery.message;
                 metrics.ack_latency.observe(now.saturating_duration_since(message.received_at).as_micros() as u64);
                 if let Some(r) = message.receipt.get() {

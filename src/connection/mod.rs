@@ -146,6 +146,7 @@ pub async fn serve(broker: Arc<Broker>, stream: Socket, origin: Origin) {
         msg_id_on_ack: MsgIdOnAck::Never,
         retry_after: None,
         next_retry: None,
+        retry_tick: 0,
     };
     let close = conn.run().await;
     conn.finish(close).await;
@@ -211,8 +212,10 @@ pub struct Connection {
     /// `[delivery] retry_after` for a 3.1.1 client; None for 5.0, which may not be resent to on
     /// the same connection [MQTT-4.4.0-1].
     retry_after: Option<Duration>,
-    /// When the oldest unacknowledged message is due for a retry.
+    /// The next retry tick, while QoS 1/2 messages are in flight to a 3.1.1 client.
     next_retry: Option<Instant>,
+    /// Retry ticks so far (`retry_unacknowledged`).
+    retry_tick: u32,
 }
 
 /// Deliveries per message the latency histogram records, at least (see `start_delivery`).
@@ -663,11 +666,11 @@ impl Connection {
             Written::Sent => {
                 metrics.hot.add(crate::metrics::Hot::MessagesSent, 1);
                 d.message.count(crate::receipts::Count::Sent);
-                let sent_at = self.retry_after.map(|after| {
-                    let at = now.unwrap_or_else(Instant::now);
-                    self.next_retry.get_or_insert(at + after);
-                    at
-                });
+                if let (Some(after), None) = (self.retry_after, self.next_retry) {
+                    // The first message in flight starts the retry ticks: one clock reading per
+                    // busy period, not per message.
+                    self.next_retry = Some(now.unwrap_or_else(Instant::now) + after);
+                }
                 if let Some(us) = latency_us {
                     metrics.delivery_latency.observe(us);
                 }
@@ -687,7 +690,7 @@ impl Connection {
                     serial,
                     delivery: d,
                     state: out_state,
-                    sent_at,
+                    sent_tick: self.retry_tick,
                     retries: 0,
                 });
             }
@@ -695,25 +698,27 @@ impl Connection {
     }
 
     /// Sends again, with DUP, the QoS 1 and 2 messages a 3.1.1 client has not acknowledged
-    /// within `retry_after` (doubling after each retry), at most `max_retries` times; after
-    /// that the message is handed off as undelivered once and stays in flight, so that it is
-    /// still resent when the client reconnects [MQTT-4.4.0-1] [issue 7].
+    /// (doubling the wait after each retry), at most `max_retries` times; after that the
+    /// message is handed off as undelivered once and stays in flight, so that it is still resent
+    /// when the client reconnects [MQTT-4.4.0-1] [issue 7].
+    ///
+    /// Runs once per tick of `retry_after` while messages are in flight. A message is due when
+    /// `2^retries + 1` ticks have passed since it was sent: the first retry comes between one and
+    /// two `retry_after` after sending, and sending never reads the clock.
     fn retry_unacknowledged(&mut self, now: Instant) {
         let Some(base) = self.retry_after else { return };
-        let max_retries = self.broker.config.delivery.max_retries.min(30) as u8;
-        let mut next: Option<Instant> = None;
+        self.retry_tick = self.retry_tick.wrapping_add(1);
+        let tick = self.retry_tick;
+        let max_retries = self.broker.config.delivery.max_retries.min(20) as u8;
         let mut handoff = Vec::new();
+        let mut waiting = false;
         let state = &mut self.session.as_mut().expect("session").1;
         for m in state.inflight.iter_mut() {
-            let (Some(sent_at), OutState::AwaitPubAck | OutState::AwaitPubRec) = (m.sent_at, m.state) else {
-                continue;
-            };
-            if m.retries > max_retries {
-                continue; // handed off already
+            if !matches!(m.state, OutState::AwaitPubAck | OutState::AwaitPubRec) || m.retries > max_retries {
+                continue; // past PUBREC, or handed off already
             }
-            let due = sent_at + base * (1u32 << m.retries);
-            if now < due {
-                next = Some(next.map_or(due, |n| n.min(due)));
+            waiting = true;
+            if tick.wrapping_sub(m.sent_tick) < (1u32 << m.retries) + 1 {
                 continue;
             }
             if m.retries == max_retries {
@@ -724,14 +729,12 @@ impl Connection {
             let expiry = m.delivery.message.remaining_expiry(now);
             if let Written::Sent = self.out.publish(&m.delivery, m.packet_id, true, expiry) {
                 m.retries += 1;
-                m.sent_at = Some(now);
+                m.sent_tick = tick;
                 self.broker.metrics.retries.fetch_add(1, Ordering::Relaxed);
                 m.delivery.message.count(crate::receipts::Count::Retries);
-                let due = now + base * (1u32 << m.retries);
-                next = Some(next.map_or(due, |n| n.min(due)));
             }
         }
-        self.next_retry = next;
+        self.next_retry = waiting.then(|| now + base);
         for message in handoff {
             self.broker.undelivered(&self.client_id, &message, "no acknowledgement after retries");
         }
@@ -763,7 +766,7 @@ impl Connection {
                     if let Written::Sent = self.out.publish(&m.delivery, m.packet_id, true, expiry) {
                         let mut m = m;
                         if let Some(after) = self.retry_after {
-                            m.sent_at = Some(now);
+                            m.sent_tick = self.retry_tick;
                             self.next_retry.get_or_insert(now + after);
                         }
                         keep.push_back(m);
