@@ -193,8 +193,9 @@ impl Receipt {
             v => Value::from(v),
         };
         let mut dropped_by = serde_json::Map::new();
-        for i in Count::DroppedQueueFull as usize..=Count::DroppedShed as usize {
-            dropped_by.insert(COUNTS[i].to_owned(), Value::from(self.counts[i].load(Relaxed)));
+        let causes = Count::DroppedQueueFull as usize..=Count::DroppedShed as usize;
+        for (name, count) in COUNTS[causes.clone()].iter().zip(&self.counts[causes]) {
+            dropped_by.insert((*name).to_owned(), Value::from(count.load(Relaxed)));
         }
         json!({
             "id": message_id_text(self.id),
@@ -436,7 +437,7 @@ impl Receipts {
         for shard in &self.shards {
             let mut shard = shard.lock().expect("receipts lock");
             while let Some(&oldest) = shard.order.front() {
-                if !shard.by_id.get(&oldest).is_none_or_old(now_ms, retention_ms) {
+                if !past_retention(shard.by_id.get(&oldest), now_ms, retention_ms) {
                     break;
                 }
                 shard.order.pop_front();
@@ -527,17 +528,9 @@ pub async fn maintain(broker: Arc<crate::broker::Broker>) {
     }
 }
 
-trait OldReceipt {
-    fn is_none_or_old(self, now_ms: u64, retention_ms: u64) -> bool;
-}
-
-impl OldReceipt for Option<&Arc<Receipt>> {
-    fn is_none_or_old(self, now_ms: u64, retention_ms: u64) -> bool {
-        match self {
-            None => true,
-            Some(r) => now_ms.saturating_sub(r.published_ms) > retention_ms,
-        }
-    }
+/// Whether the receipt is gone or older than the retention.
+fn past_retention(r: Option<&Arc<Receipt>>, now_ms: u64, retention_ms: u64) -> bool {
+    r.map_or(true, |r| now_ms.saturating_sub(r.published_ms) > retention_ms)
 }
 
 #[cfg(test)]

@@ -303,7 +303,7 @@ impl Connection {
                 .map(|t| tokio::time::Instant::from_std(t + self.keep_alive.unwrap_or(Duration::from_secs(60))));
             let (shared, state) = self.session.as_mut().expect("session after handshake");
             let more_pending = window_open && !state.pending.is_empty();
-            let urgent = shared.urgent.get();
+            let urgent = shared.urgent.get().map(|u| &**u);
             let event = tokio::select! {
                 biased;
                 k = &mut self.kick_rx => Event::Kick(k.ok()),
@@ -934,7 +934,7 @@ pub fn will_message(will: Will, publisher: u64, id: u64) -> Arc<Message> {
 }
 
 /// Ready when a high-priority delivery is signalled; never for a session without the lane.
-async fn urgent_notified(urgent: Option<&Box<crate::session::Urgent>>) {
+async fn urgent_notified(urgent: Option<&crate::session::Urgent>) {
     match urgent {
         Some(u) => u.notify.notified().await,
         None => std::future::pending().await,
