@@ -436,3 +436,33 @@ async fn degraded_mode_sheds_normal_traffic_and_keeps_breaking_news_flowing() {
     let ack = publish_acked(&mut cms, publish_msg("news/features/x", b"again", QoS::AtLeastOnce, 63)).await;
     assert_eq!(ack.reason, ReasonCode::SUCCESS);
 }
+
+/// With Mosquitto's command-line clients: a story published twice with the same `story-id`
+/// (mosquitto_pub -D publish user-property) reaches a mosquitto_sub reader once.
+#[test]
+fn mosquitto_clients_see_a_repeated_story_once() {
+    use std::process::{Command, Stdio};
+    let b = start_toml("");
+    let port = b.port().to_string();
+    let reader = Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-V", "mqttv5", "-q", "1", "-t", "news/#", "-W", "3", "-v"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("mosquitto_sub runs (scripts/install-deps.sh installs it)");
+    std::thread::sleep(Duration::from_millis(500));
+    for payload in ["Quake hits coast", "Quake hits coast (resent)"] {
+        let ok = Command::new("mosquitto_pub")
+            .args(["-h", "127.0.0.1", "-p", &port, "-V", "mqttv5", "-q", "1", "-t", "news/world/quake"])
+            .args(["-D", "publish", "user-property", "story-id", "s-mosq", "-m", payload])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+    let out = reader.wait_with_output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text.lines().collect::<Vec<_>>(), ["news/world/quake Quake hits coast"], "{text}");
+    assert_eq!(b.broker.receipts.duplicates.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert!(b.broker.receipts.find("s-mosq").is_some(), "the story has a receipt");
+}
