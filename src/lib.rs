@@ -20,7 +20,8 @@
 //! `session` (session state and messages), `metrics` (counters, histograms, the snapshot),
 //! `sys` (the `$SYS` tree), `http` (/metrics, health and the admin API), `logging` (text or
 //! JSON lines), `store` (RocksDB: retained messages and persistent sessions, group commit),
-//! `recovery` (rebuilding state from the store).
+//! `recovery` (rebuilding state from the store), `receipts` (delivery receipts, story
+//! deduplication), `webhook` (hand-off of undelivered messages), `pressure` (degraded mode).
 
 pub mod auth;
 pub mod broker;
