@@ -206,17 +206,14 @@ impl Connection {
             // Made before any delivery can look for it, so no wake-up is missed.
             shared.urgent();
             let reserve = self.broker.config.delivery.high_priority_inflight;
-            self.high_reserve = reserve.min(self.receive_window / 2);
+            self.high_reserve = reserve.min(self.receive_window / 2).min(usize::from(u16::MAX)) as u16;
             self.lanes = true;
         }
         if v5 && c.properties.request_problem_information != Some(0) {
             let asked = c.properties.user_properties.iter().any(|(k, _)| k == crate::receipts::MSG_ID_PROPERTY);
             self.msg_id_on_ack = if asked { super::MsgIdOnAck::Always } else { super::MsgIdOnAck::OnRequest };
         }
-        let retry_after = self.broker.config.delivery.retry_after;
-        if !v5 && retry_after > 0 {
-            self.retry_after = Some(Duration::from_secs(retry_after));
-        }
+        self.retries = !v5 && self.broker.config.delivery.retry_after > 0;
         self.broker.metrics.client_connected();
         self.broker.metrics.hot.add(crate::metrics::Hot::PacketsReceived, 1);
         shared.ownership.lock().expect("ownership lock").client = crate::session::ClientInfo {

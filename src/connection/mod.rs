@@ -144,7 +144,7 @@ pub async fn serve(broker: Arc<Broker>, stream: Socket, origin: Origin) {
         paused_until: None,
         lanes: false,
         msg_id_on_ack: MsgIdOnAck::Never,
-        retry_after: None,
+        retries: false,
         next_retry: None,
         retry_tick: 0,
     };
@@ -202,16 +202,16 @@ pub struct Connection {
     publishes_this_second: u32,
     /// In-flight slots of the receive window only high-priority messages may take (0 without
     /// `[[priority]]` rules).
-    high_reserve: usize,
+    high_reserve: u16,
     /// When 5.0 acknowledgements carry the `herald-msg-id` user property.
     msg_id_on_ack: MsgIdOnAck,
     /// Input is not read until then: a publisher of refused normal traffic in degraded mode.
     paused_until: Option<Instant>,
     /// Whether the session has a high-priority lane (there are `[[priority]]` rules).
     lanes: bool,
-    /// `[delivery] retry_after` for a 3.1.1 client; None for 5.0, which may not be resent to on
-    /// the same connection [MQTT-4.4.0-1].
-    retry_after: Option<Duration>,
+    /// Whether unacknowledged messages are sent again (`[delivery] retry_after`): for 3.1.1;
+    /// 5.0 may not be resent to on the same connection [MQTT-4.4.0-1].
+    retries: bool,
     /// The next retry tick, while QoS 1/2 messages are in flight to a 3.1.1 client.
     next_retry: Option<Instant>,
     /// Retry ticks so far (`retry_unacknowledged`).
@@ -537,7 +537,9 @@ impl Connection {
     /// Room in the client's receive window for a normal message: all of it but the slots kept
     /// for high-priority ones.
     fn window_open(&self) -> bool {
-        self.session.as_ref().is_some_and(|(_, s)| s.inflight.len() + self.high_reserve < self.receive_window)
+        self.session
+            .as_ref()
+            .is_some_and(|(_, s)| s.inflight.len() + usize::from(self.high_reserve) < self.receive_window)
     }
 
     /// Room for a high-priority message: the whole window, which is the client's Receive
@@ -666,7 +668,7 @@ impl Connection {
             Written::Sent => {
                 metrics.hot.add(crate::metrics::Hot::MessagesSent, 1);
                 d.message.count(crate::receipts::Count::Sent);
-                if let (Some(after), None) = (self.retry_after, self.next_retry) {
+                if let (Some(after), None) = (self.retry_after(), self.next_retry) {
                     // The first message in flight starts the retry ticks: one clock reading per
                     // busy period, not per message.
                     self.next_retry = Some(now.unwrap_or_else(Instant::now) + after);
@@ -697,6 +699,10 @@ impl Connection {
         }
     }
 
+    fn retry_after(&self) -> Option<Duration> {
+        self.retries.then(|| Duration::from_secs(self.broker.config.delivery.retry_after))
+    }
+
     /// Sends again, with DUP, the QoS 1 and 2 messages a 3.1.1 client has not acknowledged
     /// (doubling the wait after each retry), at most `max_retries` times; after that the
     /// message is handed off as undelivered once and stays in flight, so that it is still resent
@@ -706,7 +712,7 @@ impl Connection {
     /// `2^retries + 1` ticks have passed since it was sent: the first retry comes between one and
     /// two `retry_after` after sending, and sending never reads the clock.
     fn retry_unacknowledged(&mut self, now: Instant) {
-        let Some(base) = self.retry_after else { return };
+        let Some(base) = self.retry_after() else { return };
         self.retry_tick = self.retry_tick.wrapping_add(1);
         let tick = self.retry_tick;
         let max_retries = self.broker.config.delivery.max_retries.min(20) as u8;
@@ -753,6 +759,7 @@ impl Connection {
     /// with DUP set, or PUBREL for messages already past PUBREC.
     fn resend_inflight(&mut self) {
         let now = Instant::now();
+        let retry_after = self.retry_after();
         let state = &mut self.session.as_mut().expect("session").1;
         let mut keep = std::collections::VecDeque::new();
         for m in std::mem::take(&mut state.inflight) {
@@ -765,7 +772,7 @@ impl Connection {
                     let expiry = m.delivery.message.remaining_expiry(now);
                     if let Written::Sent = self.out.publish(&m.delivery, m.packet_id, true, expiry) {
                         let mut m = m;
-                        if let Some(after) = self.retry_after {
+                        if let Some(after) = retry_after {
                             m.sent_tick = self.retry_tick;
                             self.next_retry.get_or_insert(now + after);
                         }
