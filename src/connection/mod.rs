@@ -327,7 +327,10 @@ impl Connection {
                     if keep_alive.is_some_and(|k| now >= k) {
                         Err(Close::KeepAliveTimeout)
                     } else {
-                        self.retry_unacknowledged(now);
+                        // Also woken for the end of a pause: a retry tick only when one is due.
+                        if self.next_retry.is_some_and(|t| now >= t) {
+                            self.retry_unacknowledged(now);
+                        }
                         Ok(())
                     }
                 }
