@@ -465,7 +465,11 @@ impl Receipts {
                     .by_id
                     .values()
                     .filter(|r| r.report_to.is_some() && !r.reported.load(Relaxed))
-                    .filter(|r| r.pending() == 0 || now.duration_since(r.received_at) >= after)
+                    // A moment's grace: a receipt is opened just before its message is routed.
+                    .filter(|r| {
+                        let age = now.duration_since(r.received_at);
+                        (r.pending() == 0 && age >= std::time::Duration::from_millis(200)) || age >= after
+                    })
                     .filter(|r| !r.reported.swap(true, Relaxed))
                     .cloned(),
             );
