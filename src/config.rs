@@ -160,11 +160,13 @@ pub struct DegradedConfig {
     pub max_memory_mb: u64,
     /// Leave it when every measure is below this fraction of its bound.
     pub recover_at: f64,
+    /// Stay in it at least this long (ms) once entered.
+    pub min_duration_ms: u64,
 }
 
 impl Default for DegradedConfig {
     fn default() -> Self {
-        Self { max_queued_messages: 0, max_memory_mb: 0, recover_at: 0.8 }
+        Self { max_queued_messages: 0, max_memory_mb: 0, recover_at: 0.8, min_duration_ms: 1000 }
     }
 }
 

@@ -49,6 +49,8 @@ pub async fn monitor(broker: Arc<Broker>) {
         return;
     }
     let mut pause = EVERY;
+    let mut entered = std::time::Instant::now();
+    let hold = Duration::from_millis(broker.config.degraded.min_duration_ms);
     loop {
         tokio::time::sleep(pause).await;
         let b = broker.clone();
@@ -58,8 +60,11 @@ pub async fn monitor(broker: Arc<Broker>) {
         let degraded = broker.degraded.load(Ordering::Relaxed);
         if !degraded && level >= 1.0 {
             broker.degraded.store(true, Ordering::Relaxed);
+            entered = std::time::Instant::now();
             warn!(queued, resident_mb = memory >> 20, "entering degraded mode: shedding normal traffic");
-        } else if degraded && level < broker.config.degraded.recover_at {
+        } else if degraded && level < broker.config.degraded.recover_at && entered.elapsed() >= hold {
+            // Held for `min_duration_ms` at least: every exit lets the flood that caused the
+            // mode back in at once, and each such burst is what a breaking story may wait behind.
             broker.degraded.store(false, Ordering::Relaxed);
             info!(queued, resident_mb = memory >> 20, "leaving degraded mode");
         }
