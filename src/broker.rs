@@ -494,8 +494,9 @@ impl Broker {
         if high {
             message.high.store(true, std::sync::atomic::Ordering::Relaxed);
         }
-        // Degraded mode sheds normal QoS 0 deliveries first [issue 7].
-        let shed_qos0 = !high && self.degraded.load(std::sync::atomic::Ordering::Relaxed);
+        // Degraded mode sheds normal QoS 0 deliveries first [issue 7]; never `$SYS`, which is
+        // how operators (and the undelivered hand-off) hear about it.
+        let shed_qos0 = !high && !sys && self.degraded.load(std::sync::atomic::Ordering::Relaxed);
         let mut routed = 0u32;
         let mut outcome = RouteOutcome::default();
         // Deliveries to persistent sessions are placed only once their queue entries are

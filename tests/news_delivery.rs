@@ -387,10 +387,11 @@ async fn breaking_news_overtakes_a_backlog_of_features() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn degraded_mode_sheds_normal_traffic_and_keeps_breaking_news_flowing() {
     let (b, http) = broker(
-        "[degraded]\nmax_queued_messages = 50\n\
+        "[sys]\ninterval = 1\n[degraded]\nmax_queued_messages = 50\n\
          [[priority]]\nfilter = \"news/breaking/#\"\nclass = \"high\"\n",
     );
     let mut reader = subscriber(&b, "reader", "news/breaking/#", QoS::AtLeastOnce).await;
+    let mut ops = subscriber(&b, "ops", "$SYS/broker/herald/degraded", QoS::AtMostOnce).await;
     // An offline phone's queue builds the pressure.
     offline_session(b.addr, "phone", "news/features/#").await;
     let (mut cms, _) = RawClient::connect(b.addr, connect_packet(V5, "cms", true)).await;
@@ -405,6 +406,15 @@ async fn degraded_mode_sheds_normal_traffic_and_keeps_breaking_news_flowing() {
     }
     let (_, samples) = (0, http_request(http, "GET", "/metrics", &[], b"").2);
     assert!(String::from_utf8_lossy(&samples).contains("\nherald_degraded 1\n"));
+    // `$SYS` is never shed: the mode itself is announced there.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let p = expect_publish(&mut ops).await;
+        if &p.payload[..] == b"1" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "$SYS/broker/herald/degraded never said 1");
+    }
     // Normal: 0x97 for 5.0; high priority: accepted and delivered.
     let ack = publish_acked(&mut cms, publish_msg("news/features/x", b"more", QoS::AtLeastOnce, 61)).await;
     assert_eq!(ack.reason, ReasonCode::QUOTA_EXCEEDED);

@@ -630,6 +630,7 @@ impl Connection {
         if d.qos == crate::codec::QoS::AtMostOnce
             && !d.message.is_high()
             && self.broker.degraded.load(Ordering::Relaxed)
+            && !d.message.topic.starts_with("$SYS/")
         {
             // Degraded mode sheds normal QoS 0 first, the backlog included [issue 7].
             metrics.degraded_shed.fetch_add(1, Ordering::Relaxed);
