@@ -453,7 +453,10 @@ impl Broker {
     /// DISCONNECT 0x8B. Connections learn it through their kick channel, which they watch anyway,
     /// rather than through a shared signal polled on every event.
     pub fn begin_shutdown(&self) {
-        let _ = self.shutdown.send(true);
+        // `send_replace`, not `send`: `send` drops the value when no receiver exists yet, and a
+        // shutdown asked for before `run` starts watching would then be lost (a hang, seen in a
+        // test that ended within microseconds of its broker starting).
+        self.shutdown.send_replace(true);
         let sessions: Vec<Arc<SessionShared>> =
             self.sessions.lock().expect("sessions lock").values().cloned().collect();
         for s in sessions {
@@ -673,6 +676,7 @@ pub async fn run(
     broker: Arc<Broker>,
     bound: Option<tokio::sync::oneshot::Sender<Vec<SocketAddr>>>,
 ) -> std::io::Result<()> {
+    let mut shutdown = broker.shutdown_signal();
     let mut listeners = Vec::new();
     for l in &broker.config.listeners {
         let listener = TcpListener::bind(&l.bind).await?;
@@ -708,7 +712,6 @@ pub async fn run(
         // Not in `tasks`: it drains what is queued after shutdown begins too, until the broker goes.
         tokio::spawn(crate::webhook::run(endpoint, events, broker.webhook_failures.clone()));
     }
-    let mut shutdown = broker.shutdown_signal();
     let _ = shutdown.wait_for(|s| *s).await;
     let grace = std::time::Duration::from_secs(broker.config.shutdown.grace_period);
     info!(grace_secs = grace.as_secs(), "shutting down: no longer accepting connections");

@@ -730,3 +730,21 @@ fn sigterm_disconnects_clients_flushes_the_store_and_loses_nothing_acknowledged(
         assert!(lost.is_empty(), "{} acknowledged messages lost, e.g. {:?}", lost.len(), &lost[..lost.len().min(5)]);
     });
 }
+
+/// A shutdown asked for before `run` starts watching for it is not lost: `run` returns at once.
+/// (A `watch::Sender::send` with no receiver yet drops the value; a test that ended within
+/// microseconds of its broker starting hung on it.)
+#[test]
+fn a_shutdown_asked_for_before_the_broker_runs_is_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n",
+        dir.path().display().to_string()
+    );
+    let broker = herald::broker::Broker::open(herald::config::Config::parse(&text).unwrap()).unwrap();
+    broker.begin_shutdown();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ran =
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), herald::broker::run(broker, None)).await });
+    assert!(matches!(ran, Ok(Ok(()))), "run returned: {ran:?}");
+}
