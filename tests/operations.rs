@@ -214,6 +214,7 @@ async fn histograms_count_every_delivery_store_commit_and_offline_queue() {
     phone.send(&subscribe(1, "alerts/#", QoS::AtLeastOnce)).await;
     expect_suback(&mut phone).await;
     drop(phone);
+    wait_parked(&b, "phone").await;
     let mut reader = subscriber(&b, "reader", "news/#", QoS::AtMostOnce).await;
     let (mut editor, _) = RawClient::connect(b.addr, connect_packet(V311, "editor", true)).await;
     for i in 1..=100u16 {
@@ -422,11 +423,7 @@ async fn clients_are_listed_a_page_at_a_time_with_their_state() {
         connected[1].send(&publish("news/x", b"s", QoS::AtLeastOnce, i)).await;
         assert!(matches!(connected[1].recv().await, Some(Packet::PubAck(_))));
     }
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while b.broker.sessions.lock().unwrap().get("c-phone").is_some_and(|s| s.is_online()) {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_parked(&b, "c-phone").await;
 
     let mut seen = Vec::new();
     let mut path = "/api/v1/clients?limit=2".to_owned();

@@ -330,3 +330,17 @@ pub fn http_json(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16
     );
     (status, serde_json::from_slice(&body).unwrap_or_else(|e| panic!("{path}: not JSON ({e}): {body:?}")))
 }
+
+/// Waits until the session of `client_id` is parked (its connection task saw the socket close),
+/// so that what is published next goes to its offline queue.
+pub async fn wait_parked(b: &TestBroker, client_id: &str) {
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let online = b.broker.sessions.lock().unwrap().get(client_id).is_some_and(|s| s.is_online());
+        if !online {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{client_id} was never parked");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
