@@ -595,7 +595,7 @@ impl Broker {
                 return;
             }
         }
-        if delivery.message.is_high() {
+        let refused = if delivery.message.is_high() {
             // The high-priority lane: ahead of whatever backlog the mailbox holds, and never
             // waited for (a breaking story must not hold its publisher up either).
             let urgent = session.urgent();
@@ -604,27 +604,25 @@ impl Broker {
                 queue.push_back(delivery);
                 drop(queue);
                 urgent.notify.notify_one();
+                None
             } else {
-                drop(queue);
-                outcome.dropped += 1;
-                delivery.message.count(crate::receipts::Count::DroppedQueueFull);
-                if let Some(at) = delivery.queue_ref() {
-                    after.remove_entry(&session.client_id, at);
-                }
+                Some(delivery)
             }
-            return;
-        }
-        match session.mailbox.try_send(delivery) {
-            Ok(()) => {}
-            Err(TrySendError::Full(d)) if can_wait && online && !session.is_congested() => {
-                outcome.blocked.push((session.clone(), d));
-            }
-            Err(TrySendError::Full(d)) | Err(TrySendError::Closed(d)) => {
-                outcome.dropped += 1;
-                d.message.count(crate::receipts::Count::DroppedQueueFull);
-                if let Some(at) = d.queue_ref() {
-                    after.remove_entry(&session.client_id, at);
+        } else {
+            match session.mailbox.try_send(delivery) {
+                Ok(()) => None,
+                Err(TrySendError::Full(d)) if can_wait && online && !session.is_congested() => {
+                    outcome.blocked.push((session.clone(), d));
+                    None
                 }
+                Err(TrySendError::Full(d)) | Err(TrySendError::Closed(d)) => Some(d),
+            }
+        };
+        if let Some(d) = refused {
+            outcome.dropped += 1;
+            d.message.count(crate::receipts::Count::DroppedQueueFull);
+            if let Some(at) = d.queue_ref() {
+                after.remove_entry(&session.client_id, at);
             }
         }
     }

@@ -35,15 +35,6 @@ async fn publish_acked(c: &mut RawClient, p: Publish) -> PubResponse {
     }
 }
 
-/// A persistent 3.1.1 session subscribed to `filter` at QoS 1 whose client has gone offline.
-async fn offline_session(b: &TestBroker, client_id: &str, filter: &str) {
-    let (mut c, _) = RawClient::connect(b.addr, connect_packet(V311, client_id, false)).await;
-    c.send(&subscribe(1, filter, QoS::AtLeastOnce)).await;
-    expect_suback(&mut c).await;
-    drop(c);
-    wait_parked(b, client_id).await;
-}
-
 fn msg_id(ack: &PubResponse) -> String {
     ack.properties
         .user_properties

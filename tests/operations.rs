@@ -210,11 +210,7 @@ async fn metrics_parse_as_prometheus_text_and_agree_with_sys() {
 async fn histograms_count_every_delivery_store_commit_and_offline_queue() {
     let (b, http) = ops_broker(0, "");
     // A persistent 3.1.1 session, offline, gathers 3 messages; a connected one gets 100.
-    let (mut phone, _) = RawClient::connect(b.addr, connect_packet(V311, "phone", false)).await;
-    phone.send(&subscribe(1, "alerts/#", QoS::AtLeastOnce)).await;
-    expect_suback(&mut phone).await;
-    drop(phone);
-    wait_parked(&b, "phone").await;
+    offline_session(&b, "phone", "alerts/#").await;
     let mut reader = subscriber(&b, "reader", "news/#", QoS::AtMostOnce).await;
     let (mut editor, _) = RawClient::connect(b.addr, connect_packet(V311, "editor", true)).await;
     for i in 1..=100u16 {
@@ -406,10 +402,7 @@ async fn http_publish_answers_once_a_persistent_session_has_the_message_in_the_s
 async fn clients_are_listed_a_page_at_a_time_with_their_state() {
     let (b, http) = ops_broker(0, "");
     // An offline persistent session with 3 queued messages.
-    let (mut phone, _) = RawClient::connect(b.addr, connect_packet(V311, "c-phone", false)).await;
-    phone.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
-    expect_suback(&mut phone).await;
-    drop(phone);
+    offline_session(&b, "c-phone", "news/#").await;
     let mut connected = Vec::new();
     for (id, version) in [("c-a", V5), ("c-b", V311), ("c-c", V5), ("c-d", V311)] {
         let (c, _) = RawClient::connect(b.addr, connect_packet(version, id, true)).await;
@@ -423,7 +416,6 @@ async fn clients_are_listed_a_page_at_a_time_with_their_state() {
         connected[1].send(&publish("news/x", b"s", QoS::AtLeastOnce, i)).await;
         assert!(matches!(connected[1].recv().await, Some(Packet::PubAck(_))));
     }
-    wait_parked(&b, "c-phone").await;
 
     let mut seen = Vec::new();
     let mut path = "/api/v1/clients?limit=2".to_owned();

@@ -344,3 +344,13 @@ pub async fn wait_parked(b: &TestBroker, client_id: &str) {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
+
+/// A persistent 3.1.1 session subscribed to `filter` at QoS 1 whose client has gone offline.
+pub async fn offline_session(b: &TestBroker, client_id: &str, filter: &str) {
+    let connect = connect_packet(ProtocolVersion::V3_1_1, client_id, false);
+    let (mut c, _) = RawClient::connect(b.addr, connect).await;
+    c.send(&subscribe(1, filter, herald::codec::QoS::AtLeastOnce)).await;
+    expect_suback(&mut c).await;
+    drop(c);
+    wait_parked(b, client_id).await;
+}
