@@ -4,8 +4,22 @@
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use herald::codec::SubscriptionOptions;
-use herald::router::{parse_filter, MatchCache, Subscription, SubscriptionTree};
-use herald::session::SessionShared;
+use herald::router::{MatchCache, Subscriber};
+use herald::topic::parse_filter;
+
+/// A subscriber as costly to copy into a match result as the broker's `Arc<SessionShared>`:
+/// one reference count.
+#[derive(Clone)]
+struct Session(std::sync::Arc<u64>);
+
+impl Subscriber for Session {
+    fn id(&self) -> u64 {
+        *self.0
+    }
+}
+
+type Subscription = herald::router::Subscription<Session>;
+type SubscriptionTree = herald::router::SubscriptionTree<Session>;
 
 fn filter_for(i: usize) -> String {
     let section = i % 50;
@@ -20,7 +34,7 @@ fn filter_for(i: usize) -> String {
 fn build(n: usize) -> SubscriptionTree {
     let mut tree = SubscriptionTree::default();
     for i in 0..n {
-        let (session, _state) = SessionShared::new(i as u64, format!("c{i}"), 1);
+        let session = Session(std::sync::Arc::new(i as u64));
         let filter = filter_for(i);
         tree.subscribe(
             &parse_filter(&filter).unwrap(),

@@ -9,31 +9,30 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use tokio::net::TcpListener;
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::watch;
-use tracing::{debug, info, warn};
+use tracing::{debug, info};
 
 use crate::auth::Auth;
-use crate::codec::QoS;
+use crate::codec::{QoS, Will};
 use crate::config::Config;
+use crate::message::{Delivery, Message, QueueRef};
 use crate::metrics::Metrics;
+use crate::receipt::Count;
 use crate::retain::RetainedStore;
-use crate::router::{parse_filter, MatchCache, Subscription, SubscriptionTree};
-use crate::session::{Delivery, Message, QueuePolicies, SessionShared, SessionState};
-use crate::store::{QueueRef, Store, StoreError, Txn};
+use crate::session::registry::Registry;
+use crate::session::{QueueDrop, QueuePolicies, Router, SessionShared, Subscription};
+use crate::store::{Recovered, Store, StoreError, Txn};
+use crate::topic::ParsedFilter;
 
 pub struct Broker {
-    pub config: Config,
-    pub router: RwLock<SubscriptionTree>,
-    match_cache: MatchCache,
-    pub retained: RwLock<RetainedStore>,
-    /// Client identifier to session. Lock order: `sessions`, then a session's `ownership`, then
-    /// `router`.
-    pub sessions: Mutex<HashMap<String, Arc<SessionShared>>>,
-    pub metrics: Metrics,
-    pub store: Store,
-    pub queue_policies: QueuePolicies,
+    config: Config,
+    router: Arc<Router>,
+    retained: RwLock<RetainedStore>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    store: Arc<Store>,
+    queue_policies: QueuePolicies,
     /// Authentication and ACL, swapped whole on reload.
     auth: RwLock<Arc<Auth>>,
     /// Per listener, its TLS acceptor (None for plain listeners), swapped on reload.
@@ -42,8 +41,6 @@ pub struct Broker {
     /// Open connections and recent CONNECTs per IP address, kept only while a per-IP limit is on.
     per_ip: Mutex<HashMap<std::net::IpAddr, IpUse>>,
     started: std::time::Instant,
-    /// Sessions read back from the store, whose expiry and wills `run` schedules.
-    pub(crate) restored: Mutex<Vec<crate::recovery::Restored>>,
     next_id: AtomicU64,
     /// Message ids handed out in this run (the low 40 bits of an id).
     message_ids: AtomicU64,
@@ -53,34 +50,23 @@ pub struct Broker {
     /// Set once every listener is bound and cleared when shutdown begins: /readyz.
     listening: std::sync::atomic::AtomicBool,
     /// Delivery receipts and recent story ids.
-    pub receipts: crate::receipts::Receipts,
+    receipts: crate::receipts::Receipts,
     /// Undelivered events for the webhook task (`[delivery] webhook`), and its receiving end
-    /// until `run` starts the task.
+    /// until the server starts the task.
     webhook: Option<tokio::sync::mpsc::Sender<Vec<u8>>>,
     webhook_events: Mutex<Option<tokio::sync::mpsc::Receiver<Vec<u8>>>>,
-    pub webhook_failures: Arc<AtomicU64>,
+    webhook_failures: Arc<AtomicU64>,
     /// Topic filters of the high priority class.
     high_priority: Vec<String>,
     /// Degraded mode (docs/news-delivery.md): normal QoS 0 traffic is shed and new normal
     /// publishes are refused while set.
-    pub degraded: std::sync::atomic::AtomicBool,
+    degraded: std::sync::atomic::AtomicBool,
 }
 
 /// Where undelivered messages are announced.
 pub const UNDELIVERED_TOPIC: &str = "$SYS/broker/herald/undelivered";
 
-/// Session figures for `$SYS` and the API, counted over the registry.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct SessionCounts {
-    pub total: u64,
-    pub online: u64,
-    /// Messages waiting: in mailboxes, and in parked sessions' queues.
-    pub queued: u64,
-    /// Messages in flight in parked sessions (a connected session's in-flight window is its own).
-    pub inflight: u64,
-    /// Payload bytes queued in parked sessions.
-    pub queued_bytes: u64,
-}
+pub use crate::session::registry::SessionCounts;
 
 /// Open connections and CONNECTs in the current second from one IP address.
 #[derive(Default)]
@@ -113,6 +99,44 @@ pub enum BrokerError {
     Tls(#[from] crate::tls::TlsError),
 }
 
+/// What became of one delivery, counted once in the broker's metrics and on the message's
+/// receipt (`Broker::record`), wherever it happened: routing, a parked queue, a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// Sent at QoS 0: done.
+    DeliveredQos0,
+    /// Sent at QoS 1 or 2: in flight until acknowledged.
+    Sent,
+    /// Sent again with DUP to a 3.1.1 client that had not acknowledged it.
+    Retried,
+    /// Its message expired before it could be sent [MQTT-3.3.2-5].
+    Expired,
+    /// Larger than the client's Maximum Packet Size [MQTT-3.1.2-25].
+    TooLarge,
+    /// The reader's ACL no longer lets it read the topic.
+    NotAuthorized,
+    /// Normal QoS 0 shed in degraded mode.
+    Shed,
+    /// A connected session's queue stayed full for longer than its publisher could wait.
+    QueueFull,
+    /// Let go by an offline queue's overflow policy.
+    QueueDropped(QueueDrop),
+}
+
+/// Why a PUBLISH (MQTT or HTTP) was not admitted; each path answers in its own protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PublishRefusal {
+    /// Longer than `limits.max_topic_length`: 5.0 DISCONNECT 0x90, HTTP 400.
+    TopicTooLong,
+    /// More levels than `mqtt.max_topic_levels`: 5.0 DISCONNECT 0x90, HTTP 400.
+    TooManyLevels,
+    /// `$SYS/...` belongs to the broker [MQTT-4.7.2-1]: 5.0 PUBACK 0x87, HTTP 400.
+    SysTopic,
+    /// Degraded mode and the topic is not high priority: 5.0 PUBACK 0x97, 3.1.1 QoS 1/2 closed
+    /// unacknowledged, HTTP 503.
+    Degraded,
+}
+
 /// What routing one message did.
 #[derive(Default)]
 pub struct RouteOutcome {
@@ -127,9 +151,10 @@ pub struct RouteOutcome {
 }
 
 impl Broker {
-    /// Loads the auth files and TLS material, opens the store and rebuilds the retained messages
-    /// and persistent sessions it holds.
-    pub fn open(config: Config) -> Result<Arc<Broker>, BrokerError> {
+    /// Loads the auth files and TLS material and opens the store. Returns what the store held
+    /// (retained messages and persistent sessions) for the server to restore; receipts are
+    /// restored here, and queued messages read back keep counting on theirs.
+    pub fn open(config: Config) -> Result<(Arc<Broker>, Recovered), BrokerError> {
         let auth = Auth::load(&config.auth)?;
         let tls = config
             .listeners
@@ -137,18 +162,31 @@ impl Broker {
             .map(|l| Ok(RwLock::new(if l.is_tls() { Some(crate::tls::acceptor(l)?) } else { None })))
             .collect::<Result<Vec<_>, crate::tls::TlsError>>()?;
         let (store, recovered) = Store::open(&config.storage.path, config.storage.durability)?;
+        let store = Arc::new(store);
         let (shutdown, _) = watch::channel(false);
-        let match_cache = MatchCache::new(config.mqtt.match_cache_size);
+        let router = Arc::new(Router::new(config.mqtt.match_cache_size));
+        let metrics = Arc::new(Metrics::default());
+        let registry =
+            Arc::new(Registry::new(router.clone(), store.clone(), metrics.clone(), config.mqtt.max_queued_messages));
         let limits = Arc::new(config.limits.clone());
         let (webhook, webhook_events) = match &config.delivery.webhook {
             Some(_) => {
-                let (tx, rx) = tokio::sync::mpsc::channel(crate::webhook::QUEUE);
+                let (tx, rx) = tokio::sync::mpsc::channel(config.delivery.webhook_queue.max(1));
                 (Some(tx), Some(rx))
             }
             None => (None, None),
         };
         let receipts = crate::receipts::Receipts::new(config.receipts.clone());
-        receipts.restore(recovered.receipts.iter().filter_map(|v| crate::receipts::Receipt::decode(v)).collect());
+        receipts.restore(recovered.receipts.iter().filter_map(|v| crate::receipt::Receipt::decode(v)).collect());
+        for session in &recovered.sessions {
+            for (_, _, body) in &session.queue {
+                if body.id != 0 && body.receipt.get().is_none() {
+                    if let Some(r) = receipts.by_id(body.id) {
+                        let _ = body.receipt.set(r);
+                    }
+                }
+            }
+        }
         let high_priority = config
             .priority
             .iter()
@@ -158,18 +196,16 @@ impl Broker {
         let broker = Arc::new(Broker {
             queue_policies: QueuePolicies::new(&config.queue_policy),
             config,
-            router: RwLock::default(),
-            match_cache,
+            router,
             retained: RwLock::default(),
-            sessions: Mutex::default(),
-            metrics: Metrics::default(),
+            registry,
+            metrics,
             store,
             auth: RwLock::new(Arc::new(auth)),
             tls,
             limits: RwLock::new(limits),
             per_ip: Mutex::default(),
             started: std::time::Instant::now(),
-            restored: Mutex::default(),
             next_id: AtomicU64::new(1),
             message_ids: AtomicU64::new(1),
             shutdown,
@@ -182,18 +218,90 @@ impl Broker {
             high_priority,
             degraded: std::sync::atomic::AtomicBool::new(false),
         });
-        // Queued messages read back keep counting on their receipts.
-        for session in &recovered.sessions {
-            for (_, _, body) in &session.queue {
-                if body.id != 0 && body.receipt.get().is_none() {
-                    if let Some(r) = broker.receipts.by_id(body.id) {
-                        let _ = body.receipt.set(r);
-                    }
-                }
-            }
-        }
-        crate::recovery::restore(&broker, recovered);
-        Ok(broker)
+        Ok((broker, recovered))
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    pub fn receipts(&self) -> &crate::receipts::Receipts {
+        &self.receipts
+    }
+
+    pub fn queue_policies(&self) -> &QueuePolicies {
+        &self.queue_policies
+    }
+
+    pub fn is_degraded(&self) -> bool {
+        self.degraded.load(Ordering::Relaxed)
+    }
+
+    /// Enters or leaves degraded mode (`pressure` decides).
+    pub fn set_degraded(&self, degraded: bool) {
+        self.degraded.store(degraded, Ordering::Relaxed);
+    }
+
+    pub fn webhook_failures(&self) -> &Arc<AtomicU64> {
+        &self.webhook_failures
+    }
+
+    /// The webhook's queue, taken once by the server to start the webhook task.
+    pub fn take_webhook_events(&self) -> Option<tokio::sync::mpsc::Receiver<Vec<u8>>> {
+        self.webhook_events.lock().expect("webhook lock").take()
+    }
+
+    /// Retained messages whose topic matches `filter` [MQTT-3.3.1-6].
+    pub fn retained_matching(&self, filter: &str) -> Vec<Arc<Message>> {
+        self.retained.read().expect("retained lock").matching(filter)
+    }
+
+    /// Puts a retained message read back from the store.
+    pub fn restore_retained(&self, message: Arc<Message>) {
+        self.retained.write().expect("retained lock").set(message);
+    }
+
+    pub fn retained_count(&self) -> usize {
+        self.retained.read().expect("retained lock").len()
+    }
+
+    /// Retained messages and their payload bytes, read together.
+    pub fn retained_figures(&self) -> (usize, usize) {
+        let r = self.retained.read().expect("retained lock");
+        (r.len(), r.payload_bytes())
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.router.len()
+    }
+
+    pub fn subscriber_count(&self, topic: &str) -> usize {
+        self.router.subscriber_count(topic)
+    }
+
+    pub fn subscribed_filters(&self) -> Vec<(String, usize)> {
+        self.router.filters()
+    }
+
+    /// Records where the HTTP server listens, and that every listener is bound (or no longer).
+    pub fn set_http_addr(&self, addr: SocketAddr) {
+        let _ = self.http_addr.set(addr);
+    }
+
+    pub fn set_listening(&self, listening: bool) {
+        self.listening.store(listening, Ordering::Release);
     }
 
     pub fn auth(&self) -> Arc<Auth> {
@@ -264,7 +372,7 @@ impl Broker {
         message.id = self.next_message_id();
         match self.receipts.admit(message.id, &message, message.received_at) {
             crate::receipts::Admission::Duplicate(original) => {
-                debug!(topic = %message.topic, original = %crate::receipts::message_id_text(original), "duplicate story not routed");
+                debug!(topic = %message.topic, original = %crate::receipt::message_id_text(original), "duplicate story not routed");
                 Err(original)
             }
             crate::receipts::Admission::New(receipt) => {
@@ -283,25 +391,97 @@ impl Broker {
 
     /// Whether a topic is in the high priority class (`[[priority]]`).
     pub fn is_high_priority(&self, topic: &str) -> bool {
-        !self.high_priority.is_empty() && self.high_priority.iter().any(|f| crate::router::filter_matches(f, topic))
+        !self.high_priority.is_empty() && self.high_priority.iter().any(|f| crate::topic::filter_matches(f, topic))
+    }
+
+    /// The admission rules every publish path shares, in order: topic length and depth, `$SYS`,
+    /// degraded mode. Counts the refusals it makes (length; degraded).
+    pub fn admit_publish(&self, topic: &str, limits: &crate::config::Limits) -> Result<(), PublishRefusal> {
+        if topic.len() > limits.max_topic_length {
+            self.metrics.limit_topic_length.fetch_add(1, Ordering::Relaxed);
+            return Err(PublishRefusal::TopicTooLong);
+        }
+        if crate::topic::levels(topic) > self.config.mqtt.max_topic_levels {
+            // The trees are walked level by level; an absurdly deep topic is refused rather
+            // than let it cost unbounded depth.
+            return Err(PublishRefusal::TooManyLevels);
+        }
+        if crate::topic::is_sys(topic) {
+            return Err(PublishRefusal::SysTopic);
+        }
+        if self.is_degraded() && !self.is_high_priority(topic) {
+            self.metrics.degraded_refused.fetch_add(1, Ordering::Relaxed);
+            return Err(PublishRefusal::Degraded);
+        }
+        Ok(())
+    }
+
+    /// Counts what became of one delivery of `message`, in the metrics and on its receipt.
+    pub fn record(&self, message: &Message, outcome: Outcome) {
+        use crate::metrics::Hot;
+        let m = &self.metrics;
+        let count = match outcome {
+            Outcome::DeliveredQos0 => {
+                m.hot.add(Hot::MessagesSent, 1);
+                Count::DeliveredQos0
+            }
+            Outcome::Sent => {
+                m.hot.add(Hot::MessagesSent, 1);
+                Count::Sent
+            }
+            Outcome::Retried => {
+                m.retries.fetch_add(1, Ordering::Relaxed);
+                Count::Retries
+            }
+            Outcome::Expired => {
+                m.messages_expired.fetch_add(1, Ordering::Relaxed);
+                Count::Expired
+            }
+            Outcome::TooLarge => {
+                m.messages_dropped_too_large.fetch_add(1, Ordering::Relaxed);
+                Count::DroppedTooLarge
+            }
+            Outcome::NotAuthorized => {
+                m.acl_denied_delivery.fetch_add(1, Ordering::Relaxed);
+                Count::DroppedNotAuthorized
+            }
+            Outcome::Shed => {
+                m.degraded_shed.fetch_add(1, Ordering::Relaxed);
+                Count::DroppedShed
+            }
+            Outcome::QueueFull => {
+                m.messages_dropped_queue_full.fetch_add(1, Ordering::Relaxed);
+                Count::DroppedQueueFull
+            }
+            Outcome::QueueDropped(why) => {
+                let (counter, count) = match why {
+                    QueueDrop::Oldest => (&m.queue_dropped_oldest, Count::DroppedOldest),
+                    QueueDrop::New => (&m.queue_dropped_new, Count::DroppedNew),
+                    QueueDrop::Superseded => (&m.queue_superseded, Count::DroppedSuperseded),
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+                count
+            }
+        };
+        message.count(count);
     }
 
     /// Hands off a message that did not reach a session [issue 7]: counted on its receipt,
     /// published to `$SYS/broker/herald/undelivered` and queued for the webhook.
     pub fn undelivered(&self, client_id: &str, message: &Message, reason: &'static str) {
-        message.count(crate::receipts::Count::Undelivered);
+        message.count(crate::receipt::Count::Undelivered);
         self.metrics.undelivered.fetch_add(1, Ordering::Relaxed);
-        let story_id = message.properties.user_properties.iter().find(|(k, _)| k == crate::receipts::STORY_ID);
+        let story_id = message.properties.user_properties.iter().find(|(k, _)| k == crate::receipt::STORY_ID);
         let event = serde_json::json!({
             "client_id": client_id,
-            "id": crate::receipts::message_id_text(message.id),
+            "id": crate::receipt::message_id_text(message.id),
             "story_id": story_id.map(|(_, v)| v),
             "topic": message.topic,
             "reason": reason,
-            "at_ms": crate::store::records::wall_ms_now(),
+            "at_ms": crate::clock::wall_ms_now(),
         });
         let body = serde_json::to_vec(&event).expect("JSON values serialize");
-        info!(client_id, id = %crate::receipts::message_id_text(message.id), topic = %message.topic, reason, "undelivered");
+        info!(client_id, id = %crate::receipt::message_id_text(message.id), topic = %message.topic, reason, "undelivered");
         if let Some(tx) = &self.webhook {
             if tx.try_send(body.clone()).is_err() {
                 self.webhook_failures.fetch_add(1, Ordering::Relaxed);
@@ -320,68 +500,21 @@ impl Broker {
         self.listening.load(Ordering::Acquire) && !*self.shutdown.borrow()
     }
 
-    /// Counts sessions, those connected, and what waits in their queues. Walks every session:
-    /// for `$SYS` and scrapes, never the hot path. The registry lock is held only to copy the
-    /// list.
+    /// Counts sessions, those connected, and what waits in their queues (`Registry::counts`).
     pub fn session_counts(&self) -> SessionCounts {
-        let sessions: Vec<Arc<SessionShared>> =
-            self.sessions.lock().expect("sessions lock").values().cloned().collect();
-        let mut counts = SessionCounts { total: sessions.len() as u64, ..Default::default() };
-        for s in &sessions {
-            counts.queued += (s.mailbox.max_capacity() - s.mailbox.capacity()) as u64;
-            if s.is_online() {
-                counts.online += 1;
-            } else if let Some(parked) = s.ownership.lock().expect("ownership lock").parked.as_ref() {
-                counts.queued += parked.pending.len() as u64;
-                counts.queued_bytes += parked.pending_bytes as u64;
-                counts.inflight += parked.inflight.len() as u64;
-            }
-        }
-        counts
+        self.registry.counts()
     }
 
     /// Disconnects the client holding `client_id`'s session with DISCONNECT 0x98 (5.0), and
     /// with `remove_session` ends the session too, queued messages and all. Returns false if
     /// there is no such session.
     pub async fn disconnect_client(&self, client_id: &str, remove_session: bool) -> bool {
-        let Some(session) = self.sessions.lock().expect("sessions lock").get(client_id).cloned() else {
-            return false;
-        };
-        let was_online = {
-            let mut own = session.ownership.lock().expect("ownership lock");
-            own.kick(crate::codec::ReasonCode::ADMINISTRATIVE_ACTION);
-            own.holder.is_some()
-        };
-        info!(client_id, remove_session, "disconnected by the admin API");
-        if !remove_session {
-            return true;
+        let found =
+            self.registry.disconnect(client_id, crate::codec::ReasonCode::ADMINISTRATIVE_ACTION, remove_session).await;
+        if found {
+            info!(client_id, remove_session, "disconnected by the admin API");
         }
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
-        loop {
-            let notified = session.parked_notify.notified();
-            let parked = {
-                let mut own = session.ownership.lock().expect("ownership lock");
-                if own.holder.is_none() {
-                    // A delayed will stays scheduled: removing the session must not lose it.
-                    own.park_generation += 1;
-                    Some(own.parked.take())
-                } else {
-                    None
-                }
-            };
-            match parked {
-                Some(Some(mut state)) => {
-                    self.end_session(&session, &mut state);
-                    return true;
-                }
-                // Ended with its connection (not persistent), or never held.
-                Some(None) => return true,
-                None if !was_online || tokio::time::Instant::now() > deadline => return true,
-                None => {
-                    let _ = tokio::time::timeout(std::time::Duration::from_millis(100), notified).await;
-                }
-            }
-        }
+        found
     }
 
     pub fn uptime_secs(&self) -> u64 {
@@ -441,10 +574,6 @@ impl Broker {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    pub fn new_session(&self, client_id: String) -> (Arc<SessionShared>, SessionState) {
-        SessionShared::new(self.next_id(), client_id, self.config.mqtt.max_queued_messages)
-    }
-
     pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
         self.shutdown.subscribe()
     }
@@ -457,11 +586,7 @@ impl Broker {
         // shutdown asked for before `run` starts watching would then be lost (a hang, seen in a
         // test that ended within microseconds of its broker starting).
         self.shutdown.send_replace(true);
-        let sessions: Vec<Arc<SessionShared>> =
-            self.sessions.lock().expect("sessions lock").values().cloned().collect();
-        for s in sessions {
-            s.ownership.lock().expect("ownership lock").kick(crate::codec::ReasonCode::SERVER_SHUTTING_DOWN);
-        }
+        self.registry.kick_all(crate::codec::ReasonCode::SERVER_SHUTTING_DOWN);
     }
 
     /// Routes a message to every matching session and stores it if retained. Never waits: a
@@ -481,17 +606,14 @@ impl Broker {
         let mut txn = Txn::default();
         // `$SYS` updates are the broker's own: not counted as received, and their retained
         // values are not stored (they would be stale after a restart anyway).
-        let sys = message.topic.starts_with("$SYS/");
+        let sys = crate::topic::is_sys(&message.topic);
         if message.retain {
             if !sys {
                 txn.set_retained(&message);
             }
             self.retained.write().expect("retained lock").set(message.clone());
         }
-        let targets = {
-            let router = self.router.read().expect("router lock");
-            self.match_cache.matches(&router, &message.topic)
-        };
+        let targets = self.router.matches(&message.topic);
         message.fanout.store(targets.len(), std::sync::atomic::Ordering::Relaxed);
         let high = self.is_high_priority(&message.topic);
         if high {
@@ -522,8 +644,7 @@ impl Broker {
             }
             routed += 1;
             if shed_qos0 && qos == QoS::AtMostOnce {
-                self.metrics.degraded_shed.fetch_add(1, Ordering::Relaxed);
-                message.count(crate::receipts::Count::DroppedShed);
+                self.record(&message, Outcome::Shed);
                 continue;
             }
             let mut delivery = Delivery {
@@ -542,7 +663,7 @@ impl Broker {
                 });
                 let at = QueueRef { seq: self.store.next_seq(), message_id: id };
                 delivery.stored = std::num::NonZeroU64::new(at.seq);
-                txn.enqueue(&t.session.client_id, at, &delivery.queue_entry(None));
+                txn.enqueue(&t.session.client_id, at, &crate::store::records::QueueEntry::of(&delivery, None));
                 durable.push((t.session.clone(), delivery));
                 continue;
             }
@@ -557,7 +678,7 @@ impl Broker {
             self.metrics.message_routed(outcome.dropped);
         }
         if let Some(r) = message.receipt.get() {
-            r.add(crate::receipts::Count::Routed, routed);
+            r.add(crate::receipt::Count::Routed, routed);
         }
         outcome
     }
@@ -567,33 +688,35 @@ impl Broker {
     fn place(
         &self,
         session: &Arc<SessionShared>,
-        delivery: Delivery,
+        mut delivery: Delivery,
         can_wait: bool,
         outcome: &mut RouteOutcome,
         after: &mut Txn,
     ) {
         let online = session.is_online();
         if !online {
-            let mut own = session.ownership.lock().expect("ownership lock");
-            if let Some(parked) = own.parked.as_mut() {
-                let policy = self.queue_policies.for_topic(&delivery.message.topic);
-                let mqtt = &self.config.mqtt;
-                delivery.message.count(crate::receipts::Count::Queued);
-                for (d, why) in parked.offer_offline(delivery, policy, mqtt.max_queued_messages, mqtt.max_queued_bytes)
-                {
-                    self.metrics.queue_dropped(why);
-                    d.message.count(match why {
-                        crate::session::QueueDrop::Oldest => crate::receipts::Count::DroppedOldest,
-                        crate::session::QueueDrop::New => crate::receipts::Count::DroppedNew,
-                        crate::session::QueueDrop::Superseded => crate::receipts::Count::DroppedSuperseded,
-                    });
+            let policy = self.queue_policies.for_topic(&delivery.message.topic);
+            let mqtt = &self.config.mqtt;
+            let (max, max_bytes) = (mqtt.max_queued_messages, mqtt.max_queued_bytes);
+            let mut offered = Some(delivery);
+            let parked = session.with_parked(|parked| {
+                let delivery = offered.take().expect("offered once");
+                delivery.message.count(Count::Queued);
+                for (d, why) in parked.offer_offline(delivery, policy, max, max_bytes) {
+                    self.record(&d.message, Outcome::QueueDropped(why));
                     if let Some(at) = d.queue_ref() {
                         after.remove_entry(&session.client_id, at);
                     }
                 }
-                self.metrics.queue_depth.observe(parked.pending.len() as u64);
+                parked.pending.len()
+            });
+            if let Some(depth) = parked {
+                self.metrics.queue_depth.observe(depth as u64);
                 return;
             }
+            // Offline but not parked yet: its connection is still letting go, and parks what
+            // the mailbox holds.
+            delivery = offered.take().expect("not offered");
         }
         let refused = if delivery.message.is_high() {
             // The high-priority lane: ahead of whatever backlog the mailbox holds, and never
@@ -604,13 +727,24 @@ impl Broker {
                 queue.push_back(delivery);
                 drop(queue);
                 urgent.notify.notify_one();
+                if online && !session.is_online() {
+                    session.absorb_stragglers();
+                }
                 None
             } else {
                 Some(delivery)
             }
         } else {
             match session.mailbox.try_send(delivery) {
-                Ok(()) => None,
+                Ok(()) => {
+                    if online && !session.is_online() {
+                        // It went offline between our look and our delivery: if it is parked
+                        // already, our delivery must join the parked queue before anything
+                        // routed after it does (the reorder window of issue 12).
+                        session.absorb_stragglers();
+                    }
+                    None
+                }
                 Err(TrySendError::Full(d)) if can_wait && online && !session.is_congested() => {
                     outcome.blocked.push((session.clone(), d));
                     None
@@ -620,7 +754,7 @@ impl Broker {
         };
         if let Some(d) = refused {
             outcome.dropped += 1;
-            d.message.count(crate::receipts::Count::DroppedQueueFull);
+            d.message.count(Count::DroppedQueueFull);
             if let Some(at) = d.queue_ref() {
                 after.remove_entry(&session.client_id, at);
             }
@@ -628,103 +762,46 @@ impl Broker {
     }
 
     /// Adds a subscription to the tree; returns whether the session already had that filter.
-    pub fn subscribe(&self, filter: &str, sub: Subscription) -> bool {
-        let parsed = parse_filter(filter).expect("validated by the caller");
-        self.router.write().expect("router lock").subscribe(&parsed, sub)
+    pub fn subscribe(&self, filter: &ParsedFilter<'_>, sub: Subscription) -> bool {
+        self.router.subscribe(filter, sub)
     }
 
-    pub fn unsubscribe(&self, session_id: u64, filter: &str) -> bool {
-        match parse_filter(filter) {
-            Ok(parsed) => self.router.write().expect("router lock").unsubscribe(&parsed, session_id),
-            Err(_) => false,
-        }
+    pub fn unsubscribe(&self, session_id: u64, filter: &ParsedFilter<'_>) -> bool {
+        self.router.unsubscribe(filter, session_id)
     }
 
-    /// Drops a session for good: its subscriptions leave the tree, its records leave the store
-    /// and it leaves the registry, unless a newer session has taken its client identifier since.
-    pub fn end_session(&self, session: &Arc<SessionShared>, state: &mut SessionState) {
-        let held = state.take_stored_refs();
-        if session.stored.swap(false, Ordering::AcqRel) || !held.is_empty() {
-            let mut txn = Txn::default();
-            txn.remove_session(&session.client_id, held);
-            self.store.commit(txn);
-        }
-        {
-            let mut router = self.router.write().expect("router lock");
-            for filter in state.subscriptions.keys() {
-                if let Ok(parsed) = parse_filter(filter) {
-                    router.unsubscribe(&parsed, session.id);
-                }
-            }
-        }
-        let mut sessions = self.sessions.lock().expect("sessions lock");
-        if sessions.get(&session.client_id).is_some_and(|s| s.id == session.id) {
-            sessions.remove(&session.client_id);
-        }
+    /// The PUBLISH of a will, from the session that left it.
+    pub fn will_message(&self, will: Will, publisher: u64) -> Arc<Message> {
+        let mut properties = will.properties;
+        let expiry_interval = properties.message_expiry_interval.take();
+        properties.will_delay_interval = None;
+        Arc::new(Message {
+            properties,
+            expiry_interval,
+            publisher: Some(publisher),
+            id: self.next_message_id(),
+            ..Message::new(will.topic, will.payload, will.qos, will.retain)
+        })
     }
-}
 
-/// Binds every configured listener (and the HTTP server) and serves until shutdown. Returns
-/// the bound addresses through `bound` as soon as they are known, so tests can use port 0.
-///
-/// Shutdown: the listeners stop accepting, every connection is asked to close (5.0 clients get
-/// DISCONNECT 0x8B) and flushes its acknowledgements, and once all are closed or
-/// `[shutdown] grace_period` has run out, the store writes what is gathered and closes.
-pub async fn run(
-    broker: Arc<Broker>,
-    bound: Option<tokio::sync::oneshot::Sender<Vec<SocketAddr>>>,
-) -> std::io::Result<()> {
-    let mut shutdown = broker.shutdown_signal();
-    let mut listeners = Vec::new();
-    for l in &broker.config.listeners {
-        let listener = TcpListener::bind(&l.bind).await?;
-        let addr = listener.local_addr()?;
-        info!(%addr, protocol = ?l.protocol, "listening");
-        listeners.push(listener);
+    /// Publishes a will now: its delay is 0, or its session ends with the connection.
+    pub fn publish_will_now(&self, publisher: u64, will: Will) {
+        self.publish(self.will_message(will, publisher));
     }
-    let mut tasks = tokio::task::JoinSet::new();
-    if let Some(http) = &broker.config.http {
-        let listener = TcpListener::bind(&http.bind).await?;
-        let addr = listener.local_addr()?;
-        let _ = broker.http_addr.set(addr);
-        info!(%addr, "http listening");
-        tasks.spawn(crate::http::serve(broker.clone(), listener));
+
+    /// Publishes a session's will `delay` seconds from now unless the session is resumed first
+    /// [MQTT-3.1.3-9]; then its stored record no longer carries it.
+    pub fn schedule_will(
+        self: &Arc<Self>,
+        session: &Arc<SessionShared>,
+        will: Will,
+        delay: u64,
+        disconnected_at_ms: u64,
+    ) {
+        let broker = self.clone();
+        let publisher = session.id;
+        self.registry.schedule_will(session, will, delay, disconnected_at_ms, move |will| {
+            broker.publish_will_now(publisher, will);
+        });
     }
-    broker.listening.store(true, Ordering::Release);
-    if let Some(tx) = bound {
-        let addrs = listeners.iter().filter_map(|l| l.local_addr().ok()).collect();
-        let _ = tx.send(addrs);
-    }
-    crate::recovery::schedule(&broker);
-    for (index, listener) in listeners.into_iter().enumerate() {
-        tasks.spawn(crate::listener::accept_loop(broker.clone(), listener, index));
-    }
-    if broker.config.sys.interval > 0 {
-        tasks.spawn(crate::sys::publish_loop(broker.clone()));
-    }
-    tasks.spawn(crate::receipts::maintain(broker.clone()));
-    tasks.spawn(crate::pressure::monitor(broker.clone()));
-    let webhook_events = broker.webhook_events.lock().expect("webhook lock").take();
-    if let (Some(url), Some(events)) = (&broker.config.delivery.webhook, webhook_events) {
-        let endpoint = crate::webhook::Endpoint::parse(url).expect("validated with the configuration");
-        // Not in `tasks`: it drains what is queued after shutdown begins too, until the broker goes.
-        tokio::spawn(crate::webhook::run(endpoint, events, broker.webhook_failures.clone()));
-    }
-    let _ = shutdown.wait_for(|s| *s).await;
-    let grace = std::time::Duration::from_secs(broker.config.shutdown.grace_period);
-    info!(grace_secs = grace.as_secs(), "shutting down: no longer accepting connections");
-    broker.listening.store(false, Ordering::Release);
-    tasks.abort_all();
-    while tasks.join_next().await.is_some() {}
-    let deadline = tokio::time::Instant::now() + grace;
-    while broker.metrics.connections_now() > 0 && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    if broker.metrics.connections_now() > 0 {
-        warn!(open = broker.metrics.connections_now(), "connections still open when the grace period ran out");
-    }
-    crate::receipts::flush(&broker);
-    broker.store.close();
-    info!("store closed");
-    Ok(())
 }

@@ -126,11 +126,13 @@ pub struct DeliveryConfig {
     pub high_priority_inflight: usize,
     /// An http:// URL that gets a POST with each undelivered message (JSON).
     pub webhook: Option<String>,
+    /// Events waiting for the webhook at most; beyond it they are dropped and counted.
+    pub webhook_queue: usize,
 }
 
 impl Default for DeliveryConfig {
     fn default() -> Self {
-        Self { retry_after: 30, max_retries: 2, high_priority_inflight: 10, webhook: None }
+        Self { retry_after: 30, max_retries: 2, high_priority_inflight: 10, webhook: None, webhook_queue: 10_000 }
     }
 }
 
@@ -599,7 +601,7 @@ impl Config {
             }
         }
         if let Some(url) = &self.delivery.webhook {
-            if crate::webhook::Endpoint::parse(url).is_none() {
+            if HttpEndpoint::parse(url).is_none() {
                 return invalid("delivery.webhook", "must be an http://host:port/path URL");
             }
         }
@@ -671,5 +673,32 @@ mod tests {
         assert!(e.contains("queue_policy") && e.contains("exactly one"), "{e}");
         let e = Config::parse("[storage]\ndurability = \"never\"\n").unwrap_err().to_string();
         assert!(e.contains("never"), "{e}");
+    }
+}
+
+/// An `http://host[:port][/path]` URL (the webhook's; no TLS).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HttpEndpoint {
+    pub host: String,
+    pub port: u16,
+    pub path: String,
+}
+
+impl HttpEndpoint {
+    /// `http://host[:port][/path]`.
+    pub fn parse(url: &str) -> Option<HttpEndpoint> {
+        let rest = url.strip_prefix("http://")?;
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) => (h, p.parse().ok()?),
+            None => (authority, 80),
+        };
+        if host.is_empty() || path.contains(char::is_whitespace) {
+            return None;
+        }
+        Some(HttpEndpoint { host: host.to_owned(), port, path: path.to_owned() })
     }
 }

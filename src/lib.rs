@@ -23,22 +23,39 @@
 //! `recovery` (rebuilding state from the store), `receipts` (delivery receipts, story
 //! deduplication), `webhook` (hand-off of undelivered messages), `pressure` (degraded mode).
 
+// Layers, bottom to top (docs/architecture.md; tests/layers.rs fails on an import upwards or
+// a cycle between these modules):
+//  0 codec
+//  1 clock, topic, metrics
+//  2 config, logging, tls, auth
+//  3 receipt, message
+//  4 router, retain, store, receipts
+//  5 session (state, and the registry: the one writer of session lifecycles)
+//  6 broker (routing, admission, outcome counting)
+//  7 connection
+//  8 listener, http, sys, figures, pressure, webhook
+//  9 server (opens, recovers, starts the tasks, runs)
 pub mod auth;
 pub mod broker;
+pub mod clock;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod figures;
 pub mod http;
 pub mod listener;
 pub mod logging;
+pub mod message;
 pub mod metrics;
 pub mod pressure;
+pub mod receipt;
 pub mod receipts;
-pub mod recovery;
 pub mod retain;
 pub mod router;
+pub mod server;
 pub mod session;
 pub mod store;
 pub mod sys;
 pub mod tls;
+pub mod topic;
 pub mod webhook;

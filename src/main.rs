@@ -4,7 +4,6 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use herald::broker::{self, Broker};
 use herald::config::Config;
 
 const USAGE: &str = "usage: herald [--config PATH]\n       herald passwd FILE USER [PASSWORD]\n\n\
@@ -73,7 +72,10 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("herald: {e:#}");
-            ExitCode::FAILURE
+            // A store write failure ends with its own status (74), so that a supervisor can tell it
+            // from a bad configuration (docs/operations.md).
+            let status = e.downcast_ref::<herald::server::ServerError>().map_or(1, |e| e.exit_status());
+            ExitCode::from(status)
         }
     }
 }
@@ -83,14 +85,14 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
     herald::logging::init(&config.log);
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting the runtime")?;
     runtime.block_on(async move {
-        let broker = Broker::open(config)?;
-        let server = tokio::spawn(broker::run(broker.clone(), None));
-        let mut server = server;
+        let server = herald::server::open(config)?;
+        let broker = server.broker().clone();
+        let mut server = tokio::spawn(herald::server::run(server, None));
         let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
             .context("installing the SIGHUP handler")?;
         loop {
             tokio::select! {
-                res = &mut server => return res.context("broker task")?.context("listener"),
+                res = &mut server => return Ok(res.context("broker task")??),
                 _ = shutdown_signal() => break,
                 _ = hangup.recv() => {
                     if let Err(e) = broker.reload_config_file() {
@@ -100,7 +102,7 @@ fn run(path: PathBuf) -> anyhow::Result<()> {
             }
         }
         broker.begin_shutdown();
-        server.await.context("broker task")?.context("listener")
+        Ok(server.await.context("broker task")??)
     })
 }
 

@@ -5,7 +5,6 @@
 //! below `recover_at` of its bound. The mode is reported in `$SYS/broker/herald/degraded`, in
 //! /metrics and in the log.
 
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -28,7 +27,7 @@ pub fn resident_bytes() -> u64 {
 
 /// The fraction of its bound each configured measure is at; the highest decides.
 fn pressure(broker: &Broker) -> (f64, u64, u64) {
-    let c = &broker.config.degraded;
+    let c = &broker.config().degraded;
     let mut worst: f64 = 0.0;
     let mut queued = 0;
     let mut memory = 0;
@@ -44,28 +43,28 @@ fn pressure(broker: &Broker) -> (f64, u64, u64) {
 }
 
 pub async fn monitor(broker: Arc<Broker>) {
-    let c = &broker.config.degraded;
+    let c = &broker.config().degraded;
     if c.max_queued_messages == 0 && c.max_memory_mb == 0 {
         return;
     }
     let mut pause = EVERY;
     let mut entered = std::time::Instant::now();
-    let hold = Duration::from_millis(broker.config.degraded.min_duration_ms);
+    let hold = Duration::from_millis(broker.config().degraded.min_duration_ms);
     loop {
         tokio::time::sleep(pause).await;
         let b = broker.clone();
         let started = std::time::Instant::now();
         let Ok((level, queued, memory)) = tokio::task::spawn_blocking(move || pressure(&b)).await else { continue };
         pause = EVERY.max(started.elapsed() * 20);
-        let degraded = broker.degraded.load(Ordering::Relaxed);
+        let degraded = broker.is_degraded();
         if !degraded && level >= 1.0 {
-            broker.degraded.store(true, Ordering::Relaxed);
+            broker.set_degraded(true);
             entered = std::time::Instant::now();
             warn!(queued, resident_mb = memory >> 20, "entering degraded mode: shedding normal traffic");
-        } else if degraded && level < broker.config.degraded.recover_at && entered.elapsed() >= hold {
+        } else if degraded && level < broker.config().degraded.recover_at && entered.elapsed() >= hold {
             // Held for `min_duration_ms` at least: every exit lets the flood that caused the
             // mode back in at once, and each such burst is what a breaking story may wait behind.
-            broker.degraded.store(false, Ordering::Relaxed);
+            broker.set_degraded(false);
             info!(queued, resident_mb = memory >> 20, "leaving degraded mode");
         }
     }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
-use crate::session::Message;
+use crate::message::Message;
 
 #[derive(Default)]
 struct Node {

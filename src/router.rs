@@ -8,136 +8,172 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use crate::codec::{QoS, SubscriptionOptions};
-use crate::session::SessionShared;
+use crate::topic::ParsedFilter;
+
+/// What the tree stores per subscriber: a cheap handle with a stable id (the session layer's
+/// `Arc<SessionShared>`). Generic so that the tree sits below the sessions it points to.
+pub trait Subscriber: Clone {
+    fn id(&self) -> u64;
+}
 
 /// One session's subscription to one filter.
 #[derive(Clone)]
-pub struct Subscription {
-    pub session: Arc<SessionShared>,
+pub struct Subscription<S> {
+    pub session: S,
     pub options: SubscriptionOptions,
     pub identifier: Option<u32>,
 }
 
-#[derive(Default)]
-struct SharedGroup {
-    members: Vec<Subscription>,
+struct SharedGroup<S> {
+    members: Vec<Subscription<S>>,
     next: AtomicUsize,
+}
+
+impl<S> Default for SharedGroup<S> {
+    fn default() -> Self {
+        SharedGroup { members: Vec::new(), next: AtomicUsize::new(0) }
+    }
 }
 
 /// A level of the tree. Most nodes are inner levels with no subscriber of their own, so the
 /// subscriber tables sit behind one optional box: a node costs 64 bytes, not 300.
-#[derive(Default)]
-struct Node {
-    literal: HashMap<Box<str>, Node>,
-    plus: Option<Box<Node>>,
-    subs: Option<Box<NodeSubscribers>>,
+struct Node<S> {
+    literal: HashMap<Box<str>, Node<S>>,
+    plus: Option<Box<Node<S>>>,
+    subs: Option<Box<NodeSubscribers<S>>>,
 }
 
-#[derive(Default)]
-struct NodeSubscribers {
+impl<S> Default for Node<S> {
+    fn default() -> Self {
+        Node { literal: HashMap::new(), plus: None, subs: None }
+    }
+}
+
+struct NodeSubscribers<S> {
     /// Subscribers of `filter/#`, which also match `filter` itself [MQTT-4.7.1-2].
-    hash: HashMap<u64, Subscription>,
-    hash_shared: HashMap<Box<str>, SharedGroup>,
-    exact: HashMap<u64, Subscription>,
-    exact_shared: HashMap<Box<str>, SharedGroup>,
+    hash: HashMap<u64, Subscription<S>>,
+    hash_shared: HashMap<Box<str>, SharedGroup<S>>,
+    exact: HashMap<u64, Subscription<S>>,
+    exact_shared: HashMap<Box<str>, SharedGroup<S>>,
 }
 
-impl NodeSubscribers {
+impl<S> Default for NodeSubscribers<S> {
+    fn default() -> Self {
+        NodeSubscribers {
+            hash: HashMap::new(),
+            hash_shared: HashMap::new(),
+            exact: HashMap::new(),
+            exact_shared: HashMap::new(),
+        }
+    }
+}
+
+impl<S> NodeSubscribers<S> {
     fn is_empty(&self) -> bool {
         self.hash.is_empty() && self.hash_shared.is_empty() && self.exact.is_empty() && self.exact_shared.is_empty()
     }
 }
 
-impl Node {
+impl<S> Node<S> {
     fn is_empty(&self) -> bool {
         self.literal.is_empty() && self.plus.is_none() && self.subs.is_none()
     }
 }
 
 /// A matched session with what its subscriptions grant.
-pub struct Target {
-    pub session: Arc<SessionShared>,
+pub struct Target<S> {
+    pub session: S,
     pub qos: QoS,
     pub no_local: bool,
     pub retain_as_published: bool,
     pub identifiers: Vec<u32>,
 }
 
-/// A filter of a SUBSCRIBE, split into its optional share name and the filter proper.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ParsedFilter<'a> {
-    pub share: Option<&'a str>,
-    pub filter: &'a str,
-}
-
-#[derive(Debug, PartialEq, Eq)]
-pub enum FilterError {
-    /// `$share/` syntax broken: a protocol error [MQTT-4.8.2-1], [MQTT-4.8.2-2].
-    BadShare,
-    /// Wildcards in the wrong place [MQTT-4.7.1-1..3].
-    Invalid,
-}
-
-/// Whether a (non-shared) filter matches a topic name, outside the tree: for the few rules in
-/// configuration, such as queue policies. `$` topics match no leading wildcard [MQTT-4.7.2-1].
-pub fn filter_matches(filter: &str, topic: &str) -> bool {
-    if topic.starts_with('$') && (filter.starts_with('+') || filter.starts_with('#')) {
-        return false;
-    }
-    let mut topic_levels = topic.split('/');
-    for f in filter.split('/') {
-        match (f, topic_levels.next()) {
-            ("#", _) => return true,
-            ("+", Some(_)) => {}
-            (f, Some(t)) if f == t => {}
-            _ => return false,
-        }
-    }
-    topic_levels.next().is_none()
-}
-
-pub fn parse_filter(full: &str) -> Result<ParsedFilter<'_>, FilterError> {
-    if let Some(rest) = full.strip_prefix("$share/") {
-        let (share, filter) = rest.split_once('/').ok_or(FilterError::BadShare)?;
-        if share.is_empty() || share.contains(['+', '#']) || filter.is_empty() {
-            return Err(FilterError::BadShare);
-        }
-        if !crate::codec::is_valid_topic_filter(filter) {
-            return Err(FilterError::Invalid);
-        }
-        return Ok(ParsedFilter { share: Some(share), filter });
-    }
-    if !crate::codec::is_valid_topic_filter(full) {
-        return Err(FilterError::Invalid);
-    }
-    Ok(ParsedFilter { share: None, filter: full })
-}
-
-#[derive(Default)]
-pub struct SubscriptionTree {
-    root: Node,
+pub struct SubscriptionTree<S> {
+    root: Node<S>,
     count: usize,
     /// Bumped by every change, so cached match results can tell they are stale.
     generation: u64,
 }
 
+impl<S> Default for SubscriptionTree<S> {
+    fn default() -> Self {
+        SubscriptionTree { root: Node::default(), count: 0, generation: 0 }
+    }
+}
+
 /// A bounded cache from topic name to its match result, valid for one tree generation. Results
 /// that went through a shared subscription are not cached: each needs a fresh pick of member.
 /// A cached match result and the tree generation it was computed at.
-type CachedMatch = (u64, Arc<Vec<Target>>);
+type CachedMatch<S> = (u64, Arc<Vec<Target<S>>>);
 
-pub struct MatchCache {
-    entries: std::sync::Mutex<HashMap<Box<str>, CachedMatch>>,
+pub struct MatchCache<S> {
+    entries: std::sync::Mutex<HashMap<Box<str>, CachedMatch<S>>>,
     capacity: usize,
 }
 
-impl MatchCache {
+/// The subscription tree behind its lock, with its match cache: what the broker routes with
+/// and what the session registry unsubscribes from. The tree's lock is held for one lookup or
+/// one change, never across an `.await`; the cache's lock is taken after it, never before.
+pub struct Router<S> {
+    tree: std::sync::RwLock<SubscriptionTree<S>>,
+    cache: MatchCache<S>,
+}
+
+impl<S: Subscriber> Router<S> {
+    pub fn new(match_cache_size: usize) -> Self {
+        Router { tree: std::sync::RwLock::default(), cache: MatchCache::new(match_cache_size) }
+    }
+
+    /// Adds or replaces a subscription; returns whether the session already had that filter.
+    pub fn subscribe(&self, filter: &ParsedFilter<'_>, sub: Subscription<S>) -> bool {
+        self.tree.write().expect("router lock").subscribe(filter, sub)
+    }
+
+    pub fn unsubscribe(&self, filter: &ParsedFilter<'_>, session_id: u64) -> bool {
+        self.tree.write().expect("router lock").unsubscribe(filter, session_id)
+    }
+
+    /// Removes every listed filter of one session under one write lock.
+    pub fn unsubscribe_all<'a>(&self, filters: impl Iterator<Item = ParsedFilter<'a>>, session_id: u64) {
+        let mut tree = self.tree.write().expect("router lock");
+        for f in filters {
+            tree.unsubscribe(&f, session_id);
+        }
+    }
+
+    /// The targets of a message on `topic` (from the cache when it is current).
+    pub fn matches(&self, topic: &str) -> Arc<Vec<Target<S>>> {
+        let tree = self.tree.read().expect("router lock");
+        self.cache.matches(&tree, topic)
+    }
+
+    pub fn len(&self) -> usize {
+        self.tree.read().expect("router lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// How many sessions a message on `topic` would reach; see `SubscriptionTree::subscriber_count`.
+    pub fn subscriber_count(&self, topic: &str) -> usize {
+        self.tree.read().expect("router lock").subscriber_count(topic)
+    }
+
+    /// Every filter with its number of subscribers; see `SubscriptionTree::filters`.
+    pub fn filters(&self) -> Vec<(String, usize)> {
+        self.tree.read().expect("router lock").filters()
+    }
+}
+
+impl<S: Subscriber> MatchCache<S> {
     pub fn new(capacity: usize) -> Self {
         Self { entries: Default::default(), capacity }
     }
 
     /// The targets of `topic`, from the cache when it holds a result of this generation.
-    pub fn matches(&self, tree: &SubscriptionTree, topic: &str) -> Arc<Vec<Target>> {
+    pub fn matches(&self, tree: &SubscriptionTree<S>, topic: &str) -> Arc<Vec<Target<S>>> {
         if self.capacity == 0 {
             return Arc::new(tree.matches(topic).0);
         }
@@ -160,7 +196,7 @@ impl MatchCache {
     }
 }
 
-impl SubscriptionTree {
+impl<S: Subscriber> SubscriptionTree<S> {
     pub fn len(&self) -> usize {
         self.count
     }
@@ -170,7 +206,7 @@ impl SubscriptionTree {
     }
 
     /// Adds or replaces the subscription; returns true if it replaced an existing one.
-    pub fn subscribe(&mut self, filter: &ParsedFilter<'_>, sub: Subscription) -> bool {
+    pub fn subscribe(&mut self, filter: &ParsedFilter<'_>, sub: Subscription<S>) -> bool {
         let mut node = &mut self.root;
         let mut at_hash = false;
         for level in filter.filter.split('/') {
@@ -184,7 +220,7 @@ impl SubscriptionTree {
                 node.literal.entry(level.into()).or_default()
             };
         }
-        let key = sub.session.id;
+        let key = sub.session.id();
         let existed = match (filter.share, at_hash) {
             (None, false) => node.subs.get_or_insert_with(Default::default).exact.insert(key, sub).is_some(),
             (None, true) => node.subs.get_or_insert_with(Default::default).hash.insert(key, sub).is_some(),
@@ -192,7 +228,7 @@ impl SubscriptionTree {
                 let subs = node.subs.get_or_insert_with(Default::default);
                 let groups = if hash { &mut subs.hash_shared } else { &mut subs.exact_shared };
                 let group = groups.entry(g.into()).or_default();
-                if let Some(slot) = group.members.iter_mut().find(|m| m.session.id == key) {
+                if let Some(slot) = group.members.iter_mut().find(|m| m.session.id() == key) {
                     *slot = sub;
                     true
                 } else {
@@ -221,9 +257,9 @@ impl SubscriptionTree {
 
     /// Every session whose subscriptions match `topic`, one target per session, and whether a
     /// shared subscription took part.
-    pub fn matches(&self, topic: &str) -> (Vec<Target>, bool) {
-        let mut found: Vec<&Subscription> = Vec::new();
-        let mut shared: Vec<&SharedGroup> = Vec::new();
+    pub fn matches(&self, topic: &str) -> (Vec<Target<S>>, bool) {
+        let mut found: Vec<&Subscription<S>> = Vec::new();
+        let mut shared: Vec<&SharedGroup<S>> = Vec::new();
         let levels: Vec<&str> = topic.split('/').collect();
         // [MQTT-4.7.2-1] a filter starting with a wildcard does not match a `$` topic.
         let dollar = topic.starts_with('$');
@@ -236,10 +272,10 @@ impl SubscriptionTree {
             let i = group.next.fetch_add(1, Ordering::Relaxed) % group.members.len();
             found.push(&group.members[i]);
         }
-        let mut targets: Vec<Target> = Vec::with_capacity(found.len());
+        let mut targets: Vec<Target<S>> = Vec::with_capacity(found.len());
         let mut index: HashMap<u64, usize> = HashMap::new();
         for sub in found {
-            let id = sub.session.id;
+            let id = sub.session.id();
             if let Some(&i) = index.get(&id) {
                 let t = &mut targets[i];
                 t.qos = t.qos.max(sub.options.qos);
@@ -263,15 +299,15 @@ impl SubscriptionTree {
     }
 }
 
-impl SubscriptionTree {
+impl<S: Subscriber> SubscriptionTree<S> {
     /// How many sessions a message on `topic` would reach (a shared group counts once), without
     /// advancing any group's turn: for the admin API.
     pub fn subscriber_count(&self, topic: &str) -> usize {
-        let mut found: Vec<&Subscription> = Vec::new();
-        let mut shared: Vec<&SharedGroup> = Vec::new();
+        let mut found: Vec<&Subscription<S>> = Vec::new();
+        let mut shared: Vec<&SharedGroup<S>> = Vec::new();
         let levels: Vec<&str> = topic.split('/').collect();
         collect(&self.root, &levels, 0, topic.starts_with('$'), &mut found, &mut shared);
-        let sessions: std::collections::HashSet<u64> = found.iter().map(|s| s.session.id).collect();
+        let sessions: std::collections::HashSet<u64> = found.iter().map(|s| s.session.id()).collect();
         sessions.len() + shared.iter().filter(|g| !g.members.is_empty()).count()
     }
 
@@ -284,7 +320,7 @@ impl SubscriptionTree {
     }
 }
 
-fn list_filters(node: &Node, path: &mut Vec<String>, out: &mut Vec<(String, usize)>) {
+fn list_filters<S>(node: &Node<S>, path: &mut Vec<String>, out: &mut Vec<(String, usize)>) {
     if let Some(subs) = &node.subs {
         let here = path.join("/");
         let hash = if path.is_empty() { "#".to_owned() } else { format!("{here}/#") };
@@ -311,13 +347,13 @@ fn list_filters(node: &Node, path: &mut Vec<String>, out: &mut Vec<(String, usiz
     }
 }
 
-fn collect<'a>(
-    node: &'a Node,
+fn collect<'a, S>(
+    node: &'a Node<S>,
     levels: &[&str],
     depth: usize,
     dollar: bool,
-    found: &mut Vec<&'a Subscription>,
-    shared: &mut Vec<&'a SharedGroup>,
+    found: &mut Vec<&'a Subscription<S>>,
+    shared: &mut Vec<&'a SharedGroup<S>>,
 ) {
     let first = depth == 0 && dollar;
     if let (false, Some(subs)) = (first, &node.subs) {
@@ -341,7 +377,7 @@ fn collect<'a>(
     }
 }
 
-fn remove(node: &mut Node, levels: &[&str], share: Option<&str>, session_id: u64) -> bool {
+fn remove<S: Subscriber>(node: &mut Node<S>, levels: &[&str], share: Option<&str>, session_id: u64) -> bool {
     let at_hash = levels == ["#"];
     if levels.is_empty() || at_hash {
         let Some(subs) = node.subs.as_mut() else {
@@ -379,9 +415,9 @@ fn remove(node: &mut Node, levels: &[&str], share: Option<&str>, session_id: u64
     removed
 }
 
-fn remove_here(
-    subs: &mut HashMap<u64, Subscription>,
-    groups: &mut HashMap<Box<str>, SharedGroup>,
+fn remove_here<S: Subscriber>(
+    subs: &mut HashMap<u64, Subscription<S>>,
+    groups: &mut HashMap<Box<str>, SharedGroup<S>>,
     share: Option<&str>,
     session_id: u64,
 ) -> bool {
@@ -392,7 +428,7 @@ fn remove_here(
                 return false;
             };
             let before = group.members.len();
-            group.members.retain(|m| m.session.id != session_id);
+            group.members.retain(|m| m.session.id() != session_id);
             let removed = group.members.len() != before;
             if group.members.is_empty() {
                 groups.remove(g);
@@ -405,6 +441,7 @@ fn remove_here(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::topic::{filter_matches, parse_filter, FilterError};
 
     #[test]
     fn filter_matches_follows_the_wildcard_rules_mqtt_4_7_1() {
@@ -416,12 +453,21 @@ mod tests {
         assert!(!filter_matches("news/tech", "news/tech/ai"));
     }
 
-    fn sub(id: u64, qos: QoS, identifier: Option<u32>) -> Subscription {
-        Subscription {
-            session: SessionShared::new_for_test(id),
-            options: SubscriptionOptions { qos, ..Default::default() },
-            identifier,
+    /// A subscriber that is only its id: the tree needs nothing more.
+    #[derive(Clone, Debug)]
+    struct Id(u64);
+
+    impl Subscriber for Id {
+        fn id(&self) -> u64 {
+            self.0
         }
+    }
+
+    type Subscription = super::Subscription<Id>;
+    type SubscriptionTree = super::SubscriptionTree<Id>;
+
+    fn sub(id: u64, qos: QoS, identifier: Option<u32>) -> Subscription {
+        Subscription { session: Id(id), options: SubscriptionOptions { qos, ..Default::default() }, identifier }
     }
 
     fn add(tree: &mut SubscriptionTree, filter: &str, s: Subscription) {
@@ -429,7 +475,7 @@ mod tests {
     }
 
     fn ids(tree: &SubscriptionTree, topic: &str) -> Vec<u64> {
-        let mut v: Vec<u64> = tree.matches(topic).0.iter().map(|t| t.session.id).collect();
+        let mut v: Vec<u64> = tree.matches(topic).0.iter().map(|t| t.session.id()).collect();
         v.sort();
         v
     }
@@ -461,7 +507,7 @@ mod tests {
     #[test]
     fn overlapping_subscriptions_give_one_target_with_max_qos_and_all_ids_mqtt_3_3_4_2() {
         let mut t = SubscriptionTree::default();
-        let s = SessionShared::new_for_test(7);
+        let s = Id(7);
         let mk = |qos, id| Subscription {
             session: s.clone(),
             options: SubscriptionOptions { qos, ..Default::default() },

@@ -1,4 +1,4 @@
-//! The `$SYS` tree: every `[sys] interval` seconds, each figure of a `metrics::Snapshot` that
+//! The `$SYS` tree: every `[sys] interval` seconds, each figure of a `figures::Snapshot` that
 //! changed since the last round is published as a retained QoS 0 message under `$SYS/broker/`,
 //! with Mosquitto's topic names where Mosquitto has one so that existing dashboards work, and
 //! Herald's own under `$SYS/broker/herald/`. docs/operations.md lists them.
@@ -14,8 +14,8 @@ use bytes::Bytes;
 
 use crate::broker::Broker;
 use crate::codec::QoS;
-use crate::metrics::Snapshot;
-use crate::session::Message;
+use crate::figures::Snapshot;
+use crate::message::Message;
 
 /// Exponentially weighted per-minute rates over 1, 5 and 15 minutes, as Mosquitto computes
 /// its `$SYS/broker/load/...` figures.
@@ -71,7 +71,7 @@ fn render(snapshot: &Snapshot, loads: &mut [Load; LOADS.len()], elapsed_secs: f6
 }
 
 pub async fn publish_loop(broker: Arc<Broker>) {
-    let interval = Duration::from_secs(broker.config.sys.interval);
+    let interval = Duration::from_secs(broker.config().sys.interval);
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut loads: [Load; LOADS.len()] = Default::default();

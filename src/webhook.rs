@@ -13,34 +13,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tracing::warn;
 
-/// Events waiting for the webhook at most.
-pub const QUEUE: usize = 10_000;
-
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Endpoint {
-    pub host: String,
-    pub port: u16,
-    pub path: String,
-}
-
-impl Endpoint {
-    /// `http://host[:port][/path]`.
-    pub fn parse(url: &str) -> Option<Endpoint> {
-        let rest = url.strip_prefix("http://")?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse().ok()?),
-            None => (authority, 80),
-        };
-        if host.is_empty() || path.contains(char::is_whitespace) {
-            return None;
-        }
-        Some(Endpoint { host: host.to_owned(), port, path: path.to_owned() })
-    }
-}
+use crate::config::HttpEndpoint as Endpoint;
 
 /// Posts each event to the endpoint, one at a time, each with a 5 s timeout; failures are
 /// logged and counted, and the event is not retried (the `$SYS` copy is the durable record of

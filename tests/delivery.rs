@@ -110,7 +110,7 @@ async fn retained_news_all_delivered_to_a_new_subscriber_with_flow_control() {
         p.send(&Packet::Publish(m)).await;
         assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
     }
-    assert_eq!(b.broker.retained.read().unwrap().len(), N);
+    assert_eq!(b.broker.retained_count(), N);
     let mut c = connect_packet(V5, "fresh-phone", true);
     c.properties.receive_maximum = Some(5);
     let (mut phone, _) = RawClient::connect(b.addr, c).await;
@@ -169,7 +169,7 @@ async fn mqtt_3_3_1_6_empty_retained_publish_deletes_and_retain_handling_2_sends
     p.send(&retained(b"")).await;
     p.send(&Packet::PingReq).await;
     assert_eq!(p.recv().await, Some(Packet::PingResp));
-    assert_eq!(b.broker.retained.read().unwrap().len(), 0);
+    assert_eq!(b.broker.retained_count(), 0);
 }
 
 #[tokio::test]
@@ -312,7 +312,7 @@ async fn a_client_that_stops_reading_loses_only_its_own_messages_and_can_be_take
         assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
     }
     assert_eq!(tokio::time::timeout(Duration::from_secs(20), reader).await.unwrap().unwrap(), 400);
-    assert!(b.broker.metrics.messages_dropped_queue_full.load(std::sync::atomic::Ordering::Relaxed) > 0);
+    assert!(b.broker.metrics().messages_dropped_queue_full.load(std::sync::atomic::Ordering::Relaxed) > 0);
     // The stuck connection's writer is full; a takeover must still get through promptly.
     let started = std::time::Instant::now();
     let (_again, _) = RawClient::connect(b.addr, connect_packet(V3_1_1, "stuck", true)).await;
@@ -347,7 +347,7 @@ async fn qos1_burst_to_a_slow_subscriber_is_not_lost_the_publisher_is_slowed_ins
     for _ in 0..N {
         assert!(matches!(p.recv().await, Some(Packet::PubAck(_))));
     }
-    assert_eq!(b.broker.metrics.messages_dropped_queue_full.load(std::sync::atomic::Ordering::Relaxed), 0);
+    assert_eq!(b.broker.metrics().messages_dropped_queue_full.load(std::sync::atomic::Ordering::Relaxed), 0);
 }
 
 #[tokio::test]
@@ -371,7 +371,7 @@ async fn a_subscriber_that_never_acknowledges_holds_publishers_up_once_then_is_m
     let waited = started.elapsed();
     assert!(waited >= Duration::from_millis(300), "the publisher waited for room first: {waited:?}");
     assert!(waited < Duration::from_secs(2), "and then stopped waiting for that subscriber: {waited:?}");
-    let dropped = b.broker.metrics.messages_dropped_queue_full.load(std::sync::atomic::Ordering::Relaxed);
+    let dropped = b.broker.metrics().messages_dropped_queue_full.load(std::sync::atomic::Ordering::Relaxed);
     assert_eq!(dropped, 100 - 6, "1 in flight and 5 queued, the rest counted as dropped");
 }
 
@@ -412,7 +412,7 @@ async fn retained_replay_is_bounded_per_session_by_max_pending_retained() {
         g.send(&Packet::PubAck(PubResponse::new(m.packet_id, ReasonCode::SUCCESS))).await;
     }
     assert_eq!(got, 50);
-    assert_eq!(b.broker.metrics.messages_dropped_queue_full.load(std::sync::atomic::Ordering::Relaxed), 50);
+    assert_eq!(b.broker.metrics().messages_dropped_queue_full.load(std::sync::atomic::Ordering::Relaxed), 50);
 }
 
 #[tokio::test]

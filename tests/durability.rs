@@ -260,7 +260,7 @@ async fn offline_queue_policies_bound_what_a_session_gets_back() {
     publish_acked(&b, "alerts/flood", &["a1", "a2", "a3", "a4"]).await;
     publish_acked(&b, "news/headlines/world", &["w1", "w2", "w3"]).await;
     publish_acked(&b, "news/headlines/tech", &["t1", "t2"]).await;
-    let m = &b.broker.metrics;
+    let m = b.broker.metrics();
     assert_eq!(m.queue_dropped_oldest.load(Ordering::Relaxed), 2);
     assert_eq!(m.queue_dropped_new.load(Ordering::Relaxed), 1);
     assert_eq!(m.queue_superseded.load(Ordering::Relaxed), 3);
@@ -307,13 +307,13 @@ async fn a_story_for_many_offline_sessions_is_stored_once() {
         subscribe_and_leave(&b, V311, &format!("phone-{i}"), "news/#", QoS::AtLeastOnce).await;
     }
     publish_acked(&b, "news/x", &["one story"]).await;
-    assert_eq!(b.broker.store.stats().stored_messages, 1);
+    assert_eq!(b.broker.store().stats().stored_messages, 1);
     for i in 0..40 {
         let (mut c, _) = RawClient::connect(b.addr, persistent(V311, &format!("phone-{i}"), 0)).await;
         assert_eq!(receive_acking(&mut c, 1).await, vec!["one story"]);
         c.send(&Packet::PingReq).await;
         assert!(matches!(c.recv().await, Some(Packet::PingResp)));
-        assert_eq!(b.broker.store.stats().stored_messages, usize::from(i < 39), "after {} acknowledgements", i + 1);
+        assert_eq!(b.broker.store().stats().stored_messages, usize::from(i < 39), "after {} acknowledgements", i + 1);
     }
 }
 
@@ -328,7 +328,7 @@ async fn a_session_expired_while_up_is_gone_after_a_restart() {
     disconnect(&mut c).await;
     publish_acked(&b, "news/x", &["queued"]).await;
     tokio::time::sleep(Duration::from_millis(1600)).await;
-    assert_eq!(b.broker.store.stats().stored_messages, 0, "its queue went with it");
+    assert_eq!(b.broker.store().stats().stored_messages, 0, "its queue went with it");
     let b = restart(b, dir.path(), "");
     let (_c, ack) = RawClient::connect(b.addr, persistent(V5, "brief", 1)).await;
     assert!(!ack.session_present);

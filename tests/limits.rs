@@ -31,7 +31,7 @@ async fn max_connections_answers_server_busy() {
     assert_eq!(code, 0);
     assert_eq!(connack(b.addr, V5, "c").await.1, 0x89);
     assert_eq!(connack(b.addr, V311, "d").await.1, 0x03);
-    assert_eq!(b.broker.metrics.limit_max_connections.load(Relaxed), 2);
+    assert_eq!(b.broker.metrics().limit_max_connections.load(Relaxed), 2);
 }
 
 /// `max_connections_per_ip`: CONNACK 0x97 quota exceeded; a slot is free again once a client leaves.
@@ -45,7 +45,7 @@ async fn max_connections_per_ip_answers_quota_exceeded() {
     drop(first);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(connack(b.addr, V5, "d").await.1, 0);
-    assert_eq!(b.broker.metrics.limit_connections_per_ip.load(Relaxed), 2);
+    assert_eq!(b.broker.metrics().limit_connections_per_ip.load(Relaxed), 2);
 }
 
 /// `connection_rate_per_ip`: CONNECTs beyond the rate within a second get 0x9F.
@@ -59,7 +59,7 @@ async fn connection_rate_per_ip_answers_rate_exceeded() {
     // Eight CONNECTs fall in at most two one-second windows of three each.
     assert!(codes.iter().filter(|&&c| c == 0x9F).count() >= 2, "{codes:?}");
     assert!(codes.iter().all(|&c| c == 0 || c == 0x9F), "{codes:?}");
-    assert!(b.broker.metrics.limit_connection_rate.load(Relaxed) >= 2);
+    assert!(b.broker.metrics().limit_connection_rate.load(Relaxed) >= 2);
 }
 
 /// `max_subscriptions_per_client`: filters beyond it get SUBACK 0x97 (3.1.1: 0x80); renewing an
@@ -79,7 +79,7 @@ async fn max_subscriptions_per_client_answers_quota_exceeded() {
         c.send(&subscribe(2, "news/a", QoS::AtLeastOnce)).await;
         assert_eq!(expect_suback(&mut c).await, vec![1], "a renewal is not a new subscription");
     }
-    assert_eq!(b.broker.metrics.limit_subscriptions.load(Relaxed), 2);
+    assert_eq!(b.broker.metrics().limit_subscriptions.load(Relaxed), 2);
 }
 
 /// `publish_rate_per_client`: PUBLISHes beyond the rate are dropped; 5.0 QoS 1 learns it from
@@ -107,7 +107,7 @@ async fn publish_rate_per_client_answers_quota_exceeded() {
         delivered += 1;
     }
     assert_eq!(delivered, 20 - refused, "what was refused was not delivered");
-    assert_eq!(b.broker.metrics.limit_publish_rate.load(Relaxed), refused);
+    assert_eq!(b.broker.metrics().limit_publish_rate.load(Relaxed), refused);
 }
 
 /// `max_topic_length`: a longer topic name is refused like a malformed one (5.0: DISCONNECT
@@ -120,7 +120,7 @@ async fn max_topic_length_refuses_long_topics_and_filters() {
     assert_eq!(expect_suback(&mut c).await, vec![0x8F]);
     c.send(&publish("news/a-very-long-topic", b"x", QoS::AtMostOnce, 0)).await;
     assert!(matches!(c.recv().await, Some(Packet::Disconnect(d)) if d.reason == ReasonCode::TOPIC_NAME_INVALID));
-    assert_eq!(b.broker.metrics.limit_topic_length.load(Relaxed), 2);
+    assert_eq!(b.broker.metrics().limit_topic_length.load(Relaxed), 2);
 }
 
 /// 5000 sockets that never send CONNECT are closed by the CONNECT timeout, while a connected

@@ -160,7 +160,7 @@ print(got["props"].get("herald-msg-id", "missing"), got["rc"])
     let id = words.next().unwrap();
     assert_eq!(id.len(), 16, "paho saw herald-msg-id {id:?}");
     assert_eq!(words.next(), Some("16"), "0x10 no matching subscribers");
-    assert!(b.broker.receipts.find("s-paho").is_some_and(|r| format!("{:016x}", r.id) == id));
+    assert!(b.broker.receipts().find("s-paho").is_some_and(|r| format!("{:016x}", r.id) == id));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,7 +230,7 @@ async fn a_retried_story_id_is_delivered_once() {
     // Another story goes through.
     publish_acked(&mut cms, story("news/a", "v2", "s-other", 2)).await;
     assert_eq!(&expect_publish(&mut reader).await.payload[..], b"v2");
-    assert_eq!(b.broker.receipts.duplicates.load(std::sync::atomic::Ordering::Relaxed), 2);
+    assert_eq!(b.broker.receipts().duplicates.load(std::sync::atomic::Ordering::Relaxed), 2);
 }
 
 /// A one-shot HTTP server that records the bodies POSTed to it.
@@ -393,7 +393,7 @@ async fn degraded_mode_sheds_normal_traffic_and_keeps_breaking_news_flowing() {
     }
     assert!(accepted >= 50, "the bound was crossed first: {accepted}");
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !b.broker.degraded.load(std::sync::atomic::Ordering::Relaxed) {
+    while !b.broker.is_degraded() {
         assert!(Instant::now() < deadline, "entered degraded mode");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -427,7 +427,7 @@ async fn degraded_mode_sheds_normal_traffic_and_keeps_breaking_news_flowing() {
         puback(&mut phone, p.packet_id).await;
     }
     let deadline = Instant::now() + Duration::from_secs(5);
-    while b.broker.degraded.load(std::sync::atomic::Ordering::Relaxed) {
+    while b.broker.is_degraded() {
         assert!(Instant::now() < deadline, "left degraded mode");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -461,6 +461,6 @@ fn mosquitto_clients_see_a_repeated_story_once() {
     let out = reader.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert_eq!(text.lines().collect::<Vec<_>>(), ["news/world/quake Quake hits coast"], "{text}");
-    assert_eq!(b.broker.receipts.duplicates.load(std::sync::atomic::Ordering::Relaxed), 1);
-    assert!(b.broker.receipts.find("s-mosq").is_some(), "the story has a receipt");
+    assert_eq!(b.broker.receipts().duplicates.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert!(b.broker.receipts().find("s-mosq").is_some(), "the story has a receipt");
 }

@@ -730,10 +730,10 @@ fn a_shutdown_asked_for_before_the_broker_runs_is_kept() {
         "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n",
         dir.path().display().to_string()
     );
-    let broker = herald::broker::Broker::open(herald::config::Config::parse(&text).unwrap()).unwrap();
-    broker.begin_shutdown();
+    let server = herald::server::open(herald::config::Config::parse(&text).unwrap()).unwrap();
+    server.broker().begin_shutdown();
     let rt = tokio::runtime::Runtime::new().unwrap();
     let ran =
-        rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), herald::broker::run(broker, None)).await });
+        rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), herald::server::run(server, None)).await });
     assert!(matches!(ran, Ok(Ok(()))), "run returned: {ran:?}");
 }

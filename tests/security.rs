@@ -77,7 +77,7 @@ async fn password_files_from_mosquitto_passwd_and_herald_passwd() {
         let anonymous = if version == V5 { 0x87 } else { 0x05 };
         assert_eq!(connack_code(b.addr, login(version, "e", None, None)).await, anonymous);
     }
-    assert!(b.broker.metrics.auth_failures.load(std::sync::atomic::Ordering::Relaxed) >= 6);
+    assert!(b.broker.metrics().auth_failures.load(std::sync::atomic::Ordering::Relaxed) >= 6);
 }
 
 const ACL: &str = "\
@@ -271,7 +271,7 @@ async fn tls_listener_with_mosquitto_clients_and_client_certificates() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "no client certificate: refused");
-    assert!(b.broker.metrics.tls_handshake_failures.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    assert!(b.broker.metrics().tls_handshake_failures.load(std::sync::atomic::Ordering::Relaxed) >= 1);
 }
 
 /// WebSocket (`ws`) and WebSocket over TLS (`wss`) on path /mqtt with subprotocol mqtt
@@ -477,5 +477,5 @@ async fn a_resumed_session_obeys_the_acl_of_its_new_connection() {
     assert_eq!(m.topic, "news/open");
     phone.send(&Packet::PubAck(PubResponse::new(m.packet_id, ReasonCode::SUCCESS))).await;
     phone.expect_silence(Duration::from_millis(300)).await;
-    assert_eq!(b.broker.metrics.acl_denied_delivery.load(std::sync::atomic::Ordering::Relaxed), 1);
+    assert_eq!(b.broker.metrics().acl_denied_delivery.load(std::sync::atomic::Ordering::Relaxed), 1);
 }

@@ -18,7 +18,7 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use super::AuthError;
-use crate::router::filter_matches;
+use crate::topic::filter_matches;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {

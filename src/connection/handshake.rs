@@ -7,24 +7,48 @@ use std::time::Duration;
 
 use tracing::info;
 
-use super::{Close, Connection, Step};
+use super::{Client, Close, Held, Io, Retry};
+use crate::broker::Broker;
 use crate::codec::{ConnAck, Connect, ErrorKind, Packet, Properties, ProtocolVersion, ReasonCode};
-use crate::session::{SessionShared, SessionState};
-use crate::store::records::SessionRecord;
-use crate::store::Txn;
+use crate::session::registry::Claim;
+use crate::session::Kick;
 
-impl Connection {
-    pub(super) async fn handshake(&mut self) -> Step {
-        let timeout = Duration::from_secs(self.broker.config.mqtt.connect_timeout);
+/// A connection before its CONNECT is accepted: it has no session yet.
+pub(super) struct Handshake {
+    pub broker: Arc<Broker>,
+    pub conn_id: u64,
+    pub peer: std::net::SocketAddr,
+    pub io: Io,
+    pub client: Client,
+    pub retry: Retry,
+    /// Handed to the registry with the claim, for it to ask this connection to let go later.
+    pub kick_tx: Option<tokio::sync::oneshot::Sender<Kick>>,
+    pub loopback: bool,
+    pub certificate_name: Option<Box<str>>,
+}
+
+type Accepted = Result<(Held, bool), Close>;
+
+impl Handshake {
+    /// A connection refused before it had a session: its CONNACK (if any) is flushed, nothing
+    /// else happens.
+    pub(super) async fn refused(mut self, close: Close) {
+        tracing::debug!(peer = %self.peer, reason = %close.describe(), "connection closed before CONNECT completed");
+        self.io.close(&self.broker, self.peer, self.client.counted_ip, &close).await;
+    }
+
+    /// Reads the CONNECT and accepts it: the claimed session and whether it was resumed.
+    pub(super) async fn handshake(&mut self) -> Accepted {
+        let timeout = Duration::from_secs(self.broker.config().mqtt.connect_timeout);
         let deadline = tokio::time::Instant::now() + timeout;
         let connect = loop {
-            match self.decoder.decode(&mut self.inbuf) {
+            match self.io.decoder.decode(&mut self.io.inbuf) {
                 Ok(Some(Packet::Connect(c))) => break c,
                 Ok(Some(_)) => return Err(Close::Refused("[MQTT-3.1.0-1] first packet is not CONNECT")),
                 Ok(None) => {}
                 Err(e) if e.kind == ErrorKind::UnacceptableProtocolVersion => {
                     // [MQTT-3.1.2-2] answered in the 3.1.1 format, which every client can read.
-                    self.out.packet(&Packet::ConnAck(ConnAck {
+                    self.io.out.packet(&Packet::ConnAck(ConnAck {
                         session_present: false,
                         code: ReasonCode::V3_UNACCEPTABLE_PROTOCOL_VERSION,
                         properties: Properties::default(),
@@ -33,30 +57,30 @@ impl Connection {
                 }
                 Err(e) => return Err(Close::Decode(e)),
             }
-            match tokio::time::timeout_at(deadline, self.stream.read_buf(&mut self.inbuf)).await {
+            match tokio::time::timeout_at(deadline, self.io.stream.read_buf(&mut self.io.inbuf)).await {
                 Err(_) => return Err(Close::Refused("no CONNECT within the connect timeout")),
                 Ok(Ok(0)) | Ok(Err(_)) => return Err(Close::SocketClosed),
                 Ok(Ok(n)) => {
-                    self.broker.metrics.hot.add(crate::metrics::Hot::BytesReceived, n as u64);
+                    self.broker.metrics().hot.add(crate::metrics::Hot::BytesReceived, n as u64);
                 }
             }
         };
         self.accept_connect(*connect).await
     }
 
-    async fn accept_connect(&mut self, c: Connect) -> Step {
+    async fn accept_connect(&mut self, c: Connect) -> Accepted {
         let broker = self.broker.clone();
-        let config = &broker.config.mqtt;
+        let config = &broker.config().mqtt;
         let v5 = c.protocol.is_v5();
-        self.out.version = c.protocol;
+        self.io.out.version = c.protocol;
         let refuse = |out: &mut super::Outbound, code: ReasonCode| {
             out.packet(&Packet::ConnAck(ConnAck { session_present: false, code, properties: Properties::default() }));
         };
         if let Some(max) = c.properties.maximum_packet_size {
-            self.out.max_packet_size = max as usize;
+            self.io.out.max_packet_size = max as usize;
         }
-        match broker.admit(self.peer.ip(), &self.limits) {
-            Ok(counted) => self.counted_ip = counted,
+        match broker.admit(self.peer.ip(), &self.client.limits) {
+            Ok(counted) => self.client.counted_ip = counted,
             Err(refusal) => {
                 use crate::broker::ConnectionRefusal::*;
                 let code = match (v5, refusal) {
@@ -66,21 +90,21 @@ impl Connection {
                     (true, RateExceeded) => ReasonCode::CONNECTION_RATE_EXCEEDED,
                 };
                 info!(peer = %self.peer, ?refusal, "connection refused by a limit");
-                refuse(&mut self.out, code);
+                refuse(&mut self.io.out, code);
                 return Err(Close::Refused("connection limit"));
             }
         }
         if let Some(will) = &c.will {
-            if will.topic.bytes().filter(|&b| b == b'/').count() >= config.max_topic_levels {
+            if crate::topic::levels(&will.topic) > config.max_topic_levels {
                 if v5 {
-                    refuse(&mut self.out, ReasonCode::TOPIC_NAME_INVALID);
+                    refuse(&mut self.io.out, ReasonCode::TOPIC_NAME_INVALID);
                 }
                 return Err(Close::Refused("will topic has more levels than max_topic_levels"));
             }
         }
         if c.properties.authentication_method.is_some() {
             // Herald supports no enhanced authentication method [MQTT-4.12.0-1].
-            refuse(&mut self.out, ReasonCode::BAD_AUTHENTICATION_METHOD);
+            refuse(&mut self.io.out, ReasonCode::BAD_AUTHENTICATION_METHOD);
             return Err(Close::Refused("unsupported authentication method"));
         }
         let mut assigned = None;
@@ -94,7 +118,7 @@ impl Connection {
                 // [MQTT-3.1.3-8] a zero-byte client identifier needs a clean session in 3.1.1.
                 let code =
                     if v5 { ReasonCode::CLIENT_IDENTIFIER_NOT_VALID } else { ReasonCode::V3_IDENTIFIER_REJECTED };
-                refuse(&mut self.out, code);
+                refuse(&mut self.io.out, code);
                 return Err(Close::Refused("[MQTT-3.1.3-8] empty client identifier without clean session"));
             }
             let id = format!("herald-{:016x}", self.conn_id ^ 0x5eed_0000_0000);
@@ -138,49 +162,28 @@ impl Connection {
             }
         };
         if let Some((why, code)) = refusal {
-            broker.metrics.auth_failures.fetch_add(1, Ordering::Relaxed);
+            broker.metrics().auth_failures.fetch_add(1, Ordering::Relaxed);
             info!(client_id = %client_id, peer = %self.peer, reason = %why, "connection refused");
-            refuse(&mut self.out, code);
+            refuse(&mut self.io.out, code);
             return Err(Close::Refused("authentication failed"));
         }
-        self.acl = auth.client_acl(username.as_deref(), &client_id).map(Box::new);
+        self.client.acl = auth.client_acl(username.as_deref(), &client_id).map(Box::new);
         let mut server_keep_alive = None;
         let mut keep_alive = c.keep_alive;
         if v5 && config.max_keepalive > 0 && (keep_alive == 0 || keep_alive > config.max_keepalive) {
             keep_alive = config.max_keepalive;
             server_keep_alive = Some(keep_alive);
         }
-        self.keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
-        self.receive_window = usize::from(c.properties.receive_maximum.unwrap_or(if v5 {
+        self.client.keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        self.client.receive_window = usize::from(c.properties.receive_maximum.unwrap_or(if v5 {
             u16::MAX
         } else {
             config.max_inflight_messages
         }));
-        self.out.topic_alias_maximum = c.properties.topic_alias_maximum.unwrap_or(0);
-        self.session_expiry = session_expiry;
-        self.will = c.will.map(Box::new);
-        self.client_id = client_id.clone();
-
-        let (shared, mut state, session_present) = self.claim_session(&client_id, c.clean_start).await?;
-        shared.persistent.store(session_expiry > 0, Ordering::Release);
-        state.expiry_interval = session_expiry;
-        if session_expiry > 0 {
-            // Written before any SUBSCRIBE of this connection, whose SUBACK waits for the store.
-            let mut txn = Txn::default();
-            let record = SessionRecord {
-                expiry_interval: session_expiry,
-                disconnected_at_ms: 0,
-                will: self.will.as_deref().cloned(),
-            };
-            txn.put_session(&client_id, &record);
-            self.broker.store.commit(txn);
-            shared.stored.store(true, Ordering::Release);
-        } else if shared.stored.swap(false, Ordering::AcqRel) {
-            // A stored session resumed without an expiry interval ends with this connection.
-            let mut txn = Txn::default();
-            txn.remove_session(&client_id, state.forget_stored());
-            self.broker.store.commit(txn);
-        }
+        self.io.out.topic_alias_maximum = c.properties.topic_alias_maximum.unwrap_or(0);
+        self.client.session_expiry = session_expiry;
+        self.client.will = c.will.map(Box::new);
+        self.client.client_id = client_id.clone();
 
         let mut properties = Properties::default();
         if v5 {
@@ -196,42 +199,57 @@ impl Connection {
                 properties.maximum_packet_size = Some(config.max_packet_size);
             }
         }
-        // MQTT 3.1 has no session present flag: its CONNACK flags byte is reserved.
-        let connack = Packet::ConnAck(ConnAck {
-            session_present: session_present && c.protocol != ProtocolVersion::V3_1,
-            code: ReasonCode::SUCCESS,
-            properties,
-        });
-        if self.broker.has_priority_lanes() {
-            // Made before any delivery can look for it, so no wake-up is missed.
-            shared.urgent();
-            let reserve = self.broker.config.delivery.high_priority_inflight;
-            self.high_reserve = reserve.min(self.receive_window / 2).min(usize::from(u16::MAX)) as u16;
-            self.lanes = true;
-        }
-        if v5 && c.properties.request_problem_information != Some(0) {
-            let asked = c.properties.user_properties.iter().any(|(k, _)| k == crate::receipts::MSG_ID_PROPERTY);
-            self.msg_id_on_ack = if asked { super::MsgIdOnAck::Always } else { super::MsgIdOnAck::OnRequest };
-        }
-        self.retries = !v5 && self.broker.config.delivery.retry_after > 0;
-        self.broker.metrics.client_connected();
-        self.broker.metrics.hot.add(crate::metrics::Hot::PacketsReceived, 1);
-        shared.ownership.lock().expect("ownership lock").client = crate::session::ClientInfo {
-            peer: Some(self.peer),
-            protocol: c.protocol as u8,
-            username: username.clone(),
-            connected_at_ms: crate::store::records::wall_ms_now(),
-            disconnected_at_ms: 0,
-            subscriptions: state.subscriptions.len(),
-        };
-        self.session = Some((shared, state));
-        if connack.encoded_len(self.out.version) > self.out.max_packet_size {
-            // [MQTT-3.1.2-25] the CONNACK itself does not fit: all we can do is close.
+        let mut connack = ConnAck { session_present: false, code: ReasonCode::SUCCESS, properties };
+        if Packet::ConnAck(connack.clone()).encoded_len(self.io.out.version) > self.io.out.max_packet_size {
+            // [MQTT-3.1.2-25] the CONNACK itself does not fit: all we can do is close, before
+            // any session is taken.
             return Err(Close::Refused("CONNACK exceeds the client's maximum packet size"));
         }
-        self.out.packet(&connack);
+        let kick = self.kick_tx.take().ok_or(Close::Refused("CONNECT handled twice"))?;
+        let claim = Claim {
+            client_id: client_id.clone(),
+            clean_start: c.clean_start,
+            expiry_interval: session_expiry,
+            will: self.client.will.as_deref().cloned(),
+            conn_id: self.conn_id,
+            kick,
+            client: crate::session::ClientInfo {
+                peer: Some(self.peer),
+                protocol: c.protocol as u8,
+                username: username.clone(),
+                connected_at_ms: crate::clock::wall_ms_now(),
+                disconnected_at_ms: 0,
+                subscriptions: 0,
+            },
+        };
+        let claimed = broker
+            .registry()
+            .claim(claim)
+            .await
+            .map_err(|_| Close::Refused("the session's previous connection did not let go"))?;
+        let (shared, session_present) = (claimed.shared.clone(), claimed.present);
+        let held = Held { shared: claimed.shared, state: claimed.state };
+
+        // MQTT 3.1 has no session present flag: its CONNACK flags byte is reserved.
+        connack.session_present = session_present && c.protocol != ProtocolVersion::V3_1;
+        let connack = Packet::ConnAck(connack);
+        if broker.has_priority_lanes() {
+            // Made before any delivery can look for it, so no wake-up is missed.
+            shared.urgent();
+            let reserve = broker.config().delivery.high_priority_inflight;
+            self.client.high_reserve = reserve.min(self.client.receive_window / 2).min(usize::from(u16::MAX)) as u16;
+            self.client.lanes = true;
+        }
+        if v5 && c.properties.request_problem_information != Some(0) {
+            let asked = c.properties.user_properties.iter().any(|(k, _)| k == crate::receipt::MSG_ID_PROPERTY);
+            self.client.msg_id_on_ack = if asked { super::MsgIdOnAck::Always } else { super::MsgIdOnAck::OnRequest };
+        }
+        self.retry.enabled = !v5 && broker.config().delivery.retry_after > 0;
+        broker.metrics().client_connected();
+        broker.metrics().hot.add(crate::metrics::Hot::PacketsReceived, 1);
+        self.io.out.packet(&connack);
         info!(
-            client_id = %self.client_id,
+            client_id = %self.client.client_id,
             peer = %self.peer,
             protocol = c.protocol as u8,
             clean_start = c.clean_start,
@@ -239,66 +257,6 @@ impl Connection {
             session_present,
             "client connected"
         );
-        if session_present {
-            self.resend_inflight();
-        }
-        Ok(())
-    }
-
-    /// Takes the session of `client_id`: a new one, the parked one, or the one another
-    /// connection holds, which is then asked to close with 0x8E [MQTT-3.1.4-3].
-    async fn claim_session(
-        &mut self,
-        client_id: &str,
-        clean_start: bool,
-    ) -> Result<(Arc<SessionShared>, SessionState, bool), Close> {
-        let give_up = tokio::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let existing = {
-                let broker = self.broker.clone();
-                let mut sessions = broker.sessions.lock().expect("sessions lock");
-                match sessions.get(client_id).cloned() {
-                    None => {
-                        let (shared, state) = self.broker.new_session(client_id.to_owned());
-                        self.hold(&shared);
-                        sessions.insert(client_id.to_owned(), shared.clone());
-                        return Ok((shared, state, false));
-                    }
-                    Some(existing) => {
-                        let mut own = existing.ownership.lock().expect("ownership lock");
-                        if let Some(cancel) = own.pending_will.take() {
-                            let _ = cancel.send(());
-                        }
-                        if let Some(state) = own.parked.take() {
-                            if clean_start || state.expiry_interval == 0 {
-                                drop(own);
-                                sessions.remove(client_id);
-                                drop(sessions);
-                                let mut state = state;
-                                self.broker.end_session(&existing, &mut state);
-                                continue;
-                            }
-                            own.holder = Some((self.conn_id, self.kick_tx.take()));
-                            existing.online.store(true, Ordering::Release);
-                            drop(own);
-                            return Ok((existing, state, true));
-                        }
-                        own.kick(crate::codec::ReasonCode::SESSION_TAKEN_OVER);
-                        drop(own);
-                        existing
-                    }
-                }
-            };
-            let notified = existing.parked_notify.notified();
-            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
-            if tokio::time::Instant::now() > give_up {
-                return Err(Close::Refused("the session's previous connection did not let go"));
-            }
-        }
-    }
-
-    fn hold(&mut self, shared: &Arc<SessionShared>) {
-        shared.ownership.lock().expect("ownership lock").holder = Some((self.conn_id, self.kick_tx.take()));
-        shared.online.store(true, Ordering::Release);
+        Ok((held, session_present))
     }
 }

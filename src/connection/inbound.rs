@@ -4,16 +4,14 @@
 use std::time::Instant;
 
 use super::{Close, Connection, Step};
+use crate::broker::PublishRefusal;
 use crate::codec::{
     Disconnect, Packet, Properties, PubResponse, Publish, QoS, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
-use crate::router::{parse_filter, FilterError, Subscription};
-use crate::session::{Delivery, Message, OutState};
+use crate::message::{Delivery, Message, OutState};
+use crate::session::Subscription;
 use crate::store::Txn;
-
-fn topic_levels(topic: &str) -> usize {
-    topic.bytes().filter(|&b| b == b'/').count() + 1
-}
+use crate::topic::{parse_filter, FilterError};
 
 fn violation(code: ReasonCode, why: &'static str) -> Close {
     Close::Violation(code, why)
@@ -21,7 +19,7 @@ fn violation(code: ReasonCode, why: &'static str) -> Close {
 
 impl Connection {
     fn v5(&self) -> bool {
-        self.out.version.is_v5()
+        self.io.out.version.is_v5()
     }
 
     pub(super) fn handle_packet(&mut self, packet: Packet) -> Step {
@@ -30,15 +28,15 @@ impl Connection {
             Packet::PubAck(r) => self.on_puback(r),
             Packet::PubRec(r) => self.on_pubrec(r),
             Packet::PubRel(r) => {
-                let (shared, state) = self.session.as_mut().expect("session");
+                let (shared, state) = (&self.session.shared, &mut self.session.state);
                 let mut ticket = 0;
                 if state.incoming_qos2.remove(&r.packet_id) && shared.is_persistent() {
                     // PUBCOMP waits for the identifier to leave the store: were it still there
                     // after a restart, a new message with the same identifier would be taken
                     // for a duplicate and lost.
                     let mut txn = Txn::default();
-                    txn.remove_incoming(&self.client_id, r.packet_id);
-                    ticket = self.broker.store.commit(txn);
+                    txn.remove_incoming(&self.client.client_id, r.packet_id);
+                    ticket = self.broker.store().commit(txn);
                 }
                 // Mosquitto answers an unknown identifier with success too, as the vectors record.
                 self.send_ack(ticket, Packet::PubComp(PubResponse::new(r.packet_id, ReasonCode::SUCCESS)));
@@ -48,7 +46,7 @@ impl Connection {
             Packet::Subscribe(s) => self.on_subscribe(s),
             Packet::Unsubscribe(u) => self.on_unsubscribe(u),
             Packet::PingReq => {
-                self.out.packet(&Packet::PingResp);
+                self.io.out.packet(&Packet::PingResp);
                 Ok(())
             }
             Packet::Disconnect(d) => self.on_disconnect(d),
@@ -61,82 +59,85 @@ impl Connection {
         let v5 = self.v5();
         if v5 {
             if let Some(alias) = p.properties.topic_alias.take() {
-                if alias == 0 || alias > self.broker.config.mqtt.topic_alias_maximum {
+                if alias == 0 || alias > self.broker.config().mqtt.topic_alias_maximum {
                     return Err(violation(ReasonCode::TOPIC_ALIAS_INVALID, "[MQTT-3.3.2-8] topic alias out of range"));
                 }
                 if p.topic.is_empty() {
-                    match self.inbound_aliases.get(&alias) {
+                    match self.client.inbound_aliases.get(&alias) {
                         Some(t) => p.topic = t.to_string(),
                         None => {
                             return Err(violation(ReasonCode::PROTOCOL_ERROR, "[MQTT-3.3.4-7] unknown topic alias"))
                         }
                     }
                 } else {
-                    self.inbound_aliases.insert(alias, p.topic.as_str().into());
+                    self.client.inbound_aliases.insert(alias, p.topic.as_str().into());
                 }
             } else if p.topic.is_empty() {
                 return Err(violation(ReasonCode::MALFORMED_PACKET, "[MQTT-3.3.2-1] empty topic name without alias"));
             }
         }
-        if p.topic.len() > self.limits.max_topic_length {
-            self.broker.metrics.limit_topic_length.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            return Err(violation(ReasonCode::TOPIC_NAME_INVALID, "topic name longer than max_topic_length"));
+        // The rules every publish path shares (`Broker::admit_publish`): a topic too long or too
+        // deep closes the connection; `$SYS` and degraded mode are answered below.
+        let admitted = self.broker.admit_publish(&p.topic, &self.client.limits);
+        match admitted {
+            Err(PublishRefusal::TopicTooLong) => {
+                return Err(violation(ReasonCode::TOPIC_NAME_INVALID, "topic name longer than max_topic_length"));
+            }
+            Err(PublishRefusal::TooManyLevels) => {
+                return Err(violation(
+                    ReasonCode::TOPIC_NAME_INVALID,
+                    "topic name has more levels than max_topic_levels",
+                ));
+            }
+            _ => {}
         }
-        if topic_levels(&p.topic) > self.broker.config.mqtt.max_topic_levels {
-            // The trees are walked level by level; an absurdly deep topic is refused rather than
-            // let it cost unbounded depth.
-            return Err(violation(ReasonCode::TOPIC_NAME_INVALID, "topic name has more levels than max_topic_levels"));
-        }
-        let state = &mut self.session.as_mut().expect("session").1;
+        let state = &mut self.session.state;
         let duplicate_qos2 = p.qos == QoS::ExactlyOnce && state.incoming_qos2.contains(&p.packet_id);
         if p.qos == QoS::ExactlyOnce
             && !duplicate_qos2
             && v5
-            && state.incoming_qos2.len() >= usize::from(self.broker.config.mqtt.receive_maximum)
+            && state.incoming_qos2.len() >= usize::from(self.broker.config().mqtt.receive_maximum)
         {
             return Err(violation(ReasonCode::RECEIVE_MAXIMUM_EXCEEDED, "[MQTT-3.3.4-9] receive maximum exceeded"));
         }
         let mut reason = ReasonCode::SUCCESS;
         let mut ticket = 0;
         let mut message_id = None;
-        let wants_id = match self.msg_id_on_ack {
+        let wants_id = match self.client.msg_id_on_ack {
             super::MsgIdOnAck::Never => false,
             super::MsgIdOnAck::Always => true,
             super::MsgIdOnAck::OnRequest => p
                 .properties
                 .user_properties
                 .iter()
-                .any(|(k, _)| k == crate::receipts::STORY_ID || k == crate::receipts::RECEIPT_REQUEST),
+                .any(|(k, _)| k == crate::receipt::STORY_ID || k == crate::receipt::RECEIPT_REQUEST),
         };
-        let shed =
-            self.broker.degraded.load(std::sync::atomic::Ordering::Relaxed) && !self.broker.is_high_priority(&p.topic);
+        let shed = admitted == Err(PublishRefusal::Degraded);
         if shed && !v5 && p.qos > QoS::AtMostOnce {
             // 3.1.1 cannot be told 0x97: closing without an acknowledgement leaves the story
             // with the publisher, which sends it again once it reconnects.
-            self.broker.metrics.degraded_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             return Err(Close::Overloaded);
         }
         if p.properties.payload_format_indicator == Some(1) && std::str::from_utf8(&p.payload).is_err() {
             reason = ReasonCode(0x99);
-        } else if p.topic.starts_with("$SYS") {
+        } else if admitted == Err(PublishRefusal::SysTopic) {
             // [MQTT-4.7.2-1] `$SYS` belongs to the broker: never routed; 5.0 is told why, 3.1.1
             // is acknowledged as Mosquitto does.
             reason = ReasonCode::NOT_AUTHORIZED;
         } else if self.over_publish_rate() {
-            self.broker.metrics.limit_publish_rate.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.broker.metrics().limit_publish_rate.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             reason = ReasonCode::QUOTA_EXCEEDED;
-        } else if self.acl.as_ref().is_some_and(|acl| !acl.can_publish(&p.topic)) {
+        } else if self.client.acl.as_ref().is_some_and(|acl| !acl.can_publish(&p.topic)) {
             // Not routed; 5.0 learns why from the acknowledgement, 3.1.1 has no way to be told.
-            self.broker.metrics.acl_denied_publish.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::debug!(client_id = %self.client_id, topic = %p.topic, "PUBLISH denied by the ACL");
+            self.broker.metrics().acl_denied_publish.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::debug!(client_id = %self.client.client_id, topic = %p.topic, "PUBLISH denied by the ACL");
             reason = ReasonCode::NOT_AUTHORIZED;
         } else if shed {
             // Degraded mode: normal traffic is refused while high priority keeps flowing, and
             // the publisher is not read from for a moment: refusing at full speed would only
             // invite it to send faster.
-            self.broker.metrics.degraded_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             reason = ReasonCode::QUOTA_EXCEEDED;
-            self.paused_until = Some(Instant::now() + super::SHED_PAUSE);
+            self.flow.paused_until = Some(Instant::now() + super::SHED_PAUSE);
         } else if !duplicate_qos2 {
             let mut properties = std::mem::take(&mut p.properties);
             properties.subscription_identifiers.clear();
@@ -144,7 +145,7 @@ impl Connection {
             let message = Message {
                 properties,
                 expiry_interval,
-                publisher: Some(self.session.as_ref().expect("session").0.id),
+                publisher: Some(self.session.shared.id),
                 ..Message::new(p.topic, p.payload, p.qos, p.retain)
             };
             match self.broker.accept_message(message) {
@@ -157,7 +158,7 @@ impl Connection {
                     if outcome.matched == 0 && p.qos == QoS::AtLeastOnce {
                         reason = ReasonCode::NO_MATCHING_SUBSCRIBERS;
                     }
-                    self.blocked.extend(outcome.blocked);
+                    self.flow.blocked.extend(outcome.blocked);
                 }
             }
         }
@@ -165,19 +166,19 @@ impl Connection {
         let mut response = PubResponse::new(p.packet_id, reason);
         if let (true, Some(id)) = (wants_id, message_id) {
             // The delivery receipt's key, for the publisher to look up [issue 7].
-            let id = crate::receipts::message_id_text(id);
-            response.properties.user_properties.push((crate::receipts::MSG_ID_PROPERTY.to_owned(), id));
+            let id = crate::receipt::message_id_text(id);
+            response.properties.user_properties.push((crate::receipt::MSG_ID_PROPERTY.to_owned(), id));
         }
         let ack = match p.qos {
             QoS::AtMostOnce => return Ok(()),
             QoS::AtLeastOnce => Packet::PubAck(response),
             QoS::ExactlyOnce => {
-                let (shared, state) = self.session.as_mut().expect("session");
+                let (shared, state) = (&self.session.shared, &mut self.session.state);
                 let reason = if reason == ReasonCode::NO_MATCHING_SUBSCRIBERS { ReasonCode::SUCCESS } else { reason };
                 if !reason.is_error() && state.incoming_qos2.insert(p.packet_id) && shared.is_persistent() {
                     let mut txn = Txn::default();
-                    txn.put_incoming(&self.client_id, p.packet_id);
-                    ticket = ticket.max(self.broker.store.commit(txn));
+                    txn.put_incoming(&self.client.client_id, p.packet_id);
+                    ticket = ticket.max(self.broker.store().commit(txn));
                 }
                 response.reason = reason;
                 Packet::PubRec(response)
@@ -185,43 +186,43 @@ impl Connection {
         };
         // The acknowledgement is the promise: it waits until every subscriber has the message
         // and the store has what persistent sessions need of it.
-        if self.blocked.is_empty() {
+        if self.flow.blocked.is_empty() {
             self.send_ack(ticket, ack);
         } else {
-            self.held_ack = Some(Box::new((ticket, ack)));
+            self.flow.held_ack = Some(Box::new((ticket, ack)));
         }
         Ok(())
     }
 
     /// `publish_rate_per_client`, counted per whole second of the broker's uptime.
     fn over_publish_rate(&mut self) -> bool {
-        let rate = self.limits.publish_rate_per_client;
+        let rate = self.client.limits.publish_rate_per_client;
         if rate == 0 {
             return false;
         }
         let second = self.broker.uptime_secs() as u32;
-        if second != self.publish_second {
-            self.publish_second = second;
-            self.publishes_this_second = 0;
+        if second != self.client.publish_second {
+            self.client.publish_second = second;
+            self.client.publishes_this_second = 0;
         }
-        self.publishes_this_second += 1;
-        self.publishes_this_second > rate
+        self.client.publishes_this_second += 1;
+        self.client.publishes_this_second > rate
     }
 
     fn inflight_state(&self, packet_id: u16) -> Option<OutState> {
-        let state = &self.session.as_ref().expect("session").1;
+        let state = &self.session.state;
         state.inflight.iter().find(|m| m.packet_id == packet_id).map(|m| m.state)
     }
 
     fn complete(&mut self, packet_id: u16) {
-        let state = &mut self.session.as_mut().expect("session").1;
+        let state = &mut self.session.state;
         // Acknowledgements come mostly in order, so the search usually stops at the front.
         if let Some(pos) = state.inflight.iter().position(|m| m.packet_id == packet_id) {
             if let Some(m) = state.inflight.remove(pos) {
-                let metrics = &self.broker.metrics;
+                let metrics = self.broker.metrics();
                 metrics.deliveries_acknowledged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // The time this input was read: close enough, and no clock reading per ack.
-                let now = self.last_inbound;
+                let now = self.io.last_inbound;
                 let message = &m.delivery.message;
                 metrics.ack_latency.observe(now.saturating_duration_since(message.received_at).as_micros() as u64);
                 if let Some(r) = message.receipt.get() {
@@ -249,23 +250,26 @@ impl Connection {
             }
             Some(OutState::AwaitPubRec) if r.reason.is_error() => self.complete(r.packet_id),
             Some(OutState::AwaitPubRec) => {
-                let state = &mut self.session.as_mut().expect("session").1;
+                let state = &mut self.session.state;
                 if let Some(m) = state.inflight.iter_mut().find(|m| m.packet_id == r.packet_id) {
                     m.state = OutState::AwaitPubComp;
                     if let Some(at) = m.delivery.queue_ref() {
                         let mut txn = Txn::default();
-                        let entry = m.delivery.queue_entry(Some((r.packet_id, OutState::AwaitPubComp)));
-                        txn.update_entry(&self.client_id, at, &entry);
-                        self.broker.store.commit(txn);
+                        let entry = crate::store::records::QueueEntry::of(
+                            &m.delivery,
+                            Some((r.packet_id, OutState::AwaitPubComp)),
+                        );
+                        txn.update_entry(&self.client.client_id, at, &entry);
+                        self.broker.store().commit(txn);
                     }
                 }
-                self.out.packet(&Packet::PubRel(PubResponse::new(r.packet_id, ReasonCode::SUCCESS)));
+                self.io.out.packet(&Packet::PubRel(PubResponse::new(r.packet_id, ReasonCode::SUCCESS)));
             }
             Some(OutState::AwaitPubComp) => {
-                self.out.packet(&Packet::PubRel(PubResponse::new(r.packet_id, ReasonCode::SUCCESS)));
+                self.io.out.packet(&Packet::PubRel(PubResponse::new(r.packet_id, ReasonCode::SUCCESS)));
             }
             None if !r.reason.is_error() => {
-                self.out.packet(&Packet::PubRel(PubResponse::new(r.packet_id, ReasonCode::SUCCESS)));
+                self.io.out.packet(&Packet::PubRel(PubResponse::new(r.packet_id, ReasonCode::SUCCESS)));
             }
             None => {}
         }
@@ -288,7 +292,7 @@ impl Connection {
         let identifier = s.properties.subscription_identifiers.first().copied();
         let mut reasons = Vec::with_capacity(s.filters.len());
         let mut retained: Vec<Delivery> = Vec::new();
-        let (shared, state) = self.session.as_mut().expect("session");
+        let (shared, state) = (&self.session.shared, &mut self.session.state);
         let persistent = shared.is_persistent();
         let mut txn = Txn::default();
         for (filter, options) in &s.filters {
@@ -302,37 +306,37 @@ impl Connection {
                     continue;
                 }
             };
-            let max_subscriptions = self.limits.max_subscriptions_per_client;
+            let max_subscriptions = self.client.limits.max_subscriptions_per_client;
             if max_subscriptions > 0
                 && state.subscriptions.len() >= max_subscriptions
                 && !state.subscriptions.contains_key(filter.as_str())
             {
-                self.broker.metrics.limit_subscriptions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.broker.metrics().limit_subscriptions.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 reasons.push(if v5 { ReasonCode::QUOTA_EXCEEDED } else { ReasonCode::UNSPECIFIED_ERROR });
                 continue;
             }
-            if filter.len() > self.limits.max_topic_length {
-                self.broker.metrics.limit_topic_length.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if filter.len() > self.client.limits.max_topic_length {
+                self.broker.metrics().limit_topic_length.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 reasons.push(if v5 { ReasonCode::TOPIC_FILTER_INVALID } else { ReasonCode::UNSPECIFIED_ERROR });
                 continue;
             }
-            if topic_levels(parsed.filter) > self.broker.config.mqtt.max_topic_levels {
+            if crate::topic::levels(parsed.filter) > self.broker.config().mqtt.max_topic_levels {
                 reasons.push(if v5 { ReasonCode::TOPIC_FILTER_INVALID } else { ReasonCode::UNSPECIFIED_ERROR });
                 continue;
             }
             if parsed.share.is_some() && options.no_local {
                 return Err(violation(ReasonCode::PROTOCOL_ERROR, "[MQTT-3.8.3-4] no local on a shared subscription"));
             }
-            if self.acl.as_ref().is_some_and(|acl| !acl.can_subscribe(parsed.filter)) {
-                self.broker.metrics.acl_denied_subscribe.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            if self.client.acl.as_ref().is_some_and(|acl| !acl.can_subscribe(parsed.filter)) {
+                self.broker.metrics().acl_denied_subscribe.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 reasons.push(if v5 { ReasonCode::NOT_AUTHORIZED } else { ReasonCode::UNSPECIFIED_ERROR });
                 continue;
             }
             let sub = Subscription { session: shared.clone(), options: *options, identifier };
-            let existed = self.broker.subscribe(filter, sub);
+            let existed = self.broker.subscribe(&parsed, sub);
             state.subscriptions.insert(filter.clone(), (*options, identifier));
             if persistent {
-                txn.put_subscription(&self.client_id, filter, options, identifier);
+                txn.put_subscription(&self.client.client_id, filter, options, identifier);
             }
             reasons.push(ReasonCode(options.qos as u8));
             let send_retained = parsed.share.is_none()
@@ -342,7 +346,7 @@ impl Connection {
                     _ => false,
                 };
             if send_retained {
-                let matching = self.broker.retained.read().expect("retained lock").matching(parsed.filter);
+                let matching = self.broker.retained_matching(parsed.filter);
                 retained.extend(matching.into_iter().map(|message| Delivery {
                     qos: message.qos.min(options.qos),
                     message,
@@ -353,12 +357,12 @@ impl Connection {
                 }));
             }
         }
-        let room = self.broker.config.mqtt.max_pending_retained.saturating_sub(state.pending.len());
+        let room = self.broker.config().mqtt.max_pending_retained.saturating_sub(state.pending.len());
         if retained.len() > room {
             let dropped = retained.len() - room;
-            tracing::warn!(client_id = %self.client_id, dropped, "retained messages beyond max_pending_retained dropped");
+            tracing::warn!(client_id = %self.client.client_id, dropped, "retained messages beyond max_pending_retained dropped");
             self.broker
-                .metrics
+                .metrics()
                 .messages_dropped_queue_full
                 .fetch_add(dropped as u64, std::sync::atomic::Ordering::Relaxed);
             retained.truncate(room);
@@ -368,7 +372,7 @@ impl Connection {
         }
         self.note_subscription_count();
         // The SUBACK promises the subscription, so it waits for the store like a PUBACK.
-        let ticket = self.broker.store.commit(txn);
+        let ticket = self.broker.store().commit(txn);
         self.send_ack(
             ticket,
             Packet::SubAck(SubAck { packet_id: s.packet_id, properties: Properties::default(), reasons }),
@@ -377,15 +381,17 @@ impl Connection {
     }
 
     fn on_unsubscribe(&mut self, u: Unsubscribe) -> Step {
-        let (shared, state) = self.session.as_mut().expect("session");
+        let (shared, state) = (&self.session.shared, &mut self.session.state);
         let mut reasons = Vec::with_capacity(u.filters.len());
         let mut txn = Txn::default();
         for filter in &u.filters {
             let existed = state.subscriptions.remove(filter).is_some();
             if existed {
-                self.broker.unsubscribe(shared.id, filter);
+                if let Ok(parsed) = parse_filter(filter) {
+                    self.broker.unsubscribe(shared.id, &parsed);
+                }
                 if shared.is_persistent() {
-                    txn.remove_subscription(&self.client_id, filter);
+                    txn.remove_subscription(&self.client.client_id, filter);
                 }
             }
             reasons.push(if existed { ReasonCode::SUCCESS } else { ReasonCode::NO_SUBSCRIPTION_EXISTED });
@@ -394,7 +400,7 @@ impl Connection {
             reasons.clear();
         }
         self.note_subscription_count();
-        let ticket = self.broker.store.commit(txn);
+        let ticket = self.broker.store().commit(txn);
         self.send_ack(
             ticket,
             Packet::UnsubAck(UnsubAck { packet_id: u.packet_id, properties: Properties::default(), reasons }),
@@ -404,19 +410,19 @@ impl Connection {
 
     /// Keeps the admin API's count of this client's subscriptions.
     fn note_subscription_count(&self) {
-        let (shared, state) = self.session.as_ref().expect("session");
-        shared.ownership.lock().expect("ownership lock").client.subscriptions = state.subscriptions.len();
+        let (shared, state) = (&self.session.shared, &self.session.state);
+        shared.set_subscription_count(state.subscriptions.len());
     }
 
     fn on_disconnect(&mut self, d: Disconnect) -> Step {
         if let Some(expiry) = d.properties.session_expiry_interval {
-            if self.session_expiry == 0 && expiry != 0 {
+            if self.client.session_expiry == 0 && expiry != 0 {
                 return Err(violation(
                     ReasonCode::PROTOCOL_ERROR,
                     "[MQTT-3.14.2-2] session expiry set on DISCONNECT after 0 on CONNECT",
                 ));
             }
-            self.session_expiry = expiry;
+            self.client.session_expiry = expiry;
         }
         Err(Close::ClientDisconnect { with_will: d.reason == ReasonCode::DISCONNECT_WITH_WILL })
     }

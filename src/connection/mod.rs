@@ -16,12 +16,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
-use tracing::{debug, info};
+use tracing::info;
 
-use crate::broker::Broker;
+use crate::broker::{Broker, Outcome};
+use crate::clock::wall_ms_now;
 use crate::codec::{DecodeError, Decoder, Disconnect, Packet, Properties, ReasonCode, Role, Will};
-use crate::session::{Delivery, Kick, Message, OutState, SessionShared, SessionState};
-use crate::store::records::{wall_ms_now, SessionRecord};
+use crate::message::{Delivery, OutState};
+use crate::session::registry::Release;
+use crate::session::{Kick, SessionShared, SessionState};
 use crate::store::Txn;
 use outbound::{Outbound, Written};
 
@@ -81,11 +83,11 @@ impl Close {
 
 pub type Step = Result<(), Close>;
 
-struct OpenGuard<'a>(&'a Broker);
+struct OpenGuard(Arc<Broker>);
 
-impl Drop for OpenGuard<'_> {
+impl Drop for OpenGuard {
     fn drop(&mut self) {
-        self.0.metrics.connections_open.fetch_sub(1, Ordering::Relaxed);
+        self.0.metrics().connections_open.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -102,82 +104,110 @@ pub struct Origin {
     pub certificate_name: Option<String>,
 }
 
-/// Runs a connection from accept to close, in one task that both reads and writes.
+/// Runs a connection from accept to close, in one task that both reads and writes: the
+/// handshake first, which yields the session, then the connection proper, which always has one.
 pub async fn serve(broker: Arc<Broker>, stream: Socket, origin: Origin) {
-    let peer = origin.peer;
-    broker.metrics.connections_total.fetch_add(1, Ordering::Relaxed);
-    broker.metrics.connections_open.fetch_add(1, Ordering::Relaxed);
-    let _open = OpenGuard(&broker);
+    broker.metrics().connections_total.fetch_add(1, Ordering::Relaxed);
+    broker.metrics().connections_open.fetch_add(1, Ordering::Relaxed);
+    let _open = OpenGuard(broker.clone());
     let (kick_tx, kick_rx) = tokio::sync::oneshot::channel();
-    let mut conn = Connection {
-        broker: broker.clone(),
-        peer,
-        stream,
+    let mut handshake = handshake::Handshake {
         conn_id: broker.next_id(),
-        decoder: Decoder::new(Role::Server, broker.config.mqtt.max_packet_size),
-        inbuf: BytesMut::new(),
-        out: Outbound::new(),
-        client_id: String::new(),
-        session: None,
+        peer: origin.peer,
+        io: Io {
+            stream,
+            decoder: Decoder::new(Role::Server, broker.config().mqtt.max_packet_size),
+            inbuf: BytesMut::new(),
+            out: Outbound::new(),
+            last_inbound: Instant::now(),
+            last_write_progress: None,
+        },
+        client: Client {
+            client_id: String::new(),
+            keep_alive: None,
+            receive_window: 0,
+            session_expiry: 0,
+            will: None,
+            acl: None,
+            limits: broker.limits(),
+            counted_ip: false,
+            high_reserve: 0,
+            lanes: false,
+            msg_id_on_ack: MsgIdOnAck::Never,
+            inbound_aliases: HashMap::new(),
+            publish_second: 0,
+            publishes_this_second: 0,
+        },
+        retry: Retry { enabled: false, next_retry: None, retry_tick: 0 },
         kick_tx: Some(kick_tx),
-        kick_rx,
-        keep_alive: None,
-        last_inbound: Instant::now(),
-        last_write_progress: None,
-        will: None,
-        receive_window: 0,
-        inbound_aliases: HashMap::new(),
-        session_expiry: 0,
-        blocked: Default::default(),
-        blocked_deadline: None,
-        held_ack: None,
-        acks: Default::default(),
-        committed: None,
         loopback: origin.loopback,
         certificate_name: origin.certificate_name.map(String::into_boxed_str),
-        acl: None,
-        limits: broker.limits(),
-        counted_ip: false,
-        publish_second: 0,
-        publishes_this_second: 0,
-        high_reserve: 0,
-        paused_until: None,
-        lanes: false,
-        msg_id_on_ack: MsgIdOnAck::Never,
-        retries: false,
-        next_retry: None,
-        retry_tick: 0,
+        broker,
     };
+    let (session, present) = match handshake.handshake().await {
+        Ok(claimed) => claimed,
+        Err(close) => return handshake.refused(close).await,
+    };
+    let handshake::Handshake { broker, conn_id, peer, io, client, retry, .. } = handshake;
+    let mut conn = Connection { broker, conn_id, peer, io, client, retry, session, flow: Flow::default(), kick_rx };
+    if present {
+        conn.resend_inflight();
+    }
     let close = conn.run().await;
     conn.finish(close).await;
 }
 
-pub struct Connection {
-    broker: Arc<Broker>,
-    peer: SocketAddr,
+/// The socket side of a connection, before and after CONNECT.
+struct Io {
     stream: Socket,
-    conn_id: u64,
     decoder: Decoder,
     inbuf: BytesMut,
     out: Outbound,
-    client_id: String,
-    session: Option<(Arc<SessionShared>, SessionState)>,
-    /// Handed to the session's ownership when this connection takes the session.
-    kick_tx: Option<tokio::sync::oneshot::Sender<Kick>>,
-    kick_rx: tokio::sync::oneshot::Receiver<Kick>,
-    /// 1.5 times the negotiated keep-alive [MQTT-3.1.2-24]; None when keep-alive is 0.
-    keep_alive: Option<Duration>,
     last_inbound: Instant,
     /// While output is queued: when the socket last took bytes from us (or the output began),
     /// to give up on a client that stopped reading. None while nothing is queued.
     last_write_progress: Option<Instant>,
+}
+
+/// The session a connection holds: always there once the handshake is done.
+struct Held {
+    shared: Arc<SessionShared>,
+    state: SessionState,
+}
+
+/// What CONNECT settled about the client, and its own limits.
+struct Client {
+    client_id: String,
+    /// 1.5 times the negotiated keep-alive [MQTT-3.1.2-24]; None when keep-alive is 0.
+    keep_alive: Option<Duration>,
+    /// How many QoS 1 and 2 messages may be in flight towards the client [MQTT-4.9.0-2].
+    receive_window: usize,
+    session_expiry: u32,
     /// Boxed, like `held_ack`: both are rare and a `Properties` is 400 bytes that every idle
     /// connection would otherwise carry.
     will: Option<Box<Will>>,
-    /// How many QoS 1 and 2 messages may be in flight towards the client [MQTT-4.9.0-2].
-    receive_window: usize,
+    /// The client's ACL rules; None when no ACL file is configured.
+    acl: Option<Box<crate::auth::acl::ClientAcl>>,
+    /// The limits as they were when the client connected.
+    limits: Arc<crate::config::Limits>,
+    /// Whether the per-IP limits counted this connection (released when it ends).
+    counted_ip: bool,
+    /// In-flight slots of the receive window only high-priority messages may take (0 without
+    /// `[[priority]]` rules).
+    high_reserve: u16,
+    /// Whether the session has a high-priority lane (there are `[[priority]]` rules).
+    lanes: bool,
+    /// When 5.0 acknowledgements carry the `herald-msg-id` user property.
+    msg_id_on_ack: MsgIdOnAck,
     inbound_aliases: HashMap<u16, Arc<str>>,
-    session_expiry: u32,
+    /// `publish_rate_per_client`: the current second (of the broker's uptime) and its count.
+    publish_second: u32,
+    publishes_this_second: u32,
+}
+
+/// Flow control of this client's publishes: waiting for subscribers' room and for the store.
+#[derive(Default)]
+struct Flow {
     /// Deliveries of the last PUBLISH still waiting for room in a subscriber's queue; input is
     /// not read and `held_ack` not sent until they are placed (or given up on).
     blocked: std::collections::VecDeque<(Arc<SessionShared>, Delivery)>,
@@ -189,33 +219,31 @@ pub struct Connection {
     /// Follows the store's committed ticket while `acks` is not empty; None otherwise, so that
     /// an idle connection carries no receiver.
     committed: Option<tokio::sync::watch::Receiver<u64>>,
-    loopback: bool,
-    certificate_name: Option<Box<str>>,
-    /// The client's ACL rules; None when no ACL file is configured.
-    acl: Option<Box<crate::auth::acl::ClientAcl>>,
-    /// The limits as they were when the client connected.
-    limits: Arc<crate::config::Limits>,
-    /// Whether the per-IP limits counted this connection (released when it ends).
-    counted_ip: bool,
-    /// `publish_rate_per_client`: the current second (of the broker's uptime) and its count.
-    publish_second: u32,
-    publishes_this_second: u32,
-    /// In-flight slots of the receive window only high-priority messages may take (0 without
-    /// `[[priority]]` rules).
-    high_reserve: u16,
-    /// When 5.0 acknowledgements carry the `herald-msg-id` user property.
-    msg_id_on_ack: MsgIdOnAck,
     /// Input is not read until then: a publisher of refused normal traffic in degraded mode.
     paused_until: Option<Instant>,
-    /// Whether the session has a high-priority lane (there are `[[priority]]` rules).
-    lanes: bool,
-    /// Whether unacknowledged messages are sent again (`[delivery] retry_after`): for 3.1.1;
-    /// 5.0 may not be resent to on the same connection [MQTT-4.4.0-1].
-    retries: bool,
+}
+
+/// Retries to a 3.1.1 client (`[delivery] retry_after`).
+struct Retry {
+    /// Whether unacknowledged messages are sent again: for 3.1.1; 5.0 may not be resent to on
+    /// the same connection [MQTT-4.4.0-1].
+    enabled: bool,
     /// The next retry tick, while QoS 1/2 messages are in flight to a 3.1.1 client.
     next_retry: Option<Instant>,
     /// Retry ticks so far (`retry_unacknowledged`).
     retry_tick: u32,
+}
+
+pub struct Connection {
+    broker: Arc<Broker>,
+    conn_id: u64,
+    peer: SocketAddr,
+    io: Io,
+    client: Client,
+    session: Held,
+    flow: Flow,
+    retry: Retry,
+    kick_rx: tokio::sync::oneshot::Receiver<Kick>,
 }
 
 /// Deliveries per message the latency histogram records, at least (see `start_delivery`).
@@ -261,17 +289,14 @@ enum Event {
 
 impl Connection {
     async fn run(&mut self) -> Close {
-        if let Err(close) = self.handshake().await {
-            return close;
-        }
-        let limit = self.broker.config.mqtt.max_outbound_bytes;
+        let limit = self.broker.config().mqtt.max_outbound_bytes;
         loop {
             self.release_acks();
             self.drain_deliveries();
             if let Err(close) = self.write_some() {
                 return close;
             }
-            if !self.blocked.is_empty() {
+            if !self.flow.blocked.is_empty() {
                 if let Err(close) = self.wait_for_room().await {
                     return close;
                 }
@@ -280,36 +305,38 @@ impl Connection {
             // Above the outbound limit the client reads slower than we write: stop taking on
             // more (its queue fills, publishers wait or drop for it) and stop reading its input
             // until the socket has taken some.
-            if self.paused_until.is_some_and(|t| Instant::now() >= t) {
-                self.paused_until = None;
+            if self.flow.paused_until.is_some_and(|t| Instant::now() >= t) {
+                self.flow.paused_until = None;
             }
-            let room = self.out.pending_bytes() < limit && self.acks.len() < MAX_UNCOMMITTED_ACKS;
-            let reading = room && self.paused_until.is_none();
+            let room = self.io.out.pending_bytes() < limit && self.flow.acks.len() < MAX_UNCOMMITTED_ACKS;
+            let reading = room && self.flow.paused_until.is_none();
             // With a high-priority lane, normal deliveries stop at a small amount of encoded
             // output, so that a breaking story finds little ahead of it in the byte stream;
             // the backlog waits in the mailbox, which the lane overtakes.
-            let window_open =
-                room && self.window_open() && !(self.lanes && self.out.pending_bytes() >= NORMAL_OUTPUT_WITH_LANES);
-            let high_window_open = room && self.lanes && self.high_window_open();
-            let writing = self.out.has_pending();
-            let keep_alive = self.keep_alive.map(|k| self.last_inbound + k);
-            let deadline = [keep_alive, self.next_retry, self.paused_until]
+            let window_open = room
+                && self.window_open()
+                && !(self.client.lanes && self.io.out.pending_bytes() >= NORMAL_OUTPUT_WITH_LANES);
+            let high_window_open = room && self.client.lanes && self.high_window_open();
+            let writing = self.io.out.has_pending();
+            let keep_alive = self.client.keep_alive.map(|k| self.io.last_inbound + k);
+            let deadline = [keep_alive, self.retry.next_retry, self.flow.paused_until]
                 .into_iter()
                 .flatten()
                 .min()
                 .map(tokio::time::Instant::from_std);
             let stall = self
+                .io
                 .last_write_progress
-                .map(|t| tokio::time::Instant::from_std(t + self.keep_alive.unwrap_or(Duration::from_secs(60))));
-            let (shared, state) = self.session.as_mut().expect("session after handshake");
+                .map(|t| tokio::time::Instant::from_std(t + self.client.keep_alive.unwrap_or(Duration::from_secs(60))));
+            let (shared, state) = (&self.session.shared, &mut self.session.state);
             let more_pending = window_open && !state.pending.is_empty();
-            let urgent = shared.urgent.get().map(|u| &**u);
+            let urgent = shared.urgent_if_made();
             let event = tokio::select! {
                 biased;
                 k = &mut self.kick_rx => Event::Kick(k.ok()),
-                _ = committed_changed(&mut self.committed) => Event::Committed,
-                r = self.stream.writable(), if writing => Event::Writable(r),
-                r = self.stream.readable(), if reading => Event::Readable(r),
+                _ = committed_changed(&mut self.flow.committed) => Event::Committed,
+                r = self.io.stream.writable(), if writing => Event::Writable(r),
+                r = self.io.stream.readable(), if reading => Event::Readable(r),
                 _ = urgent_notified(urgent), if high_window_open => Event::Urgent,
                 d = state.mailbox.recv(), if window_open => Event::Delivery(d),
                 _ = sleep_until(deadline) => Event::Timer,
@@ -328,7 +355,7 @@ impl Connection {
                         Err(Close::KeepAliveTimeout)
                     } else {
                         // Also woken for the end of a pause: a retry tick only when one is due.
-                        if self.next_retry.is_some_and(|t| now >= t) {
+                        if self.retry.next_retry.is_some_and(|t| now >= t) {
                             self.retry_unacknowledged(now);
                         }
                         Ok(())
@@ -353,54 +380,41 @@ impl Connection {
 
     /// Writes what the socket takes now.
     fn write_some(&mut self) -> Step {
-        if !self.out.has_pending() {
-            self.last_write_progress = None;
+        if !self.io.out.has_pending() {
+            self.io.last_write_progress = None;
             return Ok(());
         }
-        let flushed = self.out.try_flush(&self.stream);
-        self.count_output(flushed.as_ref().copied().unwrap_or(0));
+        let flushed = self.io.out.try_flush(&self.io.stream);
+        count_output(&self.broker, &mut self.io.out, flushed.as_ref().copied().unwrap_or(0));
         match flushed {
             Err(_) => Err(Close::SocketClosed),
             // Everything went: nothing to watch, and no clock read on the common path.
-            Ok(_) if !self.out.has_pending() => {
-                self.last_write_progress = None;
+            Ok(_) if !self.io.out.has_pending() => {
+                self.io.last_write_progress = None;
                 Ok(())
             }
             Ok(n) => {
-                if n > 0 || self.last_write_progress.is_none() {
-                    self.last_write_progress = Some(Instant::now());
+                if n > 0 || self.io.last_write_progress.is_none() {
+                    self.io.last_write_progress = Some(Instant::now());
                 }
                 Ok(())
             }
         }
     }
 
-    /// Adds what was written to the broker's byte and packet counters: once per write, not per
-    /// packet.
-    fn count_output(&mut self, bytes: usize) {
-        let metrics = &self.broker.metrics;
-        if bytes > 0 {
-            metrics.hot.add(crate::metrics::Hot::BytesSent, bytes as u64);
-        }
-        let packets = std::mem::take(&mut self.out.packets_encoded);
-        if packets > 0 {
-            metrics.hot.add(crate::metrics::Hot::PacketsSent, packets);
-        }
-    }
-
     /// Reads what the socket has and handles every complete packet.
     fn read_input(&mut self) -> Step {
-        if self.inbuf.capacity() - self.inbuf.len() < 4096 {
-            self.inbuf.reserve(16 * 1024);
+        if self.io.inbuf.capacity() - self.io.inbuf.len() < 4096 {
+            self.io.inbuf.reserve(16 * 1024);
         }
-        match self.stream.try_read_buf(&mut self.inbuf) {
+        match self.io.stream.try_read_buf(&mut self.io.inbuf) {
             Ok(0) => Err(Close::SocketClosed),
             Ok(n) => {
-                self.broker.metrics.hot.add(crate::metrics::Hot::BytesReceived, n as u64);
+                self.broker.metrics().hot.add(crate::metrics::Hot::BytesReceived, n as u64);
                 let step = self.handle_input();
-                if self.inbuf.is_empty() {
+                if self.io.inbuf.is_empty() {
                     // Everything read was handled: an idle connection holds no input buffer.
-                    self.inbuf = BytesMut::new();
+                    self.io.inbuf = BytesMut::new();
                 }
                 step
             }
@@ -414,16 +428,16 @@ impl Connection {
     /// (or given up on after `max_publish_wait_ms`), the PUBLISH is acknowledged and reading
     /// resumes with whatever input is already buffered.
     async fn wait_for_room(&mut self) -> Step {
-        let (target, _) = self.blocked.front().expect("blocked is not empty");
+        let (target, _) = self.flow.blocked.front().expect("blocked is not empty");
         let target = target.clone();
-        let wait = Duration::from_millis(self.broker.config.mqtt.max_publish_wait_ms);
-        let deadline = *self.blocked_deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
+        let wait = Duration::from_millis(self.broker.config().mqtt.max_publish_wait_ms);
+        let deadline = *self.flow.blocked_deadline.get_or_insert_with(|| tokio::time::Instant::now() + wait);
         if !target.is_online() {
             // Parked while we waited: its queue drains only when it comes back.
             return self.give_up_blocked(false);
         }
         let window_open = self.window_open();
-        let state = &mut self.session.as_mut().expect("session").1;
+        let state = &mut self.session.state;
         tokio::select! {
             biased;
             k = &mut self.kick_rx => Err(match k {
@@ -431,16 +445,16 @@ impl Connection {
                 Ok(k) => Close::Kicked(k.reason),
                 Err(_) => Close::ServerShutdown,
             }),
-            r = self.stream.writable(), if self.out.has_pending() => match r {
+            r = self.io.stream.writable(), if self.io.out.has_pending() => match r {
                 Ok(()) => self.write_some(),
                 Err(_) => Err(Close::SocketClosed),
             },
             permit = target.mailbox.reserve() => {
-                let (_, delivery) = self.blocked.pop_front().expect("front exists");
+                let (_, delivery) = self.flow.blocked.pop_front().expect("front exists");
                 if let Ok(permit) = permit {
                     permit.send(delivery);
                 }
-                self.blocked_deadline = None;
+                self.flow.blocked_deadline = None;
                 self.after_blocked()
             }
             d = state.mailbox.recv(), if window_open => {
@@ -456,26 +470,25 @@ impl Connection {
     /// Drops the first blocked delivery for its subscriber, counted, and marks that subscriber
     /// congested if it is the one that kept us waiting.
     fn give_up_blocked(&mut self, congested: bool) -> Step {
-        let (target, delivery) = self.blocked.pop_front().expect("front exists");
+        let (target, delivery) = self.flow.blocked.pop_front().expect("front exists");
         if congested {
-            target.congested.store(true, Ordering::Relaxed);
+            target.set_congested(true);
         }
         if let Some(at) = delivery.queue_ref() {
             let mut txn = Txn::default();
             txn.remove_entry(&target.client_id, at);
-            self.broker.store.commit(txn);
+            self.broker.store().commit(txn);
         }
-        self.broker.metrics.messages_dropped_queue_full.fetch_add(1, Ordering::Relaxed);
-        delivery.message.count(crate::receipts::Count::DroppedQueueFull);
-        self.blocked_deadline = None;
+        self.broker.record(&delivery.message, Outcome::QueueFull);
+        self.flow.blocked_deadline = None;
         self.after_blocked()
     }
 
     fn after_blocked(&mut self) -> Step {
-        if !self.blocked.is_empty() {
+        if !self.flow.blocked.is_empty() {
             return Ok(());
         }
-        if let Some(held) = self.held_ack.take() {
+        if let Some(held) = self.flow.held_ack.take() {
             let (ticket, ack) = *held;
             self.send_ack(ticket, ack);
         }
@@ -484,13 +497,13 @@ impl Connection {
 
     /// Decodes and handles every complete packet in the input buffer.
     fn handle_input(&mut self) -> Step {
-        self.last_inbound = Instant::now();
+        self.io.last_inbound = Instant::now();
         let mut packets = 0;
         let step = loop {
-            if !self.blocked.is_empty() {
+            if !self.flow.blocked.is_empty() {
                 break Ok(());
             }
-            match self.decoder.decode(&mut self.inbuf) {
+            match self.io.decoder.decode(&mut self.io.inbuf) {
                 Ok(Some(packet)) => {
                     packets += 1;
                     if let Err(close) = self.handle_packet(packet) {
@@ -502,7 +515,7 @@ impl Connection {
             }
         };
         if packets > 0 {
-            self.broker.metrics.hot.add(crate::metrics::Hot::PacketsReceived, packets);
+            self.broker.metrics().hot.add(crate::metrics::Hot::PacketsReceived, packets);
         }
         step
     }
@@ -510,45 +523,43 @@ impl Connection {
     /// Sends an acknowledgement once `ticket` is committed to the store, after every earlier
     /// acknowledgement that still waits for its own.
     fn send_ack(&mut self, ticket: u64, ack: Packet) {
-        if self.acks.is_empty() && (ticket == 0 || self.broker.store.is_committed(ticket)) {
-            self.out.packet(&ack);
+        if self.flow.acks.is_empty() && (ticket == 0 || self.broker.store().is_committed(ticket)) {
+            self.io.out.packet(&ack);
             return;
         }
-        if self.committed.is_none() {
-            self.committed = Some(self.broker.store.committed());
+        if self.flow.committed.is_none() {
+            self.flow.committed = Some(self.broker.store().committed());
         }
-        self.acks.push_back((ticket, ack));
+        self.flow.acks.push_back((ticket, ack));
     }
 
     fn release_acks(&mut self) {
-        let Some(committed) = &mut self.committed else { return };
+        let Some(committed) = &mut self.flow.committed else { return };
         let upto = *committed.borrow_and_update();
-        while self.acks.front().is_some_and(|(t, _)| *t <= upto) {
-            let (_, ack) = self.acks.pop_front().expect("front exists");
-            self.out.packet(&ack);
+        while self.flow.acks.front().is_some_and(|(t, _)| *t <= upto) {
+            let (_, ack) = self.flow.acks.pop_front().expect("front exists");
+            self.io.out.packet(&ack);
         }
-        if self.acks.is_empty() {
-            self.committed = None;
+        if self.flow.acks.is_empty() {
+            self.flow.committed = None;
         }
     }
 
     /// Commits store writes for this connection's session, if it is persistent.
     fn commit(&self, txn: Txn) -> u64 {
-        self.broker.store.commit(txn)
+        self.broker.store().commit(txn)
     }
 
     /// Room in the client's receive window for a normal message: all of it but the slots kept
     /// for high-priority ones.
     fn window_open(&self) -> bool {
-        self.session
-            .as_ref()
-            .is_some_and(|(_, s)| s.inflight.len() + usize::from(self.high_reserve) < self.receive_window)
+        self.session.state.inflight.len() + usize::from(self.client.high_reserve) < self.client.receive_window
     }
 
     /// Room for a high-priority message: the whole window, which is the client's Receive
     /// Maximum at most [MQTT-4.9.0-2].
     fn high_window_open(&self) -> bool {
-        self.session.as_ref().is_some_and(|(_, s)| s.inflight.len() < self.receive_window)
+        self.session.state.inflight.len() < self.client.receive_window
     }
 
     /// Sends queued messages while the client's receive window allows: first the session's
@@ -557,13 +568,14 @@ impl Connection {
         let mut budget = 256;
         // One clock reading for the whole batch: the deliveries go out within microseconds.
         let mut now = None;
-        if self.lanes {
+        if self.client.lanes {
             // The high-priority lane first, then high-priority messages of an offline replay
             // (they lead `pending`), each within the whole window [issue 7].
-            let shared = self.session.as_ref().expect("session").0.clone();
+            let shared = self.session.shared.clone();
             while budget > 0 && self.high_window_open() {
-                let state = &mut self.session.as_mut().expect("session").1;
-                let next = match shared.urgent.get().and_then(|u| u.queue.lock().expect("urgent lock").pop_front()) {
+                let state = &mut self.session.state;
+                let next = match shared.urgent_if_made().and_then(|u| u.queue.lock().expect("urgent lock").pop_front())
+                {
                     Some(d) => d,
                     None if state.pending.front().is_some_and(|d| d.message.is_high()) => {
                         state.pop_pending().expect("front exists")
@@ -574,9 +586,11 @@ impl Connection {
                 budget -= 1;
             }
         }
-        while budget > 0 && self.window_open() && !(self.lanes && self.out.pending_bytes() >= NORMAL_OUTPUT_WITH_LANES)
+        while budget > 0
+            && self.window_open()
+            && !(self.client.lanes && self.io.out.pending_bytes() >= NORMAL_OUTPUT_WITH_LANES)
         {
-            let state = &mut self.session.as_mut().expect("session").1;
+            let state = &mut self.session.state;
             let next = match state.pop_pending() {
                 Some(d) => d,
                 None => match state.mailbox.try_recv() {
@@ -587,16 +601,16 @@ impl Connection {
             self.start_delivery(next, &mut now);
             budget -= 1;
         }
-        let shared = &self.session.as_ref().expect("session").0;
+        let shared = &self.session.shared;
         if shared.is_congested() && shared.mailbox.capacity() * 2 >= shared.mailbox.max_capacity() {
-            shared.congested.store(false, Ordering::Relaxed);
+            shared.set_congested(false);
         }
     }
 
     /// Sends one routed message: QoS 0 goes out and is forgotten; QoS 1 and 2 take a packet
     /// identifier and wait in flight for their acknowledgement.
     fn start_delivery(&mut self, d: Delivery, now: &mut Option<Instant>) {
-        let metrics = &self.broker.metrics;
+        let metrics = self.broker.metrics();
         // The latency histogram samples wide fan-outs: every delivery of a message routed to
         // at most LATENCY_SAMPLES sessions, about that many of a wider one. A clock reading per
         // delivery was 7% of the CPU of a 1-to-1000 fan-out.
@@ -615,11 +629,10 @@ impl Connection {
         };
         let expiry = if let (Some(now), true) = (now, d.message.expiry_interval.is_some()) {
             if d.message.is_expired(now) {
-                metrics.messages_expired.fetch_add(1, Ordering::Relaxed);
-                d.message.count(crate::receipts::Count::Expired);
+                self.broker.record(&d.message, Outcome::Expired);
                 self.forget_stored(&d);
                 if d.qos > crate::codec::QoS::AtMostOnce {
-                    self.broker.undelivered(&self.client_id, &d.message, "expired");
+                    self.broker.undelivered(&self.client.client_id, &d.message, "expired");
                 }
                 return;
             }
@@ -629,30 +642,26 @@ impl Connection {
         };
         if d.qos == crate::codec::QoS::AtMostOnce
             && !d.message.is_high()
-            && self.broker.degraded.load(Ordering::Relaxed)
-            && !d.message.topic.starts_with("$SYS/")
+            && self.broker.is_degraded()
+            && !crate::topic::is_sys(&d.message.topic)
         {
             // Degraded mode sheds normal QoS 0 first, the backlog included [issue 7].
-            metrics.degraded_shed.fetch_add(1, Ordering::Relaxed);
-            d.message.count(crate::receipts::Count::DroppedShed);
+            self.broker.record(&d.message, Outcome::Shed);
             return;
         }
-        if self.acl.as_ref().is_some_and(|acl| !acl.can_read(&d.message.topic)) {
+        if self.client.acl.as_ref().is_some_and(|acl| !acl.can_read(&d.message.topic)) {
             // Checked per message: a retained message or a resumed session's queue obeys the
             // rules of this connection, which may be newer than the subscription.
-            metrics.acl_denied_delivery.fetch_add(1, Ordering::Relaxed);
-            d.message.count(crate::receipts::Count::DroppedNotAuthorized);
+            self.broker.record(&d.message, Outcome::NotAuthorized);
             self.forget_stored(&d);
             return;
         }
-        let state = &mut self.session.as_mut().expect("session").1;
+        let state = &mut self.session.state;
         if d.qos == crate::codec::QoS::AtMostOnce {
-            if let Written::TooLarge = self.out.publish(&d, 0, false, expiry) {
-                metrics.messages_dropped_too_large.fetch_add(1, Ordering::Relaxed);
-                d.message.count(crate::receipts::Count::DroppedTooLarge);
+            if let Written::TooLarge = self.io.out.publish(&d, 0, false, expiry) {
+                self.broker.record(&d.message, Outcome::TooLarge);
             } else {
-                metrics.hot.add(crate::metrics::Hot::MessagesSent, 1);
-                d.message.count(crate::receipts::Count::DeliveredQos0);
+                self.broker.record(&d.message, Outcome::DeliveredQos0);
                 if let Some(us) = latency_us {
                     metrics.delivery_latency.observe(us);
                 }
@@ -663,19 +672,17 @@ impl Connection {
             state.unpop_pending(d);
             return;
         };
-        match self.out.publish(&d, packet_id, false, expiry) {
+        match self.io.out.publish(&d, packet_id, false, expiry) {
             Written::TooLarge => {
-                metrics.messages_dropped_too_large.fetch_add(1, Ordering::Relaxed);
-                d.message.count(crate::receipts::Count::DroppedTooLarge);
+                self.broker.record(&d.message, Outcome::TooLarge);
                 self.forget_stored(&d);
             }
             Written::Sent => {
-                metrics.hot.add(crate::metrics::Hot::MessagesSent, 1);
-                d.message.count(crate::receipts::Count::Sent);
-                if let (Some(after), None) = (self.retry_after(), self.next_retry) {
+                self.broker.record(&d.message, Outcome::Sent);
+                if let (Some(after), None) = (self.retry_after(), self.retry.next_retry) {
                     // The first message in flight starts the retry ticks: one clock reading per
                     // busy period, not per message.
-                    self.next_retry = Some(now.unwrap_or_else(Instant::now) + after);
+                    self.retry.next_retry = Some(now.unwrap_or_else(Instant::now) + after);
                 }
                 if let Some(us) = latency_us {
                     metrics.delivery_latency.observe(us);
@@ -686,17 +693,21 @@ impl Connection {
                     // The packet identifier goes to the store with the entry, so that after a
                     // restart the message is resent with the identifier the client knows.
                     let mut txn = Txn::default();
-                    txn.update_entry(&self.client_id, at, &d.queue_entry(Some((packet_id, out_state))));
+                    txn.update_entry(
+                        &self.client.client_id,
+                        at,
+                        &crate::store::records::QueueEntry::of(&d, Some((packet_id, out_state))),
+                    );
                     self.commit(txn);
                 }
-                let state = &mut self.session.as_mut().expect("session").1;
+                let state = &mut self.session.state;
                 let serial = state.allocations;
                 state.inflight.push_back(crate::session::OutInflight {
                     packet_id,
                     serial,
                     delivery: d,
                     state: out_state,
-                    sent_tick: self.retry_tick,
+                    sent_tick: self.retry.retry_tick,
                     retries: 0,
                 });
             }
@@ -704,7 +715,7 @@ impl Connection {
     }
 
     fn retry_after(&self) -> Option<Duration> {
-        self.retries.then(|| Duration::from_secs(self.broker.config.delivery.retry_after))
+        self.retry.enabled.then(|| Duration::from_secs(self.broker.config().delivery.retry_after))
     }
 
     /// Sends again, with DUP, the QoS 1 and 2 messages a 3.1.1 client has not acknowledged
@@ -717,12 +728,12 @@ impl Connection {
     /// two `retry_after` after sending, and sending never reads the clock.
     fn retry_unacknowledged(&mut self, now: Instant) {
         let Some(base) = self.retry_after() else { return };
-        self.retry_tick = self.retry_tick.wrapping_add(1);
-        let tick = self.retry_tick;
-        let max_retries = self.broker.config.delivery.max_retries.min(20) as u8;
+        self.retry.retry_tick = self.retry.retry_tick.wrapping_add(1);
+        let tick = self.retry.retry_tick;
+        let max_retries = self.broker.config().delivery.max_retries.min(20) as u8;
         let mut handoff = Vec::new();
         let mut waiting = false;
-        let state = &mut self.session.as_mut().expect("session").1;
+        let state = &mut self.session.state;
         for m in state.inflight.iter_mut() {
             if !matches!(m.state, OutState::AwaitPubAck | OutState::AwaitPubRec) || m.retries > max_retries {
                 continue; // past PUBREC, or handed off already
@@ -737,16 +748,15 @@ impl Connection {
                 continue;
             }
             let expiry = m.delivery.message.remaining_expiry(now);
-            if let Written::Sent = self.out.publish(&m.delivery, m.packet_id, true, expiry) {
+            if let Written::Sent = self.io.out.publish(&m.delivery, m.packet_id, true, expiry) {
                 m.retries += 1;
                 m.sent_tick = tick;
-                self.broker.metrics.retries.fetch_add(1, Ordering::Relaxed);
-                m.delivery.message.count(crate::receipts::Count::Retries);
+                self.broker.record(&m.delivery.message, Outcome::Retried);
             }
         }
-        self.next_retry = waiting.then(|| now + base);
+        self.retry.next_retry = waiting.then(|| now + base);
         for message in handoff {
-            self.broker.undelivered(&self.client_id, &message, "no acknowledgement after retries");
+            self.broker.undelivered(&self.client.client_id, &message, "no acknowledgement after retries");
         }
     }
 
@@ -754,7 +764,7 @@ impl Connection {
     fn forget_stored(&self, d: &Delivery) {
         if let Some(at) = d.queue_ref() {
             let mut txn = Txn::default();
-            txn.remove_entry(&self.client_id, at);
+            txn.remove_entry(&self.client.client_id, at);
             self.commit(txn);
         }
     }
@@ -764,27 +774,29 @@ impl Connection {
     fn resend_inflight(&mut self) {
         let now = Instant::now();
         let retry_after = self.retry_after();
-        let state = &mut self.session.as_mut().expect("session").1;
+        let state = &mut self.session.state;
         let mut keep = std::collections::VecDeque::new();
         for m in std::mem::take(&mut state.inflight) {
             match m.state {
                 OutState::AwaitPubComp => {
-                    self.out.packet(&Packet::PubRel(crate::codec::PubResponse::new(m.packet_id, ReasonCode::SUCCESS)));
+                    self.io
+                        .out
+                        .packet(&Packet::PubRel(crate::codec::PubResponse::new(m.packet_id, ReasonCode::SUCCESS)));
                     keep.push_back(m);
                 }
                 _ => {
                     let expiry = m.delivery.message.remaining_expiry(now);
-                    if let Written::Sent = self.out.publish(&m.delivery, m.packet_id, true, expiry) {
+                    if let Written::Sent = self.io.out.publish(&m.delivery, m.packet_id, true, expiry) {
                         let mut m = m;
                         if let Some(after) = retry_after {
-                            m.sent_tick = self.retry_tick;
-                            self.next_retry.get_or_insert(now + after);
+                            m.sent_tick = self.retry.retry_tick;
+                            self.retry.next_retry.get_or_insert(now + after);
                         }
                         keep.push_back(m);
                     } else if let Some(at) = m.delivery.queue_ref() {
                         let mut txn = Txn::default();
-                        txn.remove_entry(&self.client_id, at);
-                        self.broker.store.commit(txn);
+                        txn.remove_entry(&self.client.client_id, at);
+                        self.broker.store().commit(txn);
                     }
                 }
             }
@@ -795,153 +807,65 @@ impl Connection {
     /// Sends the closing DISCONNECT if there is one to send, publishes or schedules the will, and
     /// parks or ends the session. The session is settled before the last flush, so a new
     /// connection taking it over never waits on this client's socket.
-    async fn finish(&mut self, close: Close) {
-        let v5 = self.decoder.version.is_some_and(|v| v.is_v5());
-        if v5 && self.session.is_some() {
+    async fn finish(self, close: Close) {
+        let v5 = self.io.decoder.version.is_some_and(|v| v.is_v5());
+        let Connection { broker, conn_id, peer, mut io, client, session, .. } = self;
+        if v5 {
             if let Some(reason) = close.reason_code() {
-                self.out.packet(&Packet::Disconnect(Disconnect { reason, properties: Properties::default() }));
+                io.out.packet(&Packet::Disconnect(Disconnect { reason, properties: Properties::default() }));
             }
         }
-        if matches!(close, Close::Decode(_) | Close::Violation(..)) {
-            self.broker.metrics.protocol_errors.fetch_add(1, Ordering::Relaxed);
+        info!(client_id = %client.client_id, peer = %peer, reason = %close.describe(), "client disconnected");
+        broker.metrics().client_disconnected();
+        let publish_will = !matches!(close, Close::ClientDisconnect { with_will: false });
+        let taken_over = matches!(close, Close::Kicked(r) if r == ReasonCode::SESSION_TAKEN_OVER);
+        let ends_now = client.session_expiry == 0 && !taken_over;
+        let now_ms = wall_ms_now();
+        let mut will_due = None;
+        if let Some(will) = client.will.filter(|_| publish_will).map(|w| *w) {
+            let delay = will.properties.will_delay_interval.unwrap_or(0).min(client.session_expiry);
+            if delay == 0 || ends_now {
+                broker.publish_will_now(session.shared.id, will);
+            } else {
+                will_due = Some(will.clone());
+                broker.schedule_will(&session.shared, will, u64::from(delay), now_ms);
+            }
         }
-        self.settle_session(&close);
-        if self.counted_ip {
-            self.broker.release_ip(self.peer.ip());
+        let release = Release { conn_id, expiry_interval: client.session_expiry, will_due, taken_over, now_ms };
+        broker.registry().release(session.shared, session.state, release);
+        io.close(&broker, peer, client.counted_ip, &close).await;
+    }
+}
+
+impl Io {
+    /// Counts a protocol error, releases the client's per-IP count, flushes what is queued
+    /// (a CONNACK or DISCONNECT with its reason) and shuts the socket down.
+    async fn close(&mut self, broker: &Broker, peer: SocketAddr, counted_ip: bool, close: &Close) {
+        if matches!(close, Close::Decode(_) | Close::Violation(..)) {
+            broker.metrics().protocol_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        if counted_ip {
+            broker.release_ip(peer.ip());
         }
         let before = self.out.pending_bytes();
         let _ = tokio::time::timeout(Duration::from_secs(2), self.out.flush_all(&self.stream)).await;
-        self.count_output(before - self.out.pending_bytes());
+        let written = before - self.out.pending_bytes();
+        count_output(broker, &mut self.out, written);
         let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
     }
+}
 
-    fn settle_session(&mut self, close: &Close) {
-        let Some((shared, mut state)) = self.session.take() else {
-            debug!(peer = %self.peer, reason = %close.describe(), "connection closed before CONNECT completed");
-            return;
-        };
-        info!(client_id = %self.client_id, peer = %self.peer, reason = %close.describe(), "client disconnected");
-        self.broker.metrics.client_disconnected();
-        shared.ownership.lock().expect("ownership lock").client.disconnected_at_ms = wall_ms_now();
-        let publish_will = !matches!(close, Close::ClientDisconnect { with_will: false });
-        let will = self.will.take().filter(|_| publish_will).map(|w| *w);
-        let taken_over = matches!(close, Close::Kicked(r) if *r == ReasonCode::SESSION_TAKEN_OVER);
-        state.expiry_interval = self.session_expiry;
-        shared.online.store(false, Ordering::Release);
-        let ends_now = self.session_expiry == 0 && !taken_over;
-        let mut will_due = None;
-        let now_ms = wall_ms_now();
-        if let Some(will) = will {
-            let delay = will.properties.will_delay_interval.unwrap_or(0).min(self.session_expiry);
-            if delay == 0 || ends_now {
-                self.broker.publish(will_message(will, shared.id, self.broker.next_message_id()));
-            } else {
-                will_due = Some(will.clone());
-                schedule_will(&self.broker, &shared, will, u64::from(delay), now_ms);
-            }
-        }
-        if ends_now {
-            self.broker.end_session(&shared, &mut state);
-            let mut own = shared.ownership.lock().expect("ownership lock");
-            if own.holder.as_ref().is_some_and(|(id, _)| *id == self.conn_id) {
-                own.holder = None;
-            }
-            return;
-        }
-        if let Some(urgent) = shared.urgent.get() {
-            for d in urgent.queue.lock().expect("urgent lock").drain(..) {
-                state.push_pending(d);
-            }
-        }
-        state.absorb_mailbox();
-        if shared.is_persistent() && !taken_over {
-            let mut txn = Txn::default();
-            let record =
-                SessionRecord { expiry_interval: self.session_expiry, disconnected_at_ms: now_ms, will: will_due };
-            txn.put_session(&self.client_id, &record);
-            self.commit(txn);
-            shared.stored.store(true, Ordering::Release);
-        }
-        let generation = {
-            let mut own = shared.ownership.lock().expect("ownership lock");
-            own.holder = None;
-            own.parked = Some(state);
-            own.park_generation += 1;
-            own.park_generation
-        };
-        shared.parked_notify.notify_one();
-        if self.session_expiry != u32::MAX && !taken_over {
-            let broker = self.broker.clone();
-            let expiry = Duration::from_secs(u64::from(self.session_expiry));
-            tokio::spawn(async move {
-                tokio::time::sleep(expiry).await;
-                expire_session(&broker, &shared, generation);
-            });
-        }
+/// Adds what was written to the broker's byte and packet counters: once per write, not per
+/// packet.
+fn count_output(broker: &Broker, out: &mut Outbound, bytes: usize) {
+    let metrics = broker.metrics();
+    if bytes > 0 {
+        metrics.hot.add(crate::metrics::Hot::BytesSent, bytes as u64);
     }
-}
-
-/// Publishes a will after `delay` seconds unless the session is resumed first [MQTT-3.1.3-9];
-/// once published, the stored session record no longer carries it.
-pub(crate) fn schedule_will(
-    broker: &Arc<Broker>,
-    shared: &Arc<SessionShared>,
-    will: Will,
-    delay: u64,
-    disconnected_at_ms: u64,
-) {
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    shared.ownership.lock().expect("ownership lock").pending_will = Some(tx);
-    let broker = broker.clone();
-    let shared = shared.clone();
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(delay)) => {
-                broker.publish(will_message(will, shared.id, broker.next_message_id()));
-                let own = shared.ownership.lock().expect("ownership lock");
-                if let (Some(parked), true) = (own.parked.as_ref(), shared.stored.load(Ordering::Acquire)) {
-                    let mut txn = Txn::default();
-                    let record = SessionRecord {
-                        expiry_interval: parked.expiry_interval,
-                        disconnected_at_ms,
-                        will: None,
-                    };
-                    txn.put_session(&shared.client_id, &record);
-                    broker.store.commit(txn);
-                }
-            }
-            _ = rx => {}
-        }
-    });
-}
-
-/// Ends a parked session whose expiry interval has passed, unless it was resumed meanwhile.
-pub(crate) fn expire_session(broker: &Broker, shared: &Arc<SessionShared>, generation: u64) {
-    let state = {
-        let mut own = shared.ownership.lock().expect("ownership lock");
-        if own.holder.is_some() || own.park_generation != generation {
-            return;
-        }
-        own.parked.take()
-    };
-    if let Some(mut state) = state {
-        debug!(client_id = %shared.client_id, "session expired");
-        broker.metrics.sessions_expired.fetch_add(1, Ordering::Relaxed);
-        broker.end_session(shared, &mut state);
+    let packets = std::mem::take(&mut out.packets_encoded);
+    if packets > 0 {
+        metrics.hot.add(crate::metrics::Hot::PacketsSent, packets);
     }
-}
-
-pub fn will_message(will: Will, publisher: u64, id: u64) -> Arc<Message> {
-    let mut properties = will.properties;
-    let expiry_interval = properties.message_expiry_interval.take();
-    properties.will_delay_interval = None;
-    Arc::new(Message {
-        properties,
-        expiry_interval,
-        publisher: Some(publisher),
-        id,
-        ..Message::new(will.topic, will.payload, will.qos, will.retain)
-    })
 }
 
 /// Ready when a high-priority delivery is signalled; never for a session without the lane.

@@ -9,7 +9,7 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 use crate::codec::wire::{put_varint, varint_len};
 use crate::codec::{properties, put_fixed_header, Packet, ProtocolVersion, QoS};
-use crate::session::Delivery;
+use crate::message::Delivery;
 
 /// Payloads up to this size are copied into the batch buffer: cheaper than one more iovec entry
 /// and reference count for a few bytes. Larger ones are written from the shared `Bytes`.
@@ -222,7 +222,7 @@ impl<'a> PublishFields<'a> {
     }
 
     /// The remaining length (payload included) and the property length.
-    fn lengths(&self, msg: &crate::session::Message, v5: bool) -> (usize, usize) {
+    fn lengths(&self, msg: &crate::message::Message, v5: bool) -> (usize, usize) {
         let props_len = if v5 {
             msg.properties.encoded_len()
                 + self.expiry.map_or(0, |_| 5)
@@ -243,7 +243,7 @@ impl<'a> PublishFields<'a> {
     fn encode_header(
         &self,
         out: &mut BytesMut,
-        msg: &crate::session::Message,
+        msg: &crate::message::Message,
         v5: bool,
         body: usize,
         props_len: usize,

@@ -8,10 +8,11 @@ use base64::Engine;
 use serde_json::{json, Value};
 
 use super::{Request, Response};
-use crate::broker::Broker;
+use crate::broker::{Broker, PublishRefusal};
 use crate::codec::{Properties, QoS};
-use crate::metrics::Snapshot;
-use crate::session::{Message, SessionShared};
+use crate::figures::Snapshot;
+use crate::message::Message;
+use crate::session::SessionShared;
 
 /// Most clients one page of `GET /api/v1/clients` holds.
 const MAX_PAGE: usize = 1000;
@@ -49,7 +50,7 @@ pub async fn handle(broker: &Arc<Broker>, req: Request) -> Response {
         ("GET", p) if p.starts_with("/api/v1/clients/") => get_client(broker, &p["/api/v1/clients/".len()..]),
         ("GET", p) if receipt_key(p).is_some() => {
             let key = receipt_key(p).expect("checked");
-            match broker.receipts.find(key) {
+            match broker.receipts().find(key) {
                 Some(r) => Response::json(200, &r.to_json()),
                 None => Response::error(404, format!("no receipt for {key:?} (message id or story id)")),
             }
@@ -72,7 +73,7 @@ fn receipt_key(path: &str) -> Option<&str> {
 
 /// `[http] token`: every endpoint but the health checks needs `Authorization: Bearer <token>`.
 fn check_token(broker: &Broker, req: &Request) -> Option<Response> {
-    let expected = broker.config.http.as_ref()?.token.as_deref().filter(|t| !t.is_empty())?;
+    let expected = broker.config().http.as_ref()?.token.as_deref().filter(|t| !t.is_empty())?;
     let given = req.header("authorization").and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
     if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
         return None;
@@ -139,7 +140,7 @@ fn parse_publish(broker: &Broker, body: &[u8]) -> Result<Message, String> {
             .map_err(|e| format!("`payload_base64` is not base64: {e}"))?,
         (None, None) => Vec::new(),
     };
-    if payload.len() > broker.config.mqtt.max_packet_size as usize {
+    if payload.len() > broker.config().mqtt.max_packet_size as usize {
         return Err("payload larger than mqtt.max_packet_size".into());
     }
     let qos = match obj.get("qos").map(Value::as_u64) {
@@ -202,11 +203,15 @@ fn check_topic(broker: &Broker, topic: &str, field: &str) -> Result<(), String> 
     if topic.starts_with('$') {
         return Err(format!("`{field}`: topics starting with `$` belong to the broker [MQTT-4.7.2-1]"));
     }
-    if topic.len() > broker.limits().max_topic_length {
-        return Err(format!("`{field}` is longer than limits.max_topic_length"));
-    }
-    if topic.split('/').count() > broker.config.mqtt.max_topic_levels {
-        return Err(format!("`{field}` has more levels than mqtt.max_topic_levels"));
+    // The publish topic's length and depth are admission rules (`Broker::admit_publish`), the
+    // same as for MQTT; a response topic is only bounded here.
+    if field != "topic" {
+        if topic.len() > broker.limits().max_topic_length {
+            return Err(format!("`{field}` is longer than limits.max_topic_length"));
+        }
+        if crate::topic::levels(topic) > broker.config().mqtt.max_topic_levels {
+            return Err(format!("`{field}` has more levels than mqtt.max_topic_levels"));
+        }
     }
     Ok(())
 }
@@ -219,38 +224,48 @@ async fn publish(broker: &Arc<Broker>, req: &Request) -> Response {
         Ok(m) => m,
         Err(e) => return Response::error(400, e),
     };
-    if broker.degraded.load(std::sync::atomic::Ordering::Relaxed) && !broker.is_high_priority(&message.topic) {
-        broker.metrics.degraded_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        return Response::error(503, "degraded mode: only high-priority topics are accepted now (0x97)");
-    }
     let (topic, qos, retain) = (message.topic.clone(), message.qos as u8, message.retain);
+    match broker.admit_publish(&topic, &broker.limits()) {
+        Ok(()) => {}
+        Err(PublishRefusal::Degraded) => {
+            return Response::error(503, "degraded mode: only high-priority topics are accepted now (0x97)");
+        }
+        Err(PublishRefusal::TopicTooLong) => {
+            return Response::error(400, "`topic` is longer than limits.max_topic_length")
+        }
+        Err(PublishRefusal::TooManyLevels) => {
+            return Response::error(400, "`topic` has more levels than mqtt.max_topic_levels");
+        }
+        Err(PublishRefusal::SysTopic) => {
+            return Response::error(400, "`topic`: topics starting with `$` belong to the broker [MQTT-4.7.2-1]");
+        }
+    }
     let message = match broker.accept_message(message) {
         Ok(m) => m,
         Err(original) => {
-            let id = crate::receipts::message_id_text(original);
+            let id = crate::receipt::message_id_text(original);
             return Response::json(200, &json!({ "id": id, "subscribers": 0, "duplicate": true }));
         }
     };
     let id = message.id;
     let outcome = broker.route(message, false);
     if outcome.ticket != 0 {
-        let mut committed = broker.store.committed();
+        let mut committed = broker.store().committed();
         let wait = committed.wait_for(|t| *t >= outcome.ticket);
         if !matches!(tokio::time::timeout(Duration::from_secs(30), wait).await, Ok(Ok(_))) {
             return Response::error(503, "the store did not commit the message in 30 s");
         }
     }
-    tracing::info!(id = %crate::receipts::message_id_text(id), %topic, qos, retain, subscribers = outcome.matched, "published over HTTP");
-    Response::json(200, &json!({ "id": crate::receipts::message_id_text(id), "subscribers": outcome.matched }))
+    tracing::info!(id = %crate::receipt::message_id_text(id), %topic, qos, retain, subscribers = outcome.matched, "published over HTTP");
+    Response::json(200, &json!({ "id": crate::receipt::message_id_text(id), "subscribers": outcome.matched }))
 }
 
 fn client_json(s: &SessionShared) -> Value {
     let connected = s.is_online();
     let mailbox = (s.mailbox.max_capacity() - s.mailbox.capacity()) as u64;
-    let own = s.ownership.lock().expect("ownership lock");
-    let c = &own.client;
-    let (queued, inflight, subscriptions) = match own.parked.as_ref() {
-        Some(p) => (mailbox + p.pending.len() as u64, Some(p.inflight.len()), p.subscriptions.len()),
+    let c = s.client_info();
+    let (queued, inflight, subscriptions) = match s.parked_figures() {
+        Some(p) => (mailbox + p.queued as u64, Some(p.inflight), p.subscriptions),
         None => (mailbox, None, c.subscriptions),
     };
     let protocol = match c.protocol {
@@ -285,7 +300,7 @@ async fn list_clients(broker: &Arc<Broker>, req: &Request) -> Response {
     let after = req.param("after").unwrap_or("").to_owned();
     let b = broker.clone();
     let page = tokio::task::spawn_blocking(move || {
-        let sessions: Vec<Arc<SessionShared>> = b.sessions.lock().expect("sessions lock").values().cloned().collect();
+        let sessions: Vec<Arc<SessionShared>> = b.registry().list();
         let total = sessions.len();
         // The first `limit + 1` ids after the cursor, without sorting everything.
         let mut heap: std::collections::BinaryHeap<(String, usize)> = Default::default();
@@ -312,14 +327,13 @@ async fn list_clients(broker: &Arc<Broker>, req: &Request) -> Response {
 }
 
 fn get_client(broker: &Broker, client_id: &str) -> Response {
-    let session = broker.sessions.lock().expect("sessions lock").get(client_id).cloned();
+    let session = broker.registry().get(client_id);
     let Some(session) = session else {
         return Response::error(404, format!("no session for client id {client_id:?}"));
     };
     let mut v = client_json(&session);
     // One client's view also lists its subscriptions, where its state is at hand (parked).
-    if let Some(parked) = session.ownership.lock().expect("ownership lock").parked.as_ref() {
-        let mut filters: Vec<&String> = parked.subscriptions.keys().collect();
+    if let Some(mut filters) = session.parked_filters() {
         filters.sort();
         v["filters"] = json!(filters);
     }
@@ -349,19 +363,18 @@ async fn topics(broker: &Arc<Broker>, req: &Request) -> Response {
     }
     let b = broker.clone();
     let result = tokio::task::spawn_blocking(move || {
-        let retained = b.retained.read().expect("retained lock").matching(&filter);
-        let router = b.router.read().expect("router lock");
+        let retained = b.retained_matching(&filter);
         let mut topics: Vec<Value> = retained
             .iter()
-            .map(|m| json!({ "topic": m.topic, "retained": true, "subscribers": router.subscriber_count(&m.topic) }))
+            .map(|m| json!({ "topic": m.topic, "retained": true, "subscribers": b.subscriber_count(&m.topic) }))
             .collect();
         topics.sort_by(|a, b| a["topic"].as_str().cmp(&b["topic"].as_str()));
-        let mut filters: Vec<(String, usize)> = router
-            .filters()
+        let mut filters: Vec<(String, usize)> = b
+            .subscribed_filters()
             .into_iter()
             .filter(|(f, _)| {
                 let plain = f.strip_prefix("$share/").and_then(|r| r.split_once('/')).map_or(f.as_str(), |(_, f)| f);
-                crate::router::filter_matches(&filter, plain)
+                crate::topic::filter_matches(&filter, plain)
             })
             .collect();
         filters.sort();

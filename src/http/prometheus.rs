@@ -1,9 +1,10 @@
-//! `GET /metrics`: a `metrics::Snapshot` in the Prometheus text exposition format (0.0.4), the
+//! `GET /metrics`: a `figures::Snapshot` in the Prometheus text exposition format (0.0.4), the
 //! same reading `$SYS` publishes, so the two agree.
 
 use std::fmt::Write;
 
-use crate::metrics::{HistogramReading, Kind, Snapshot};
+use crate::figures::{Kind, Snapshot};
+use crate::metrics::HistogramReading;
 
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 

@@ -22,8 +22,8 @@ use crate::config::ListenerProtocol;
 use crate::connection::{Origin, Socket};
 
 pub async fn serve(broker: Arc<Broker>, tcp: TcpStream, mut origin: Origin) {
-    let listener = &broker.config.listeners[origin.listener];
-    let timeout = Duration::from_secs(broker.config.mqtt.connect_timeout);
+    let listener = &broker.config().listeners[origin.listener];
+    let timeout = Duration::from_secs(broker.config().mqtt.connect_timeout);
     let peer = origin.peer;
     match listener.protocol {
         ListenerProtocol::Mqtts | ListenerProtocol::Wss => {
@@ -32,7 +32,7 @@ pub async fn serve(broker: Arc<Broker>, tcp: TcpStream, mut origin: Origin) {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     debug!(%peer, error = %e, "TLS handshake failed");
-                    broker.metrics.tls_handshake_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    broker.metrics().tls_handshake_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     return;
                 }
                 Err(_) => return,
@@ -75,7 +75,7 @@ async fn websocket<S: AsyncRead + AsyncWrite + Unpin>(
     origin: Origin,
     timeout: Duration,
 ) {
-    let listener = broker.config.listeners[origin.listener].clone();
+    let listener = broker.config().listeners[origin.listener].clone();
     // The callback's signature is tungstenite's, large error type included.
     #[allow(clippy::result_large_err)]
     let check = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {

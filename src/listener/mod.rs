@@ -14,7 +14,7 @@ use crate::config::ListenerProtocol;
 use crate::connection::{Origin, Socket};
 
 pub async fn accept_loop(broker: Arc<Broker>, listener: TcpListener, index: usize) {
-    let protocol = broker.config.listeners[index].protocol;
+    let protocol = broker.config().listeners[index].protocol;
     // Anonymous clients are allowed by default only where they can only be local.
     let loopback = listener.local_addr().is_ok_and(|a| a.ip().is_loopback());
     loop {

@@ -24,7 +24,7 @@ use tracing::{error, info, warn};
 
 use crate::codec::SubscriptionOptions;
 use crate::config::Durability;
-use crate::session::Message;
+use crate::message::Message;
 use records::{QueueEntry, SessionRecord};
 
 /// Column families, one per kind of record.
@@ -49,14 +49,16 @@ pub enum StoreError {
     Open { path: PathBuf, source: rocksdb::Error },
     #[error("the store at {path} is unreadable: {why}; refusing to start with an empty store (move it aside to start afresh)")]
     Corrupt { path: PathBuf, why: String },
+    /// A batch could not be written. Nothing after it is acknowledged; the server stops and
+    /// `main` exits with `EXIT_WRITE_FAILED`.
+    #[error("writing to the store at {path} failed: {why}")]
+    Write { path: PathBuf, why: String },
 }
 
-/// A message's place in a session's durable queue.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct QueueRef {
-    pub seq: u64,
-    pub message_id: u64,
-}
+/// The process exit status after a store write failed (EX_IOERR of sysexits.h).
+pub const EXIT_WRITE_FAILED: u8 = 74;
+
+pub use crate::message::QueueRef;
 
 /// What a restart finds: the retained messages and the persistent sessions that have not
 /// expired, with everything that refers to something missing or expired already removed.
@@ -199,6 +201,8 @@ struct Shared {
     gathering: Mutex<Gathering>,
     wake: Condvar,
     committed: watch::Sender<u64>,
+    /// Set once, by the writer, when a batch write fails; the writer then stops.
+    failed: watch::Sender<Option<String>>,
     durability: Durability,
     batches: AtomicU64,
     writes: AtomicU64,
@@ -276,11 +280,13 @@ impl Store {
             "store opened"
         );
         let (committed, _) = watch::channel(0);
+        let (failed, _) = watch::channel(None);
         let shared = Arc::new(Shared {
             db,
             gathering: Mutex::new(Gathering { batch: WriteBatch::default(), ticket: 1, refs, closing: false }),
             wake: Condvar::new(),
             committed,
+            failed,
             durability,
             batches: AtomicU64::new(0),
             writes: AtomicU64::new(0),
@@ -370,6 +376,18 @@ impl Store {
         self.shared.committed.subscribe()
     }
 
+    /// Resolves when a batch write has failed, with the error: the server then stops (acknowledgements
+    /// waiting for that batch are never sent).
+    pub async fn write_failure(&self) -> StoreError {
+        let mut rx = self.shared.failed.subscribe();
+        let why = rx.wait_for(|f| f.is_some()).await.ok().and_then(|f| f.clone());
+        let Some(why) = why else {
+            // The sender lives as long as the store; a closed channel means it is being dropped.
+            return std::future::pending().await;
+        };
+        StoreError::Write { path: self.path.clone(), why }
+    }
+
     pub fn is_committed(&self, ticket: u64) -> bool {
         *self.shared.committed.borrow() >= ticket
     }
@@ -440,9 +458,12 @@ fn write_batches(shared: &Shared) {
             let started = Instant::now();
             if let Err(e) = shared.db.write_opt(batch, &options) {
                 // Acknowledgements wait on this write; carrying on would break the promise they
-                // make. Stopping lets publishers resend to a broker that can keep it.
+                // make. The writer stops without moving the committed ticket, so none of them is
+                // sent, and the server hears of it and stops: publishers resend to a broker that
+                // can keep the promise.
                 error!(error = %e, "writing to the store failed; stopping");
-                std::process::exit(74);
+                shared.failed.send_replace(Some(e.to_string()));
+                return;
             }
             let nanos = started.elapsed().as_nanos() as u64;
             shared.write_nanos.fetch_add(nanos, Ordering::Relaxed);
@@ -469,7 +490,7 @@ type Scan = (Recovered, HashMap<u64, u32>, u64);
 /// Reads every column family once, in key order, and removes what has expired or refers to
 /// nothing. Returns what was recovered, the references per body and the highest number used.
 fn recover(db: &DB) -> Result<Scan, String> {
-    let now_ms = records::wall_ms_now();
+    let now_ms = crate::clock::wall_ms_now();
     let now = Instant::now();
     let cf = |name: &str| db.cf_handle(name).expect("column family opened");
     let mut cleanup = WriteBatch::default();

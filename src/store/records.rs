@@ -3,13 +3,13 @@
 //!
 //! Values start with a format byte so that a later layout can be told apart from this one.
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-
 use bytes::{BufMut, Bytes, BytesMut};
+
+use crate::clock::{instant_of, wall_ms_of};
 
 use crate::codec::wire::{put_binary, put_str, Reader};
 use crate::codec::{Properties, PropertyContext, QoS, SubscriptionOptions, Will};
-use crate::session::{Message, OutState};
+use crate::message::{Delivery, Message, OutState};
 
 const FORMAT: u8 = 1;
 
@@ -22,24 +22,6 @@ pub struct RecordError {
 
 fn bad(what: &'static str, why: impl ToString) -> RecordError {
     RecordError { what, why: why.to_string() }
-}
-
-pub fn wall_ms_now() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
-/// The `Instant` at which something happened `wall_ms` (milliseconds since the epoch), so that
-/// ages and remaining expiry intervals carry over a restart. A time in the future (a clock set
-/// back) counts as now.
-pub fn instant_of(wall_ms: u64) -> Instant {
-    let age = Duration::from_millis(wall_ms_now().saturating_sub(wall_ms));
-    let now = Instant::now();
-    now.checked_sub(age).unwrap_or(now)
-}
-
-/// Milliseconds since the epoch at which `at` happened.
-pub fn wall_ms_of(at: Instant) -> u64 {
-    wall_ms_now().saturating_sub(at.elapsed().as_millis() as u64)
 }
 
 /// Key prefix of everything a session owns in the per-session column families: its client
@@ -156,6 +138,19 @@ pub struct QueueEntry {
     pub subscription_ids: Vec<u32>,
     /// Packet identifier and state while in flight; None while still queued.
     pub inflight: Option<(u16, OutState)>,
+}
+
+impl QueueEntry {
+    /// The entry of a delivery, with its packet identifier and state once it is in flight.
+    pub fn of(d: &Delivery, inflight: Option<(u16, OutState)>) -> QueueEntry {
+        QueueEntry {
+            message_id: d.message.store_id.get().copied().unwrap_or(0),
+            qos: d.qos,
+            retain: d.retain,
+            subscription_ids: d.subscription_ids.to_vec(),
+            inflight,
+        }
+    }
 }
 
 fn state_byte(s: Option<OutState>) -> u8 {
@@ -281,6 +276,7 @@ pub fn decode_subscription(value: &[u8]) -> Result<(SubscriptionOptions, Option<
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn a_message_survives_encoding_with_its_properties_and_age() {

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use herald::broker::{self, Broker};
+use herald::broker::Broker;
 use herald::codec::{Decoder, Packet, ProtocolVersion, Role};
 use herald::config::Config;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -67,14 +67,14 @@ pub fn start_at(dir: &std::path::Path, extra_toml: &str) -> TestBroker {
         dir.display().to_string()
     );
     let config = Config::parse(&text).expect("test configuration");
-    let broker = Broker::open(config).expect("store opens");
+    let server = herald::server::open(config).expect("store opens");
+    let broker = server.broker().clone();
     let (tx, rx) = std::sync::mpsc::channel();
-    let b = broker.clone();
     let thread = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
         rt.block_on(async move {
             let (btx, brx) = tokio::sync::oneshot::channel();
-            let server = tokio::spawn(broker::run(b, Some(btx)));
+            let server = tokio::spawn(herald::server::run(server, Some(btx)));
             let addrs = brx.await.expect("broker bound");
             tx.send(addrs).unwrap();
             server.await.unwrap().unwrap();
@@ -336,7 +336,7 @@ pub fn http_json(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16
 pub async fn wait_parked(b: &TestBroker, client_id: &str) {
     let deadline = std::time::Instant::now() + WAIT;
     loop {
-        let online = b.broker.sessions.lock().unwrap().get(client_id).is_some_and(|s| s.is_online());
+        let online = b.broker.registry().get(client_id).is_some_and(|s| s.is_online());
         if !online {
             return;
         }

@@ -8,132 +8,12 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
-
-use bytes::Bytes;
 use tokio::sync::{mpsc, Notify};
 
-use crate::codec::{Properties, QoS, ReasonCode, SubscriptionOptions};
-use crate::store::records::QueueEntry;
-use crate::store::QueueRef;
+pub mod registry;
 
-/// A message as accepted from a publisher. Routing shares it through an `Arc`; its payload is
-/// one `Bytes` for its whole life and is never copied per subscriber.
-#[derive(Debug)]
-pub struct Message {
-    pub topic: String,
-    pub payload: Bytes,
-    pub qos: QoS,
-    pub retain: bool,
-    /// The publisher's properties that travel with the message [MQTT-3.3.2.3]: payload format,
-    /// content type, response topic, correlation data and user properties, in that order.
-    pub properties: Properties,
-    pub expiry_interval: Option<u32>,
-    pub received_at: Instant,
-    /// The publishing session, for the no-local option [MQTT-3.8.3-3].
-    pub publisher: Option<u64>,
-    /// The QoS 0 PUBLISH as most subscribers get it, encoded once and shared: indexed by
-    /// [3.1.1 or 5.0][retain flag]. See `connection::outbound`.
-    pub shared_frames: [[std::sync::OnceLock<Bytes>; 2]; 2],
-    /// How many sessions routing found for it; sharing an encoded frame pays only above one.
-    pub fanout: std::sync::atomic::AtomicUsize,
-    /// Its body's id in the store, once routing stored it for a persistent session.
-    pub store_id: std::sync::OnceLock<u64>,
-    /// The message id the broker gave it on acceptance (`Broker::next_message_id`); 0 for
-    /// `$SYS` updates.
-    pub id: u64,
-    /// Its delivery receipt, when it is tracked (`receipts`): every outcome of a delivery of it
-    /// is counted there.
-    /// Set once: on acceptance, or when a queued message is read back from the store.
-    pub receipt: std::sync::OnceLock<Arc<crate::receipts::Receipt>>,
-    /// In the high priority class (`[[priority]]`), set when it is routed or read back.
-    pub high: AtomicBool,
-}
-
-impl Message {
-    /// A message received now, with no properties, expiry, publisher or id: set those with
-    /// struct update syntax (`Message { id, ..Message::new(..) }`).
-    pub fn new(topic: String, payload: Bytes, qos: QoS, retain: bool) -> Message {
-        Message {
-            topic,
-            payload,
-            qos,
-            retain,
-            properties: Properties::default(),
-            expiry_interval: None,
-            received_at: Instant::now(),
-            publisher: None,
-            shared_frames: Default::default(),
-            fanout: Default::default(),
-            store_id: Default::default(),
-            id: 0,
-            receipt: std::sync::OnceLock::new(),
-            high: AtomicBool::new(false),
-        }
-    }
-
-    /// Counts an outcome of one of its deliveries on its receipt, if it has one.
-    pub fn count(&self, count: crate::receipts::Count) {
-        if let Some(r) = self.receipt.get() {
-            r.add(count, 1);
-        }
-    }
-
-    pub fn is_high(&self) -> bool {
-        self.high.load(Ordering::Relaxed)
-    }
-
-    pub fn is_expired(&self, now: Instant) -> bool {
-        match self.expiry_interval {
-            Some(secs) => now.duration_since(self.received_at).as_secs() >= u64::from(secs),
-            None => false,
-        }
-    }
-
-    /// The expiry interval to send on: what is left of the publisher's [MQTT-3.3.2-6].
-    pub fn remaining_expiry(&self, now: Instant) -> Option<u32> {
-        self.expiry_interval.map(|secs| secs.saturating_sub(now.duration_since(self.received_at).as_secs() as u32))
-    }
-
-    #[cfg(test)]
-    pub fn new_for_test(topic: &str, payload: &'static [u8], qos: QoS, retain: bool) -> Message {
-        Message::new(topic.into(), Bytes::from_static(payload), qos, retain)
-    }
-}
-
-/// A message routed to one session, with what that session's subscriptions grant.
-#[derive(Clone, Debug)]
-pub struct Delivery {
-    pub message: Arc<Message>,
-    pub qos: QoS,
-    pub retain: bool,
-    /// Boxed slice rather than `Vec`: 8 bytes less in every mailbox slot, and no allocation
-    /// when empty, which it almost always is.
-    pub subscription_ids: Box<[u32]>,
-    /// The sequence number of its entry in the session's durable queue, for a persistent
-    /// session; the entry is removed when the client acknowledges it (or it is dropped or
-    /// expires). A bare number rather than a `QueueRef` keeps every mailbox slot 8 bytes smaller;
-    /// the body's id is on the message.
-    pub stored: Option<std::num::NonZeroU64>,
-}
-
-impl Delivery {
-    /// Where the delivery is in the store, if it is.
-    pub fn queue_ref(&self) -> Option<QueueRef> {
-        let seq = self.stored?.get();
-        Some(QueueRef { seq, message_id: *self.message.store_id.get()? })
-    }
-
-    pub fn queue_entry(&self, inflight: Option<(u16, OutState)>) -> QueueEntry {
-        QueueEntry {
-            message_id: self.message.store_id.get().copied().unwrap_or(0),
-            qos: self.qos,
-            retain: self.retain,
-            subscription_ids: self.subscription_ids.to_vec(),
-            inflight,
-        }
-    }
-}
+use crate::codec::{ReasonCode, SubscriptionOptions};
+use crate::message::{Delivery, OutState, QueueRef};
 
 /// What an offline session's queue does when a message arrives and the queue is full (or, for
 /// `KeepLatest`, when it already holds that many messages of the same topic).
@@ -170,7 +50,7 @@ impl QueuePolicies {
     pub fn for_topic(&self, topic: &str) -> OverflowPolicy {
         self.rules
             .iter()
-            .find(|(filter, _)| crate::router::filter_matches(filter, topic))
+            .find(|(filter, _)| crate::topic::filter_matches(filter, topic))
             .map_or(OverflowPolicy::DropOldest, |(_, p)| *p)
     }
 }
@@ -182,16 +62,6 @@ pub enum QueueDrop {
     New,
     /// Replaced by a later message of the same topic (`keep_latest`).
     Superseded,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OutState {
-    /// QoS 1 sent, waiting for PUBACK.
-    AwaitPubAck,
-    /// QoS 2 sent, waiting for PUBREC.
-    AwaitPubRec,
-    /// PUBREL sent, waiting for PUBCOMP.
-    AwaitPubComp,
 }
 
 #[derive(Debug)]
@@ -371,27 +241,29 @@ pub struct Kick {
     pub reason: ReasonCode,
 }
 
+/// Who holds a session and what waits for it: written only by the `registry`, under the
+/// session's `ownership` lock.
+#[derive(Default)]
+struct Ownership {
+    /// The connection that holds the session, and how to ask it (once) to let go.
+    holder: Option<(u64, Option<tokio::sync::oneshot::Sender<Kick>>)>,
+    /// The state, while no connection holds it.
+    parked: Option<SessionState>,
+    /// Cancels a delayed will of the previous connection [MQTT-3.1.3-9].
+    pending_will: Option<tokio::sync::oneshot::Sender<()>>,
+    /// Bumped each time the state is parked, so a stale expiry timer can tell.
+    park_generation: u64,
+    /// What the admin API shows of the client.
+    client: ClientInfo,
+}
+
 impl Ownership {
     /// Asks the connection holding the session to close with `reason`, unless it was asked already.
-    pub fn kick(&mut self, reason: ReasonCode) {
+    fn kick(&mut self, reason: ReasonCode) {
         if let Some(tx) = self.holder.as_mut().and_then(|(_, tx)| tx.take()) {
             let _ = tx.send(Kick { reason });
         }
     }
-}
-
-#[derive(Default)]
-pub struct Ownership {
-    /// The connection that holds the session, and how to ask it (once) to let go.
-    pub holder: Option<(u64, Option<tokio::sync::oneshot::Sender<Kick>>)>,
-    /// The state, while no connection holds it.
-    pub parked: Option<SessionState>,
-    /// Cancels a delayed will of the previous connection [MQTT-3.1.3-9].
-    pub pending_will: Option<tokio::sync::oneshot::Sender<()>>,
-    /// Bumped each time the state is parked, so a stale expiry timer can tell.
-    pub park_generation: u64,
-    /// What the admin API shows of the client.
-    pub client: ClientInfo,
 }
 
 /// The client of a session as the admin API lists it; updated on CONNECT, SUBSCRIBE,
@@ -407,26 +279,37 @@ pub struct ClientInfo {
     pub subscriptions: usize,
 }
 
-/// The router's and registry's handle on a session.
+/// What the admin API and `$SYS` read of a parked session's queue.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ParkedFigures {
+    pub queued: usize,
+    pub queued_bytes: usize,
+    pub inflight: usize,
+    pub subscriptions: usize,
+}
+
+/// The router's and registry's handle on a session. Its lifecycle (who holds it, whether it is
+/// online, persistent or stored, its parked state, its will and expiry timers) is private to
+/// this module and written only by `registry::Registry`.
 pub struct SessionShared {
     pub id: u64,
     pub client_id: String,
     pub mailbox: mpsc::Sender<Delivery>,
     /// Whether a connection holds the session now.
-    pub online: AtomicBool,
+    online: AtomicBool,
     /// Whether the session outlives its connection, so QoS 1 and 2 messages queue while offline.
-    pub persistent: AtomicBool,
-    pub ownership: Mutex<Ownership>,
+    persistent: AtomicBool,
+    ownership: Mutex<Ownership>,
     /// Set when the session kept its queue full longer than a publisher may wait; publishers
     /// then drop for it at once instead of waiting, until it has drained half its queue.
-    pub congested: AtomicBool,
+    congested: AtomicBool,
     /// Signalled whenever a holder parks the state.
-    pub parked_notify: Notify,
+    parked_notify: Notify,
     /// Whether the store holds a record of this session, to be removed when it ends.
-    pub stored: AtomicBool,
+    stored: AtomicBool,
     /// The high-priority lane, made on first use (only with `[[priority]]` rules): its
     /// deliveries go out ahead of the mailbox.
-    pub urgent: std::sync::OnceLock<Box<Urgent>>,
+    urgent: std::sync::OnceLock<Box<Urgent>>,
 }
 
 /// A connected session's high-priority deliveries, bounded like the mailbox.
@@ -436,8 +319,19 @@ pub struct Urgent {
     pub notify: Notify,
 }
 
+impl crate::router::Subscriber for Arc<SessionShared> {
+    fn id(&self) -> u64 {
+        self.id
+    }
+}
+
+/// The router's types as the broker uses them: subscribers are sessions.
+pub type Router = crate::router::Router<Arc<SessionShared>>;
+pub type Subscription = crate::router::Subscription<Arc<SessionShared>>;
+pub type Target = crate::router::Target<Arc<SessionShared>>;
+
 impl SessionShared {
-    pub fn new(id: u64, client_id: String, queue_capacity: usize) -> (Arc<SessionShared>, SessionState) {
+    fn new(id: u64, client_id: String, queue_capacity: usize) -> (Arc<SessionShared>, SessionState) {
         let (tx, rx) = mpsc::channel(queue_capacity.max(1));
         let shared = Arc::new(SessionShared {
             id,
@@ -454,20 +348,84 @@ impl SessionShared {
         (shared, SessionState::new(rx))
     }
 
+    /// The high-priority lane, made on first use.
     pub fn urgent(&self) -> &Urgent {
         self.urgent.get_or_init(Box::default)
     }
 
+    /// The high-priority lane if it was ever made.
+    pub fn urgent_if_made(&self) -> Option<&Urgent> {
+        self.urgent.get().map(|u| &**u)
+    }
+
+    /// Sequentially consistent: routing reads it right after putting a delivery in the mailbox,
+    /// and parking writes it right before emptying the mailbox (see `absorb_stragglers`).
     pub fn is_online(&self) -> bool {
-        self.online.load(Ordering::Acquire)
+        self.online.load(Ordering::SeqCst)
     }
 
     pub fn is_congested(&self) -> bool {
         self.congested.load(Ordering::Relaxed)
     }
 
+    pub fn set_congested(&self, congested: bool) {
+        self.congested.store(congested, Ordering::Relaxed);
+    }
+
     pub fn is_persistent(&self) -> bool {
         self.persistent.load(Ordering::Acquire)
+    }
+
+    /// Runs `f` on the parked state, if the session is parked: how routing queues a message for
+    /// an offline session under its overflow policy.
+    pub fn with_parked<R>(&self, f: impl FnOnce(&mut SessionState) -> R) -> Option<R> {
+        self.ownership.lock().expect("ownership lock").parked.as_mut().map(f)
+    }
+
+    /// The queue figures of a parked session, for the admin API and `$SYS`.
+    pub fn parked_figures(&self) -> Option<ParkedFigures> {
+        self.with_parked(|p| ParkedFigures {
+            queued: p.pending.len(),
+            queued_bytes: p.pending_bytes,
+            inflight: p.inflight.len(),
+            subscriptions: p.subscriptions.len(),
+        })
+    }
+
+    /// The filters of a parked session, for the admin API (a connected session's are its
+    /// connection's).
+    pub fn parked_filters(&self) -> Option<Vec<String>> {
+        self.with_parked(|p| p.subscriptions.keys().cloned().collect())
+    }
+
+    pub fn client_info(&self) -> ClientInfo {
+        self.ownership.lock().expect("ownership lock").client.clone()
+    }
+
+    pub fn set_subscription_count(&self, n: usize) {
+        self.ownership.lock().expect("ownership lock").client.subscriptions = n;
+    }
+
+    /// Whether a connection holds the session (under the ownership lock, unlike `is_online`).
+    pub fn is_held(&self) -> bool {
+        self.ownership.lock().expect("ownership lock").holder.is_some()
+    }
+
+    /// Closes the reorder window of a delivery that found the session online and was put in its
+    /// mailbox (or lane) just as the session went offline: once parked, anything left there is
+    /// moved behind the parked queue, so that later messages, which go straight to the parked
+    /// queue, cannot overtake it. Routing calls it when it finds the session offline right
+    /// after such a delivery.
+    pub fn absorb_stragglers(&self) {
+        let mut own = self.ownership.lock().expect("ownership lock");
+        if let Some(parked) = own.parked.as_mut() {
+            if let Some(urgent) = self.urgent.get() {
+                for d in urgent.queue.lock().expect("urgent lock").drain(..) {
+                    parked.push_pending(d);
+                }
+            }
+            parked.absorb_mailbox();
+        }
     }
 
     #[cfg(test)]
@@ -479,6 +437,9 @@ impl SessionShared {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::codec::QoS;
+    use crate::message::Message;
+    use bytes::Bytes;
 
     fn delivery() -> Delivery {
         Delivery {

@@ -1,0 +1,406 @@
+//! The session registry: client identifier to session, and the one writer of every session's
+//! lifecycle [MQTT-4.1]. A connection claims a session (a new one, the parked one, or one another
+//! connection holds, which is then asked to let go [MQTT-3.1.4-3]) and releases it when it
+//! closes (parked, or ended); recovery puts back what the store held; the admin API removes one;
+//! timers expire parked sessions [MQTT-3.1.2-23] and publish delayed wills [MQTT-3.1.3-9].
+//!
+//! Who holds a session, whether it is online, persistent or stored, its parked state, its will
+//! and its expiry all change here and nowhere else, each change under the session's `ownership`
+//! lock, so that going offline and parking are one step (see `release`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+use tracing::debug;
+
+use super::{ClientInfo, Kick, Router, SessionShared, SessionState};
+use crate::codec::{ReasonCode, Will};
+use crate::metrics::Metrics;
+use crate::store::records::SessionRecord;
+use crate::store::{Store, Txn};
+
+/// How long a claim waits for the connection that holds the session to let go.
+const TAKEOVER_WAIT: Duration = Duration::from_secs(10);
+
+pub struct Registry {
+    /// Lock order: `sessions`, then a session's `ownership`, then the router's tree.
+    sessions: Mutex<HashMap<String, Arc<SessionShared>>>,
+    router: Arc<Router>,
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    next_id: AtomicU64,
+    /// Each session's mailbox bound (`mqtt.max_queued_messages`).
+    queue_capacity: usize,
+}
+
+/// What a connection asks for when it claims a session.
+pub struct Claim {
+    pub client_id: String,
+    pub clean_start: bool,
+    /// 0: the session ends with the connection; `u32::MAX`: it never expires.
+    pub expiry_interval: u32,
+    /// Stored with a persistent session's record, so that a restart still publishes it.
+    pub will: Option<Will>,
+    pub conn_id: u64,
+    /// How the registry asks this connection to let go later.
+    pub kick: oneshot::Sender<Kick>,
+    pub client: ClientInfo,
+}
+
+/// A claimed session: the connection owns `state` until it releases it.
+pub struct Claimed {
+    pub shared: Arc<SessionShared>,
+    pub state: SessionState,
+    /// Whether an existing session was resumed [MQTT-3.2.2-2].
+    pub present: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the session's previous connection did not let go")]
+pub struct TakeoverTimeout;
+
+/// How a connection lets go of its session.
+pub struct Release {
+    pub conn_id: u64,
+    pub expiry_interval: u32,
+    /// A will scheduled for later (see `schedule_will`), kept in the stored record until then.
+    pub will_due: Option<Will>,
+    /// Another connection took the session over: it is parked for that one, with no record
+    /// rewritten and no expiry timer.
+    pub taken_over: bool,
+    pub now_ms: u64,
+}
+
+/// Session figures for `$SYS` and the API, counted over the registry.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct SessionCounts {
+    pub total: u64,
+    pub online: u64,
+    /// Messages waiting: in mailboxes, and in parked sessions' queues.
+    pub queued: u64,
+    /// Messages in flight in parked sessions (a connected session's in-flight window is its own).
+    pub inflight: u64,
+    /// Payload bytes queued in parked sessions.
+    pub queued_bytes: u64,
+}
+
+impl Registry {
+    pub fn new(router: Arc<Router>, store: Arc<Store>, metrics: Arc<Metrics>, queue_capacity: usize) -> Registry {
+        Registry { sessions: Mutex::default(), router, store, metrics, next_id: AtomicU64::new(1), queue_capacity }
+    }
+
+    fn new_session(&self, client_id: String) -> (Arc<SessionShared>, SessionState) {
+        SessionShared::new(self.next_id.fetch_add(1, Ordering::Relaxed), client_id, self.queue_capacity)
+    }
+
+    pub fn get(&self, client_id: &str) -> Option<Arc<SessionShared>> {
+        self.sessions.lock().expect("sessions lock").get(client_id).cloned()
+    }
+
+    /// A copy of the session list; the registry's lock is held only to copy it.
+    pub fn list(&self) -> Vec<Arc<SessionShared>> {
+        self.sessions.lock().expect("sessions lock").values().cloned().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.sessions.lock().expect("sessions lock").len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Counts sessions, those connected, and what waits in their queues. Walks every session:
+    /// for `$SYS` and scrapes, never the hot path.
+    pub fn counts(&self) -> SessionCounts {
+        let sessions = self.list();
+        let mut counts = SessionCounts { total: sessions.len() as u64, ..Default::default() };
+        for s in &sessions {
+            counts.queued += (s.mailbox.max_capacity() - s.mailbox.capacity()) as u64;
+            if s.is_online() {
+                counts.online += 1;
+            } else if let Some(p) = s.parked_figures() {
+                counts.queued += p.queued as u64;
+                counts.queued_bytes += p.queued_bytes as u64;
+                counts.inflight += p.inflight as u64;
+            }
+        }
+        counts
+    }
+
+    /// Takes the session of `claim.client_id` for a connection: a new one, the parked one, or the
+    /// one another connection holds, which is asked to close with 0x8E [MQTT-3.1.4-3] and waited
+    /// for (with no lock held) until it has parked the state. A clean start, or a parked session
+    /// that was not persistent, ends the old session first [MQTT-3.1.2-4]. A delayed will of the
+    /// previous connection is cancelled [MQTT-3.1.3-9]. Then the session's record is written
+    /// (or, for a session no longer persistent, removed) before any SUBSCRIBE can be handled.
+    pub async fn claim(&self, claim: Claim) -> Result<Claimed, TakeoverTimeout> {
+        let give_up = tokio::time::Instant::now() + TAKEOVER_WAIT;
+        let mut kick = Some(claim.kick);
+        let client_id = claim.client_id.as_str();
+        let (shared, mut state, present) = loop {
+            let existing = {
+                let mut sessions = self.sessions.lock().expect("sessions lock");
+                match sessions.get(client_id).cloned() {
+                    None => {
+                        let (shared, state) = self.new_session(client_id.to_owned());
+                        {
+                            let mut own = shared.ownership.lock().expect("ownership lock");
+                            own.holder = Some((claim.conn_id, kick.take()));
+                            shared.online.store(true, Ordering::SeqCst);
+                        }
+                        sessions.insert(client_id.to_owned(), shared.clone());
+                        break (shared, state, false);
+                    }
+                    Some(existing) => {
+                        let mut own = existing.ownership.lock().expect("ownership lock");
+                        if let Some(cancel) = own.pending_will.take() {
+                            let _ = cancel.send(());
+                        }
+                        if let Some(state) = own.parked.take() {
+                            if claim.clean_start || state.expiry_interval == 0 {
+                                drop(own);
+                                sessions.remove(client_id);
+                                drop(sessions);
+                                self.end(&existing, state);
+                                continue;
+                            }
+                            own.holder = Some((claim.conn_id, kick.take()));
+                            existing.online.store(true, Ordering::SeqCst);
+                            drop(own);
+                            break (existing, state, true);
+                        }
+                        own.kick(ReasonCode::SESSION_TAKEN_OVER);
+                        drop(own);
+                        existing
+                    }
+                }
+            };
+            let notified = existing.parked_notify.notified();
+            let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
+            if tokio::time::Instant::now() > give_up {
+                return Err(TakeoverTimeout);
+            }
+        };
+        let expiry = claim.expiry_interval;
+        shared.persistent.store(expiry > 0, Ordering::Release);
+        state.expiry_interval = expiry;
+        if expiry > 0 {
+            // Written before any SUBSCRIBE of this connection, whose SUBACK waits for the store.
+            let mut txn = Txn::default();
+            let record = SessionRecord { expiry_interval: expiry, disconnected_at_ms: 0, will: claim.will };
+            txn.put_session(client_id, &record);
+            self.store.commit(txn);
+            shared.stored.store(true, Ordering::Release);
+        } else if shared.stored.swap(false, Ordering::AcqRel) {
+            // A stored session resumed without an expiry interval ends with this connection.
+            let mut txn = Txn::default();
+            txn.remove_session(client_id, state.forget_stored());
+            self.store.commit(txn);
+        }
+        let mut client = claim.client;
+        client.subscriptions = state.subscriptions.len();
+        shared.ownership.lock().expect("ownership lock").client = client;
+        Ok(Claimed { shared, state, present })
+    }
+
+    /// Lets go of a session when its connection closes: ends it if it does not outlive the
+    /// connection, parks it otherwise. Parking is one step under the session's lock: what the
+    /// high-priority lane and the mailbox hold moves to the parked queue, the session goes
+    /// offline, and the state is parked, so that no message routed meanwhile can land behind a
+    /// later one (`SessionShared::absorb_stragglers` covers a delivery already on its way).
+    pub fn release(self: &Arc<Self>, shared: Arc<SessionShared>, mut state: SessionState, r: Release) {
+        state.expiry_interval = r.expiry_interval;
+        shared.ownership.lock().expect("ownership lock").client.disconnected_at_ms = r.now_ms;
+        if r.expiry_interval == 0 && !r.taken_over {
+            {
+                let mut own = shared.ownership.lock().expect("ownership lock");
+                shared.online.store(false, Ordering::SeqCst);
+                if own.holder.as_ref().is_some_and(|(id, _)| *id == r.conn_id) {
+                    own.holder = None;
+                }
+            }
+            self.end(&shared, state);
+            return;
+        }
+        if shared.is_persistent() && !r.taken_over {
+            let mut txn = Txn::default();
+            let record =
+                SessionRecord { expiry_interval: r.expiry_interval, disconnected_at_ms: r.now_ms, will: r.will_due };
+            txn.put_session(&shared.client_id, &record);
+            self.store.commit(txn);
+            shared.stored.store(true, Ordering::Release);
+        }
+        let generation = {
+            let mut own = shared.ownership.lock().expect("ownership lock");
+            shared.online.store(false, Ordering::SeqCst);
+            if let Some(urgent) = shared.urgent.get() {
+                for d in urgent.queue.lock().expect("urgent lock").drain(..) {
+                    state.push_pending(d);
+                }
+            }
+            state.absorb_mailbox();
+            own.holder = None;
+            own.parked = Some(state);
+            own.park_generation += 1;
+            own.park_generation
+        };
+        shared.parked_notify.notify_one();
+        if r.expiry_interval != u32::MAX && !r.taken_over {
+            self.schedule_expiry(shared, u64::from(r.expiry_interval), generation);
+        }
+    }
+
+    /// Ends a parked session after `secs` unless it was resumed (or parked again) meanwhile.
+    pub fn schedule_expiry(self: &Arc<Self>, shared: Arc<SessionShared>, secs: u64, generation: u64) {
+        let registry = self.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(secs)).await;
+            registry.expire(&shared, generation);
+        });
+    }
+
+    /// Ends a parked session whose expiry interval has passed, unless it was resumed meanwhile.
+    pub fn expire(&self, shared: &Arc<SessionShared>, generation: u64) {
+        let state = {
+            let mut own = shared.ownership.lock().expect("ownership lock");
+            if own.holder.is_some() || own.park_generation != generation {
+                return;
+            }
+            own.parked.take()
+        };
+        if let Some(state) = state {
+            debug!(client_id = %shared.client_id, "session expired");
+            self.metrics.sessions_expired.fetch_add(1, Ordering::Relaxed);
+            self.end(shared, state);
+        }
+    }
+
+    /// Publishes a will after `delay` seconds unless the session is resumed first
+    /// [MQTT-3.1.3-9]; once published, the stored session record no longer carries it.
+    /// `publish` is the broker's: the registry sits below it.
+    pub fn schedule_will(
+        &self,
+        shared: &Arc<SessionShared>,
+        will: Will,
+        delay: u64,
+        disconnected_at_ms: u64,
+        publish: impl FnOnce(Will) + Send + 'static,
+    ) {
+        let (tx, rx) = oneshot::channel::<()>();
+        shared.ownership.lock().expect("ownership lock").pending_will = Some(tx);
+        let shared = shared.clone();
+        let store = self.store.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(delay)) => {
+                    publish(will);
+                    let mut own = shared.ownership.lock().expect("ownership lock");
+                    own.pending_will = None;
+                    if let (Some(parked), true) = (own.parked.as_ref(), shared.stored.load(Ordering::Acquire)) {
+                        let mut txn = Txn::default();
+                        let record = SessionRecord {
+                            expiry_interval: parked.expiry_interval,
+                            disconnected_at_ms,
+                            will: None,
+                        };
+                        txn.put_session(&shared.client_id, &record);
+                        store.commit(txn);
+                    }
+                }
+                _ = rx => {}
+            }
+        });
+    }
+
+    /// Drops a session for good: its subscriptions leave the tree, its records leave the store
+    /// and it leaves the registry, unless a newer session has taken its client identifier since.
+    pub fn end(&self, shared: &Arc<SessionShared>, mut state: SessionState) {
+        let held = state.take_stored_refs();
+        if shared.stored.swap(false, Ordering::AcqRel) || !held.is_empty() {
+            let mut txn = Txn::default();
+            txn.remove_session(&shared.client_id, held);
+            self.store.commit(txn);
+        }
+        let filters = state.subscriptions.keys().filter_map(|f| crate::topic::parse_filter(f).ok());
+        self.router.unsubscribe_all(filters, shared.id);
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        if sessions.get(&shared.client_id).is_some_and(|s| s.id == shared.id) {
+            sessions.remove(&shared.client_id);
+        }
+    }
+
+    /// Asks the connection holding `client_id`'s session to close with `reason` and, with
+    /// `remove_session`, ends the session once it is parked (waiting up to 5 s for that, with no
+    /// lock held). A delayed will stays scheduled: removing the session must not lose it.
+    /// Returns false if there is no such session.
+    pub async fn disconnect(&self, client_id: &str, reason: ReasonCode, remove_session: bool) -> bool {
+        let Some(session) = self.get(client_id) else {
+            return false;
+        };
+        let was_online = {
+            let mut own = session.ownership.lock().expect("ownership lock");
+            own.kick(reason);
+            own.holder.is_some()
+        };
+        if !remove_session {
+            return true;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let notified = session.parked_notify.notified();
+            let parked = {
+                let mut own = session.ownership.lock().expect("ownership lock");
+                if own.holder.is_none() {
+                    own.park_generation += 1;
+                    Some(own.parked.take())
+                } else {
+                    None
+                }
+            };
+            match parked {
+                Some(Some(state)) => {
+                    self.end(&session, state);
+                    return true;
+                }
+                // Ended with its connection (not persistent), or never held.
+                Some(None) => return true,
+                None if !was_online || tokio::time::Instant::now() > deadline => return true,
+                None => {
+                    let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+                }
+            }
+        }
+    }
+
+    /// Asks every connection that holds a session to close with `reason` (shutdown).
+    pub fn kick_all(&self, reason: ReasonCode) {
+        for s in self.list() {
+            s.ownership.lock().expect("ownership lock").kick(reason);
+        }
+    }
+
+    /// A session read back from the store at start, parked with its state; its subscriptions are
+    /// the caller's to put in the router. Returns its handle and its park generation, for the
+    /// expiry timer.
+    pub fn restore(
+        &self,
+        client_id: String,
+        fill: impl FnOnce(&Arc<SessionShared>, &mut SessionState),
+    ) -> (Arc<SessionShared>, u64) {
+        let (shared, mut state) = self.new_session(client_id.clone());
+        shared.persistent.store(true, Ordering::Release);
+        shared.stored.store(true, Ordering::Release);
+        fill(&shared, &mut state);
+        {
+            let mut own = shared.ownership.lock().expect("ownership lock");
+            own.parked = Some(state);
+            own.park_generation = 1;
+        }
+        self.sessions.lock().expect("sessions lock").insert(client_id, shared.clone());
+        (shared, 1)
+    }
+}
