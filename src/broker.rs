@@ -805,3 +805,125 @@ impl Broker {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::SubscriptionOptions;
+    use crate::session::registry::{Claim, Claimed, Release};
+
+    fn open(extra: &str) -> (Arc<Broker>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let text = format!("[storage]\npath = {:?}\ndurability = \"wal\"\n{extra}", dir.path().display().to_string());
+        let (broker, _) = Broker::open(Config::parse(&text).unwrap()).unwrap();
+        (broker, dir)
+    }
+
+    /// A session claimed by a connection that is not there, subscribed to `filter` at QoS 1.
+    async fn session(broker: &Broker, client_id: &str, expiry: u32, filter: &str) -> Claimed {
+        let (kick, _) = tokio::sync::oneshot::channel();
+        let claim = Claim {
+            client_id: client_id.into(),
+            clean_start: false,
+            expiry_interval: expiry,
+            will: None,
+            conn_id: 1,
+            kick,
+            client: Default::default(),
+        };
+        let mut claimed = broker.registry().claim(claim).await.unwrap();
+        let options = SubscriptionOptions { qos: QoS::AtLeastOnce, ..Default::default() };
+        let parsed = crate::topic::parse_filter(filter).unwrap();
+        broker.subscribe(&parsed, Subscription { session: claimed.shared.clone(), options, identifier: None });
+        claimed.state.subscriptions.insert(filter.into(), (options, None));
+        claimed
+    }
+
+    fn park(broker: &Broker, claimed: Claimed, expiry: u32) -> Arc<SessionShared> {
+        let shared = claimed.shared.clone();
+        let release = Release { conn_id: 1, expiry_interval: expiry, will_due: None, taken_over: false, now_ms: 1 };
+        broker.registry().release(claimed.shared, claimed.state, release);
+        shared
+    }
+
+    fn story(topic: &str, payload: &'static [u8]) -> Arc<Message> {
+        Arc::new(Message::new(topic.into(), bytes::Bytes::from_static(payload), QoS::AtLeastOnce, false))
+    }
+
+    #[tokio::test]
+    async fn routing_reaches_a_connected_session_through_its_mailbox() {
+        let (b, _dir) = open("");
+        let mut phone = session(&b, "phone", 0, "news/#").await;
+        let outcome = b.route(story("news/tech/ai", b"x"), false);
+        assert_eq!((outcome.matched, outcome.dropped, outcome.ticket), (1, 0, 0), "not persistent: nothing stored");
+        let d = phone.state.mailbox.try_recv().unwrap();
+        assert_eq!(&d.message.payload[..], b"x");
+        assert_eq!(d.qos, QoS::AtLeastOnce);
+        assert_eq!(b.route(story("sport/x", b"y"), false).matched, 0);
+    }
+
+    #[tokio::test]
+    async fn routing_queues_for_an_offline_persistent_session_and_stores_it() {
+        let (b, _dir) = open("");
+        let phone = park(&b, session(&b, "phone", 3600, "news/#").await, 3600);
+        let outcome = b.route(story("news/tech/ai", b"x"), false);
+        assert_eq!(outcome.matched, 1);
+        assert!(outcome.ticket > 0, "the queued message is written to the store");
+        assert_eq!(phone.parked_figures().unwrap().queued, 1);
+        assert_eq!(b.session_counts().queued, 1);
+        // QoS 0 is not kept for an offline session [MQTT-3.1.2-5].
+        let qos0 = Arc::new(Message::new("news/x".into(), bytes::Bytes::new(), QoS::AtMostOnce, false));
+        b.route(qos0, false);
+        assert_eq!(phone.parked_figures().unwrap().queued, 1);
+    }
+
+    #[tokio::test]
+    async fn offline_queues_follow_their_topic_policy() {
+        let extra = "[mqtt]\nmax_queued_messages = 2\n[[queue_policy]]\nfilter = \"scores/#\"\nkeep_latest = 1\n";
+        let (b, _dir) = open(extra);
+        let phone = park(&b, session(&b, "phone", 3600, "#").await, 3600);
+        for p in [&b"1"[..], b"2", b"3"] {
+            b.route(
+                Arc::new(Message::new("news/a".into(), bytes::Bytes::from_static(p), QoS::AtLeastOnce, false)),
+                false,
+            );
+        }
+        let payloads = |s: &SessionShared| {
+            s.with_parked(|p| p.pending.iter().map(|d| d.message.payload.clone()).collect::<Vec<_>>()).unwrap()
+        };
+        assert_eq!(payloads(&phone), vec!["2", "3"], "drop_oldest by default");
+        assert_eq!(b.metrics().queue_dropped_oldest.load(Ordering::Relaxed), 1);
+        b.route(story("scores/final", b"a"), false);
+        b.route(story("scores/final", b"b"), false);
+        assert_eq!(payloads(&phone), vec!["3", "b"], "keep_latest = 1 replaced a; b made room by dropping 2");
+        assert_eq!(b.metrics().queue_superseded.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn admission_refuses_long_deep_sys_and_degraded_publishes() {
+        let extra = "[mqtt]\nmax_topic_levels = 3\n[limits]\nmax_topic_length = 20\n[[priority]]\nfilter = \"news/breaking/#\"\nclass = \"high\"\n";
+        let (b, _dir) = open(extra);
+        let limits = b.limits();
+        assert_eq!(b.admit_publish("news/tech", &limits), Ok(()));
+        assert_eq!(b.admit_publish("news/tech/a-very-long-name", &limits), Err(PublishRefusal::TopicTooLong));
+        assert_eq!(b.metrics().limit_topic_length.load(Ordering::Relaxed), 1);
+        assert_eq!(b.admit_publish("a/b/c/d", &limits), Err(PublishRefusal::TooManyLevels));
+        assert_eq!(b.admit_publish("$SYS/broker/x", &limits), Err(PublishRefusal::SysTopic));
+        b.set_degraded(true);
+        assert_eq!(b.admit_publish("news/tech", &limits), Err(PublishRefusal::Degraded));
+        assert_eq!(b.admit_publish("news/breaking/q", &limits), Ok(()), "high priority flows in degraded mode");
+        assert_eq!(b.metrics().degraded_refused.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn an_outcome_is_counted_in_the_metrics_and_on_the_receipt() {
+        let (b, _dir) = open("[receipts]\ntrack = \"all\"\n");
+        let m = b.accept_message(Message::new("news/x".into(), bytes::Bytes::new(), QoS::AtLeastOnce, false)).unwrap();
+        b.record(&m, Outcome::TooLarge);
+        b.record(&m, Outcome::QueueDropped(QueueDrop::New));
+        assert_eq!(b.metrics().messages_dropped_too_large.load(Ordering::Relaxed), 1);
+        assert_eq!(b.metrics().queue_dropped_new.load(Ordering::Relaxed), 1);
+        let r = m.receipt.get().unwrap();
+        assert_eq!((r.get(Count::DroppedTooLarge), r.get(Count::DroppedNew)), (1, 1));
+    }
+}

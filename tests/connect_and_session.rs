@@ -15,7 +15,7 @@ async fn mqtt_3_2_2_2_session_present_after_resuming_a_persistent_session() {
     let (c, ack) = RawClient::connect(b.addr, connect_packet(V3_1_1, "phone-1", false)).await;
     assert!(!ack.session_present);
     drop(c);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_parked(&b, "phone-1").await;
     let (_c, ack) = RawClient::connect(b.addr, connect_packet(V3_1_1, "phone-1", false)).await;
     assert!(ack.session_present, "[MQTT-3.2.2-2] session present must be 1 for a resumed session");
     let (_c2, ack) = RawClient::connect(b.addr, connect_packet(V3_1_1, "phone-2", true)).await;
@@ -128,7 +128,7 @@ async fn mqtt_3_1_3_9_will_delay_cancelled_by_a_reconnect() {
     c.properties.session_expiry_interval = Some(60);
     let (flaky, _) = RawClient::connect(b.addr, c.clone()).await;
     drop(flaky);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    wait_parked(&b, "flaky").await;
     let (_back, ack) = RawClient::connect(b.addr, c.clone()).await;
     assert!(ack.session_present);
     watcher.expect_silence(Duration::from_millis(2500)).await;
@@ -155,7 +155,7 @@ async fn mqtt_4_4_0_1_unacknowledged_qos1_is_resent_with_dup_on_resume() {
     let first = expect_publish(&mut phone).await;
     assert!(!first.dup);
     drop(phone); // never acknowledged
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_parked(&b, "phone").await;
     // Published while the phone is offline: queued for the persistent session.
     editor.send(&publish("news/tech", b"story-2", QoS::AtLeastOnce, 8)).await;
     assert!(matches!(editor.recv().await, Some(Packet::PubAck(_))));
@@ -176,7 +176,10 @@ async fn mqtt_3_1_2_23_session_expiry_ends_the_session() {
     c.properties.session_expiry_interval = Some(1);
     let (s, _) = RawClient::connect(b.addr, c.clone()).await;
     drop(s);
-    tokio::time::sleep(Duration::from_millis(2200)).await;
+    let left = std::time::Instant::now();
+    let registry = b.broker.registry();
+    wait_until("the session to expire", || registry.get("brief").is_none()).await;
+    assert!(left.elapsed() >= Duration::from_millis(900), "expired after {:?}, not 1 s", left.elapsed());
     let (_s, ack) = RawClient::connect(b.addr, c).await;
     assert!(!ack.session_present, "the session expired after 1 s");
 }

@@ -222,7 +222,7 @@ async fn mqtt_3_3_2_6_message_expiry_counts_down_and_expired_messages_are_not_se
     phone.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
     expect_suback(&mut phone).await;
     drop(phone);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    wait_parked(&b, "offline-phone").await;
     let (mut p, _) = RawClient::connect(b.addr, connect_packet(V5, "cms", true)).await;
     for (payload, expiry, id) in [(&b"short"[..], 1u32, 1u16), (&b"long"[..], 100, 2)] {
         let mut m = publish_msg("news/x", payload, QoS::AtLeastOnce, id);

@@ -102,7 +102,7 @@ fn mosquitto_sub_receives_what_mosquitto_pub_sends_v311_and_v5() {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        std::thread::sleep(Duration::from_millis(500));
+        wait_until_blocking("mosquitto_sub to subscribe", || b.broker.subscription_count() == 1);
         for (qos, msg) in [("1", "first story"), ("2", "second story")] {
             let st = Command::new("mosquitto_pub")
                 .args(["-h", "127.0.0.1", "-p", &port, "-V", version, "-t", &topic, "-q", qos, "-m", msg])
@@ -112,6 +112,7 @@ fn mosquitto_sub_receives_what_mosquitto_pub_sends_v311_and_v5() {
         }
         let out = sub.wait_with_output().unwrap();
         assert!(out.status.success(), "mosquitto_sub failed");
+        wait_until_blocking("mosquitto_sub's session to end", || b.broker.subscription_count() == 0);
         let text = String::from_utf8(out.stdout).unwrap();
         assert_eq!(text, format!("{topic} first story\n{topic} second story\n"));
     }

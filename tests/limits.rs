@@ -43,7 +43,8 @@ async fn max_connections_per_ip_answers_quota_exceeded() {
     assert_eq!(connack(b.addr, V5, "c").await.1, 0x97);
     assert_eq!(connack(b.addr, V311, "c").await.1, 0x03);
     drop(first);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let metrics = b.broker.metrics();
+    wait_until("the first connection to close", || metrics.connections_now() <= 1).await;
     assert_eq!(connack(b.addr, V5, "d").await.1, 0);
     assert_eq!(b.broker.metrics().limit_connections_per_ip.load(Relaxed), 2);
 }

@@ -76,7 +76,6 @@ async fn a_receipt_counts_every_outcome_of_a_story() {
     let mut bq0 = subscriber(&b, "b", "news/#", QoS::AtMostOnce).await;
     offline_session(&b, "c", "news/#").await;
     let mut d = subscriber(&b, "d", "news/#", QoS::AtLeastOnce).await;
-    tokio::time::sleep(Duration::from_millis(100)).await;
 
     let (mut cms, _) = RawClient::connect(b.addr, connect_packet(V5, "cms", true)).await;
     let ack = publish_acked(&mut cms, story("news/world/quake", "Quake hits coast", "s-42", 1)).await;
@@ -448,7 +447,7 @@ fn mosquitto_clients_see_a_repeated_story_once() {
         .stderr(Stdio::null())
         .spawn()
         .expect("mosquitto_sub runs (scripts/install-deps.sh installs it)");
-    std::thread::sleep(Duration::from_millis(500));
+    wait_until_blocking("mosquitto_sub to subscribe", || b.broker.subscription_count() == 1);
     for payload in ["Quake hits coast", "Quake hits coast (resent)"] {
         let ok = Command::new("mosquitto_pub")
             .args(["-h", "127.0.0.1", "-p", &port, "-V", "mqttv5", "-q", "1", "-t", "news/world/quake"])

@@ -464,7 +464,7 @@ async fn delete_disconnects_a_client_and_can_remove_its_session() {
     let (status, v) = http_json(http, "DELETE", "/api/v1/clients/tablet", "");
     assert_eq!((status, v["disconnected"].as_bool()), (200, Some(true)));
     expect_disconnect(&mut tablet, ReasonCode::ADMINISTRATIVE_ACTION).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    wait_parked(&b, "tablet").await;
     let (status, v) = http_json(http, "GET", "/api/v1/clients/tablet", "");
     assert_eq!((status, v["connected"].as_bool()), (200, Some(false)), "the session stays");
 

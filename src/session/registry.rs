@@ -404,3 +404,152 @@ impl Registry {
         (shared, 1)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{QoS, SubscriptionOptions};
+    use crate::config::Durability;
+
+    struct Fixture {
+        registry: Arc<Registry>,
+        _dir: tempfile::TempDir,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = Store::open(dir.path(), Durability::Wal).unwrap();
+        let router = Arc::new(Router::new(16));
+        let registry = Arc::new(Registry::new(router, Arc::new(store), Arc::default(), 16));
+        Fixture { registry, _dir: dir }
+    }
+
+    fn claim(client_id: &str, conn_id: u64, expiry: u32, clean: bool) -> (Claim, oneshot::Receiver<Kick>) {
+        let (kick, kicked) = oneshot::channel();
+        let claim = Claim {
+            client_id: client_id.into(),
+            clean_start: clean,
+            expiry_interval: expiry,
+            will: None,
+            conn_id,
+            kick,
+            client: ClientInfo::default(),
+        };
+        (claim, kicked)
+    }
+
+    fn release(conn_id: u64, expiry: u32, taken_over: bool) -> Release {
+        Release { conn_id, expiry_interval: expiry, will_due: None, taken_over, now_ms: 1 }
+    }
+
+    #[tokio::test]
+    async fn a_claimed_session_parks_and_resumes_with_its_state_mqtt_3_2_2_2() {
+        let f = fixture();
+        let (c, _k) = claim("phone", 1, 60, false);
+        let mut claimed = f.registry.claim(c).await.unwrap();
+        assert!(!claimed.present, "[MQTT-3.2.2-1] a new session");
+        assert!(claimed.shared.is_online() && claimed.shared.is_persistent());
+        claimed.state.subscriptions.insert("news/#".into(), (SubscriptionOptions::default(), None));
+        f.registry.release(claimed.shared.clone(), claimed.state, release(1, 60, false));
+        assert!(!claimed.shared.is_online());
+        assert_eq!(claimed.shared.parked_figures().unwrap().subscriptions, 1, "parked with its state");
+
+        let (c, _k) = claim("phone", 2, 60, false);
+        let resumed = f.registry.claim(c).await.unwrap();
+        assert!(resumed.present, "[MQTT-3.2.2-2] the session was resumed");
+        assert_eq!(resumed.shared.id, claimed.shared.id);
+        assert!(resumed.state.subscriptions.contains_key("news/#"));
+        assert!(resumed.shared.parked_figures().is_none(), "held, not parked");
+    }
+
+    #[tokio::test]
+    async fn a_clean_start_ends_the_parked_session_mqtt_3_1_2_4() {
+        let f = fixture();
+        let (c, _k) = claim("phone", 1, 60, false);
+        let claimed = f.registry.claim(c).await.unwrap();
+        f.registry.release(claimed.shared.clone(), claimed.state, release(1, 60, false));
+        let (c, _k) = claim("phone", 2, 60, true);
+        let fresh = f.registry.claim(c).await.unwrap();
+        assert!(!fresh.present);
+        assert_ne!(fresh.shared.id, claimed.shared.id, "a new session");
+        assert_eq!(f.registry.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_takeover_asks_the_holder_to_let_go_and_waits_for_it_mqtt_3_1_4_3() {
+        let f = fixture();
+        let (c, kicked) = claim("editor", 1, 60, false);
+        let first = f.registry.claim(c).await.unwrap();
+        let registry = f.registry.clone();
+        let (c, _k) = claim("editor", 2, 60, false);
+        let second = tokio::spawn(async move { registry.claim(c).await });
+        let kick = tokio::time::timeout(Duration::from_secs(5), kicked).await.unwrap().unwrap();
+        assert_eq!(kick.reason, ReasonCode::SESSION_TAKEN_OVER);
+        assert!(!second.is_finished(), "the new connection waits for the old one to park");
+        f.registry.release(first.shared.clone(), first.state, release(1, 60, true));
+        let second = tokio::time::timeout(Duration::from_secs(5), second).await.unwrap().unwrap().unwrap();
+        assert!(second.present);
+        assert_eq!(second.shared.id, first.shared.id);
+        assert!(second.shared.is_online());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_parked_session_expires_after_its_interval_unless_resumed_mqtt_3_1_2_23() {
+        let f = fixture();
+        let (c, _k) = claim("brief", 1, 2, false);
+        let claimed = f.registry.claim(c).await.unwrap();
+        f.registry.release(claimed.shared.clone(), claimed.state, release(1, 2, false));
+        // Resumed and parked again within the interval: the first timer is stale.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (c, _k) = claim("brief", 2, 2, false);
+        let again = f.registry.claim(c).await.unwrap();
+        f.registry.release(again.shared.clone(), again.state, release(2, 2, false));
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        assert!(f.registry.get("brief").is_some(), "the stale timer did nothing");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(f.registry.get("brief").is_none(), "expired 2 s after its last disconnection");
+        assert_eq!(f.registry.metrics.sessions_expired.load(Ordering::Relaxed), 1);
+    }
+
+    #[tokio::test]
+    async fn a_session_without_expiry_ends_with_its_connection() {
+        let f = fixture();
+        let (c, _k) = claim("once", 1, 0, true);
+        let claimed = f.registry.claim(c).await.unwrap();
+        assert!(!claimed.shared.is_persistent());
+        f.registry.release(claimed.shared.clone(), claimed.state, release(1, 0, false));
+        assert!(f.registry.get("once").is_none());
+        assert!(!claimed.shared.is_online());
+    }
+
+    #[tokio::test]
+    async fn a_delivery_left_in_the_mailbox_at_parking_joins_the_parked_queue_in_order() {
+        let f = fixture();
+        let (c, _k) = claim("phone", 1, 60, false);
+        let claimed = f.registry.claim(c).await.unwrap();
+        let shared = claimed.shared.clone();
+        let delivery = |n: &'static [u8]| crate::message::Delivery {
+            message: Arc::new(crate::message::Message::new(
+                "t".into(),
+                bytes::Bytes::from_static(n),
+                QoS::AtLeastOnce,
+                false,
+            )),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            subscription_ids: Box::default(),
+            stored: None,
+        };
+        shared.mailbox.try_send(delivery(b"1")).unwrap();
+        f.registry.release(shared.clone(), claimed.state, release(1, 60, false));
+        // A router that saw the session online delivers to the mailbox after it was parked,
+        // then finds it offline and moves its delivery behind the parked queue...
+        shared.mailbox.try_send(delivery(b"2")).unwrap();
+        assert!(!shared.is_online());
+        shared.absorb_stragglers();
+        // ...before the next message, routed to the parked queue.
+        shared.with_parked(|p| p.push_pending(delivery(b"3"))).unwrap();
+        let order = shared.with_parked(|p| p.pending.iter().map(|d| d.message.payload.clone()).collect::<Vec<_>>());
+        assert_eq!(order.unwrap(), vec!["1", "2", "3"]);
+    }
+}

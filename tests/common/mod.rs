@@ -334,15 +334,8 @@ pub fn http_json(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16
 /// Waits until the session of `client_id` is parked (its connection task saw the socket close),
 /// so that what is published next goes to its offline queue.
 pub async fn wait_parked(b: &TestBroker, client_id: &str) {
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let online = b.broker.registry().get(client_id).is_some_and(|s| s.is_online());
-        if !online {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "{client_id} was never parked");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let registry = b.broker.registry();
+    wait_until(&format!("{client_id} to be parked"), || registry.get(client_id).is_some_and(|s| !s.is_online())).await;
 }
 
 /// A persistent 3.1.1 session subscribed to `filter` at QoS 1 whose client has gone offline.
@@ -353,4 +346,28 @@ pub async fn offline_session(b: &TestBroker, client_id: &str, filter: &str) {
     expect_suback(&mut c).await;
     drop(c);
     wait_parked(b, client_id).await;
+}
+
+/// How long a test waits for a condition before it fails: generous, because the suite runs on
+/// two loaded cores; a condition that holds returns at once.
+pub const PATIENCE: Duration = Duration::from_secs(20);
+
+/// Waits until `cond` holds, polling every 10 ms, and fails the test naming `what` after
+/// `PATIENCE`. For tests that must wait for the broker to reach a state (a session parked, a
+/// subscription in place, a counter moved) rather than sleep for a time they hope is enough.
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "waited {PATIENCE:?} for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// `wait_until` for tests without a runtime of their own.
+pub fn wait_until_blocking(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + PATIENCE;
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "waited {PATIENCE:?} for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }
