@@ -14,14 +14,14 @@
 //! session drains the mailbox within the client's receive window and writes with non-blocking vectored
 //! writes from the same task (`connection::outbound`). No lock is held across an `.await`.
 //!
-//! Modules: `config` (TOML configuration), `broker` (shared state, listeners, shutdown),
-//! `listener` (accept loops), `connection` (handshake, packet handling, outbound writing),
-//! `codec` (bytes <-> packets), `router` (subscription tree), `retain` (retained messages),
-//! `session` (session state and messages), `metrics` (counters, histograms, the snapshot),
-//! `sys` (the `$SYS` tree), `http` (/metrics, health and the admin API), `logging` (text or
-//! JSON lines), `store` (RocksDB: retained messages and persistent sessions, group commit),
-//! `recovery` (rebuilding state from the store), `receipts` (delivery receipts, story
-//! deduplication), `webhook` (hand-off of undelivered messages), `pressure` (degraded mode).
+//! Modules, by layer (each imports only its own layer or lower ones; `tests/layers.rs` checks):
+//! `codec` (bytes <-> packets); `clock`, `topic` (filters, `$SYS`), `metrics` (counters,
+//! histograms); `config`, `logging`, `tls`, `auth`; `receipt` and `message` (one message, one
+//! delivery, one receipt); `router` (subscription tree), `retain`, `store` (RocksDB, group
+//! commit), `receipts` (the index, story deduplication); `session` (session state and the
+//! registry, the one writer of session lifecycles); `broker` (routing, admission, outcomes);
+//! `connection` (handshake, packets, outbound writing); `listener`, `http`, `sys`, `figures`,
+//! `pressure` (degraded mode), `webhook`; `server` (opens, recovers, starts the tasks, runs).
 
 // Layers, bottom to top (docs/architecture.md; tests/layers.rs fails on an import upwards or
 // a cycle between these modules):

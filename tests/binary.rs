@@ -120,3 +120,136 @@ fn a_corrupted_store_stops_the_broker_with_a_clear_error() {
     assert_eq!(std::fs::read(&current).unwrap(), b"garbage", "the store was left as it was");
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// [issue 12] README's run command, read from README.md and run exactly as written from the
+/// repository's root, starts a broker with the default `config.toml` that a real client
+/// (mosquitto_pub, QoS 1) can use on 127.0.0.1:1883, and that stops cleanly on SIGTERM. The
+/// command once found two binaries and started neither; this keeps it from breaking unnoticed.
+#[test]
+fn the_readme_run_command_starts_a_broker_a_client_can_use() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let readme = std::fs::read_to_string(format!("{root}/README.md")).unwrap();
+    let after =
+        readme.split("Run the broker with the default `config.toml`").nth(1).expect("README names the run command");
+    let command = after.lines().find(|l| l.starts_with("    ")).expect("an indented command").trim().to_owned();
+    assert_eq!(command, "bash scripts/run.sh", "README's run command changed: update this test with it");
+    if std::net::TcpListener::bind("127.0.0.1:1883").is_err() {
+        panic!("127.0.0.1:1883 is taken by another program: the default config.toml needs it");
+    }
+    let log_path = std::env::temp_dir().join(format!("herald-readme-run-{}.log", std::process::id()));
+    let log = std::fs::File::create(&log_path).unwrap();
+    // A session of its own, so that SIGTERM reaches whatever process the command ends as.
+    let mut child = Command::new("setsid")
+        .args(["bash", "-c", &command])
+        .current_dir(root)
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let output = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    // The build is normally done already (the suite built the same profile); a cold one takes
+    // minutes.
+    let deadline = Instant::now() + Duration::from_secs(1200);
+    while std::net::TcpStream::connect("127.0.0.1:1883").is_err() {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("`{command}` exited with {status} before listening:\n{}", output());
+        }
+        assert!(Instant::now() < deadline, "`{command}` never listened on 1883:\n{}", output());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let published = Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", "1883", "-q", "1", "-t", "news/readme", "-m", "It runs"])
+        .output()
+        .unwrap();
+    let group = format!("-{}", child.id());
+    let _ = Command::new("kill").args(["-TERM", "--", &group]).status();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if started.elapsed() > Duration::from_secs(15) {
+            let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+            panic!("`{command}` did not stop on SIGTERM:\n{}", output());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(published.status.success(), "mosquitto_pub: {}\n{}", String::from_utf8_lossy(&published.stderr), output());
+    assert!(status.success(), "exit status {status}:\n{}", output());
+    assert!(output().contains("client connected"), "{}", output());
+    let _ = std::fs::remove_file(&log_path);
+}
+
+/// [issue 12] A store write that fails while running (here: the disk is full) stops the broker
+/// through the server, not from inside the store: the publish that could not be written is never
+/// acknowledged, the failure is logged, and the process exits with the documented status 74.
+/// The store lives on a 64 MB tmpfs mounted in a mount namespace of the broker's own
+/// (`unshare`, util-linux), so the test needs no root and fills no real disk.
+#[test]
+fn a_store_write_failure_stops_the_broker_with_status_74() {
+    let dir = test_dir("disk-full");
+    let _ = std::fs::remove_dir_all(&dir);
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let config = temp_config(
+        "disk-full",
+        &format!(
+            "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n[storage]\npath = {:?}\ndurability = \"wal\"\n[log]\nlevel = \"info\"\n",
+            data.display().to_string()
+        ),
+    );
+    let mut command = Command::new("unshare");
+    command.args(["--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o size=64m tmpfs \"$1\" && exec \"$2\" --config \"$3\""]);
+    command.args(["sh", data.to_str().unwrap(), env!("CARGO_BIN_EXE_herald"), config.to_str().unwrap()]);
+    let (mut broker, ports, log) = common::spawn_herald_command(command, 1);
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    // Distinct retained topics of 256 KiB each, at QoS 1: each PUBACK waits for its write. The
+    // payloads are pseudo-random: the store compresses with LZ4, and repeated bytes would never
+    // fill anything.
+    let (acked, unacked) = rt.block_on(async {
+        use herald::codec::{Packet, ProtocolVersion, QoS};
+        let connect = common::connect_packet(ProtocolVersion::V3_1_1, "filler", true);
+        let (mut c, _) = common::RawClient::connect(addr, connect).await;
+        let mut state = 0x9E37_79B9_7F4A_7C15u64;
+        let mut acked = 0u32;
+        for i in 1..=2000u16 {
+            let payload: Vec<u8> = (0..256 * 1024 / 8)
+                .flat_map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state.to_le_bytes()
+                })
+                .collect();
+            let mut p = common::publish_msg(&format!("archive/{i}"), &payload, QoS::AtLeastOnce, i);
+            p.retain = true;
+            if !c.try_send(&Packet::Publish(p)).await {
+                return (acked, i);
+            }
+            match c.recv_within(Duration::from_secs(20)).await {
+                Ok(Some(Packet::PubAck(a))) if a.packet_id == i => acked += 1,
+                _ => return (acked, i),
+            }
+        }
+        panic!("2000 x 256 KiB fitted in a 64 MB store");
+    });
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = broker.try_wait().unwrap() {
+            break status;
+        }
+        assert!(started.elapsed() < Duration::from_secs(30), "the broker kept running after the write failed");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let lines: Vec<String> = log.try_iter().collect();
+    assert_eq!(status.code(), Some(74), "exit status; log:\n{}", lines.join("\n"));
+    assert!(acked > 10, "the store took {acked} messages before it was full");
+    assert!(
+        lines.iter().any(|l| l.contains("writing to the store failed")),
+        "the failure is logged:\n{}",
+        lines.join("\n")
+    );
+    println!("{acked} messages acknowledged; message {unacked} was not, and the broker exited 74");
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -493,22 +493,34 @@ mod tests {
         assert!(second.shared.is_online());
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_parked_session_expires_after_its_interval_unless_resumed_mqtt_3_1_2_23() {
         let f = fixture();
-        let (c, _k) = claim("brief", 1, 2, false);
+        let (c, _k) = claim("brief", 1, 1, false);
         let claimed = f.registry.claim(c).await.unwrap();
-        f.registry.release(claimed.shared.clone(), claimed.state, release(1, 2, false));
-        // Resumed and parked again within the interval: the first timer is stale.
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        let (c, _k) = claim("brief", 2, 2, false);
-        let again = f.registry.claim(c).await.unwrap();
-        f.registry.release(again.shared.clone(), again.state, release(2, 2, false));
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        assert!(f.registry.get("brief").is_some(), "the stale timer did nothing");
-        tokio::time::sleep(Duration::from_secs(1)).await;
-        assert!(f.registry.get("brief").is_none(), "expired 2 s after its last disconnection");
+        let shared = claimed.shared.clone();
+        f.registry.release(claimed.shared, claimed.state, release(1, 1, false));
+        // A timer from an earlier parking (generation 0) finds a newer one and does nothing.
+        f.registry.expire(&shared, 0);
+        assert!(f.registry.get("brief").is_some(), "a stale timer ends nothing");
+        let parked_at = std::time::Instant::now();
+        let deadline = parked_at + Duration::from_secs(10);
+        while f.registry.get("brief").is_some() {
+            assert!(std::time::Instant::now() < deadline, "never expired");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(parked_at.elapsed() >= Duration::from_millis(950), "expired after {:?}", parked_at.elapsed());
         assert_eq!(f.registry.metrics.sessions_expired.load(Ordering::Relaxed), 1);
+
+        // Resumed before its timer: the timer finds it held and does nothing.
+        let (c, _k) = claim("kept", 2, 1, false);
+        let claimed = f.registry.claim(c).await.unwrap();
+        f.registry.release(claimed.shared, claimed.state, release(2, 1, false));
+        let (c, _k) = claim("kept", 3, 1, false);
+        let held = f.registry.claim(c).await.unwrap();
+        assert!(held.present);
+        tokio::time::sleep(Duration::from_millis(1300)).await;
+        assert!(f.registry.get("kept").is_some(), "a held session never expires");
     }
 
     #[tokio::test]

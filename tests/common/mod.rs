@@ -255,9 +255,19 @@ pub fn spawn_herald(
     config: &std::path::Path,
     listeners: usize,
 ) -> (std::process::Child, Vec<u16>, std::sync::mpsc::Receiver<String>) {
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+    command.args(["--config", config.to_str().unwrap()]);
+    spawn_herald_command(command, listeners)
+}
+
+/// `spawn_herald` with a command of the caller's that ends up running the herald binary (under
+/// `unshare`, say).
+pub fn spawn_herald_command(
+    mut command: std::process::Command,
+    listeners: usize,
+) -> (std::process::Child, Vec<u16>, std::sync::mpsc::Receiver<String>) {
     use std::io::{BufRead, BufReader};
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
-        .args(["--config", config.to_str().unwrap()])
+    let mut child = command
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdout(std::process::Stdio::piped())
