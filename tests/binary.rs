@@ -199,7 +199,13 @@ fn a_store_write_failure_stops_the_broker_with_status_74() {
         ),
     );
     let mut command = Command::new("unshare");
-    command.args(["--map-root-user", "--mount", "sh", "-c", "mount -t tmpfs -o size=64m tmpfs \"$1\" && exec \"$2\" --config \"$3\""]);
+    command.args([
+        "--map-root-user",
+        "--mount",
+        "sh",
+        "-c",
+        "mount -t tmpfs -o size=64m tmpfs \"$1\" && exec \"$2\" --config \"$3\"",
+    ]);
     command.args(["sh", data.to_str().unwrap(), env!("CARGO_BIN_EXE_herald"), config.to_str().unwrap()]);
     let (mut broker, ports, log) = common::spawn_herald_command(command, 1);
     let addr: std::net::SocketAddr = format!("127.0.0.1:{}", ports[0]).parse().unwrap();
