@@ -155,7 +155,7 @@ async fn mqtt_4_4_0_1_unacknowledged_qos1_is_resent_with_dup_on_resume() {
     let first = expect_publish(&mut phone).await;
     assert!(!first.dup);
     drop(phone); // never acknowledged
-    wait_parked(&b, "phone").await;
+    wait_parked(&b, "train-phone").await;
     // Published while the phone is offline: queued for the persistent session.
     editor.send(&publish("news/tech", b"story-2", QoS::AtLeastOnce, 8)).await;
     assert!(matches!(editor.recv().await, Some(Packet::PubAck(_))));
@@ -202,4 +202,27 @@ async fn a_will_topic_deeper_than_max_topic_levels_is_refused_with_0x90() {
         other => panic!("{other:?}"),
     }
     assert_eq!(c.recv().await, None);
+}
+
+/// [MQTT-3.1.4] "Clients are allowed to send further Control Packets immediately after sending
+/// a CONNECT Packet": a SUBSCRIBE that arrives in the same read as its CONNECT is answered at
+/// once, not when the next bytes happen to arrive. (Found through paho-mqtt, which subscribes
+/// right after connecting: its test lost the SUBSCRIBE now and then, and waited in vain for the
+/// SUBACK, before issue 12.)
+#[tokio::test]
+async fn mqtt_3_1_4_packets_sent_right_after_connect_in_the_same_segment_are_handled() {
+    let b = start();
+    for version in [V3_1_1, V5] {
+        let mut c = RawClient::connect_tcp(b.addr).await;
+        let connect = Packet::Connect(Box::new(connect_packet(version, "eager", true)));
+        c.send_together(&[connect, subscribe(1, "news/#", QoS::AtLeastOnce)]).await;
+        match c.recv_within(WAIT).await {
+            Ok(Some(Packet::ConnAck(a))) => assert_eq!(a.code, ReasonCode::SUCCESS),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+        match c.recv_within(WAIT).await {
+            Ok(Some(Packet::SubAck(a))) => assert_eq!(a.packet_id, 1),
+            other => panic!("{version:?}: expected the SUBACK of the SUBSCRIBE sent with CONNECT, got {other:?}"),
+        }
+    }
 }

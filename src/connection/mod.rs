@@ -290,6 +290,13 @@ enum Event {
 impl Connection {
     async fn run(&mut self) -> Close {
         let limit = self.broker.config().mqtt.max_outbound_bytes;
+        // What the client sent right behind its CONNECT, in the same read [MQTT-3.1.4]: the loop
+        // below handles input only when the socket becomes readable again, which may be never.
+        if !self.io.inbuf.is_empty() {
+            if let Err(close) = self.handle_input() {
+                return close;
+            }
+        }
         loop {
             self.release_acks();
             self.drain_deliveries();

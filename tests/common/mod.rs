@@ -143,6 +143,19 @@ impl RawClient {
         self.stream.write_all(&out).await.is_ok()
     }
 
+    /// Sends several packets in one write (one TCP segment on loopback).
+    pub async fn send_together(&mut self, packets: &[Packet]) {
+        let mut out = BytesMut::new();
+        for packet in packets {
+            if let Packet::Connect(c) = packet {
+                self.version = c.protocol;
+                self.decoder.version = Some(c.protocol);
+            }
+            packet.encode(self.version, &mut out);
+        }
+        self.stream.write_all(&out).await.expect("write");
+    }
+
     pub async fn send_raw(&mut self, bytes: &[u8]) {
         let _ = self.stream.write_all(bytes).await;
     }
