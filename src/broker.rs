@@ -466,6 +466,16 @@ impl Broker {
         message.count(count);
     }
 
+    /// Counts a delivery the client acknowledged (PUBACK, or PUBCOMP) at `read_at`: in the
+    /// metrics, the acknowledgement latency histogram and on the message's receipt.
+    pub fn record_acknowledged(&self, message: &Message, read_at: std::time::Instant) {
+        self.metrics.deliveries_acknowledged.fetch_add(1, Ordering::Relaxed);
+        self.metrics.ack_latency.observe(read_at.saturating_duration_since(message.received_at).as_micros() as u64);
+        if let Some(r) = message.receipt.get() {
+            r.acknowledged(read_at);
+        }
+    }
+
     /// Hands off a message that did not reach a session [issue 7]: counted on its receipt,
     /// published to `$SYS/broker/herald/undelivered` and queued for the webhook.
     pub fn undelivered(&self, client_id: &str, message: &Message, reason: &'static str) {

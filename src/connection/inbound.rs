@@ -219,15 +219,8 @@ impl Connection {
         // Acknowledgements come mostly in order, so the search usually stops at the front.
         if let Some(pos) = state.inflight.iter().position(|m| m.packet_id == packet_id) {
             if let Some(m) = state.inflight.remove(pos) {
-                let metrics = self.broker.metrics();
-                metrics.deliveries_acknowledged.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 // The time this input was read: close enough, and no clock reading per ack.
-                let now = self.io.last_inbound;
-                let message = &m.delivery.message;
-                metrics.ack_latency.observe(now.saturating_duration_since(message.received_at).as_micros() as u64);
-                if let Some(r) = message.receipt.get() {
-                    r.acknowledged(now);
-                }
+                self.broker.record_acknowledged(&m.delivery.message, self.io.last_inbound);
                 // [issue 4] a message leaves the durable queue only with its PUBACK or PUBCOMP.
                 self.forget_stored(&m.delivery);
             }
