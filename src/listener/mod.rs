@@ -24,9 +24,7 @@ pub async fn accept_loop(broker: Arc<Broker>, listener: TcpListener, index: usiz
                 let origin = Origin { peer, loopback, listener: index, certificate_name: None };
                 match protocol {
                     ListenerProtocol::Mqtt => {
-                        let f = crate::connection::serve(broker.clone(), Socket::Tcp(stream), origin);
-                        eprintln!("SIZE serve future {}", std::mem::size_of_val(&f));
-                        tokio::spawn(f);
+                        tokio::spawn(crate::connection::serve(broker.clone(), Socket::Tcp(stream), origin));
                     }
                     _ => {
                         tokio::spawn(edge::serve(broker.clone(), stream, origin));
