@@ -133,6 +133,10 @@ fn the_readme_run_command_starts_a_broker_a_client_can_use() {
         readme.split("Run the broker with the default `config.toml`").nth(1).expect("README names the run command");
     let command = after.lines().find(|l| l.starts_with("    ")).expect("an indented command").trim().to_owned();
     assert_eq!(command, "bash scripts/run.sh", "README's run command changed: update this test with it");
+    // Two suites on one machine (a stress loop and a CI run, say) would both want 1883: one at
+    // a time, across processes.
+    let lock = std::fs::File::create(std::env::temp_dir().join("herald-readme-run-1883.lock")).unwrap();
+    lock.lock().unwrap();
     if std::net::TcpListener::bind("127.0.0.1:1883").is_err() {
         panic!("127.0.0.1:1883 is taken by another program: the default config.toml needs it");
     }
