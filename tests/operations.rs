@@ -176,7 +176,16 @@ async fn metrics_parse_as_prometheus_text_and_agree_with_sys() {
     // Quiet now: wait for a `$SYS` round that shows all of it, then one more.
     sys.wait_for("publish/messages/received", |v| v >= 4.0).await;
     sys.wait_for("clients/connected", |v| v >= 3.0).await;
-    tokio::time::sleep(Duration::from_millis(1300)).await;
+    // Every round starts with `uptime`: once a second later round has begun, the round before
+    // it has arrived whole.
+    for _ in 0..2 {
+        let before = sys.get("uptime");
+        let deadline = Instant::now() + PATIENCE;
+        while sys.get("uptime") == before {
+            assert!(Instant::now() < deadline, "no new `$SYS` round");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 
     let (content_type, samples, types) = scrape(http, None);
     assert!(content_type.starts_with("text/plain; version=0.0.4"), "{content_type}");
