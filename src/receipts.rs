@@ -244,7 +244,7 @@ impl Receipts {
 
 /// Whether the receipt is gone or older than the retention.
 fn past_retention(r: Option<&Arc<Receipt>>, now_ms: u64, retention_ms: u64) -> bool {
-    r.map_or(true, |r| now_ms.saturating_sub(r.published_ms) > retention_ms)
+    r.is_none_or(|r| now_ms.saturating_sub(r.published_ms) > retention_ms)
 }
 
 #[cfg(test)]

@@ -132,7 +132,7 @@ impl Acl {
         for p in &self.patterns {
             let uses_user = p.topic.contains("%u");
             let uses_client = p.topic.contains("%c");
-            if uses_user && username.map_or(true, has_wildcard_or_separator) {
+            if uses_user && username.is_none_or(has_wildcard_or_separator) {
                 continue;
             }
             if uses_client && has_wildcard_or_separator(client_id) {
