@@ -142,8 +142,19 @@ fn the_readme_run_command_starts_a_broker_a_client_can_use() {
     }
     let log_path = std::env::temp_dir().join(format!("herald-readme-run-{}.log", std::process::id()));
     let log = std::fs::File::create(&log_path).unwrap();
-    // A session of its own, so that SIGTERM reaches whatever process the command ends as.
-    let mut child = Command::new("setsid")
+    // A session of its own, so that SIGTERM reaches whatever process the command ends as. The
+    // environment is a shell's: without the `CARGO_*` variables cargo set for this test (ring's
+    // build script watches CARGO_MANIFEST_DIR, CARGO_PKG_NAME and more, so inheriting them made
+    // the inner cargo rebuild ring, rustls and Herald, and the next `cargo test` rebuild them
+    // back).
+    let mut shell = Command::new("setsid");
+    for (key, _) in std::env::vars_os() {
+        let key = key.to_string_lossy().into_owned();
+        if (key == "CARGO" || key.starts_with("CARGO_")) && key != "CARGO_HOME" && key != "CARGO_TARGET_DIR" {
+            shell.env_remove(&key);
+        }
+    }
+    let mut child = shell
         .args(["bash", "-c", &command])
         .current_dir(root)
         .stdout(log.try_clone().unwrap())
