@@ -372,7 +372,7 @@ impl Broker {
         message.id = self.next_message_id();
         match self.receipts.admit(message.id, &message, message.received_at) {
             crate::receipts::Admission::Duplicate(original) => {
-                debug!(topic = %message.topic, original = %crate::receipt::message_id_text(original), "duplicate story not routed");
+                debug!(topic = message.topic.as_str(), original = %crate::receipt::message_id_text(original), "duplicate story not routed");
                 Err(original)
             }
             crate::receipts::Admission::New(receipt) => {
@@ -491,7 +491,7 @@ impl Broker {
             "at_ms": crate::clock::wall_ms_now(),
         });
         let body = serde_json::to_vec(&event).expect("JSON values serialize");
-        info!(client_id, id = %crate::receipt::message_id_text(message.id), topic = %message.topic, reason, "undelivered");
+        info!(client_id, id = %crate::receipt::message_id_text(message.id), topic = message.topic.as_str(), reason, "undelivered");
         if let Some(tx) = &self.webhook {
             if tx.try_send(body.clone()).is_err() {
                 self.webhook_failures.fetch_add(1, Ordering::Relaxed);

@@ -195,6 +195,32 @@ pub struct Http {
     /// is not a loopback address; optional (and then enforced) on loopback.
     #[serde(default)]
     pub token: Option<String>,
+    /// HTTP connections open at once. When all are taken, the oldest connection that has not yet
+    /// sent a whole request head is closed to make room, so a slow client cannot starve /healthz.
+    #[serde(default = "default_http_max_connections")]
+    pub max_connections: usize,
+    /// Milliseconds a connection has to send a request head, from its first byte or from the end
+    /// of its previous response; also the idle timeout between requests.
+    #[serde(default = "default_http_header_timeout_ms")]
+    pub header_timeout_ms: u64,
+    /// Milliseconds a request's body has to arrive, once its head has.
+    #[serde(default = "default_http_body_timeout_ms")]
+    pub body_timeout_ms: u64,
+    /// The listen backlog of the HTTP port.
+    #[serde(default = "default_backlog")]
+    pub backlog: u32,
+}
+
+fn default_http_max_connections() -> usize {
+    256
+}
+
+fn default_http_header_timeout_ms() -> u64 {
+    10_000
+}
+
+fn default_http_body_timeout_ms() -> u64 {
+    30_000
 }
 
 impl Http {
@@ -342,10 +368,18 @@ pub struct Listener {
     /// WebSocket: the HTTP path.
     #[serde(default = "default_ws_path")]
     pub path: String,
+    /// Connections the kernel may hold completed but not yet accepted (`listen(2)`'s backlog,
+    /// capped by `net.core.somaxconn`). A reconnect storm beyond it waits for SYN retries.
+    #[serde(default = "default_backlog")]
+    pub backlog: u32,
 }
 
 fn default_ws_path() -> String {
     "/mqtt".into()
+}
+
+pub fn default_backlog() -> u32 {
+    1024
 }
 
 impl Listener {
@@ -360,6 +394,7 @@ impl Listener {
             use_identity_as_username: false,
             allowed_origins: Vec::new(),
             path: default_ws_path(),
+            backlog: default_backlog(),
         }
     }
 
@@ -422,6 +457,15 @@ pub struct Mqtt {
     /// Most retained messages waiting to be sent to one session after its SUBSCRIBEs; beyond it
     /// further retained messages for that session are dropped and counted.
     pub max_pending_retained: usize,
+    /// Largest first packet (the CONNECT, will and credentials included) a new socket may send,
+    /// in bytes: before it is authenticated a socket is a stranger's, so it gets a small bound
+    /// rather than `max_packet_size`. Larger: the socket is closed.
+    pub max_connect_packet_size: u32,
+    /// After Herald closes a connection with a DISCONNECT or refusing CONNACK, it stops sending
+    /// and reads and discards what the client still sends for at most this many milliseconds
+    /// (or until the client closes), so the close does not turn into a TCP reset that destroys
+    /// the reason code before the client reads it. 0 closes at once.
+    pub close_linger_ms: u64,
 }
 
 impl Default for Mqtt {
@@ -440,6 +484,8 @@ impl Default for Mqtt {
             max_publish_wait_ms: 2000,
             max_topic_levels: 128,
             max_pending_retained: 1_000_000,
+            max_connect_packet_size: 65_536,
+            close_linger_ms: 1_000,
         }
     }
 }
@@ -451,6 +497,10 @@ pub struct Log {
     pub level: String,
     /// "text" (one human-readable line per event) or "json" (one JSON object per line).
     pub format: LogFormat,
+    /// Most INFO lines per second about clients connecting and disconnecting (and WARN lines
+    /// about one client's repeated limits); beyond it lines are counted, not written, and one
+    /// line a second says how many were left out. Metrics count every event. 0: no bound.
+    pub connection_lines_per_second: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
@@ -463,7 +513,7 @@ pub enum LogFormat {
 
 impl Default for Log {
     fn default() -> Self {
-        Self { level: "info".into(), format: LogFormat::Text }
+        Self { level: "info".into(), format: LogFormat::Text, connection_lines_per_second: 100 }
     }
 }
 
@@ -557,6 +607,9 @@ impl Config {
         }
         if m.max_queued_messages == 0 {
             return invalid("mqtt.max_queued_messages", "must be at least 1");
+        }
+        if m.max_connect_packet_size < 64 {
+            return invalid("mqtt.max_connect_packet_size", "must be at least 64");
         }
         if m.connect_timeout == 0 {
             return invalid("mqtt.connect_timeout", "must be at least 1 second");

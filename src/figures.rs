@@ -301,6 +301,13 @@ impl Snapshot {
                 c(&m.tls_handshake_failures),
             ),
             f(
+                "herald/http/evicted",
+                "herald_http_evicted_total",
+                Counter,
+                "HTTP connections closed before their first request, to make room for a newer one.",
+                c(&m.http_evicted),
+            ),
+            f(
                 "herald/protocol_errors",
                 "herald_protocol_errors_total",
                 Counter,

@@ -39,6 +39,9 @@ pub struct Metrics {
     pub acl_denied_subscribe: AtomicU64,
     pub acl_denied_delivery: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
+    /// HTTP connections closed, before their first request head was complete, to make room for
+    /// a newer connection when all `[http] max_connections` were taken.
+    pub http_evicted: AtomicU64,
     pub reloads: AtomicU64,
     /// Refusals by limit (docs/security.md): connections over `max_connections`, over
     /// `max_connections_per_ip`, over `connection_rate_per_ip`; subscriptions over

@@ -644,7 +644,7 @@ fn json_logs_are_one_object_per_line() {
     let connected = loop {
         let line = log.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("log lines");
         let v: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
-        for key in ["ts", "level", "message"] {
+        for key in ["timestamp", "level", "message"] {
             assert!(v[key].is_string(), "{key} in {line}");
         }
         lines.push(v.clone());
@@ -655,7 +655,7 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(connected["client_id"], "json-logger");
     assert_eq!(connected["level"], "INFO");
     assert_eq!(connected["protocol"], 5, "numbers stay numbers");
-    assert!(connected["ts"].as_str().unwrap().contains('T'), "RFC 3339 time");
+    assert!(connected["timestamp"].as_str().unwrap().contains('T'), "RFC 3339 time");
     drop(child);
 }
 

@@ -213,11 +213,23 @@ pub struct Decoder {
     pub version: Option<ProtocolVersion>,
     /// Largest packet accepted, fixed header included [MQTT-3.2.2.3.6].
     pub max_packet_size: u32,
+    /// Largest first packet a server accepts: a CONNECT comes from a stranger, so it gets a
+    /// smaller bound than the packets of an accepted client.
+    pub max_connect_size: u32,
 }
 
 impl Decoder {
     pub fn new(role: Role, max_packet_size: u32) -> Self {
-        Self { role, version: None, max_packet_size }
+        Self { role, version: None, max_packet_size, max_connect_size: max_packet_size }
+    }
+
+    /// The largest packet this decoder takes next.
+    fn limit(&self) -> u32 {
+        if self.version.is_none() && self.role == Role::Server {
+            self.max_packet_size.min(self.max_connect_size)
+        } else {
+            self.max_packet_size
+        }
     }
 
     /// Takes one whole packet off the front of `buf`, or returns `Ok(None)` if it is not all there yet.
@@ -234,15 +246,15 @@ impl Decoder {
             Err(_) => return Err(DecodeError::malformed("[MQTT-2.1.4] remaining length longer than four bytes")),
         };
         let total = 1 + len_bytes + remaining as usize;
-        if total > self.max_packet_size as usize {
+        if total > self.limit() as usize {
             return Err(DecodeError {
                 kind: ErrorKind::PacketTooLarge,
                 reason: "[MQTT-3.1.2-24] packet exceeds the maximum packet size",
             });
         }
         if buf.len() < total {
-            // Reserve for the rest of this packet once, now that its size is known to be acceptable.
-            buf.reserve(total - buf.len());
+            // Nothing is reserved for what the header announces: the buffer grows with the bytes
+            // that arrive, so a stranger's four-byte length costs nothing until it is paid for.
             return Ok(None);
         }
         let mut frame = buf.split_to(total);
@@ -434,6 +446,23 @@ impl Packet {
 /// `$`-topics are for the server's own use and are not matched by a leading wildcard [MQTT-4.7.2-1].
 pub fn is_valid_topic_name(topic: &str) -> bool {
     !topic.contains(['+', '#'])
+}
+
+/// Every rule a PUBLISH's topic name obeys, whoever sends it: a UTF-8 string without U+0000,
+/// control characters or non-characters [MQTT-1.5.4-1..3] and without wildcards [MQTT-3.3.2-2].
+/// The MQTT decoder and the HTTP API's publish both call this, so a topic refused on one path is
+/// refused on the other.
+pub fn check_topic_name(topic: &str) -> Result<(), DecodeError> {
+    wire::check_utf8(topic.as_bytes())?;
+    if !is_valid_topic_name(topic) {
+        return Err(DecodeError::malformed("[MQTT-3.3.2-2] topic name contains a wildcard"));
+    }
+    Ok(())
+}
+
+/// The UTF-8 rules of [MQTT-1.5.4] for one string of a property (user property, content type).
+pub fn check_string(s: &str) -> Result<(), DecodeError> {
+    wire::check_utf8(s.as_bytes())
 }
 
 /// [MQTT-4.7.1-1..3]: `#` only as the whole last level, `+` only as a whole level.

@@ -31,9 +31,7 @@ impl Publish {
             return Err(DecodeError::malformed("[MQTT-3.3.1-2] DUP set on a QoS 0 PUBLISH"));
         }
         let topic = r.utf8()?;
-        if !super::is_valid_topic_name(&topic) {
-            return Err(DecodeError::malformed("[MQTT-3.3.2-2] topic name contains a wildcard"));
-        }
+        super::check_topic_name(&topic)?;
         let packet_id = if qos == QoS::AtMostOnce {
             0
         } else {

@@ -89,7 +89,9 @@ impl Handshake {
                     (true, QuotaExceeded) => ReasonCode::QUOTA_EXCEEDED,
                     (true, RateExceeded) => ReasonCode::CONNECTION_RATE_EXCEEDED,
                 };
-                info!(peer = %self.peer, ?refusal, "connection refused by a limit");
+                if crate::logging::connection_line() {
+                    info!(peer = %self.peer, ?refusal, "connection refused by a limit");
+                }
                 refuse(&mut self.io.out, code);
                 return Err(Close::Refused("connection limit"));
             }
@@ -121,7 +123,7 @@ impl Handshake {
                 refuse(&mut self.io.out, code);
                 return Err(Close::Refused("[MQTT-3.1.3-8] empty client identifier without clean session"));
             }
-            let id = format!("herald-{:016x}", self.conn_id ^ 0x5eed_0000_0000);
+            let id = assign_client_id(&broker);
             assigned = Some(id.clone());
             id
         } else {
@@ -163,7 +165,9 @@ impl Handshake {
         };
         if let Some((why, code)) = refusal {
             broker.metrics().auth_failures.fetch_add(1, Ordering::Relaxed);
-            info!(client_id = %client_id, peer = %self.peer, reason = %why, "connection refused");
+            if crate::logging::connection_line() {
+                info!(client_id = client_id.as_str(), peer = %self.peer, reason = why.as_str(), "connection refused");
+            }
             refuse(&mut self.io.out, code);
             return Err(Close::Refused("authentication failed"));
         }
@@ -248,15 +252,33 @@ impl Handshake {
         broker.metrics().client_connected();
         broker.metrics().hot.add(crate::metrics::Hot::PacketsReceived, 1);
         self.io.out.packet(&connack);
-        info!(
-            client_id = %self.client.client_id,
-            peer = %self.peer,
-            protocol = c.protocol as u8,
-            clean_start = c.clean_start,
-            keep_alive,
-            session_present,
-            "client connected"
-        );
+        if crate::logging::connection_line() {
+            // Client-supplied text goes in as a string field: quoted and escaped in text lines,
+            // a JSON string in JSON lines, so a client identifier cannot forge a line.
+            info!(
+                client_id = self.client.client_id.as_str(),
+                peer = %self.peer,
+                protocol = c.protocol as u8,
+                clean_start = c.clean_start,
+                keep_alive,
+                session_present,
+                "client connected"
+            );
+        }
         Ok((held, session_present))
+    }
+}
+
+/// A client identifier for a client that sent none: 128 bits from the operating system, so it
+/// neither repeats after a restart nor can be guessed, and never one a known session holds (a
+/// collision would hand the new client another reader's session).
+fn assign_client_id(broker: &Broker) -> String {
+    loop {
+        let mut bits = [0u8; 16];
+        getrandom::fill(&mut bits).expect("the operating system's random source");
+        let id = format!("herald-{:032x}", u128::from_be_bytes(bits));
+        if broker.registry().get(&id).is_none() {
+            return id;
+        }
     }
 }

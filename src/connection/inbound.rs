@@ -130,7 +130,11 @@ impl Connection {
         } else if self.client.acl.as_ref().is_some_and(|acl| !acl.can_publish(&p.topic)) {
             // Not routed; 5.0 learns why from the acknowledgement, 3.1.1 has no way to be told.
             self.broker.metrics().acl_denied_publish.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::debug!(client_id = %self.client.client_id, topic = %p.topic, "PUBLISH denied by the ACL");
+            tracing::debug!(
+                client_id = self.client.client_id.as_str(),
+                topic = p.topic.as_str(),
+                "PUBLISH denied by the ACL"
+            );
             reason = ReasonCode::NOT_AUTHORIZED;
         } else if shed {
             // Degraded mode: normal traffic is refused while high priority keeps flowing, and
@@ -353,7 +357,14 @@ impl Connection {
         let room = self.broker.config().mqtt.max_pending_retained.saturating_sub(state.pending.len());
         if retained.len() > room {
             let dropped = retained.len() - room;
-            tracing::warn!(client_id = %self.client.client_id, dropped, "retained messages beyond max_pending_retained dropped");
+            // Once per connection: a client re-subscribing `#` in a loop would write a line each time.
+            if !std::mem::replace(&mut self.client.warned_retained, true) && crate::logging::connection_line() {
+                tracing::warn!(
+                    client_id = self.client.client_id.as_str(),
+                    dropped,
+                    "retained messages beyond max_pending_retained dropped (said once per connection)"
+                );
+            }
             self.broker
                 .metrics()
                 .messages_dropped_queue_full

@@ -116,7 +116,12 @@ pub async fn serve(broker: Arc<Broker>, stream: Socket, origin: Origin) {
         peer: origin.peer,
         io: Io {
             stream,
-            decoder: Decoder::new(Role::Server, broker.config().mqtt.max_packet_size),
+            decoder: {
+                let mqtt = &broker.config().mqtt;
+                let mut d = Decoder::new(Role::Server, mqtt.max_packet_size);
+                d.max_connect_size = mqtt.max_connect_packet_size;
+                d
+            },
             inbuf: BytesMut::new(),
             out: Outbound::new(),
             last_inbound: Instant::now(),
@@ -133,6 +138,7 @@ pub async fn serve(broker: Arc<Broker>, stream: Socket, origin: Origin) {
             counted_ip: false,
             high_reserve: 0,
             lanes: false,
+            warned_retained: false,
             msg_id_on_ack: MsgIdOnAck::Never,
             inbound_aliases: HashMap::new(),
             publish_second: 0,
@@ -208,6 +214,8 @@ struct Client {
     high_reserve: u16,
     /// Whether the session has a high-priority lane (there are `[[priority]]` rules).
     lanes: bool,
+    /// Whether the retained-overflow warning was written for this connection.
+    warned_retained: bool,
     /// When 5.0 acknowledgements carry the `herald-msg-id` user property.
     msg_id_on_ack: MsgIdOnAck,
     inbound_aliases: HashMap<u16, Arc<str>>,
@@ -834,7 +842,9 @@ impl Connection {
                 io.out.packet(&Packet::Disconnect(Disconnect { reason, properties: Properties::default() }));
             }
         }
-        info!(client_id = %client.client_id, peer = %peer, reason = %close.describe(), "client disconnected");
+        if crate::logging::connection_line() {
+            info!(client_id = client.client_id.as_str(), peer = %peer, reason = %close.describe(), "client disconnected");
+        }
         broker.metrics().client_disconnected();
         let publish_will = !matches!(close, Close::ClientDisconnect { with_will: false });
         let taken_over = matches!(close, Close::Kicked(r) if *r == ReasonCode::SESSION_TAKEN_OVER);
@@ -871,6 +881,15 @@ impl Io {
         let written = before - self.out.pending_bytes();
         count_output(broker, &mut self.out, written);
         let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
+        let linger = Duration::from_millis(broker.config().mqtt.close_linger_ms);
+        if written > 0 && !matches!(close, Close::SocketClosed) && !linger.is_zero() {
+            // Closing a socket with unread input makes the kernel send a reset, and a reset
+            // destroys what the client has not read yet: the very CONNACK or DISCONNECT that
+            // says why. So the client gets until it closes, or `close_linger_ms`, to read it,
+            // while its input is discarded in a small fixed buffer.
+            self.inbuf = BytesMut::new();
+            let _ = tokio::time::timeout(linger, self.stream.discard_until_closed()).await;
+        }
     }
 }
 

@@ -49,6 +49,26 @@ impl Socket {
         }
     }
 
+    /// Reads and drops input until the peer closes or the socket fails.
+    pub async fn discard_until_closed(&mut self) {
+        let mut sink = [0u8; 2048];
+        loop {
+            if self.readable().await.is_err() {
+                return;
+            }
+            let read = match self {
+                Socket::Tcp(s) => s.try_read(&mut sink),
+                Socket::Edge(s) => s.try_read(&mut sink),
+            };
+            match read {
+                Ok(0) => return,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return,
+            }
+        }
+    }
+
     pub async fn shutdown(&mut self) -> std::io::Result<()> {
         match self {
             Socket::Tcp(s) => s.shutdown().await,

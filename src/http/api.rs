@@ -17,23 +17,25 @@ use crate::session::SessionShared;
 /// Most clients one page of `GET /api/v1/clients` holds.
 const MAX_PAGE: usize = 1000;
 
+/// The answer a request gets from its head alone: the health checks (which need no token) and
+/// a missing or wrong token, so no body is read for a caller without the token.
+pub fn refuse_early(broker: &Broker, req: &Request) -> Option<Response> {
+    let path = if req.path.len() > 1 { req.path.trim_end_matches('/') } else { req.path.as_str() };
+    match (req.method.as_str(), path) {
+        ("GET", "/healthz") => Some(Response::json(200, &json!({ "status": "live" }))),
+        ("GET", "/readyz") => Some(if broker.is_ready() {
+            Response::json(200, &json!({ "status": "ready", "store": "open", "listeners": "up" }))
+        } else {
+            Response::json(503, &json!({ "status": "not ready", "error": "starting or shutting down" }))
+        }),
+        _ => check_token(broker, req),
+    }
+}
+
+/// Serves a request that `refuse_early` let through.
 pub async fn handle(broker: &Arc<Broker>, req: Request) -> Response {
     let path = if req.path.len() > 1 { req.path.trim_end_matches('/') } else { req.path.as_str() }.to_owned();
     let method = req.method.as_str();
-    match (method, path.as_str()) {
-        ("GET", "/healthz") => return Response::json(200, &json!({ "status": "live" })),
-        ("GET", "/readyz") => {
-            return if broker.is_ready() {
-                Response::json(200, &json!({ "status": "ready", "store": "open", "listeners": "up" }))
-            } else {
-                Response::json(503, &json!({ "status": "not ready", "error": "starting or shutting down" }))
-            }
-        }
-        _ => {}
-    }
-    if let Some(refusal) = check_token(broker, &req) {
-        return refusal;
-    }
     let allowed = match path.as_str() {
         "/metrics" | "/api/v1/clients" | "/api/v1/topics" => "GET",
         "/api/v1/publish" | "/api/v1/reload" => "POST",
@@ -188,6 +190,14 @@ fn parse_publish(broker: &Broker, body: &[u8]) -> Result<Message, String> {
     if let Some(ct) = obj.get("content_type") {
         properties.content_type = Some(ct.as_str().ok_or("`content_type` must be a string")?.to_owned());
     }
+    for (k, v) in &properties.user_properties {
+        crate::codec::check_string(k)
+            .and_then(|()| crate::codec::check_string(v))
+            .map_err(|e| format!("`user_properties`: {e}"))?;
+    }
+    if let Some(ct) = &properties.content_type {
+        crate::codec::check_string(ct).map_err(|e| format!("`content_type`: {e}"))?;
+    }
     if let Some(rt) = obj.get("response_topic") {
         let rt = rt.as_str().ok_or("`response_topic` must be a string")?;
         check_topic(broker, rt, "response_topic")?;
@@ -197,9 +207,11 @@ fn parse_publish(broker: &Broker, body: &[u8]) -> Result<Message, String> {
 }
 
 fn check_topic(broker: &Broker, topic: &str, field: &str) -> Result<(), String> {
-    if topic.is_empty() || !crate::codec::is_valid_topic_name(topic) {
-        return Err(format!("`{field}` {topic:?} is not a valid topic name (empty, wildcards or NUL)"));
+    if topic.is_empty() {
+        return Err(format!("`{field}` must not be empty"));
     }
+    // The same check as an MQTT PUBLISH's topic, reason included.
+    crate::codec::check_topic_name(topic).map_err(|e| format!("`{field}` is not a valid topic name: {e}"))?;
     if topic.starts_with('$') {
         return Err(format!("`{field}`: topics starting with `$` belong to the broker [MQTT-4.7.2-1]"));
     }
@@ -256,7 +268,7 @@ async fn publish(broker: &Arc<Broker>, req: &Request) -> Response {
             return Response::error(503, "the store did not commit the message in 30 s");
         }
     }
-    tracing::info!(id = %crate::receipt::message_id_text(id), %topic, qos, retain, subscribers = outcome.matched, "published over HTTP");
+    tracing::info!(id = %crate::receipt::message_id_text(id), topic = topic.as_str(), qos, retain, subscribers = outcome.matched, "published over HTTP");
     Response::json(200, &json!({ "id": crate::receipt::message_id_text(id), "subscribers": outcome.matched }))
 }
 

@@ -1,19 +1,28 @@
 //! The HTTP server of `[http] bind`: `/metrics`, `/healthz`, `/readyz` and the admin API under
 //! `/api/v1` (docs/http-api.md).
 //!
-//! A small HTTP/1.1 server of our own rather than a framework: the API is a handful of JSON
-//! endpoints, and every crate added rebuilds RocksDB's C++ in CI. It reads one request at a
-//! time per connection (keep-alive, no pipelining), with bounded heads and bodies, a bounded
-//! number of connections and an idle timeout; it never answers chunked request bodies.
+//! hyper parses and frames HTTP/1.1 (keep-alive, pipelining, chunked bodies, and the refusals
+//! RFC 9112 asks for: two differing `Content-Length`s, a malformed head). What is ours is the
+//! edge around it, because the server sits in front of strangers:
+//! - at most `max_connections` connections; when all are taken, the oldest connection that has
+//!   not yet sent a whole request head is closed for the new one, so a slowloris never starves
+//!   `/healthz` (a probe sends its request at once, an attacker's connections are the old ones);
+//! - a request head must arrive within `header_timeout_ms` (also the keep-alive idle timeout)
+//!   and be at most 16 KiB; a body within `body_timeout_ms` and at most 8 MiB;
+//! - the bearer token is checked on the head, before any body is read.
 
 mod api;
 pub mod prometheus;
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::{Bytes, Incoming};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use crate::broker::Broker;
@@ -22,10 +31,6 @@ use crate::broker::Broker;
 const MAX_HEAD: usize = 16 * 1024;
 /// Largest request body: a publish of a large story with its payload in base64.
 pub const MAX_BODY: usize = 8 * 1024 * 1024;
-/// HTTP connections served at once; more wait in the kernel's accept queue.
-const MAX_CONNECTIONS: usize = 256;
-/// How long a connection may sit between requests, or take to send one.
-const IDLE: Duration = Duration::from_secs(30);
 
 pub struct Request {
     pub method: String,
@@ -67,29 +72,27 @@ impl Response {
     }
 }
 
-fn reason_phrase(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        400 => "Bad Request",
-        401 => "Unauthorized",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        411 => "Length Required",
-        413 => "Payload Too Large",
-        431 => "Request Header Fields Too Large",
-        500 => "Internal Server Error",
-        501 => "Not Implemented",
-        503 => "Service Unavailable",
-        _ => "",
-    }
+/// The connections that have not yet sent a whole request head, oldest first: the ones to
+/// close when a new connection needs a slot.
+#[derive(Default)]
+struct Unstarted {
+    next: u64,
+    waiting: BTreeMap<u64, Arc<Notify>>,
 }
 
 /// Accepts HTTP connections until the task is aborted at shutdown.
 pub async fn serve(broker: Arc<Broker>, listener: TcpListener) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let Some(config) = broker.config().http.clone() else { return };
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1)));
+    let unstarted = Arc::new(Mutex::new(Unstarted::default()));
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(config.header_timeout_ms))
+        .max_buf_size(MAX_HEAD.max(8192))
+        .keep_alive(true);
+    let body_timeout = Duration::from_millis(config.body_timeout_ms);
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else { return };
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -98,151 +101,138 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener) {
                 continue;
             }
         };
-        let broker = broker.clone();
-        tokio::spawn(async move {
-            if let Err(e) = serve_connection(&broker, stream).await {
-                debug!(%peer, error = %e, "http connection closed");
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                // Full: make room by closing the oldest connection still sending its first head.
+                let oldest = unstarted.lock().expect("unstarted").waiting.pop_first();
+                match oldest {
+                    Some((_, evict)) => {
+                        broker.metrics().http_evicted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        evict.notify_one();
+                        match tokio::time::timeout(Duration::from_secs(1), slots.clone().acquire_owned()).await {
+                            Ok(Ok(p)) => p,
+                            _ => continue,
+                        }
+                    }
+                    // Every slot serves a request: this connection waits in the backlog's stead.
+                    None => match slots.clone().acquire_owned().await {
+                        Ok(p) => p,
+                        Err(_) => return,
+                    },
+                }
             }
+        };
+        let evict = Arc::new(Notify::new());
+        let id = {
+            let mut u = unstarted.lock().expect("unstarted");
+            let id = u.next;
+            u.next += 1;
+            u.waiting.insert(id, evict.clone());
+            id
+        };
+        let broker = broker.clone();
+        let unstarted = unstarted.clone();
+        let builder = builder.clone();
+        tokio::spawn(async move {
+            let started = unstarted.clone();
+            let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+                // A whole head arrived: this connection is no longer a candidate for eviction.
+                started.lock().expect("unstarted").waiting.remove(&id);
+                let broker = broker.clone();
+                async move { Ok::<_, std::convert::Infallible>(respond(&broker, req, body_timeout).await) }
+            });
+            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            tokio::select! {
+                r = conn => {
+                    if let Err(e) = r {
+                        debug!(%peer, error = %e, "http connection closed");
+                    }
+                }
+                _ = evict.notified() => debug!(%peer, "http connection closed for a newer one: no request head yet"),
+            }
+            unstarted.lock().expect("unstarted").waiting.remove(&id);
             drop(permit);
         });
     }
 }
 
-async fn serve_connection(broker: &Arc<Broker>, mut stream: TcpStream) -> std::io::Result<()> {
-    let mut buf: Vec<u8> = Vec::with_capacity(1024);
-    loop {
-        let request = match tokio::time::timeout(IDLE, read_request(&mut stream, &mut buf)).await {
-            Err(_) => return Ok(()),
-            Ok(Err(e)) => return Err(e),
-            Ok(Ok(None)) => return Ok(()),
-            Ok(Ok(Some(Err(refusal)))) => {
-                write_response(&mut stream, &refusal, true).await?;
-                return Ok(());
+/// Turns one hyper request into ours, reading its body only once the token allows it.
+async fn respond(
+    broker: &Arc<Broker>,
+    req: hyper::Request<Incoming>,
+    body_timeout: Duration,
+) -> hyper::Response<Full<Bytes>> {
+    let (parts, body) = req.into_parts();
+    let mut request = match Request::from_head(&parts) {
+        Ok(r) => r,
+        Err(refusal) => return refusal.into_hyper(),
+    };
+    if let Some(refusal) = api::refuse_early(broker, &request) {
+        return refusal.into_hyper();
+    }
+    let collected = tokio::time::timeout(body_timeout, Limited::new(body, MAX_BODY).collect()).await;
+    request.body = match collected {
+        Ok(Ok(b)) => b.to_bytes().to_vec(),
+        Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
+            return Response::error(413, "request body larger than 8 MiB").into_hyper();
+        }
+        Ok(Err(_)) => return Response::error(400, "the request body could not be read").into_hyper(),
+        Err(_) => return Response::error(408, "the request body did not arrive in time").into_hyper(),
+    };
+    api::handle(broker, request).await.into_hyper()
+}
+
+impl Request {
+    fn from_head(parts: &hyper::http::request::Parts) -> Result<Request, Response> {
+        let Some(path) = percent_decode(parts.uri.path()) else {
+            return Err(Response::error(400, "invalid percent-encoding in the path"));
+        };
+        let mut query = Vec::new();
+        for pair in parts.uri.query().unwrap_or("").split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match (percent_decode(k), percent_decode(v)) {
+                (Some(k), Some(v)) => query.push((k, v)),
+                _ => return Err(Response::error(400, "invalid percent-encoding in the query")),
             }
-            Ok(Ok(Some(Ok(r)))) => r,
-        };
-        let close = request.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
-        let response = api::handle(broker, request).await;
-        write_response(&mut stream, &response, close).await?;
-        if close {
-            return Ok(());
         }
+        let mut headers = Vec::new();
+        for (k, v) in &parts.headers {
+            // A header that is not text is kept out rather than guessed at.
+            if let Ok(v) = v.to_str() {
+                headers.push((k.as_str().to_owned(), v.to_owned()));
+            }
+        }
+        Ok(Request { method: parts.method.as_str().to_owned(), path, query, headers, body: Vec::new() })
     }
 }
 
-async fn write_response(stream: &mut TcpStream, r: &Response, close: bool) -> std::io::Result<()> {
-    let mut head = format!(
-        "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\n",
-        r.status,
-        reason_phrase(r.status),
-        r.content_type,
-        r.body.len()
-    );
-    for (k, v) in &r.extra_headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    if close {
-        head.push_str("connection: close\r\n");
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(&r.body).await?;
-    stream.flush().await
-}
-
-/// Reads one request. `None`: the client closed between requests. `Some(Err)`: a request we
-/// answer with an error and then close.
-async fn read_request(stream: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<Option<Result<Request, Response>>> {
-    let head_end = loop {
-        if let Some(i) = find(buf, b"\r\n\r\n") {
-            break i;
+impl Response {
+    fn into_hyper(self) -> hyper::Response<Full<Bytes>> {
+        let mut r = hyper::Response::new(Full::new(Bytes::from(self.body)));
+        *r.status_mut() = hyper::StatusCode::from_u16(self.status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
+        let headers = r.headers_mut();
+        headers.insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(self.content_type));
+        for (k, v) in self.extra_headers {
+            if let Ok(v) = hyper::header::HeaderValue::from_str(&v) {
+                headers.insert(k, v);
+            }
         }
-        if buf.len() > MAX_HEAD {
-            return Ok(Some(Err(Response::error(431, "request head larger than 16 KiB"))));
-        }
-        let mut chunk = [0u8; 4096];
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return if buf.is_empty() { Ok(None) } else { Err(std::io::ErrorKind::UnexpectedEof.into()) };
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = match std::str::from_utf8(&buf[..head_end]) {
-        Ok(h) => h.to_owned(),
-        Err(_) => return Ok(Some(Err(Response::error(400, "request head is not UTF-8")))),
-    };
-    buf.drain(..head_end + 4);
-    let mut lines = head.split("\r\n");
-    let request_line = lines.next().unwrap_or("");
-    let mut parts = request_line.split(' ');
-    let (Some(method), Some(target), Some(version), None) = (parts.next(), parts.next(), parts.next(), parts.next())
-    else {
-        return Ok(Some(Err(Response::error(400, "malformed request line"))));
-    };
-    if !version.starts_with("HTTP/1.") {
-        return Ok(Some(Err(Response::error(400, "only HTTP/1.x is served"))));
+        r
     }
-    let mut headers = Vec::new();
-    for line in lines {
-        let Some((k, v)) = line.split_once(':') else {
-            return Ok(Some(Err(Response::error(400, "malformed header line"))));
-        };
-        headers.push((k.trim().to_owned(), v.trim().to_owned()));
-    }
-    let header = |name: &str| headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str());
-    if header("transfer-encoding").is_some() {
-        return Ok(Some(Err(Response::error(501, "chunked request bodies are not supported; send content-length"))));
-    }
-    let length = match header("content-length").map(str::parse::<usize>) {
-        None => 0,
-        Some(Ok(n)) if n <= MAX_BODY => n,
-        Some(Ok(_)) => return Ok(Some(Err(Response::error(413, "request body larger than 8 MiB")))),
-        Some(Err(_)) => return Ok(Some(Err(Response::error(400, "invalid content-length")))),
-    };
-    while buf.len() < length {
-        let mut chunk = vec![0u8; (length - buf.len()).min(64 * 1024)];
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let body: Vec<u8> = buf.drain(..length).collect();
-    let (path, query) = target.split_once('?').unwrap_or((target, ""));
-    let Some(path) = percent_decode(path) else {
-        return Ok(Some(Err(Response::error(400, "invalid percent-encoding in the path"))));
-    };
-    let mut params = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        match (percent_decode(k), percent_decode(v)) {
-            (Some(k), Some(v)) => params.push((k, v)),
-            _ => return Ok(Some(Err(Response::error(400, "invalid percent-encoding in the query")))),
-        }
-    }
-    Ok(Some(Ok(Request { method: method.to_owned(), path, query: params, headers, body })))
-}
-
-fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 /// Decodes `%XX` escapes; None for a broken escape or a result that is not UTF-8.
+/// (`percent-encoding` passes a broken escape through as it is; we refuse it.)
 pub fn percent_decode(s: &str) -> Option<String> {
     let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = std::str::from_utf8(bytes.get(i + 1..i + 3)?).ok()?;
-            out.push(u8::from_str_radix(hex, 16).ok()?);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
+    for (i, _) in bytes.iter().enumerate().filter(|(_, b)| **b == b'%') {
+        let hex = bytes.get(i + 1..i + 3)?;
+        if !hex.iter().all(u8::is_ascii_hexdigit) {
+            return None;
         }
     }
-    String::from_utf8(out).ok()
+    percent_encoding::percent_decode_str(s).decode_utf8().ok().map(|c| c.into_owned())
 }
 
 #[cfg(test)]

@@ -6,14 +6,18 @@
 //! The pump costs a task and a copy per connection on these listeners; driving rustls and the
 //! framing inside the connection task would remove both (bench/notes.md).
 
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::Message;
 use tracing::debug;
 
@@ -107,7 +111,22 @@ async fn websocket<S: AsyncRead + AsyncWrite + Unpin>(
         Ok(resp)
     };
     let peer = origin.peer;
-    let ws = match tokio::time::timeout(timeout, tokio_tungstenite::accept_hdr_async(stream, check)).await {
+    let mqtt = &broker.config().mqtt;
+    // Before its CONNECT is answered a WebSocket client is a stranger: everything it sends (the
+    // upgrade request, frame headers, fragments) counts against a small budget, and the budget
+    // is lifted when the core first answers (the CONNACK). Afterwards a message may be as large
+    // as the largest packet, and the write buffer holds one message and a pong, not one pong
+    // per ping of a client that never reads.
+    let budget = Arc::new(AtomicUsize::new(mqtt.max_connect_packet_size as usize + PRE_CONNECT_ALLOWANCE));
+    let stream = Budget { inner: stream, left: budget.clone() };
+    let max_message = mqtt.max_packet_size as usize;
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(max_message))
+        .max_frame_size(Some(max_message))
+        .write_buffer_size(WS_WRITE_BUFFER)
+        .max_write_buffer_size(WS_WRITE_BUFFER + CORE_CHUNK + 1024);
+    let accept = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config));
+    let ws = match tokio::time::timeout(timeout, accept).await {
         Ok(Ok(ws)) => ws,
         Ok(Err(e)) => {
             debug!(%peer, error = %e, "WebSocket handshake refused");
@@ -118,7 +137,7 @@ async fn websocket<S: AsyncRead + AsyncWrite + Unpin>(
     let Some(outer) = pair(&broker, origin) else { return };
     let (mut from_core, mut to_core) = outer.into_split();
     let (mut to_client, mut from_client) = ws.split();
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = vec![0u8; CORE_CHUNK];
     loop {
         tokio::select! {
             m = from_client.next() => match m {
@@ -134,6 +153,7 @@ async fn websocket<S: AsyncRead + AsyncWrite + Unpin>(
             n = from_core.read(&mut buf) => match n {
                 Ok(0) | Err(_) => break,
                 Ok(n) => {
+                    budget.store(usize::MAX, Ordering::Relaxed);
                     if to_client.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
                         break;
                     }
@@ -142,4 +162,54 @@ async fn websocket<S: AsyncRead + AsyncWrite + Unpin>(
         }
     }
     let _ = to_client.close().await;
+}
+
+/// What a WebSocket client may send before its CONNECT is answered beyond the CONNECT itself:
+/// the HTTP upgrade request and frame headers.
+const PRE_CONNECT_ALLOWANCE: usize = 16 * 1024;
+/// Largest read from the core, and so largest message to the client.
+const CORE_CHUNK: usize = 16 * 1024;
+/// tungstenite's write buffer target.
+const WS_WRITE_BUFFER: usize = 128 * 1024;
+
+/// A stream that fails reads once `left` bytes have been read; `usize::MAX` lifts the bound.
+struct Budget<S> {
+    inner: S,
+    left: Arc<AtomicUsize>,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Budget<S> {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        let left = self.left.load(Ordering::Relaxed);
+        if left == usize::MAX {
+            return Pin::new(&mut self.inner).poll_read(cx, buf);
+        }
+        if left == 0 {
+            return Poll::Ready(Err(std::io::Error::other("more input than a CONNECT may take before it is answered")));
+        }
+        let mut limited = buf.take(left);
+        std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, &mut limited))?;
+        let n = limited.filled().len();
+        // SAFETY: `limited` is a view of `buf`'s unfilled part, and the inner read initialised
+        // and filled its first `n` bytes.
+        unsafe { buf.assume_init(n) };
+        buf.advance(n);
+        // Lifted meanwhile by the pump: keep it lifted.
+        let _ = self.left.compare_exchange(left, left - n, Ordering::Relaxed, Ordering::Relaxed);
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Budget<S> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
 }

@@ -48,6 +48,7 @@ impl ServerError {
 
 /// Opens the broker and rebuilds the retained messages and persistent sessions the store holds.
 pub fn open(config: Config) -> Result<Server, ServerError> {
+    crate::logging::set_connection_lines_per_second(config.log.connection_lines_per_second);
     let (broker, recovered) = Broker::open(config)?;
     let restored = recovery::restore(&broker, recovered);
     Ok(Server { broker, restored })
@@ -73,14 +74,14 @@ pub async fn run(
     let mut shutdown = broker.shutdown_signal();
     let mut listeners = Vec::new();
     for l in &broker.config().listeners {
-        let listener = TcpListener::bind(&l.bind).await?;
+        let listener = bind(&l.bind, l.backlog).await?;
         let addr = listener.local_addr()?;
         info!(%addr, protocol = ?l.protocol, "listening");
         listeners.push(listener);
     }
     let mut tasks = tokio::task::JoinSet::new();
     if let Some(http) = &broker.config().http {
-        let listener = TcpListener::bind(&http.bind).await?;
+        let listener = bind(&http.bind, http.backlog).await?;
         let addr = listener.local_addr()?;
         broker.set_http_addr(addr);
         info!(%addr, "http listening");
@@ -133,4 +134,19 @@ pub async fn run(
         Some(e) => Err(ServerError::Store(e)),
         None => Ok(()),
     }
+}
+
+/// Binds `addr` with the configured listen backlog (tokio's `bind` always asks for 1024 and
+/// offers no setting; a reconnect storm needs the operator's say).
+async fn bind(addr: &str, backlog: u32) -> std::io::Result<TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(addr).await? {
+        let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(addr).and_then(|()| socket.listen(backlog)) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind")))
 }

@@ -273,7 +273,7 @@ impl Registry {
             own.parked.take()
         };
         if let Some(state) = state {
-            debug!(client_id = %shared.client_id, "session expired");
+            debug!(client_id = shared.client_id.as_str(), "session expired");
             self.metrics.sessions_expired.fetch_add(1, Ordering::Relaxed);
             self.end(shared, state);
         }
