@@ -60,6 +60,13 @@ impl Snapshot {
             ),
             f("clients/total", "herald_sessions", Gauge, "Sessions, connected or not.", sessions.total),
             f(
+                "connections/open",
+                "herald_connections_open",
+                Gauge,
+                "Sockets open on the MQTT listeners, CONNECT accepted or not.",
+                c(&m.connections_open),
+            ),
+            f(
                 "clients/maximum",
                 "herald_clients_maximum",
                 Gauge,

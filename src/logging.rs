@@ -17,9 +17,7 @@ pub fn init(config: &Log) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
     match config.format {
-        LogFormat::Json => {
-            builder.json().flatten_event(true).with_current_span(false).with_span_list(false).init()
-        }
+        LogFormat::Json => builder.json().flatten_event(true).with_current_span(false).with_span_list(false).init(),
         LogFormat::Text => {
             // Colour only for a terminal: log files and pipes get plain text.
             let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());

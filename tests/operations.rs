@@ -266,10 +266,33 @@ async fn healthz_readyz_404_405_and_malformed_requests() {
     let (status, headers, _) = http_request(http, "DELETE", "/metrics", &[], b"");
     assert_eq!(status, 405);
     assert!(headers.iter().any(|(k, v)| k == "allow" && v == "GET"));
-    let (status, _, _) = http_request(http, "POST", "/api/v1/publish", &[("transfer-encoding", "chunked")], b"");
-    assert_eq!(status, 501);
-    let (status, _, _) = http_request(http, "POST", "/api/v1/publish", &[("content-length", "999999999")], b"");
-    assert_eq!(status, 413);
+    // A chunked body is read (hyper frames it).
+    {
+        use std::io::{Read, Write};
+        let body = r#"{"topic": "news/chunked", "payload": "in chunks"}"#;
+        let mut s = std::net::TcpStream::connect(http).unwrap();
+        let req = format!(
+            "POST /api/v1/publish HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n\
+             {:x}\r\n{}\r\n{:x}\r\n{}\r\n0\r\n\r\n",
+            10,
+            &body[..10],
+            body.len() - 10,
+            &body[10..]
+        );
+        s.write_all(req.as_bytes()).unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    // A body announced larger than 8 MiB is refused from its head, before any of it is sent.
+    {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(http).unwrap();
+        s.write_all(b"POST /api/v1/publish HTTP/1.1\r\nhost: x\r\ncontent-length: 999999999\r\n\r\n").unwrap();
+        let mut answer = [0u8; 12];
+        s.read_exact(&mut answer).unwrap();
+        assert_eq!(&answer, b"HTTP/1.1 413");
+    }
     let (status, _, _) = http_request(http, "GET", "/api/v1/topics?filter=%zz", &[], b"");
     assert_eq!(status, 400);
     // A request line that is not HTTP at all, then the server still serves the next client.

@@ -349,3 +349,151 @@ proptest! {
         prop_assert_eq!(c.password.as_deref(), Some(pass.as_bytes()));
     }
 }
+
+/// A whole client session, CONNECT first, as the server decodes it: every packet type a client
+/// sends, with properties, at the given version.
+fn whole_session(version: ProtocolVersion, payload: Vec<u8>, topic: String) -> Vec<Packet> {
+    let v5 = version.is_v5();
+    let props = if v5 { props_v5() } else { Properties::default() };
+    let mut connect = Connect {
+        protocol: version,
+        clean_start: false,
+        keep_alive: 30,
+        properties: Properties::default(),
+        client_id: "chunked".into(),
+        will: Some(Will {
+            topic: "wills/chunked".into(),
+            payload: Bytes::from_static(b"gone"),
+            qos: QoS::AtLeastOnce,
+            retain: true,
+            properties: Properties::default(),
+        }),
+        username: Some("reader".into()),
+        password: Some(Bytes::from_static(b"secret")),
+    };
+    if v5 {
+        connect.properties.session_expiry_interval = Some(3600);
+        connect.properties.user_properties = vec![("app".into(), "news".into())];
+    }
+    let publish = |qos, packet_id, payload: Vec<u8>| {
+        Packet::Publish(Publish {
+            dup: false,
+            qos,
+            retain: false,
+            topic: topic.clone(),
+            packet_id,
+            properties: props.clone(),
+            payload: Bytes::from(payload),
+        })
+    };
+    let ack = |id| PubResponse::new(id, ReasonCode::SUCCESS);
+    vec![
+        Packet::Connect(Box::new(connect)),
+        Packet::Subscribe(Subscribe {
+            packet_id: 1,
+            properties: Properties::default(),
+            filters: vec![("news/#".into(), SubscriptionOptions { qos: QoS::ExactlyOnce, ..Default::default() })],
+        }),
+        publish(QoS::AtMostOnce, 0, payload.clone()),
+        publish(QoS::AtLeastOnce, 2, payload.clone()),
+        publish(QoS::ExactlyOnce, 3, payload),
+        Packet::PubRel(PubResponse { packet_id: 3, reason: ReasonCode::SUCCESS, properties: Properties::default() }),
+        Packet::PubAck(ack(4)),
+        Packet::PubRec(ack(5)),
+        Packet::PubComp(ack(6)),
+        Packet::Unsubscribe(Unsubscribe {
+            packet_id: 7,
+            properties: Properties::default(),
+            filters: vec!["news/#".into()],
+        }),
+        Packet::PingReq,
+        Packet::Disconnect(Disconnect { reason: ReasonCode::SUCCESS, properties: Properties::default() }),
+    ]
+}
+
+/// Feeds `wire` to a fresh server decoder in the given pieces, decoding after each.
+fn decode_in_pieces(wire: &[u8], cuts: &[usize]) -> Vec<Packet> {
+    let mut d = Decoder::new(Role::Server, 1 << 20);
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    let mut at = 0;
+    for &cut in cuts.iter().chain(std::iter::once(&wire.len())) {
+        let cut = cut.clamp(at, wire.len());
+        buf.extend_from_slice(&wire[at..cut]);
+        at = cut;
+        while let Some(p) = d.decode(&mut buf).expect("a valid session decodes") {
+            out.push(p);
+        }
+    }
+    assert!(buf.is_empty(), "{} bytes left over", buf.len());
+    out
+}
+
+proptest! {
+    /// Decoding does not depend on how the stream is split: a whole session one byte at a time,
+    /// at random cuts, and in one piece gives the same packets.
+    #[test]
+    fn a_session_decodes_the_same_however_the_stream_is_split(
+        v5 in any::<bool>(),
+        payload in proptest::collection::vec(any::<u8>(), 0..300),
+        topic in "news/[a-z]{1,12}(/[a-z]{1,8}){0,3}",
+        mut cuts in proptest::collection::vec(0usize..4000, 0..40),
+    ) {
+        let version = if v5 { ProtocolVersion::V5 } else { ProtocolVersion::V3_1_1 };
+        let session = whole_session(version, payload, topic);
+        let mut wire = BytesMut::new();
+        for p in &session {
+            p.encode(version, &mut wire);
+        }
+        cuts.sort_unstable();
+        let whole = decode_in_pieces(&wire, &[]);
+        prop_assert_eq!(&whole, &session);
+        let every_byte: Vec<usize> = (1..wire.len()).collect();
+        prop_assert_eq!(&decode_in_pieces(&wire, &every_byte), &session);
+        prop_assert_eq!(&decode_in_pieces(&wire, &cuts), &session);
+    }
+}
+
+#[test]
+fn a_first_packet_above_the_connect_bound_is_refused_from_its_header() {
+    let mut d = Decoder::new(Role::Server, u32::MAX);
+    d.max_connect_size = 1024;
+    // Five bytes of fixed header announce 268,435,455 bytes: refused before any body arrives,
+    // and nothing is reserved for it.
+    let mut buf = BytesMut::from(&[0x10u8, 0xff, 0xff, 0xff, 0x7f][..]);
+    let e = d.decode(&mut buf).unwrap_err();
+    assert_eq!(e.kind, ErrorKind::PacketTooLarge);
+    assert!(buf.capacity() < 1024, "capacity {}", buf.capacity());
+    // An allowed length that has not all arrived reserves nothing either.
+    let mut d = Decoder::new(Role::Server, u32::MAX);
+    let mut buf = BytesMut::from(&[0x10u8, 0xff, 0xff, 0x7f][..]);
+    assert!(d.decode(&mut buf).unwrap().is_none());
+    assert!(buf.capacity() < 1024, "capacity {}", buf.capacity());
+    // After CONNECT the larger `max_packet_size` applies.
+    let mut d = Decoder::new(Role::Server, 4096);
+    d.max_connect_size = 64;
+    let mut wire = BytesMut::new();
+    Packet::Connect(Box::new(Connect {
+        protocol: ProtocolVersion::V3_1_1,
+        clean_start: true,
+        keep_alive: 0,
+        properties: Properties::default(),
+        client_id: "c".into(),
+        will: None,
+        username: None,
+        password: None,
+    }))
+    .encode(ProtocolVersion::V3_1_1, &mut wire);
+    Packet::Publish(Publish {
+        dup: false,
+        qos: QoS::AtMostOnce,
+        retain: false,
+        topic: "t".into(),
+        packet_id: 0,
+        properties: Properties::default(),
+        payload: Bytes::from(vec![0u8; 1000]),
+    })
+    .encode(ProtocolVersion::V3_1_1, &mut wire);
+    assert!(matches!(d.decode(&mut wire), Ok(Some(Packet::Connect(_)))));
+    assert!(matches!(d.decode(&mut wire), Ok(Some(Packet::Publish(_)))));
+}

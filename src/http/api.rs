@@ -208,7 +208,7 @@ fn parse_publish(broker: &Broker, body: &[u8]) -> Result<Message, String> {
 
 fn check_topic(broker: &Broker, topic: &str, field: &str) -> Result<(), String> {
     if topic.is_empty() {
-        return Err(format!("`{field}` must not be empty"));
+        return Err(format!("`{field}` is not a valid topic name: it is empty"));
     }
     // The same check as an MQTT PUBLISH's topic, reason included.
     crate::codec::check_topic_name(topic).map_err(|e| format!("`{field}` is not a valid topic name: {e}"))?;

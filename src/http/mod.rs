@@ -85,12 +85,7 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener) {
     let Some(config) = broker.config().http.clone() else { return };
     let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1)));
     let unstarted = Arc::new(Mutex::new(Unstarted::default()));
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(Duration::from_millis(config.header_timeout_ms))
-        .max_buf_size(MAX_HEAD.max(8192))
-        .keep_alive(true);
+    let builder = builder(&config);
     let body_timeout = Duration::from_millis(config.body_timeout_ms);
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -136,15 +131,12 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener) {
         let builder = builder.clone();
         tokio::spawn(async move {
             let started = unstarted.clone();
-            let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
-                // A whole head arrived: this connection is no longer a candidate for eviction.
+            // A whole head arrived: this connection is no longer a candidate for eviction.
+            let on_head = move || {
                 started.lock().expect("unstarted").waiting.remove(&id);
-                let broker = broker.clone();
-                async move { Ok::<_, std::convert::Infallible>(respond(&broker, req, body_timeout).await) }
-            });
-            let conn = builder.serve_connection(TokioIo::new(stream), service);
+            };
             tokio::select! {
-                r = conn => {
+                r = serve_connection(&builder, broker, stream, body_timeout, on_head) => {
                     if let Err(e) = r {
                         debug!(%peer, error = %e, "http connection closed");
                     }
@@ -155,6 +147,38 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener) {
             drop(permit);
         });
     }
+}
+
+/// hyper's HTTP/1.1 connection settings for `[http]`.
+pub fn builder(config: &crate::config::Http) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(config.header_timeout_ms))
+        .max_header_size(MAX_HEAD)
+        .keep_alive(true);
+    builder
+}
+
+/// Serves one HTTP connection on any byte stream: a socket from the accept loop, or the fuzz
+/// target's in-memory pipe. `on_head` runs for every complete request head.
+pub async fn serve_connection<I>(
+    builder: &hyper::server::conn::http1::Builder,
+    broker: Arc<Broker>,
+    io: I,
+    body_timeout: Duration,
+    on_head: impl Fn() + Send + Sync + 'static,
+) -> hyper::Result<()>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let on_head = Arc::new(on_head);
+    let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
+        on_head();
+        let broker = broker.clone();
+        async move { Ok::<_, std::convert::Infallible>(respond(&broker, req, body_timeout).await) }
+    });
+    builder.serve_connection(TokioIo::new(io), service).await
 }
 
 /// Turns one hyper request into ours, reading its body only once the token allows it.
@@ -170,6 +194,10 @@ async fn respond(
     };
     if let Some(refusal) = api::refuse_early(broker, &request) {
         return refusal.into_hyper();
+    }
+    let announced = parts.headers.get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if announced.is_some_and(|n| n > MAX_BODY as u64) {
+        return Response::error(413, "request body larger than 8 MiB").into_hyper();
     }
     let collected = tokio::time::timeout(body_timeout, Limited::new(body, MAX_BODY).collect()).await;
     request.body = match collected {

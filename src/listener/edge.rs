@@ -73,7 +73,8 @@ async fn pump_bytes<S: AsyncRead + AsyncWrite + Unpin>(broker: Arc<Broker>, mut 
 
 /// [MQTT-6.0.0-3] [MQTT-6.0.0-4] the client offers the subprotocol `mqtt` and the server
 /// selects it; the path must be the listener's and the origin, if restricted, one it allows.
-async fn websocket<S: AsyncRead + AsyncWrite + Unpin>(
+/// Public for the fuzz target, which drives it over an in-memory pipe.
+pub async fn websocket<S: AsyncRead + AsyncWrite + Unpin>(
     broker: Arc<Broker>,
     stream: S,
     origin: Origin,

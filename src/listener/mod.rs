@@ -3,6 +3,8 @@
 
 mod edge;
 
+pub use edge::websocket as serve_websocket;
+
 use std::sync::Arc;
 use std::time::Duration;
 

@@ -268,7 +268,10 @@ pub fn spawn_herald(
     config: &std::path::Path,
     listeners: usize,
 ) -> (std::process::Child, Vec<u16>, std::sync::mpsc::Receiver<String>) {
-    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_herald"));
+    // HERALD_BIN runs the black-box tests against another build (an older commit's, to show a
+    // regression test fails there).
+    let binary = std::env::var("HERALD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_herald").to_owned());
+    let mut command = std::process::Command::new(binary);
     command.args(["--config", config.to_str().unwrap()]);
     spawn_herald_command(command, listeners)
 }
