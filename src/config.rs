@@ -209,6 +209,20 @@ pub struct Http {
     /// The listen backlog of the HTTP port.
     #[serde(default = "default_backlog")]
     pub backlog: u32,
+    /// Largest request head (request line and headers); larger: 431.
+    #[serde(default = "default_http_max_head_bytes")]
+    pub max_head_bytes: usize,
+    /// Largest request body (a publish of a large story, base64 in JSON); larger: 413.
+    #[serde(default = "default_http_max_body_bytes")]
+    pub max_body_bytes: usize,
+}
+
+fn default_http_max_head_bytes() -> usize {
+    16 * 1024
+}
+
+fn default_http_max_body_bytes() -> usize {
+    8 * 1024 * 1024
 }
 
 fn default_http_max_connections() -> usize {
@@ -643,6 +657,15 @@ impl Config {
             }
             if !http.is_loopback() && http.token.as_deref().unwrap_or("").is_empty() {
                 return invalid("http.token", "is required when http.bind is not a loopback address");
+            }
+            if http.max_connections == 0 {
+                return invalid("http.max_connections", "must be at least 1");
+            }
+            if http.max_head_bytes < 1024 {
+                return invalid("http.max_head_bytes", "must be at least 1024");
+            }
+            if http.header_timeout_ms == 0 || http.body_timeout_ms == 0 {
+                return invalid("http.header_timeout_ms", "timeouts must be at least 1 ms");
             }
         }
         for rule in &self.priority {

@@ -8,7 +8,8 @@
 //!   not yet sent a whole request head is closed for the new one, so a slowloris never starves
 //!   `/healthz` (a probe sends its request at once, an attacker's connections are the old ones);
 //! - a request head must arrive within `header_timeout_ms` (also the keep-alive idle timeout)
-//!   and be at most 16 KiB; a body within `body_timeout_ms` and at most 8 MiB;
+//!   and be at most `max_head_bytes`; a body within `body_timeout_ms` and at most
+//!   `max_body_bytes`;
 //! - the bearer token is checked on the head, before any body is read.
 
 mod api;
@@ -26,11 +27,6 @@ use tokio::sync::Notify;
 use tracing::{debug, warn};
 
 use crate::broker::Broker;
-
-/// Largest request head (request line and headers).
-const MAX_HEAD: usize = 16 * 1024;
-/// Largest request body: a publish of a large story with its payload in base64.
-pub const MAX_BODY: usize = 8 * 1024 * 1024;
 
 pub struct Request {
     pub method: String,
@@ -83,10 +79,9 @@ struct Unstarted {
 /// Accepts HTTP connections until the task is aborted at shutdown.
 pub async fn serve(broker: Arc<Broker>, listener: TcpListener) {
     let Some(config) = broker.config().http.clone() else { return };
-    let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections.max(1)));
+    let slots = Arc::new(tokio::sync::Semaphore::new(config.max_connections));
     let unstarted = Arc::new(Mutex::new(Unstarted::default()));
     let builder = builder(&config);
-    let body_timeout = Duration::from_millis(config.body_timeout_ms);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(s) => s,
@@ -136,7 +131,7 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener) {
                 started.lock().expect("unstarted").waiting.remove(&id);
             };
             tokio::select! {
-                r = serve_connection(&builder, broker, stream, body_timeout, on_head) => {
+                r = serve_connection(&builder, broker, stream, on_head) => {
                     if let Err(e) = r {
                         debug!(%peer, error = %e, "http connection closed");
                     }
@@ -155,7 +150,7 @@ pub fn builder(config: &crate::config::Http) -> hyper::server::conn::http1::Buil
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(Duration::from_millis(config.header_timeout_ms))
-        .max_header_size(MAX_HEAD)
+        .max_header_size(config.max_head_bytes)
         .keep_alive(true);
     builder
 }
@@ -166,7 +161,6 @@ pub async fn serve_connection<I>(
     builder: &hyper::server::conn::http1::Builder,
     broker: Arc<Broker>,
     io: I,
-    body_timeout: Duration,
     on_head: impl Fn() + Send + Sync + 'static,
 ) -> hyper::Result<()>
 where
@@ -176,17 +170,13 @@ where
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         on_head();
         let broker = broker.clone();
-        async move { Ok::<_, std::convert::Infallible>(respond(&broker, req, body_timeout).await) }
+        async move { Ok::<_, std::convert::Infallible>(respond(&broker, req).await) }
     });
     builder.serve_connection(TokioIo::new(io), service).await
 }
 
 /// Turns one hyper request into ours, reading its body only once the token allows it.
-async fn respond(
-    broker: &Arc<Broker>,
-    req: hyper::Request<Incoming>,
-    body_timeout: Duration,
-) -> hyper::Response<Full<Bytes>> {
+async fn respond(broker: &Arc<Broker>, req: hyper::Request<Incoming>) -> hyper::Response<Full<Bytes>> {
     let (parts, body) = req.into_parts();
     let mut request = match Request::from_head(&parts) {
         Ok(r) => r,
@@ -195,15 +185,20 @@ async fn respond(
     if let Some(refusal) = api::refuse_early(broker, &request) {
         return refusal.into_hyper();
     }
+    let (max_body, body_timeout) = match &broker.config().http {
+        Some(http) => (http.max_body_bytes, Duration::from_millis(http.body_timeout_ms)),
+        None => (0, Duration::ZERO),
+    };
+    let too_large = || Response::error(413, format!("request body larger than {max_body} bytes (max_body_bytes)"));
     let announced = parts.headers.get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if announced.is_some_and(|n| n > MAX_BODY as u64) {
-        return Response::error(413, "request body larger than 8 MiB").into_hyper();
+    if announced.is_some_and(|n| n > max_body as u64) {
+        return too_large().into_hyper();
     }
-    let collected = tokio::time::timeout(body_timeout, Limited::new(body, MAX_BODY).collect()).await;
+    let collected = tokio::time::timeout(body_timeout, Limited::new(body, max_body).collect()).await;
     request.body = match collected {
         Ok(Ok(b)) => b.to_bytes().to_vec(),
         Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            return Response::error(413, "request body larger than 8 MiB").into_hyper();
+            return too_large().into_hyper();
         }
         Ok(Err(_)) => return Response::error(400, "the request body could not be read").into_hyper(),
         Err(_) => return Response::error(408, "the request body did not arrive in time").into_hyper(),
