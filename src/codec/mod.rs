@@ -205,31 +205,24 @@ impl Packet {
     }
 }
 
+/// Most the decoder reserves beyond what has arrived, for the rest of a packet it has begun.
+pub const RESERVE_AHEAD: usize = 16 * 1024;
+
 /// Decodes packets of one connection. Before CONNECT the version is unknown and only CONNECT is
 /// accepted [MQTT-3.1.0-1]; afterwards every packet is read at the negotiated version.
 #[derive(Clone, Debug)]
 pub struct Decoder {
     pub role: Role,
     pub version: Option<ProtocolVersion>,
-    /// Largest packet accepted, fixed header included [MQTT-3.2.2.3.6].
+    /// Largest packet accepted, fixed header included [MQTT-3.2.2.3.6]. A server sets it lower
+    /// until the CONNECT is accepted (`mqtt.max_connect_packet_size`): before that the bytes are
+    /// a stranger's.
     pub max_packet_size: u32,
-    /// Largest first packet a server accepts: a CONNECT comes from a stranger, so it gets a
-    /// smaller bound than the packets of an accepted client.
-    pub max_connect_size: u32,
 }
 
 impl Decoder {
     pub fn new(role: Role, max_packet_size: u32) -> Self {
-        Self { role, version: None, max_packet_size, max_connect_size: max_packet_size }
-    }
-
-    /// The largest packet this decoder takes next.
-    fn limit(&self) -> u32 {
-        if self.version.is_none() && self.role == Role::Server {
-            self.max_packet_size.min(self.max_connect_size)
-        } else {
-            self.max_packet_size
-        }
+        Self { role, version: None, max_packet_size }
     }
 
     /// Takes one whole packet off the front of `buf`, or returns `Ok(None)` if it is not all there yet.
@@ -246,15 +239,16 @@ impl Decoder {
             Err(_) => return Err(DecodeError::malformed("[MQTT-2.1.4] remaining length longer than four bytes")),
         };
         let total = 1 + len_bytes + remaining as usize;
-        if total > self.limit() as usize {
+        if total > self.max_packet_size as usize {
             return Err(DecodeError {
                 kind: ErrorKind::PacketTooLarge,
                 reason: "[MQTT-3.1.2-24] packet exceeds the maximum packet size",
             });
         }
         if buf.len() < total {
-            // Nothing is reserved for what the header announces: the buffer grows with the bytes
-            // that arrive, so a stranger's four-byte length costs nothing until it is paid for.
+            // Room for the rest of this packet, but never more than one read's worth ahead of the
+            // bytes that arrived: a header that announces 256 MB costs nothing until it is paid for.
+            buf.reserve((total - buf.len()).min(RESERVE_AHEAD));
             return Ok(None);
         }
         let mut frame = buf.split_to(total);
@@ -453,8 +447,13 @@ pub fn is_valid_topic_name(topic: &str) -> bool {
 /// The MQTT decoder and the HTTP API's publish both call this, so a topic refused on one path is
 /// refused on the other.
 pub fn check_topic_name(topic: &str) -> Result<(), DecodeError> {
-    wire::check_utf8(topic.as_bytes())?;
-    if !is_valid_topic_name(topic) {
+    check_topic_name_bytes(topic.as_bytes())
+}
+
+/// `check_topic_name` on the bytes as they arrive, for the decoder.
+pub fn check_topic_name_bytes(topic: &[u8]) -> Result<(), DecodeError> {
+    wire::check_utf8(topic)?;
+    if topic.iter().any(|&b| b == b'+' || b == b'#') {
         return Err(DecodeError::malformed("[MQTT-3.3.2-2] topic name contains a wildcard"));
     }
     Ok(())

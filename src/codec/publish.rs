@@ -30,8 +30,7 @@ impl Publish {
         if dup && qos == QoS::AtMostOnce {
             return Err(DecodeError::malformed("[MQTT-3.3.1-2] DUP set on a QoS 0 PUBLISH"));
         }
-        let topic = r.utf8()?;
-        super::check_topic_name(&topic)?;
+        let topic = r.topic_name()?;
         let packet_id = if qos == QoS::AtMostOnce {
             0
         } else {

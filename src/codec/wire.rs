@@ -88,6 +88,13 @@ impl Reader {
         // check_utf8 proved the bytes are valid UTF-8.
         Ok(String::from_utf8(raw.to_vec()).expect("validated above"))
     }
+
+    /// A PUBLISH's topic name: a string that obeys `super::check_topic_name`, checked once.
+    pub fn topic_name(&mut self) -> Result<String, DecodeError> {
+        let raw = self.binary()?;
+        super::check_topic_name_bytes(&raw)?;
+        Ok(String::from_utf8(raw.to_vec()).expect("validated above"))
+    }
 }
 
 /// Decodes a variable byte integer from the front of `buf`: `Ok(None)` when more bytes are needed.

@@ -35,6 +35,7 @@ impl Handshake {
     pub(super) async fn refused(mut self, close: Close) {
         tracing::debug!(peer = %self.peer, reason = %close.describe(), "connection closed before CONNECT completed");
         self.io.close(&self.broker, self.peer, self.client.counted_ip, &close).await;
+        self.io.end(&self.broker);
     }
 
     /// Reads the CONNECT and accepts it: the claimed session and whether it was resumed.
@@ -43,7 +44,11 @@ impl Handshake {
         let deadline = tokio::time::Instant::now() + timeout;
         let connect = loop {
             match self.io.decoder.decode(&mut self.io.inbuf) {
-                Ok(Some(Packet::Connect(c))) => break c,
+                Ok(Some(Packet::Connect(c))) => {
+                    // From here on the client's packets may be as large as the configuration allows.
+                    self.io.decoder.max_packet_size = self.broker.config().mqtt.max_packet_size;
+                    break c;
+                }
                 Ok(Some(_)) => return Err(Close::Refused("[MQTT-3.1.0-1] first packet is not CONNECT")),
                 Ok(None) => {}
                 Err(e) if e.kind == ErrorKind::UnacceptableProtocolVersion => {
@@ -178,7 +183,8 @@ impl Handshake {
             keep_alive = config.max_keepalive;
             server_keep_alive = Some(keep_alive);
         }
-        self.client.keep_alive = (keep_alive > 0).then(|| Duration::from_millis(u64::from(keep_alive) * 1500));
+        // A u32 of milliseconds rather than an Option<Duration>: 12 bytes less in every connection.
+        self.client.keep_alive_ms = u32::from(keep_alive) * 1500;
         self.client.receive_window = usize::from(c.properties.receive_maximum.unwrap_or(if v5 {
             u16::MAX
         } else {

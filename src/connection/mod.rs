@@ -116,20 +116,20 @@ pub async fn serve(broker: Arc<Broker>, stream: Socket, origin: Origin) {
         peer: origin.peer,
         io: Io {
             stream,
+            // Until its CONNECT is accepted a socket is a stranger's: the smaller bound.
             decoder: {
                 let mqtt = &broker.config().mqtt;
-                let mut d = Decoder::new(Role::Server, mqtt.max_packet_size);
-                d.max_connect_size = mqtt.max_connect_packet_size;
-                d
+                Decoder::new(Role::Server, mqtt.max_packet_size.min(mqtt.max_connect_packet_size))
             },
             inbuf: BytesMut::new(),
             out: Outbound::new(),
             last_inbound: Instant::now(),
             last_write_progress: None,
+            answered: false,
         },
         client: Client {
             client_id: String::new(),
-            keep_alive: None,
+            keep_alive_ms: 0,
             receive_window: 0,
             session_expiry: 0,
             will: None,
@@ -172,6 +172,7 @@ pub async fn serve(broker: Arc<Broker>, stream: Socket, origin: Origin) {
     // idle connection.)
     let (mut io, broker, peer, counted_ip) = conn.finish(&close);
     io.close(&broker, peer, counted_ip, &close).await;
+    io.end(&broker);
 }
 
 /// The socket side of a connection, before and after CONNECT.
@@ -184,6 +185,15 @@ struct Io {
     /// While output is queued: when the socket last took bytes from us (or the output began),
     /// to give up on a client that stopped reading. None while nothing is queued.
     last_write_progress: Option<Instant>,
+    /// Set by `close`: a final answer (CONNACK refusal, DISCONNECT) was written.
+    answered: bool,
+}
+
+impl Client {
+    /// How long the client may stay silent: one and a half keep-alives [MQTT-3.1.2-24].
+    fn keep_alive(&self) -> Option<Duration> {
+        (self.keep_alive_ms > 0).then(|| Duration::from_millis(u64::from(self.keep_alive_ms)))
+    }
 }
 
 /// The session a connection holds: always there once the handshake is done.
@@ -195,8 +205,8 @@ struct Held {
 /// What CONNECT settled about the client, and its own limits.
 struct Client {
     client_id: String,
-    /// 1.5 times the negotiated keep-alive [MQTT-3.1.2-24]; None when keep-alive is 0.
-    keep_alive: Option<Duration>,
+    /// 1.5 times the negotiated keep-alive in milliseconds [MQTT-3.1.2-24]; 0 when keep-alive is 0.
+    keep_alive_ms: u32,
     /// How many QoS 1 and 2 messages may be in flight towards the client [MQTT-4.9.0-2].
     receive_window: usize,
     session_expiry: u32,
@@ -344,16 +354,15 @@ impl Connection {
                 && !(self.client.lanes && self.io.out.pending_bytes() >= NORMAL_OUTPUT_WITH_LANES);
             let high_window_open = room && self.client.lanes && self.high_window_open();
             let writing = self.io.out.has_pending();
-            let keep_alive = self.client.keep_alive.map(|k| self.io.last_inbound + k);
+            let keep_alive = self.client.keep_alive().map(|k| self.io.last_inbound + k);
             let deadline = [keep_alive, self.retry.next_retry, self.flow.paused_until]
                 .into_iter()
                 .flatten()
                 .min()
                 .map(tokio::time::Instant::from_std);
-            let stall = self
-                .io
-                .last_write_progress
-                .map(|t| tokio::time::Instant::from_std(t + self.client.keep_alive.unwrap_or(Duration::from_secs(60))));
+            let stall = self.io.last_write_progress.map(|t| {
+                tokio::time::Instant::from_std(t + self.client.keep_alive().unwrap_or(Duration::from_secs(60)))
+            });
             let (shared, state) = (&self.session.shared, &mut self.session.state);
             let more_pending = window_open && !state.pending.is_empty();
             let urgent = shared.urgent_if_made();
@@ -867,8 +876,9 @@ impl Connection {
 }
 
 impl Io {
-    /// Counts a protocol error, releases the client's per-IP count, flushes what is queued
-    /// (a CONNACK or DISCONNECT with its reason) and shuts the socket down.
+    /// Counts a protocol error, releases the client's per-IP count and flushes what is queued
+    /// (a CONNACK or DISCONNECT with its reason). Returns whether a final answer was written
+    /// (see `end`).
     async fn close(&mut self, broker: &Broker, peer: SocketAddr, counted_ip: bool, close: &Close) {
         if matches!(close, Close::Decode(_) | Close::Violation(..)) {
             broker.metrics().protocol_errors.fetch_add(1, Ordering::Relaxed);
@@ -880,16 +890,30 @@ impl Io {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.out.flush_all(&self.stream)).await;
         let written = before - self.out.pending_bytes();
         count_output(broker, &mut self.out, written);
-        let _ = tokio::time::timeout(Duration::from_secs(1), self.stream.shutdown()).await;
-        let linger = Duration::from_millis(broker.config().mqtt.close_linger_ms);
-        if written > 0 && !matches!(close, Close::SocketClosed) && !linger.is_zero() {
-            // Closing a socket with unread input makes the kernel send a reset, and a reset
-            // destroys what the client has not read yet: the very CONNACK or DISCONNECT that
-            // says why. So the client gets until it closes, or `close_linger_ms`, to read it,
-            // while its input is discarded in a small fixed buffer.
-            self.inbuf = BytesMut::new();
-            let _ = tokio::time::timeout(linger, self.stream.discard_until_closed()).await;
+        self.answered = written > 0 && !matches!(close, Close::SocketClosed);
+    }
+
+    /// Ends the connection after `close`. When its last answer was a reason code, closing a
+    /// socket with unread input would make the kernel send a reset, and a reset destroys what
+    /// the client has not read yet: the very CONNACK or DISCONNECT that says why. So the client
+    /// gets until it closes, or `close_linger_ms`, to read it, while its input is discarded.
+    /// The linger runs in a task of its own that holds only the socket: the connection's task
+    /// and state are gone by then, and its future does not grow by the linger's (a task is
+    /// rounded up to 128 bytes; 16 bytes more there cost 128 per idle connection).
+    /// Without a final answer the socket is simply closed (dropped).
+    fn end(self, broker: &Broker) {
+        if self.answered {
+            tokio::spawn(linger(self.stream, broker.config().mqtt.close_linger_ms));
         }
+    }
+}
+
+/// Half-closes (our FIN follows the answer) and discards the client's input until it closes or
+/// `ms` pass.
+async fn linger(mut stream: Socket, ms: u64) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
+    if ms > 0 {
+        let _ = tokio::time::timeout(Duration::from_millis(ms), stream.discard_until_closed()).await;
     }
 }
 

@@ -49,9 +49,10 @@ impl Socket {
         }
     }
 
-    /// Reads and drops input until the peer closes or the socket fails.
+    /// Reads and drops input until the peer closes or the socket fails. The buffer is on the
+    /// heap, and only while this runs: an array here would sit in every connection's future.
     pub async fn discard_until_closed(&mut self) {
-        let mut sink = [0u8; 2048];
+        let mut sink = vec![0u8; 2048];
         loop {
             if self.readable().await.is_err() {
                 return;
