@@ -767,7 +767,7 @@ async fn assigned_client_identifiers_are_random_and_never_reuse_a_session() {
     h.assert_healthy(rss0, 16 * MB, "assigned identifiers").await;
 }
 
-/// Finding 7. The listen backlog was fixed (2,000 connects in 0.1 s left sockets waiting for SYN
+/// Finding 7. The listen backlog was 128 (2,000 connects in 0.1 s left sockets waiting for SYN
 /// retries), and every connect and disconnect wrote an INFO line. Now the backlog is
 /// `backlog` (default 1024) and the connection lines are sampled; the metrics count them all.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

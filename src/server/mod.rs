@@ -136,7 +136,7 @@ pub async fn run(
     }
 }
 
-/// Binds `addr` with the configured listen backlog (tokio's `bind` always asks for 1024 and
+/// Binds `addr` with the configured listen backlog (tokio's `bind` asks for 128, and
 /// offers no setting; a reconnect storm needs the operator's say).
 async fn bind(addr: &str, backlog: u32) -> std::io::Result<TcpListener> {
     let mut last = None;
