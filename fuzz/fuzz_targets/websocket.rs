@@ -19,6 +19,9 @@ struct World {
 fn world() -> &'static World {
     static WORLD: OnceLock<World> = OnceLock::new();
     WORLD.get_or_init(|| {
+        // A Rust binary's runtime ignores SIGPIPE before `main` (so does `herald`); libFuzzer's
+        // `main` does not, and a write to a socket the other side closed would kill the run.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
         let dir = tempfile::tempdir().unwrap();
         let text = format!(
             "[[listeners]]\nprotocol = \"ws\"\nbind = \"127.0.0.1:0\"\n[mqtt]\nconnect_timeout = 1\n\
