@@ -480,6 +480,10 @@ pub struct Mqtt {
     /// (or until the client closes), so the close does not turn into a TCP reset that destroys
     /// the reason code before the client reads it. 0 closes at once.
     pub close_linger_ms: u64,
+    /// Bytes a TLS or WebSocket edge holds on its way to a client that is slow to read: rustls's
+    /// plaintext send buffer, and tungstenite's write buffer (which also holds at most one
+    /// 16 KiB message and one pong beyond it).
+    pub edge_buffer_bytes: usize,
 }
 
 impl Default for Mqtt {
@@ -500,6 +504,7 @@ impl Default for Mqtt {
             max_pending_retained: 1_000_000,
             max_connect_packet_size: 65_536,
             close_linger_ms: 1_000,
+            edge_buffer_bytes: 64 * 1024,
         }
     }
 }
@@ -621,6 +626,9 @@ impl Config {
         }
         if m.max_queued_messages == 0 {
             return invalid("mqtt.max_queued_messages", "must be at least 1");
+        }
+        if m.edge_buffer_bytes < 4096 {
+            return invalid("mqtt.edge_buffer_bytes", "must be at least 4096");
         }
         if m.max_connect_packet_size < 64 {
             return invalid("mqtt.max_connect_packet_size", "must be at least 64");

@@ -32,7 +32,7 @@ pub async fn serve(broker: Arc<Broker>, tcp: TcpStream, mut origin: Origin) {
     match listener.protocol {
         ListenerProtocol::Mqtts | ListenerProtocol::Wss => {
             let Some(acceptor) = broker.tls_acceptor(origin.listener) else { return };
-            let tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+            let mut tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     debug!(%peer, error = %e, "TLS handshake failed");
@@ -41,6 +41,9 @@ pub async fn serve(broker: Arc<Broker>, tcp: TcpStream, mut origin: Origin) {
                 }
                 Err(_) => return,
             };
+            // Plaintext rustls holds for a client that does not read: bounded by configuration
+            // (rustls's own default is 64 KiB; the rest of its buffers are fixed, docs/architecture.md).
+            tls.get_mut().1.set_buffer_limit(Some(broker.config().mqtt.edge_buffer_bytes));
             if listener.use_identity_as_username {
                 origin.certificate_name = tls
                     .get_ref()
@@ -124,8 +127,8 @@ pub async fn websocket<S: AsyncRead + AsyncWrite + Unpin>(
     let config = WebSocketConfig::default()
         .max_message_size(Some(max_message))
         .max_frame_size(Some(max_message))
-        .write_buffer_size(WS_WRITE_BUFFER)
-        .max_write_buffer_size(WS_WRITE_BUFFER + CORE_CHUNK + 1024);
+        .write_buffer_size(mqtt.edge_buffer_bytes)
+        .max_write_buffer_size(mqtt.edge_buffer_bytes + CORE_CHUNK + 1024);
     let accept = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config));
     let ws = match tokio::time::timeout(timeout, accept).await {
         Ok(Ok(ws)) => ws,
@@ -170,8 +173,6 @@ pub async fn websocket<S: AsyncRead + AsyncWrite + Unpin>(
 const PRE_CONNECT_ALLOWANCE: usize = 16 * 1024;
 /// Largest read from the core, and so largest message to the client.
 const CORE_CHUNK: usize = 16 * 1024;
-/// tungstenite's write buffer target.
-const WS_WRITE_BUFFER: usize = 128 * 1024;
 
 /// A stream that fails reads once `left` bytes have been read; `usize::MAX` lifts the bound.
 struct Budget<S> {
