@@ -976,6 +976,58 @@ async fn a_subscriber_that_never_reads_costs_a_bounded_amount() {
     drop(p);
 }
 
+/// A TLS subscriber that never reads (openssl s_client whose output nobody reads): rustls holds
+/// at most `edge_buffer_bytes` for it, the pump and the socket pair their fixed buffers, the
+/// connection `max_outbound_bytes`; 100 MB published at it leave memory bounded and other
+/// clients served. Guards `mqtt.edge_buffer_bytes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_subscriber_that_never_reads_costs_a_bounded_amount() {
+    let mut h = Herald::spawn_with("[mqtt]\nmax_queued_messages = 100\n", true, None);
+    let rss0 = h.rss();
+    let mqtts = h.mqtts.unwrap();
+    let mut sleeper = std::process::Command::new("openssl")
+        .args(["s_client", "-quiet", "-connect", &mqtts.to_string(), "-CAfile"])
+        .arg(h._dir.path().join("ca.pem"))
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut stdin = sleeper.stdin.take().unwrap();
+    stdin
+        .write_all(&encode(
+            V311,
+            &[
+                Packet::Connect(Box::new(connect_packet(V311, "tls-sleeper", true))),
+                subscribe(1, "flood/#", QoS::AtMostOnce),
+            ],
+        ))
+        .unwrap();
+    stdin.flush().unwrap();
+    let registry_has = |h: &Herald| {
+        let addr = h.http;
+        move || {
+            let (_, _, b) = http_request(addr, "GET", "/api/v1/clients/tls-sleeper", &[], b"");
+            String::from_utf8_lossy(&b).contains("\"subscriptions\": 1")
+        }
+    };
+    let subscribed = registry_has(&h);
+    bounded("the TLS sleeper subscribes", PATIENCE, move || {
+        wait_until_blocking("the TLS sleeper's subscription", subscribed)
+    })
+    .await;
+    let (mut p, _) = RawClient::connect(h.mqtt, connect_packet(V311, "tls-flooder", true)).await;
+    let story = encode(V311, &[publish("flood/x", &[1u8; 64 * 1024], QoS::AtMostOnce, 0)]);
+    let batch: Vec<u8> = std::iter::repeat_n(story, 16).flatten().collect();
+    for _ in 0..100 {
+        p.send_raw(&batch).await;
+    }
+    h.assert_healthy(rss0, 48 * MB, "a TLS subscriber that never reads").await;
+    let _ = sleeper.kill();
+    let _ = sleeper.wait();
+    drop(stdin);
+}
+
 /// Malformed TLS and WebSocket handshakes: garbage, a ClientHello announcing 16 MB, an upgrade
 /// without the subprotocol, a 100 KB header. Each is refused and closed; nothing else notices.
 /// Guards properties that already held.
