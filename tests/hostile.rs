@@ -978,7 +978,7 @@ async fn a_subscriber_that_never_reads_costs_a_bounded_amount() {
 
 /// A TLS subscriber that never reads (openssl s_client whose output nobody reads): rustls holds
 /// at most `edge_buffer_bytes` for it, the pump and the socket pair their fixed buffers, the
-/// connection `max_outbound_bytes`; 100 MB published at it leave memory bounded and other
+/// connection `max_outbound_bytes`; 300 MB published at it leave memory bounded and other
 /// clients served. Guards `mqtt.edge_buffer_bytes`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_subscriber_that_never_reads_costs_a_bounded_amount() {
@@ -1019,10 +1019,13 @@ async fn a_tls_subscriber_that_never_reads_costs_a_bounded_amount() {
     let (mut p, _) = RawClient::connect(h.mqtt, connect_packet(V311, "tls-flooder", true)).await;
     let story = encode(V311, &[publish("flood/x", &[1u8; 64 * 1024], QoS::AtMostOnce, 0)]);
     let batch: Vec<u8> = std::iter::repeat_n(story, 16).flatten().collect();
-    for _ in 0..100 {
+    // 300 MB at a reader that takes nothing. What it may pin is configuration's: its queue (100
+    // messages, each keeping its 64 KiB read buffer alive), `max_outbound_bytes`, the edge's
+    // buffers; the allocator keeps some of what was freed. Far below what was sent.
+    for _ in 0..300 {
         p.send_raw(&batch).await;
     }
-    h.assert_healthy(rss0, 48 * MB, "a TLS subscriber that never reads").await;
+    h.assert_healthy(rss0, 96 * MB, "a TLS subscriber that never reads").await;
     let _ = sleeper.kill();
     let _ = sleeper.wait();
     drop(stdin);
