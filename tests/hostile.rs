@@ -981,10 +981,10 @@ async fn a_subscriber_that_never_reads_costs_a_bounded_amount() {
 /// connection `max_outbound_bytes`; 300 MB published at it leave memory bounded and other
 /// clients served. Guards `mqtt.edge_buffer_bytes`.
 ///
-/// OPEN: fails 2 runs in 3 on this machine: +171 to +179 MB for the 300 MB sent (+21 MB in the
-/// third). The TCP variant above, whose reader is dropped by its 2 s keep-alive, stays at +15 MB.
-/// Not yet known whether the TLS edge or a reader that stays congested for the whole flood is
-/// the cause. Run it with `cargo test --release --test hostile -- --ignored`.
+/// OPEN: run alongside the other hostile tests it failed 2 runs in 3 (+171 and +179 MB for the
+/// 300 MB sent); run alone it stays at +15 to +21 MB. A TCP reader that keeps its keep-alive
+/// through the same 300 MB stays at +10 to +14 MB, so the TLS edge (pump, socket pair, rustls)
+/// under load is the suspect. Run it with `cargo test --release --test hostile -- --ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "open finding: memory grows with a flood at a TLS reader that never reads (see the comment)"]
 async fn a_tls_subscriber_that_never_reads_costs_a_bounded_amount() {
