@@ -34,8 +34,8 @@ impl Handshake {
     /// else happens.
     pub(super) async fn refused(mut self, close: Close) {
         tracing::debug!(peer = %self.peer, reason = %close.describe(), "connection closed before CONNECT completed");
-        self.io.close(&self.broker, self.peer, self.client.counted_ip, &close).await;
-        self.io.end(&self.broker);
+        let answered = self.io.close(&self.broker, self.peer, self.client.counted_ip, &close).await;
+        self.io.end(&self.broker, answered);
     }
 
     /// Reads the CONNECT and accepts it: the claimed session and whether it was resumed.

@@ -125,7 +125,6 @@ pub async fn serve(broker: Arc<Broker>, stream: Socket, origin: Origin) {
             out: Outbound::new(),
             last_inbound: Instant::now(),
             last_write_progress: None,
-            answered: false,
         },
         client: Client {
             client_id: String::new(),
@@ -171,8 +170,8 @@ pub async fn serve(broker: Arc<Broker>, stream: Socket, origin: Origin) {
     // (An async `finish(self)` kept the whole connection twice in this task's future: 1.6 KB per
     // idle connection.)
     let (mut io, broker, peer, counted_ip) = conn.finish(&close);
-    io.close(&broker, peer, counted_ip, &close).await;
-    io.end(&broker);
+    let answered = io.close(&broker, peer, counted_ip, &close).await;
+    io.end(&broker, answered);
 }
 
 /// The socket side of a connection, before and after CONNECT.
@@ -185,8 +184,6 @@ struct Io {
     /// While output is queued: when the socket last took bytes from us (or the output began),
     /// to give up on a client that stopped reading. None while nothing is queued.
     last_write_progress: Option<Instant>,
-    /// Set by `close`: a final answer (CONNACK refusal, DISCONNECT) was written.
-    answered: bool,
 }
 
 impl Client {
@@ -879,7 +876,7 @@ impl Io {
     /// Counts a protocol error, releases the client's per-IP count and flushes what is queued
     /// (a CONNACK or DISCONNECT with its reason). Returns whether a final answer was written
     /// (see `end`).
-    async fn close(&mut self, broker: &Broker, peer: SocketAddr, counted_ip: bool, close: &Close) {
+    async fn close(&mut self, broker: &Broker, peer: SocketAddr, counted_ip: bool, close: &Close) -> bool {
         if matches!(close, Close::Decode(_) | Close::Violation(..)) {
             broker.metrics().protocol_errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -890,7 +887,7 @@ impl Io {
         let _ = tokio::time::timeout(Duration::from_secs(2), self.out.flush_all(&self.stream)).await;
         let written = before - self.out.pending_bytes();
         count_output(broker, &mut self.out, written);
-        self.answered = written > 0 && !matches!(close, Close::SocketClosed);
+        written > 0 && !matches!(close, Close::SocketClosed)
     }
 
     /// Ends the connection after `close`. When its last answer was a reason code, closing a
@@ -901,8 +898,8 @@ impl Io {
     /// and state are gone by then, and its future does not grow by the linger's (a task is
     /// rounded up to 128 bytes; 16 bytes more there cost 128 per idle connection).
     /// Without a final answer the socket is simply closed (dropped).
-    fn end(self, broker: &Broker) {
-        if self.answered {
+    fn end(self, broker: &Broker, answered: bool) {
+        if answered {
             tokio::spawn(linger(self.stream, broker.config().mqtt.close_linger_ms));
         }
     }
