@@ -1,6 +1,7 @@
 //! Arbitrary bytes after a valid WebSocket upgrade request, through the edge Herald runs for a
-//! `ws` listener: tungstenite's framing with our limits, the pre-CONNECT budget, and the MQTT
-//! connection task behind it. The first byte picks whether the upgrade request is sent first
+//! `ws` listener: the upgrade, the framing layer with its pre-CONNECT budget, and the MQTT
+//! connection behind it, over a real loopback TCP connection (the connection drives its socket
+//! by readiness). The first byte picks whether the upgrade request is sent first
 //! (mostly) or the data alone is the whole input. Nothing may panic or hang.
 #![no_main]
 
@@ -42,7 +43,9 @@ fuzz_target!(|data: &[u8]| {
     let Some((&selector, data)) = data.split_first() else { return };
     let w = world();
     w.rt.block_on(async {
-        let (mut client, server) = tokio::io::duplex(64 * 1024);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
         let origin = herald::connection::Origin {
             peer: "127.0.0.1:1".parse().unwrap(),
             loopback: true,

@@ -7,7 +7,7 @@ mod inbound;
 pub mod outbound;
 mod socket;
 
-pub use socket::Socket;
+pub use socket::{Layer, Socket, Tls, Ws};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -186,6 +186,14 @@ struct Io {
     last_write_progress: Option<Instant>,
 }
 
+impl Io {
+    /// Whether output waits for the socket: the connection's own, or a TLS or WebSocket
+    /// layer's (records, a pong).
+    fn writing(&self) -> bool {
+        self.out.has_pending() || self.stream.wants_write()
+    }
+}
+
 impl Client {
     /// How long the client may stay silent: one and a half keep-alives [MQTT-3.1.2-24].
     fn keep_alive(&self) -> Option<Duration> {
@@ -350,7 +358,7 @@ impl Connection {
                 && self.window_open()
                 && !(self.client.lanes && self.io.out.pending_bytes() >= NORMAL_OUTPUT_WITH_LANES);
             let high_window_open = room && self.client.lanes && self.high_window_open();
-            let writing = self.io.out.has_pending();
+            let writing = self.io.writing();
             let keep_alive = self.client.keep_alive().map(|k| self.io.last_inbound + k);
             let deadline = [keep_alive, self.retry.next_retry, self.flow.paused_until]
                 .into_iter()
@@ -412,16 +420,16 @@ impl Connection {
 
     /// Writes what the socket takes now.
     fn write_some(&mut self) -> Step {
-        if !self.io.out.has_pending() {
+        if !self.io.writing() {
             self.io.last_write_progress = None;
             return Ok(());
         }
-        let flushed = self.io.out.try_flush(&self.io.stream);
+        let flushed = self.io.out.try_flush(&mut self.io.stream);
         count_output(&self.broker, &mut self.io.out, flushed.as_ref().copied().unwrap_or(0));
         match flushed {
             Err(_) => Err(Close::SocketClosed),
             // Everything went: nothing to watch, and no clock read on the common path.
-            Ok(_) if !self.io.out.has_pending() => {
+            Ok(_) if !self.io.writing() => {
                 self.io.last_write_progress = None;
                 Ok(())
             }
@@ -477,7 +485,7 @@ impl Connection {
                 Ok(k) => Close::Kicked(k.reason),
                 Err(_) => Close::ServerShutdown,
             }),
-            r = self.io.stream.writable(), if self.io.out.has_pending() => match r {
+            r = self.io.stream.writable(), if self.io.writing() => match r {
                 Ok(()) => self.write_some(),
                 Err(_) => Err(Close::SocketClosed),
             },
@@ -884,7 +892,7 @@ impl Io {
             broker.release_ip(peer.ip());
         }
         let before = self.out.pending_bytes();
-        let _ = tokio::time::timeout(Duration::from_secs(2), self.out.flush_all(&self.stream)).await;
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.out.flush_all(&mut self.stream)).await;
         let written = before - self.out.pending_bytes();
         count_output(broker, &mut self.out, written);
         written > 0 && !matches!(close, Close::SocketClosed)

@@ -78,8 +78,10 @@ impl Outbound {
     }
 
     /// Writes as much as the socket takes now, without waiting; returns the bytes written.
-    pub fn try_flush(&mut self, stream: &super::Socket) -> std::io::Result<usize> {
+    pub fn try_flush(&mut self, stream: &mut super::Socket) -> std::io::Result<usize> {
         self.seal();
+        // What a TLS or WebSocket layer holds goes before anything new.
+        stream.flush_buffered()?;
         let mut total = 0;
         while !self.queue.is_empty() {
             // On the stack: no allocation per write.
@@ -112,10 +114,10 @@ impl Outbound {
     }
 
     /// Writes everything queued, waiting for the socket as needed.
-    pub async fn flush_all(&mut self, stream: &super::Socket) -> std::io::Result<()> {
+    pub async fn flush_all(&mut self, stream: &mut super::Socket) -> std::io::Result<()> {
         loop {
             self.try_flush(stream)?;
-            if !self.has_pending() {
+            if !self.has_pending() && !stream.wants_write() {
                 return Ok(());
             }
             stream.writable().await?;

@@ -1,217 +1,220 @@
-//! The TLS and WebSocket edge: the handshake (TLS, then for `ws`/`wss` the HTTP upgrade on path
-//! `/mqtt` with subprotocol `mqtt` and the listener's allowed origins), then a pump between the
-//! client's stream and one end of a Unix socket pair whose other end a normal connection task
-//! serves. The MQTT core never sees TLS records or WebSocket frames.
-//!
-//! The pump costs a task and a copy per connection on these listeners; driving rustls and the
-//! framing inside the connection task would remove both (bench/notes.md).
+//! The TLS and WebSocket handshakes: TLS (rustls, through tokio-rustls's acceptor), then for
+//! `ws`/`wss` the HTTP upgrade on the listener's path with subprotocol `mqtt` and its allowed
+//! origins. The handshake runs in a task of its own; once done, the TCP stream and the layers
+//! on it become the connection's `Socket` and this task ends, so an established connection is
+//! one task and one file descriptor, whatever its transport (connection::socket).
 
-use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpStream, UnixStream};
-use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
-use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
-use tokio_tungstenite::tungstenite::Message;
+use bytes::BytesMut;
+use tokio::net::TcpStream;
+use tungstenite::handshake::derive_accept_key;
 use tracing::debug;
 
 use crate::broker::Broker;
-use crate::config::ListenerProtocol;
-use crate::connection::{Origin, Socket};
+use crate::config::{Listener, ListenerProtocol};
+use crate::connection::{Layer, Origin, Socket, Tls, Ws};
+use std::sync::Arc;
 
-pub async fn serve(broker: Arc<Broker>, tcp: TcpStream, mut origin: Origin) {
-    let listener = &broker.config().listeners[origin.listener];
+pub async fn serve(broker: Arc<Broker>, tcp: TcpStream, origin: Origin) {
     let timeout = Duration::from_secs(broker.config().mqtt.connect_timeout);
+    let deadline = tokio::time::Instant::now() + timeout;
+    if let Some((socket, origin)) = handshake(&broker, tcp, origin, deadline).await {
+        tokio::spawn(crate::connection::serve(broker, socket, origin));
+    }
+}
+
+async fn handshake(
+    broker: &Arc<Broker>,
+    tcp: TcpStream,
+    mut origin: Origin,
+    deadline: tokio::time::Instant,
+) -> Option<(Socket, Origin)> {
+    let listener = &broker.config().listeners[origin.listener];
     let peer = origin.peer;
     match listener.protocol {
         ListenerProtocol::Mqtts | ListenerProtocol::Wss => {
-            let Some(acceptor) = broker.tls_acceptor(origin.listener) else { return };
-            let mut tls = match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
+            let acceptor = broker.tls_acceptor(origin.listener)?;
+            let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => tls,
                 Ok(Err(e)) => {
                     debug!(%peer, error = %e, "TLS handshake failed");
                     broker.metrics().tls_handshake_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return;
+                    return None;
                 }
-                Err(_) => return,
+                Err(_) => return None,
             };
-            // Plaintext rustls holds for a client that does not read: bounded by configuration
-            // (rustls's own default is 64 KiB; the rest of its buffers are fixed, docs/architecture.md).
-            tls.get_mut().1.set_buffer_limit(Some(broker.config().mqtt.edge_buffer_bytes));
+            let (tcp, mut conn) = tls.into_inner();
+            // Records rustls holds for a client that does not read: one write's worth, and
+            // at most this (its own default is 64 KiB).
+            conn.set_buffer_limit(Some(broker.config().mqtt.edge_buffer_bytes));
             if listener.use_identity_as_username {
-                origin.certificate_name = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .and_then(|c| c.first())
-                    .and_then(|c| crate::tls::common_name(c));
+                origin.certificate_name =
+                    conn.peer_certificates().and_then(|c| c.first()).and_then(|c| crate::tls::common_name(c));
             }
+            let tls = Tls::new(tcp, conn);
             if listener.protocol == ListenerProtocol::Mqtts {
-                pump_bytes(broker, tls, origin).await;
+                Some((Socket::Tls(Box::new(tls)), origin))
             } else {
-                websocket(broker, tls, origin, timeout).await;
+                let ws = upgrade(broker, listener, tls, peer, deadline).await?;
+                Some((Socket::Wss(Box::new(ws)), origin))
             }
         }
-        ListenerProtocol::Ws => websocket(broker, tcp, origin, timeout).await,
+        ListenerProtocol::Ws => {
+            let ws = upgrade(broker, listener, tcp, peer, deadline).await?;
+            Some((Socket::Ws(Box::new(ws)), origin))
+        }
         ListenerProtocol::Mqtt => unreachable!("plain MQTT does not go through the edge"),
     }
 }
 
-fn pair(broker: &Arc<Broker>, origin: Origin) -> Option<UnixStream> {
-    let (inner, outer) = UnixStream::pair().ok()?;
-    tokio::spawn(crate::connection::serve(broker.clone(), Socket::Edge(inner), origin));
-    Some(outer)
-}
-
-async fn pump_bytes<S: AsyncRead + AsyncWrite + Unpin>(broker: Arc<Broker>, mut stream: S, origin: Origin) {
-    let Some(mut outer) = pair(&broker, origin) else { return };
-    let _ = tokio::io::copy_bidirectional(&mut stream, &mut outer).await;
-}
-
-/// [MQTT-6.0.0-3] [MQTT-6.0.0-4] the client offers the subprotocol `mqtt` and the server
-/// selects it; the path must be the listener's and the origin, if restricted, one it allows.
-/// Public for the fuzz target, which drives it over an in-memory pipe.
-pub async fn websocket<S: AsyncRead + AsyncWrite + Unpin>(
-    broker: Arc<Broker>,
-    stream: S,
-    origin: Origin,
-    timeout: Duration,
-) {
+/// The upgrade on a `ws` listener, then the connection, in this task: for the fuzz target,
+/// which waits for it to end.
+pub async fn websocket(broker: Arc<Broker>, tcp: TcpStream, origin: Origin, timeout: Duration) {
     let listener = broker.config().listeners[origin.listener].clone();
-    // The callback's signature is tungstenite's, large error type included.
-    #[allow(clippy::result_large_err)]
-    let check = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
-        let refuse = |status: StatusCode, why: &str| {
-            let mut r = ErrorResponse::new(Some(why.to_owned()));
-            *r.status_mut() = status;
-            r
-        };
-        if req.uri().path() != listener.path {
-            return Err(refuse(StatusCode::NOT_FOUND, "MQTT is served on another path"));
-        }
-        if !listener.allowed_origins.is_empty() {
-            let given = req.headers().get("origin").and_then(|o| o.to_str().ok()).unwrap_or("");
-            if !listener.allowed_origins.iter().any(|o| o == given) {
-                return Err(refuse(StatusCode::FORBIDDEN, "origin not allowed"));
-            }
-        }
-        let offers_mqtt = req
-            .headers()
-            .get_all("sec-websocket-protocol")
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .any(|p| p.trim() == "mqtt");
-        if !offers_mqtt {
-            return Err(refuse(StatusCode::BAD_REQUEST, "the subprotocol mqtt is required"));
-        }
-        resp.headers_mut().insert("sec-websocket-protocol", HeaderValue::from_static("mqtt"));
-        Ok(resp)
-    };
-    let peer = origin.peer;
-    let mqtt = &broker.config().mqtt;
-    // Before its CONNECT is answered a WebSocket client is a stranger: everything it sends (the
-    // upgrade request, frame headers, fragments) counts against a small budget, and the budget
-    // is lifted when the core first answers (the CONNACK). Afterwards a message may be as large
-    // as the largest packet, and the write buffer holds one message and a pong, not one pong
-    // per ping of a client that never reads.
-    let budget = Arc::new(AtomicUsize::new(mqtt.max_connect_packet_size as usize + PRE_CONNECT_ALLOWANCE));
-    let stream = Budget { inner: stream, left: budget.clone() };
-    let max_message = mqtt.max_packet_size as usize;
-    let config = WebSocketConfig::default()
-        .max_message_size(Some(max_message))
-        .max_frame_size(Some(max_message))
-        .write_buffer_size(mqtt.edge_buffer_bytes)
-        .max_write_buffer_size(mqtt.edge_buffer_bytes + CORE_CHUNK + 1024);
-    let accept = tokio_tungstenite::accept_hdr_async_with_config(stream, check, Some(config));
-    let ws = match tokio::time::timeout(timeout, accept).await {
-        Ok(Ok(ws)) => ws,
-        Ok(Err(e)) => {
-            debug!(%peer, error = %e, "WebSocket handshake refused");
-            return;
-        }
-        Err(_) => return,
-    };
-    let Some(outer) = pair(&broker, origin) else { return };
-    let (mut from_core, mut to_core) = outer.into_split();
-    let (mut to_client, mut from_client) = ws.split();
-    let mut buf = vec![0u8; CORE_CHUNK];
-    loop {
-        tokio::select! {
-            m = from_client.next() => match m {
-                Some(Ok(Message::Binary(data))) => {
-                    if to_core.write_all(&data).await.is_err() {
-                        break;
-                    }
-                }
-                Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {}
-                // [MQTT-6.0.0-1] MQTT travels in binary frames; anything else ends the connection.
-                _ => break,
-            },
-            n = from_core.read(&mut buf) => match n {
-                Ok(0) | Err(_) => break,
-                Ok(n) => {
-                    budget.store(usize::MAX, Ordering::Relaxed);
-                    if to_client.send(Message::Binary(buf[..n].to_vec().into())).await.is_err() {
-                        break;
-                    }
-                }
-            },
-        }
+    let deadline = tokio::time::Instant::now() + timeout;
+    if let Some(ws) = upgrade(&broker, &listener, tcp, origin.peer, deadline).await {
+        crate::connection::serve(broker, Socket::Ws(Box::new(ws)), origin).await;
     }
-    let _ = to_client.close().await;
 }
 
 /// What a WebSocket client may send before its CONNECT is answered beyond the CONNECT itself:
 /// the HTTP upgrade request and frame headers.
 const PRE_CONNECT_ALLOWANCE: usize = 16 * 1024;
-/// Largest read from the core, and so largest message to the client.
-const CORE_CHUNK: usize = 16 * 1024;
+const MAX_HEADERS: usize = 32;
 
-/// A stream that fails reads once `left` bytes have been read; `usize::MAX` lifts the bound.
-struct Budget<S> {
-    inner: S,
-    left: Arc<AtomicUsize>,
+/// [MQTT-6.0.0-3] [MQTT-6.0.0-4] the client offers the subprotocol `mqtt` and the server
+/// selects it; the path must be the listener's and the origin, if restricted, one it allows.
+/// The request (at most PRE_CONNECT_ALLOWANCE bytes) is parsed with httparse; the framing
+/// layer gets what followed it, and a budget for the rest of what may come before the CONNACK.
+async fn upgrade<T: Layer>(
+    broker: &Broker,
+    listener: &Listener,
+    mut inner: T,
+    peer: std::net::SocketAddr,
+    deadline: tokio::time::Instant,
+) -> Option<Ws<T>> {
+    let mut buf = BytesMut::new();
+    let (answer, consumed) = loop {
+        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(&buf) {
+            Ok(httparse::Status::Complete(n)) => break (check(&req, listener), n),
+            Ok(httparse::Status::Partial) if buf.len() < PRE_CONNECT_ALLOWANCE => {}
+            Ok(httparse::Status::Partial) => break (Err((431, "request header too large")), 0),
+            Err(_) => break (Err((400, "malformed upgrade request")), 0),
+        }
+        let room = PRE_CONNECT_ALLOWANCE - buf.len();
+        let start = buf.len();
+        buf.resize(start + room.min(4096), 0);
+        let read = tokio::time::timeout_at(deadline, read_some(&mut inner, &mut buf[start..])).await;
+        match read {
+            Ok(Ok(n)) if n > 0 => buf.truncate(start + n),
+            _ => return None,
+        }
+    };
+    let response = match &answer {
+        Ok(accept) => format!(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Accept: {accept}\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n"
+        ),
+        Err((status, why)) => {
+            debug!(%peer, status, why, "WebSocket upgrade refused");
+            format!(
+                "HTTP/1.1 {status} {}\r\nConnection: close\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\r\n{why}",
+                reason_phrase(*status),
+                why.len()
+            )
+        }
+    };
+    if tokio::time::timeout_at(deadline, write_all(&mut inner, response.as_bytes())).await.is_err() {
+        return None;
+    }
+    answer.ok()?;
+    let _ = buf.split_to(consumed);
+    if buf.is_empty() {
+        buf = BytesMut::new();
+    }
+    let budget = broker.config().mqtt.max_connect_packet_size as usize + PRE_CONNECT_ALLOWANCE - consumed;
+    Some(Ws::new(inner, buf, budget))
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for Budget<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
-        let left = self.left.load(Ordering::Relaxed);
-        if left == usize::MAX {
-            return Pin::new(&mut self.inner).poll_read(cx, buf);
+/// The upgrade's checks; Ok holds the Sec-WebSocket-Accept value [RFC 6455 4.2.1].
+fn check(req: &httparse::Request<'_, '_>, listener: &Listener) -> Result<String, (u16, &'static str)> {
+    fn values<'a>(req: &'a httparse::Request<'_, '_>, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        req.headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .filter_map(|h| std::str::from_utf8(h.value).ok())
+    }
+    let header = |name: &'static str| values(req, name);
+    let has_token = |name: &'static str, token: &str| {
+        header(name).flat_map(|v| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token))
+    };
+    if req.method != Some("GET") || req.version != Some(1) {
+        return Err((400, "a WebSocket upgrade is a GET over HTTP/1.1"));
+    }
+    if !has_token("upgrade", "websocket") || !has_token("connection", "upgrade") {
+        return Err((400, "not a WebSocket upgrade"));
+    }
+    if !header("sec-websocket-version").any(|v| v.trim() == "13") {
+        return Err((400, "WebSocket version 13 is required"));
+    }
+    let Some(key) = header("sec-websocket-key").next() else {
+        return Err((400, "Sec-WebSocket-Key is missing"));
+    };
+    let path = req.path.unwrap_or("").split('?').next().unwrap_or("");
+    if path != listener.path {
+        return Err((404, "MQTT is served on another path"));
+    }
+    if !listener.allowed_origins.is_empty() {
+        let given = header("origin").next().unwrap_or("");
+        if !listener.allowed_origins.iter().any(|o| o == given) {
+            return Err((403, "origin not allowed"));
         }
-        if left == 0 {
-            return Poll::Ready(Err(std::io::Error::other("more input than a CONNECT may take before it is answered")));
-        }
-        let mut limited = buf.take(left);
-        std::task::ready!(Pin::new(&mut self.inner).poll_read(cx, &mut limited))?;
-        let n = limited.filled().len();
-        // SAFETY: `limited` is a view of `buf`'s unfilled part, and the inner read initialised
-        // and filled its first `n` bytes.
-        unsafe { buf.assume_init(n) };
-        buf.advance(n);
-        // Lifted meanwhile by the pump: keep it lifted.
-        let _ = self.left.compare_exchange(left, left - n, Ordering::Relaxed, Ordering::Relaxed);
-        Poll::Ready(Ok(()))
+    }
+    if !has_token("sec-websocket-protocol", "mqtt") {
+        return Err((400, "the subprotocol mqtt is required"));
+    }
+    Ok(derive_accept_key(key.trim().as_bytes()))
+}
+
+fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        431 => "Request Header Fields Too Large",
+        _ => "Error",
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for Budget<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+async fn read_some<T: Layer>(inner: &mut T, buf: &mut [u8]) -> std::io::Result<usize> {
+    loop {
+        if !inner.has_buffered_input() {
+            inner.tcp().readable().await?;
+        }
+        match inner.try_read(buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            r => return r,
+        }
     }
+}
 
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+async fn write_all<T: Layer>(inner: &mut T, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() || inner.wants_write() {
+        if !data.is_empty() {
+            match inner.try_write_vectored(&[std::io::IoSlice::new(data)]) {
+                Ok(n) => data = &data[n..],
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        } else {
+            inner.flush_buffered()?;
+        }
+        if !data.is_empty() || inner.wants_write() {
+            inner.tcp().writable().await?;
+        }
     }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
+    Ok(())
 }
