@@ -420,16 +420,40 @@ async fn fanout(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     r.print();
 }
 
+/// Idle connections, as phones hold them: `--connections` clients over plain TCP, `--tls true`
+/// (with `--ca PEM`), `--ws true`, or both (wss), each optionally subscribed to a topic of its
+/// own. Reports connects (TCP, TLS handshake, WebSocket upgrade and CONNECT) per second and the
+/// broker's resident memory per connection. With `--hold S` every client then sends PINGREQ each
+/// `--keepalive` seconds for S seconds: the broker's CPU per PINGREQ and its memory at the end.
 async fn conns(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     let count: u32 = o.get("connections", 10_000);
     let subscribe: bool = o.get("subscribe", false);
+    let tls: bool = o.get("tls", false);
+    let ws: bool = o.get("ws", false);
+    let keepalive: u16 = o.get("keepalive", 600);
+    let hold: f64 = o.get("hold", 0.0);
+    let connector = tls.then(|| {
+        let ca: String = o.get("ca", String::new());
+        let mut roots = rustls::RootCertStore::empty();
+        use rustls::pki_types::pem::PemObject;
+        for c in rustls::pki_types::CertificateDer::pem_file_iter(&ca).expect("--ca PEM file") {
+            roots.add(c.expect("a certificate")).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    });
     let rss0 = pid.and_then(broker_rss_bytes);
     let start = Instant::now();
     let mut open = Vec::with_capacity(count as usize);
     for i in 0..count {
-        let mut c = Conn::open(addr, &format!("bench-idle-{i}")).await;
+        let mut c = IdleConn::open(addr, connector.as_ref(), ws, &format!("bench-idle-{i}"), keepalive).await;
         if subscribe {
-            c.subscribe(&format!("users/{i}/inbox"), QoS::AtLeastOnce).await;
+            c.exchange(&subscribe_packet(&format!("users/{i}/inbox"))).await;
         }
         open.push(c);
     }
@@ -438,13 +462,154 @@ async fn conns(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     let rss1 = pid.and_then(broker_rss_bytes);
     let mut r = Report::new("conns");
     r.num("connections", count as f64).num("subscribe", subscribe as u8 as f64);
+    r.num("tls", tls as u8 as f64).num("ws", ws as u8 as f64);
     r.num("connects_per_s", count as f64 / elapsed);
     if let (Some(a), Some(b)) = (rss0, rss1) {
         r.num("rss_before_kb", a as f64 / 1024.0).num("rss_after_kb", b as f64 / 1024.0);
         r.num("bytes_per_connection", b.saturating_sub(a) as f64 / count as f64);
     }
+    if hold > 0.0 {
+        let pings = Arc::new(AtomicU64::new(0));
+        let cpu0 = pid.and_then(broker_cpu_us);
+        let until = Instant::now() + Duration::from_secs_f64(hold);
+        let period = Duration::from_secs(u64::from(keepalive.max(1)));
+        let tasks: Vec<_> = open
+            .drain(..)
+            .enumerate()
+            .map(|(i, mut c)| {
+                let pings = pings.clone();
+                tokio::spawn(async move {
+                    // Spread over the period, as phones' timers are.
+                    let offset = period.mul_f64((i % 1000) as f64 / 1000.0);
+                    tokio::time::sleep(offset).await;
+                    let mut tick = tokio::time::interval(period);
+                    loop {
+                        tick.tick().await;
+                        if Instant::now() >= until {
+                            return c;
+                        }
+                        c.exchange(&[0xC0, 0x00]).await;
+                        pings.fetch_add(1, Relaxed);
+                    }
+                })
+            })
+            .collect();
+        for t in tasks {
+            open.push(t.await.unwrap());
+        }
+        let cpu1 = pid.and_then(broker_cpu_us);
+        let n = pings.load(Relaxed);
+        r.num("pings", n as f64);
+        if let (Some(a), Some(b)) = (cpu0, cpu1) {
+            r.num("cpu_us_per_ping", (b - a) as f64 / n.max(1) as f64);
+        }
+        if let Some(b) = pid.and_then(broker_rss_bytes) {
+            r.num("rss_after_hold_kb", b as f64 / 1024.0);
+        }
+    }
     r.print();
     drop(open);
+}
+
+fn subscribe_packet(filter: &str) -> Vec<u8> {
+    let mut out = vec![0x82];
+    let len = 2 + 2 + filter.len() + 1;
+    let mut rest = BytesMut::new();
+    herald::codec::wire::put_varint(&mut rest, len as u32);
+    out.extend_from_slice(&rest);
+    out.extend_from_slice(&[0, 1]);
+    out.extend_from_slice(&(filter.len() as u16).to_be_bytes());
+    out.extend_from_slice(filter.as_bytes());
+    out.push(1);
+    out
+}
+
+trait Stream: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send> Stream for T {}
+
+/// A client connection for the idle scenario; MQTT 3.1.1 bytes, in masked binary WebSocket
+/// frames with `ws`. Each exchange sends one packet and reads one answer.
+struct IdleConn {
+    stream: Box<dyn Stream>,
+    ws: bool,
+}
+
+impl IdleConn {
+    async fn open(
+        addr: SocketAddr,
+        tls: Option<&tokio_rustls::TlsConnector>,
+        ws: bool,
+        client_id: &str,
+        keepalive: u16,
+    ) -> IdleConn {
+        let tcp = TcpStream::connect(addr).await.expect("connect");
+        tcp.set_nodelay(true).unwrap();
+        let mut stream: Box<dyn Stream> = match tls {
+            Some(c) => {
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                Box::new(c.connect(name, tcp).await.expect("TLS handshake"))
+            }
+            None => Box::new(tcp),
+        };
+        if ws {
+            stream
+                .write_all(
+                    b"GET /mqtt HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                      Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\
+                      Sec-WebSocket-Protocol: mqtt\r\n\r\n",
+                )
+                .await
+                .unwrap();
+            let mut head = Vec::new();
+            while !head.ends_with(b"\r\n\r\n") {
+                head.push(stream.read_u8().await.expect("upgrade response"));
+            }
+            assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+        }
+        let mut c = IdleConn { stream, ws };
+        let mut connect = vec![0x10];
+        let body_len = 10 + 2 + client_id.len();
+        connect.push(body_len as u8);
+        connect.extend_from_slice(&[0, 4, b'M', b'Q', b'T', b'T', 4, 0x02]);
+        connect.extend_from_slice(&keepalive.to_be_bytes());
+        connect.extend_from_slice(&(client_id.len() as u16).to_be_bytes());
+        connect.extend_from_slice(client_id.as_bytes());
+        let ack = c.exchange(&connect).await;
+        assert_eq!(ack, [0x20, 0x02, 0x00, 0x00], "CONNACK");
+        c
+    }
+
+    /// Sends one packet and returns the one that answers it.
+    async fn exchange(&mut self, packet: &[u8]) -> Vec<u8> {
+        if self.ws {
+            let mut frame = vec![0x82, 0x80 | packet.len() as u8, 1, 2, 3, 4];
+            frame.extend(packet.iter().enumerate().map(|(i, b)| b ^ [1, 2, 3, 4][i % 4]));
+            self.stream.write_all(&frame).await.expect("write");
+        } else {
+            self.stream.write_all(packet).await.expect("write");
+        }
+        let mut bytes = Vec::new();
+        loop {
+            // Small answers only (CONNACK, SUBACK, PINGRESP): one frame, short lengths.
+            let mut take = 2;
+            if self.ws {
+                let h = [self.stream.read_u8().await.expect("frame"), self.stream.read_u8().await.expect("frame")];
+                take = usize::from(h[1] & 0x7F);
+            }
+            for _ in 0..take {
+                bytes.push(self.stream.read_u8().await.expect("answer"));
+            }
+            if !self.ws {
+                let rest = usize::from(bytes[1]);
+                for _ in 0..rest {
+                    bytes.push(self.stream.read_u8().await.expect("answer"));
+                }
+            }
+            if bytes.len() >= 2 && bytes.len() >= 2 + usize::from(bytes[1]) {
+                return bytes;
+            }
+        }
+    }
 }
 
 async fn retained(addr: SocketAddr, o: &Opts) {

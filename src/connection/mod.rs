@@ -447,20 +447,21 @@ impl Connection {
         if self.io.inbuf.capacity() - self.io.inbuf.len() < 4096 {
             self.io.inbuf.reserve(16 * 1024);
         }
-        match self.io.stream.try_read_buf(&mut self.io.inbuf) {
+        let step = match self.io.stream.try_read_buf(&mut self.io.inbuf) {
             Ok(0) => Err(Close::SocketClosed),
             Ok(n) => {
                 self.broker.metrics().hot.add(crate::metrics::Hot::BytesReceived, n as u64);
-                let step = self.handle_input();
-                if self.io.inbuf.is_empty() {
-                    // Everything read was handled: an idle connection holds no input buffer.
-                    self.io.inbuf = BytesMut::new();
-                }
-                step
+                self.handle_input()
             }
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
             Err(_) => Err(Close::SocketClosed),
+        };
+        if self.io.inbuf.is_empty() {
+            // Everything read was handled, or the wake-up was spurious (readiness left over
+            // from the handshake's read): an idle connection holds no input buffer.
+            self.io.inbuf = BytesMut::new();
         }
+        step
     }
 
     /// Waits for room in the queue of the first subscriber that the last PUBLISH could not be

@@ -89,8 +89,14 @@ pub struct Tls {
 }
 
 impl Tls {
-    pub fn new(tcp: TcpStream, conn: rustls::ServerConnection) -> Self {
-        Self { tcp, conn, plaintext: 0, closed: false }
+    pub fn new(tcp: TcpStream, mut conn: rustls::ServerConnection) -> Self {
+        // What the client sent right behind its Finished (its CONNECT, often) may already have
+        // been read with the handshake: it is waiting, and the socket will not say so.
+        let (plaintext, closed) = match conn.process_new_packets() {
+            Ok(state) => (state.plaintext_bytes_to_read(), state.peer_has_closed()),
+            Err(_) => (0, true),
+        };
+        Self { tcp, conn, plaintext, closed }
     }
 
     pub fn connection(&self) -> &rustls::ServerConnection {
@@ -201,6 +207,9 @@ pub struct Ws<T> {
     control: Option<Box<BytesMut>>,
     /// A close frame was sent or received.
     closing: bool,
+    /// `raw` holds only part of a frame and the socket had nothing more: the next read waits
+    /// for the socket.
+    starved: bool,
     /// Bytes the client may still send before the first answer (the CONNACK): a stranger's
     /// frame headers and pings count, not only its CONNECT. `usize::MAX` once lifted.
     budget: usize,
@@ -222,6 +231,7 @@ impl<T: Layer> Ws<T> {
             head_sent: 0,
             control: None,
             closing: false,
+            starved: false,
             budget,
         }
     }
@@ -358,8 +368,9 @@ impl<T: Layer> Layer for Ws<T> {
     }
 
     fn has_buffered_input(&self) -> bool {
-        // Parsed input waiting (a payload already read behind a header) or a lower layer's.
-        (self.in_left > 0 && !self.raw.is_empty()) || self.inner.has_buffered_input()
+        // Input read and not yet looked at (frames behind the upgrade request, a payload read
+        // with its header), unless it is known to be incomplete; or a lower layer's.
+        (!self.raw.is_empty() && !self.starved) || self.inner.has_buffered_input()
     }
 
     fn try_read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
@@ -399,9 +410,16 @@ impl<T: Layer> Layer for Ws<T> {
             let mut chunk = [0u8; HEADER_READ];
             // Never more than a header and a control frame need to wait here.
             let room = (MAX_HEADER + MAX_CONTROL + HEADER_READ).saturating_sub(self.raw.len()).min(HEADER_READ);
-            match self.read_inner(&mut chunk[..room])? {
-                0 => return Ok(0),
-                n => self.raw.extend_from_slice(&chunk[..n]),
+            match self.read_inner(&mut chunk[..room]) {
+                Ok(0) => return Ok(0),
+                Ok(n) => {
+                    self.starved = false;
+                    self.raw.extend_from_slice(&chunk[..n]);
+                }
+                Err(e) => {
+                    self.starved = e.kind() == io::ErrorKind::WouldBlock;
+                    return Err(e);
+                }
             }
         }
     }
