@@ -458,7 +458,9 @@ async fn conns(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
         open.push(c);
     }
     let elapsed = start.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Long enough for a broker that hibernates idle connections (Herald: after 1 s) to do so.
+    let settle: f64 = o.get("settle", 3.0);
+    tokio::time::sleep(Duration::from_secs_f64(settle)).await;
     let rss1 = pid.and_then(broker_rss_bytes);
     let mut r = Report::new("conns");
     r.num("connections", count as f64).num("subscribe", subscribe as u8 as f64);

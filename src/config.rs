@@ -480,10 +480,14 @@ pub struct Mqtt {
     /// (or until the client closes), so the close does not turn into a TCP reset that destroys
     /// the reason code before the client reads it. 0 closes at once.
     pub close_linger_ms: u64,
-    /// Bytes a TLS or WebSocket edge holds on its way to a client that is slow to read: rustls's
-    /// plaintext send buffer, and tungstenite's write buffer (which also holds at most one
-    /// 16 KiB message and one pong beyond it).
+    /// Bytes of TLS records rustls holds on their way to a client that is slow to read (at most
+    /// one write's worth is taken while any are waiting). WebSocket framing holds none: a frame
+    /// header and one pong at most.
     pub edge_buffer_bytes: usize,
+    /// A connection with nothing in flight, queued or half-read for this long hibernates: it
+    /// gives up the state of its event loop and buffers and waits in a small future for input, a
+    /// delivery, a kick or its keep-alive deadline (docs/architecture.md). 0: never.
+    pub hibernate_after_ms: u64,
 }
 
 impl Default for Mqtt {
@@ -505,6 +509,7 @@ impl Default for Mqtt {
             max_connect_packet_size: 65_536,
             close_linger_ms: 1_000,
             edge_buffer_bytes: 64 * 1024,
+            hibernate_after_ms: 1_000,
         }
     }
 }

@@ -106,10 +106,22 @@ pub struct Origin {
 
 /// Runs a connection from accept to close, in one task that both reads and writes: the
 /// handshake first, which yields the session, then the connection proper, which always has one.
+///
+/// The task's own future stays small: the handshake, the event loop (`run`) and the close each
+/// run in a boxed future that exists only while that phase does, and the connection's state is
+/// boxed. An idle connection hibernates (`hibernate`): it keeps its state and a small future,
+/// and the event loop's future is freed until something happens.
 pub async fn serve(broker: Arc<Broker>, stream: Socket, origin: Origin) {
     broker.metrics().connections_total.fetch_add(1, Ordering::Relaxed);
     broker.metrics().connections_open.fetch_add(1, Ordering::Relaxed);
     let _open = OpenGuard(broker.clone());
+    let Some(mut conn) = Box::pin(open(broker, stream, origin)).await else { return };
+    let close = conn.live().await;
+    Box::pin(conn.end(close)).await;
+}
+
+/// The CONNECT handshake; None when the connection was refused (and answered).
+async fn open(broker: Arc<Broker>, stream: Socket, origin: Origin) -> Option<Box<Connection>> {
     let (kick_tx, kick_rx) = tokio::sync::oneshot::channel();
     let mut handshake = handshake::Handshake {
         conn_id: broker.next_id(),
@@ -149,29 +161,32 @@ pub async fn serve(broker: Arc<Broker>, stream: Socket, origin: Origin) {
         certificate_name: origin.certificate_name.map(String::into_boxed_str),
         broker,
     };
-    // Boxed: the handshake's future (CONNECT checks, authentication, the registry's claim) is
-    // large, and only its result outlives it; inline, every idle connection would carry its
-    // space for good.
-    let (session, present) = match Box::pin(handshake.handshake()).await {
+    let (session, present) = match handshake.handshake().await {
         Ok(claimed) => claimed,
-        Err(close) => return handshake.refused(close).await,
+        Err(close) => {
+            handshake.refused(close).await;
+            return None;
+        }
     };
-    // Everything moves out of the handshake, so that no part of it stays alive beside the
-    // connection in this task's future (a field left behind kept it all, 1.5 KB per connection).
     let handshake::Handshake { broker, conn_id, peer, io, client, retry, kick_tx, loopback: _, certificate_name } =
         handshake;
     drop((kick_tx, certificate_name));
-    let mut conn = Connection { broker, conn_id, peer, io, client, retry, session, flow: Flow::default(), kick_rx };
+    let mut conn = Box::new(Connection {
+        broker,
+        conn_id,
+        peer,
+        io,
+        client,
+        retry,
+        session,
+        flow: Flow::default(),
+        kick_rx,
+        quiet: Quiet::default(),
+    });
     if present {
         conn.resend_inflight();
     }
-    let close = conn.run().await;
-    // Settling is synchronous and takes the connection apart; only the socket is left to flush.
-    // (An async `finish(self)` kept the whole connection twice in this task's future: 1.6 KB per
-    // idle connection.)
-    let (mut io, broker, peer, counted_ip) = conn.finish(&close);
-    let answered = io.close(&broker, peer, counted_ip, &close).await;
-    io.end(&broker, answered);
+    Some(conn)
 }
 
 /// The socket side of a connection, before and after CONNECT.
@@ -278,6 +293,23 @@ pub struct Connection {
     flow: Flow,
     retry: Retry,
     kick_rx: tokio::sync::oneshot::Receiver<Kick>,
+    quiet: Quiet,
+}
+
+/// When to hibernate: `run` counts its events, and at each check (one clock reading per
+/// `hibernate_after_ms`) a connection that had none and is idle returns to hibernate.
+#[derive(Default)]
+struct Quiet {
+    check_at: Option<Instant>,
+    events: u32,
+    seen: u32,
+}
+
+/// How `run` ended.
+enum Run {
+    Closed(Close),
+    /// Idle since the last check: hibernate.
+    Idle,
 }
 
 /// Deliveries per message the latency histogram records, at least (see `start_delivery`).
@@ -322,24 +354,103 @@ enum Event {
 }
 
 impl Connection {
-    async fn run(&mut self) -> Close {
-        let limit = self.broker.config().mqtt.max_outbound_bytes;
+    /// The connection's life: the event loop while there is something to do, hibernation
+    /// while there is not. The loop's future is boxed and freed while hibernating.
+    async fn live(&mut self) -> Close {
         // What the client sent right behind its CONNECT, in the same read [MQTT-3.1.4]: the loop
-        // below handles input only when the socket becomes readable again, which may be never.
+        // handles input only when the socket becomes readable again, which may be never.
         if !self.io.inbuf.is_empty() {
             if let Err(close) = self.handle_input() {
                 return close;
             }
         }
         loop {
+            match Box::pin(self.run()).await {
+                Run::Closed(close) => return close,
+                Run::Idle => {}
+            }
+            self.release_buffers();
+            if let Err(close) = self.hibernate().await {
+                return close;
+            }
+            self.quiet.check_at = None;
+        }
+    }
+
+    /// Nothing in flight, queued, half-read or waiting to be written.
+    fn idle(&self) -> bool {
+        !self.io.writing()
+            && self.io.inbuf.is_empty()
+            && self.flow.blocked.is_empty()
+            && self.flow.acks.is_empty()
+            && self.flow.held_ack.is_none()
+            && self.flow.paused_until.is_none()
+            && self.retry.next_retry.is_none()
+            && self.session.state.pending.is_empty()
+            && self.session.state.inflight.is_empty()
+    }
+
+    /// Frees the capacity of empty buffers and queues before hibernating.
+    fn release_buffers(&mut self) {
+        self.io.inbuf = BytesMut::new();
+        self.io.out.release();
+        let state = &mut self.session.state;
+        state.pending = Default::default();
+        state.inflight = Default::default();
+        state.incoming_qos2.shrink_to_fit();
+        self.flow.blocked = Default::default();
+        self.flow.acks = Default::default();
+    }
+
+    /// Waits in a small future for the one thing that ends hibernation, and handles it: input,
+    /// a delivery, a high-priority signal, a kick, or the keep-alive deadline.
+    async fn hibernate(&mut self) -> Step {
+        let keep_alive = self.client.keep_alive().map(|k| tokio::time::Instant::from_std(self.io.last_inbound + k));
+        let urgent = self.session.shared.urgent_if_made();
+        let event = tokio::select! {
+            biased;
+            k = &mut self.kick_rx => Event::Kick(k.ok()),
+            r = self.io.stream.readable() => Event::Readable(r),
+            _ = urgent_notified(urgent) => Event::Urgent,
+            d = self.session.state.mailbox.recv() => Event::Delivery(d),
+            _ = sleep_until(keep_alive) => Event::Timer,
+        };
+        match event {
+            Event::Kick(k) => Err(kicked(k)),
+            Event::Readable(Ok(())) => self.read_input(),
+            Event::Readable(Err(_)) | Event::Delivery(None) => Err(Close::SocketClosed),
+            Event::Delivery(Some(d)) => {
+                self.start_delivery(d, &mut None);
+                Ok(())
+            }
+            Event::Timer if self.client.keep_alive().is_some_and(|k| Instant::now() >= self.io.last_inbound + k) => {
+                Err(Close::KeepAliveTimeout)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Settles the session and closes the socket.
+    async fn end(self: Box<Self>, close: Close) {
+        // Settling is synchronous and takes the connection apart; only the socket is left to flush.
+        let (mut io, broker, peer, counted_ip) = self.finish(&close);
+        let answered = io.close(&broker, peer, counted_ip, &close).await;
+        io.end(&broker, answered);
+    }
+
+    async fn run(&mut self) -> Run {
+        let limit = self.broker.config().mqtt.max_outbound_bytes;
+        let hibernate_after = self.broker.config().mqtt.hibernate_after_ms;
+        let hibernate_after = (hibernate_after > 0).then(|| Duration::from_millis(hibernate_after));
+        loop {
             self.release_acks();
             self.drain_deliveries();
             if let Err(close) = self.write_some() {
-                return close;
+                return Run::Closed(close);
             }
             if !self.flow.blocked.is_empty() {
                 if let Err(close) = self.wait_for_room().await {
-                    return close;
+                    return Run::Closed(close);
                 }
                 continue;
             }
@@ -360,7 +471,12 @@ impl Connection {
             let high_window_open = room && self.client.lanes && self.high_window_open();
             let writing = self.io.writing();
             let keep_alive = self.client.keep_alive().map(|k| self.io.last_inbound + k);
-            let deadline = [keep_alive, self.retry.next_retry, self.flow.paused_until]
+            // The next hibernation check, while idle.
+            let check = match hibernate_after {
+                Some(after) if self.idle() => Some(*self.quiet.check_at.get_or_insert_with(|| Instant::now() + after)),
+                _ => None,
+            };
+            let deadline = [keep_alive, self.retry.next_retry, self.flow.paused_until, check]
                 .into_iter()
                 .flatten()
                 .min()
@@ -385,15 +501,25 @@ impl Connection {
                 // after input and timers have had their turn.
                 _ = std::future::ready(()), if more_pending => Event::MorePending,
             };
+            if !matches!(event, Event::Timer) {
+                self.quiet.events = self.quiet.events.wrapping_add(1);
+            }
             let step = match event {
-                Event::Kick(Some(k)) if k.reason == ReasonCode::SERVER_SHUTTING_DOWN => Err(Close::ServerShutdown),
-                Event::Kick(Some(k)) => Err(Close::Kicked(k.reason)),
-                Event::Kick(None) => Err(Close::ServerShutdown),
+                Event::Kick(k) => Err(kicked(k)),
                 Event::Timer => {
                     let now = Instant::now();
                     if keep_alive.is_some_and(|k| now >= k) {
                         Err(Close::KeepAliveTimeout)
                     } else {
+                        if let (Some(after), Some(at)) = (hibernate_after, self.quiet.check_at) {
+                            if now >= at {
+                                if self.quiet.events == self.quiet.seen && self.idle() {
+                                    return Run::Idle;
+                                }
+                                self.quiet.seen = self.quiet.events;
+                                self.quiet.check_at = Some(now + after);
+                            }
+                        }
                         // Also woken for the end of a pause: a retry tick only when one is due.
                         if self.retry.next_retry.is_some_and(|t| now >= t) {
                             self.retry_unacknowledged(now);
@@ -413,7 +539,7 @@ impl Connection {
                 Event::MorePending | Event::Committed | Event::Urgent => Ok(()),
             };
             if let Err(close) = step {
-                return close;
+                return Run::Closed(close);
             }
         }
     }
@@ -481,11 +607,7 @@ impl Connection {
         let state = &mut self.session.state;
         tokio::select! {
             biased;
-            k = &mut self.kick_rx => Err(match k {
-                Ok(k) if k.reason == ReasonCode::SERVER_SHUTTING_DOWN => Close::ServerShutdown,
-                Ok(k) => Close::Kicked(k.reason),
-                Err(_) => Close::ServerShutdown,
-            }),
+            k = &mut self.kick_rx => Err(kicked(k.ok())),
             r = self.io.stream.writable(), if self.io.writing() => match r {
                 Ok(()) => self.write_some(),
                 Err(_) => Err(Close::SocketClosed),
@@ -920,6 +1042,15 @@ async fn linger(mut stream: Socket, ms: u64) {
     let _ = tokio::time::timeout(Duration::from_secs(1), stream.shutdown()).await;
     if ms > 0 {
         let _ = tokio::time::timeout(Duration::from_millis(ms), stream.discard_until_closed()).await;
+    }
+}
+
+/// Why a kick closes the connection; a dropped sender means the server is going away.
+fn kicked(kick: Option<Kick>) -> Close {
+    match kick {
+        Some(k) if k.reason == ReasonCode::SERVER_SHUTTING_DOWN => Close::ServerShutdown,
+        Some(k) => Close::Kicked(k.reason),
+        None => Close::ServerShutdown,
     }
 }
 

@@ -54,6 +54,14 @@ impl Outbound {
         packet.encode(self.version, &mut self.scratch);
     }
 
+    /// Frees the buffers' capacity when nothing is queued (before hibernating).
+    pub fn release(&mut self) {
+        if !self.has_pending() {
+            self.queue = VecDeque::new();
+            self.scratch = BytesMut::new();
+        }
+    }
+
     pub fn has_pending(&self) -> bool {
         self.queued_bytes > 0 || !self.scratch.is_empty()
     }

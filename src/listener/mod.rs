@@ -26,9 +26,7 @@ pub async fn accept_loop(broker: Arc<Broker>, listener: TcpListener, index: usiz
                 let origin = Origin { peer, loopback, listener: index, certificate_name: None };
                 match protocol {
                     ListenerProtocol::Mqtt => {
-                        let fut = crate::connection::serve(broker.clone(), Socket::Tcp(stream), origin);
-                        if std::env::var_os("FUTSIZE").is_some() { eprintln!("FUTSIZE {}", std::mem::size_of_val(&fut)); }
-                        tokio::spawn(fut);
+                        tokio::spawn(crate::connection::serve(broker.clone(), Socket::Tcp(stream), origin));
                     }
                     _ => {
                         tokio::spawn(edge::serve(broker.clone(), stream, origin));
