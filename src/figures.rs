@@ -67,6 +67,13 @@ impl Snapshot {
                 c(&m.connections_open),
             ),
             f(
+                "connections/hibernating",
+                "herald_connections_hibernating",
+                Gauge,
+                "Connections idle long enough (mqtt.hibernate_after_ms) to have freed their event loop.",
+                c(&m.connections_hibernating),
+            ),
+            f(
                 "clients/maximum",
                 "herald_clients_maximum",
                 Gauge,

@@ -9,6 +9,8 @@ pub struct Metrics {
     /// Sockets accepted, and open now (including those that have not completed CONNECT).
     pub connections_total: AtomicU64,
     pub connections_open: AtomicU64,
+    /// Connections hibernating now (idle, their event loop freed).
+    pub connections_hibernating: AtomicU64,
     /// Clients whose CONNECT succeeded and which are still connected, and the most ever.
     pub clients_connected: AtomicU64,
     pub clients_maximum: AtomicU64,

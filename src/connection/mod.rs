@@ -370,7 +370,11 @@ impl Connection {
                 Run::Idle => {}
             }
             self.release_buffers();
-            if let Err(close) = self.hibernate().await {
+            let hibernating = &self.broker.metrics().connections_hibernating;
+            hibernating.fetch_add(1, Ordering::Relaxed);
+            let woken = self.hibernate().await;
+            self.broker.metrics().connections_hibernating.fetch_sub(1, Ordering::Relaxed);
+            if let Err(close) = woken {
                 return close;
             }
             self.quiet.check_at = None;

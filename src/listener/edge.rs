@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::net::TcpStream;
-use tungstenite::handshake::derive_accept_key;
 use tracing::debug;
+use tungstenite::handshake::derive_accept_key;
 
 use crate::broker::Broker;
 use crate::config::{Listener, ListenerProtocol};
