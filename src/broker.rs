@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use tokio::sync::mpsc::error::TrySendError;
+use crate::session::mailbox::TrySendError;
 use tokio::sync::watch;
 use tracing::{debug, info};
 

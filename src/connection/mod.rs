@@ -402,6 +402,7 @@ impl Connection {
         state.pending = Default::default();
         state.inflight = Default::default();
         state.incoming_qos2.shrink_to_fit();
+        state.mailbox.release();
         self.flow.blocked = Default::default();
         self.flow.acks = Default::default();
     }
@@ -416,7 +417,7 @@ impl Connection {
             k = &mut self.kick_rx => Event::Kick(k.ok()),
             r = self.io.stream.readable() => Event::Readable(r),
             _ = urgent_notified(urgent) => Event::Urgent,
-            d = self.session.state.mailbox.recv() => Event::Delivery(d),
+            d = self.session.state.mailbox.recv() => Event::Delivery(Some(d)),
             _ = sleep_until(keep_alive) => Event::Timer,
         };
         match event {
@@ -498,7 +499,7 @@ impl Connection {
                 r = self.io.stream.writable(), if writing => Event::Writable(r),
                 r = self.io.stream.readable(), if reading => Event::Readable(r),
                 _ = urgent_notified(urgent), if high_window_open => Event::Urgent,
-                d = state.mailbox.recv(), if window_open => Event::Delivery(d),
+                d = state.mailbox.recv(), if window_open => Event::Delivery(Some(d)),
                 _ = sleep_until(deadline) => Event::Timer,
                 _ = sleep_until(stall), if writing => Event::WriteStalled,
                 // Ready at once: the loop goes round to send the next part of the pending queue
@@ -625,9 +626,7 @@ impl Connection {
                 self.after_blocked()
             }
             d = state.mailbox.recv(), if window_open => {
-                if let Some(d) = d {
-                    self.start_delivery(d, &mut None);
-                }
+                self.start_delivery(d, &mut None);
                 Ok(())
             }
             _ = tokio::time::sleep_until(deadline) => self.give_up_blocked(true),
@@ -761,8 +760,8 @@ impl Connection {
             let next = match state.pop_pending() {
                 Some(d) => d,
                 None => match state.mailbox.try_recv() {
-                    Ok(d) => d,
-                    Err(_) => break,
+                    Some(d) => d,
+                    None => break,
                 },
             };
             self.start_delivery(next, &mut now);

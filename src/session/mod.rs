@@ -8,8 +8,9 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::Notify;
 
+pub mod mailbox;
 pub mod registry;
 
 use crate::codec::{ReasonCode, SubscriptionOptions};
@@ -81,7 +82,7 @@ pub struct OutInflight {
 
 /// The part of a session that one task owns at a time and that survives reconnection.
 pub struct SessionState {
-    pub mailbox: mpsc::Receiver<Delivery>,
+    pub mailbox: mailbox::Receiver<Delivery>,
     /// Messages to send before the mailbox, in order: retained messages on subscribe, and what
     /// was queued while the session was offline. Changed through `push_pending` and
     /// `pop_pending`, which keep `pending_bytes`.
@@ -100,7 +101,7 @@ pub struct SessionState {
 }
 
 impl SessionState {
-    pub fn new(mailbox: mpsc::Receiver<Delivery>) -> Self {
+    pub fn new(mailbox: mailbox::Receiver<Delivery>) -> Self {
         Self {
             mailbox,
             pending: VecDeque::new(),
@@ -151,7 +152,7 @@ impl SessionState {
     /// Moves what the router put in the mailbox to the end of `pending`, when the session is
     /// parked, so that the offline queue's policies see one queue.
     pub fn absorb_mailbox(&mut self) {
-        while let Ok(d) = self.mailbox.try_recv() {
+        while let Some(d) = self.mailbox.try_recv() {
             self.push_pending(d);
         }
     }
@@ -294,7 +295,7 @@ pub struct ParkedFigures {
 pub struct SessionShared {
     pub id: u64,
     pub client_id: String,
-    pub mailbox: mpsc::Sender<Delivery>,
+    pub mailbox: mailbox::Sender<Delivery>,
     /// Whether a connection holds the session now.
     online: AtomicBool,
     /// Whether the session outlives its connection, so QoS 1 and 2 messages queue while offline.
@@ -332,7 +333,7 @@ pub type Target = crate::router::Target<Arc<SessionShared>>;
 
 impl SessionShared {
     fn new(id: u64, client_id: String, queue_capacity: usize) -> (Arc<SessionShared>, SessionState) {
-        let (tx, rx) = mpsc::channel(queue_capacity.max(1));
+        let (tx, rx) = mailbox::channel(queue_capacity.max(1));
         let shared = Arc::new(SessionShared {
             id,
             client_id,
@@ -467,8 +468,8 @@ mod tests {
 
     #[test]
     fn a_delivery_stays_small_since_every_mailbox_slot_holds_one() {
-        // tokio's mailbox allocates its first block of 32 slots with each session: 8 bytes here
-        // are 256 bytes per idle connection (docs/benchmarks.md).
+        // Every message waiting in a mailbox or a pending queue is one Delivery; a session that
+        // received a burst keeps up to 32 slots (mailbox::KEEP_CAPACITY).
         assert!(std::mem::size_of::<Delivery>() <= 40, "{}", std::mem::size_of::<Delivery>());
     }
 
