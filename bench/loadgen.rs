@@ -449,13 +449,33 @@ async fn conns(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     });
     let rss0 = pid.and_then(broker_rss_bytes);
     let start = Instant::now();
+    // With --hold, each client pings every keep-alive from its own connect on, as a phone does.
+    let pings = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let period = Duration::from_secs(u64::from(keepalive.max(1)));
     let mut open = Vec::with_capacity(count as usize);
+    let mut pingers = Vec::new();
     for i in 0..count {
         let mut c = IdleConn::open(addr, connector.as_ref(), ws, &format!("bench-idle-{i}"), keepalive).await;
         if subscribe {
             c.exchange(&subscribe_packet(&format!("users/{i}/inbox"))).await;
         }
-        open.push(c);
+        if hold > 0.0 {
+            let (pings, stop) = (pings.clone(), stop.clone());
+            pingers.push(tokio::spawn(async move {
+                let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+                loop {
+                    tick.tick().await;
+                    if stop.load(Relaxed) {
+                        return c;
+                    }
+                    c.exchange(&[0xC0, 0x00]).await;
+                    pings.fetch_add(1, Relaxed);
+                }
+            }));
+        } else {
+            open.push(c);
+        }
     }
     let elapsed = start.elapsed().as_secs_f64();
     // Long enough for a broker that hibernates idle connections (Herald: after 1 s) to do so.
@@ -471,41 +491,20 @@ async fn conns(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
         r.num("bytes_per_connection", b.saturating_sub(a) as f64 / count as f64);
     }
     if hold > 0.0 {
-        let pings = Arc::new(AtomicU64::new(0));
-        let cpu0 = pid.and_then(broker_cpu_us);
-        let until = Instant::now() + Duration::from_secs_f64(hold);
-        let period = Duration::from_secs(u64::from(keepalive.max(1)));
-        let tasks: Vec<_> = open
-            .drain(..)
-            .enumerate()
-            .map(|(i, mut c)| {
-                let pings = pings.clone();
-                tokio::spawn(async move {
-                    // Spread over the period, as phones' timers are.
-                    let offset = period.mul_f64((i % 1000) as f64 / 1000.0);
-                    tokio::time::sleep(offset).await;
-                    let mut tick = tokio::time::interval(period);
-                    loop {
-                        tick.tick().await;
-                        if Instant::now() >= until {
-                            return c;
-                        }
-                        c.exchange(&[0xC0, 0x00]).await;
-                        pings.fetch_add(1, Relaxed);
-                    }
-                })
-            })
-            .collect();
-        for t in tasks {
-            open.push(t.await.unwrap());
+        let (cpu0, pings0) = (pid.and_then(broker_cpu_us), pings.load(Relaxed));
+        tokio::time::sleep(Duration::from_secs_f64(hold)).await;
+        let (cpu1, pings1) = (pid.and_then(broker_cpu_us), pings.load(Relaxed));
+        let rss2 = pid.and_then(broker_rss_bytes);
+        stop.store(true, Relaxed);
+        for p in pingers {
+            open.push(p.await.expect("a client lost its connection while holding"));
         }
-        let cpu1 = pid.and_then(broker_cpu_us);
-        let n = pings.load(Relaxed);
-        r.num("pings", n as f64);
+        let n = pings1 - pings0;
+        r.num("hold_s", hold).num("keepalive_s", f64::from(keepalive)).num("pings", n as f64);
         if let (Some(a), Some(b)) = (cpu0, cpu1) {
             r.num("cpu_us_per_ping", (b - a) as f64 / n.max(1) as f64);
         }
-        if let Some(b) = pid.and_then(broker_rss_bytes) {
+        if let Some(b) = rss2 {
             r.num("rss_after_hold_kb", b as f64 / 1024.0);
         }
     }

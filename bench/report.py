@@ -39,6 +39,25 @@ def fmt(v, digits=2):
     return f"{v:.{digits}f}"
 
 
+CONNS = 10000.0
+for r in rows:
+    if r.get("scenario") == "conns" and r.get("tls") == 0 and r.get("ws") == 0 and r.get("subscribe") == 0:
+        CONNS = r.get("connections", CONNS)
+
+
+def herald(scenario, want, key):
+    r = find("herald", scenario, **want)
+    return r[key] if r else float("nan")
+
+
+def vs(peer, row, scenario, want, key, factor, higher=False):
+    """Herald's figure against `factor` times the peer's (at most, or at least if `higher`)."""
+    p = find(peer, scenario, **want)
+    if p is None:
+        raise KeyError(peer)
+    return row[key] >= factor * p[key] if higher else row[key] <= factor * p[key]
+
+
 # (case, scenario, filter, value key, unit, lower is better, target text, target check on Herald's row)
 cases = [
     ("fan-in QoS0, broker CPU per message", "fanin", dict(qos=0, target_rate=0), "cpu_us_per_msg", "us", True,
@@ -57,9 +76,35 @@ cases = [
     ("fan-out QoS1 1->1000, lost", "fanout", dict(qos=1, target_rate=0), "lost", "msgs", True, "0", lambda r: r["lost"] == 0),
     ("fan-out QoS0 at 100k deliveries/s, p99", "fanout", dict(qos=0, target_rate=100000), "p99_ms", "ms", True, "< 10 ms",
      lambda r: r["p99_ms"] < 10),
-    ("memory per idle connection", "conns", dict(subscribe=0), "bytes_per_connection", "B", True, "<= 1 KB",
-     lambda r: r["bytes_per_connection"] <= 1024),
-    ("memory per idle connection with 1 subscription", "conns", dict(subscribe=1), "bytes_per_connection", "B", True, "", None),
+    ("memory per idle TCP connection", "conns", dict(subscribe=0, tls=0, ws=0), "bytes_per_connection", "B", True,
+     "<= Mosquitto", lambda r: vs("mosquitto", r, "conns", dict(subscribe=0, tls=0, ws=0), "bytes_per_connection", 1.0)),
+    ("memory per idle TCP connection with 1 subscription", "conns", dict(subscribe=1, tls=0, ws=0), "bytes_per_connection",
+     "B", True, "<= Mosquitto",
+     lambda r: vs("mosquitto", r, "conns", dict(subscribe=1, tls=0, ws=0), "bytes_per_connection", 1.0)),
+    ("memory per idle TLS connection", "conns", dict(subscribe=0, tls=1, ws=0, connections=CONNS), "bytes_per_connection",
+     "B", True, "<= 0.4 x Mosquitto",
+     lambda r: vs("mosquitto", r, "conns", dict(subscribe=0, tls=1, ws=0, connections=CONNS), "bytes_per_connection", 0.4)),
+    ("memory per idle TLS connection with 1 subscription", "conns", dict(subscribe=1, tls=1, ws=0), "bytes_per_connection",
+     "B", True, "<= 0.4 x Mosquitto",
+     lambda r: vs("mosquitto", r, "conns", dict(subscribe=1, tls=1, ws=0), "bytes_per_connection", 0.4)),
+    ("memory per idle WebSocket connection", "conns", dict(subscribe=0, tls=0, ws=1), "bytes_per_connection", "B", True,
+     "within 1 KB of TCP", lambda r: r["bytes_per_connection"] <= herald("conns", dict(subscribe=0, tls=0, ws=0),
+                                                                          "bytes_per_connection") + 1024),
+    ("memory per idle secure WebSocket connection", "conns", dict(subscribe=0, tls=1, ws=1), "bytes_per_connection", "B",
+     True, "within 1 KB of TLS",
+     lambda r: r["bytes_per_connection"] <= herald("conns", dict(subscribe=0, tls=1, ws=0, connections=CONNS),
+                                                   "bytes_per_connection") + 1024),
+    ("TCP connects (CONNECT to CONNACK) per second", "conns", dict(subscribe=0, tls=0, ws=0), "connects_per_s", "/s",
+     False, ">= Mosquitto", lambda r: vs("mosquitto", r, "conns", dict(subscribe=0, tls=0, ws=0), "connects_per_s", 1.0,
+                                          higher=True)),
+    ("TLS handshakes and CONNECTs per second", "conns", dict(subscribe=0, tls=1, ws=0, connections=CONNS),
+     "connects_per_s", "/s", False, ">= Mosquitto",
+     lambda r: vs("mosquitto", r, "conns", dict(subscribe=0, tls=1, ws=0, connections=CONNS), "connects_per_s", 1.0,
+                  higher=True)),
+    ("19,000 idle TLS connections pinging every 10 s: CPU per PINGREQ", "conns", dict(hold_s=30.0), "cpu_us_per_ping",
+     "us", True, "measured", None),
+    ("19,000 idle TLS connections: resident memory at the end, KB", "conns", dict(hold_s=30.0), "rss_after_hold_kb", "KB",
+     True, "measured", None),
     ("10k retained, new news/# subscriber QoS1, delivered", "retained", dict(qos=1), "delivered", "msgs", False,
      "all 10k", lambda r: r["delivered"] >= 10000),
     ("10k retained, new news/# subscriber QoS1, time", "retained", dict(qos=1), "ms", "ms", True, "< 50 ms",

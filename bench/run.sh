@@ -11,7 +11,11 @@ cd "$(dirname "$0")/.."
 BROKERS=${BROKERS:-"herald mosquitto rumqttd"}
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-10000}
+# Idle TLS connections held at once with keep-alive pings: within the 20,000 descriptors a
+# process may have here (each broker needs one per connection, and a few of its own).
+HELD=${HELD:-19000}
 PORT=${PORT:-18883}
+TLSPORT=$((PORT + 1)); WSPORT=$((PORT + 2)); WSSPORT=$((PORT + 3))
 
 cargo build --release --bin herald --bin herald-loadgen
 if [[ " $BROKERS " == *" rumqttd "* ]] && ! command -v rumqttd >/dev/null; then
@@ -29,9 +33,13 @@ for broker in $BROKERS; do
   cp "$work/keep" "$results"
 done
 
-sed "s/PORT/$PORT/" bench/herald.toml > "$work/herald.toml"
-sed "s/PORT/$PORT/" bench/mosquitto.conf > "$work/mosquitto.conf"
-sed "s/PORT/$PORT/" bench/rumqttd.toml > "$work/rumqttd.toml"
+# Certificates for the TLS listeners; Mosquitto drops root for its own user before reading them.
+bash certs/generate.sh device-1 "$work/certs" > /dev/null
+chmod 755 "$work" "$work/certs"; chmod 644 "$work"/certs/*
+ports() { sed -e "s/WSSPORT/$WSSPORT/; s/WSPORT/$WSPORT/; s/TLSPORT/$TLSPORT/; s/PORT/$PORT/; s#CERTS#$work/certs#g" "$1"; }
+ports bench/herald.toml > "$work/herald.toml"
+ports bench/mosquitto.conf > "$work/mosquitto.conf"
+ports bench/rumqttd.toml > "$work/rumqttd.toml"
 
 start_broker() {
   case "$1" in
@@ -40,8 +48,11 @@ start_broker() {
     rumqttd) taskset -c 0 rumqttd --config "$work/rumqttd.toml" > "$work/broker.log" 2>&1 & ;;
   esac
   BROKER_PID=$!
+  # The last listener of the three brokers' configurations.
+  local last=$WSSPORT
+  [ "$1" = rumqttd ] && last=$PORT
   for _ in $(seq 100); do
-    if (exec 3<>/dev/tcp/127.0.0.1/$PORT) 2>/dev/null; then return 0; fi
+    if (exec 3<>/dev/tcp/127.0.0.1/$last) 2>/dev/null; then return 0; fi
     sleep 0.05
   done
   echo "broker $1 did not start:" >&2; cat "$work/broker.log" >&2; exit 1
@@ -62,15 +73,25 @@ scenarios=(
   "fanout --qos 0 --subscribers 1000 --rate 100000 --duration $DURATION"
   "conns --connections $CONNS"
   "conns --connections $CONNS --subscribe true"
+  "conns --connections $CONNS --tls true --ca CA --port $TLSPORT"
+  "conns --connections $CONNS --tls true --ca CA --subscribe true --port $TLSPORT"
+  "conns --connections $CONNS --ws true --port $WSPORT"
+  "conns --connections $CONNS --ws true --tls true --ca CA --port $WSSPORT"
+  "conns --connections $HELD --tls true --ca CA --keepalive 10 --hold 30 --port $TLSPORT"
   "retained --qos 0 --messages 10000"
   "retained --qos 1 --messages 10000"
 )
 
 for broker in $BROKERS; do
   for s in "${scenarios[@]}"; do
+    # rumqttd is benchmarked on plain MQTT only (its TLS needs a feature build, it has no wss).
+    if [ "$broker" = rumqttd ] && [[ "$s" == *"--tls"* || "$s" == *"--ws"* ]]; then continue; fi
     start_broker "$broker"
     echo "== $broker: $s" >&2
-    line=$(timeout 120 taskset -c 1 target/release/herald-loadgen $s --port "$PORT" --broker-pid "$BROKER_PID" \
+    # The scenario's own --port, if it has one, comes last and wins.
+    set -- ${s//CA/$work/certs/ca.pem}
+    name=$1; shift
+    line=$(timeout 300 taskset -c 1 target/release/herald-loadgen "$name" --port "$PORT" "$@" --broker-pid "$BROKER_PID" \
            || echo '{"scenario":"failed"}')
     echo "$line" >&2
     echo "{\"broker\":\"$broker\",\"args\":\"$s\",${line#\{}" >> "$results"

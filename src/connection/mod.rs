@@ -354,30 +354,42 @@ enum Event {
 }
 
 impl Connection {
-    /// The connection's life: the event loop while there is something to do, hibernation
-    /// while there is not. The loop's future is boxed and freed while hibernating.
+    /// The connection's life: hibernation while there is nothing to do, the event loop while
+    /// there is. A wake-up that leaves nothing to do (a PINGREQ answered, a QoS 0 story or a
+    /// SUBACK written) is handled in place, and the connection goes on hibernating; the loop's
+    /// future is boxed and exists only while the loop runs. A phone that connects and
+    /// subscribes never allocates it.
     async fn live(&mut self) -> Close {
-        // What the client sent right behind its CONNECT, in the same read [MQTT-3.1.4]: the loop
-        // handles input only when the socket becomes readable again, which may be never.
+        let hibernates = self.broker.config().mqtt.hibernate_after_ms > 0;
+        // What the client sent right behind its CONNECT, in the same read [MQTT-3.1.4]: input is
+        // handled only when the socket becomes readable again, which may be never.
         if !self.io.inbuf.is_empty() {
             if let Err(close) = self.handle_input() {
                 return close;
             }
         }
         loop {
+            self.release_acks();
+            self.drain_deliveries();
+            if let Err(close) = self.write_some() {
+                return close;
+            }
+            if hibernates && self.idle() {
+                self.release_buffers();
+                let hibernating = &self.broker.metrics().connections_hibernating;
+                hibernating.fetch_add(1, Ordering::Relaxed);
+                let woken = self.hibernate().await;
+                self.broker.metrics().connections_hibernating.fetch_sub(1, Ordering::Relaxed);
+                if let Err(close) = woken {
+                    return close;
+                }
+                continue;
+            }
+            self.quiet.check_at = None;
             match Box::pin(self.run()).await {
                 Run::Closed(close) => return close,
                 Run::Idle => {}
             }
-            self.release_buffers();
-            let hibernating = &self.broker.metrics().connections_hibernating;
-            hibernating.fetch_add(1, Ordering::Relaxed);
-            let woken = self.hibernate().await;
-            self.broker.metrics().connections_hibernating.fetch_sub(1, Ordering::Relaxed);
-            if let Err(close) = woken {
-                return close;
-            }
-            self.quiet.check_at = None;
         }
     }
 
@@ -394,17 +406,27 @@ impl Connection {
             && self.session.state.inflight.is_empty()
     }
 
-    /// Frees the capacity of empty buffers and queues before hibernating.
+    /// Frees the capacity of empty buffers and queues before hibernating, unless it is small:
+    /// a connection woken now and then (a ping, a story) does not allocate them again each time.
     fn release_buffers(&mut self) {
-        self.io.inbuf = BytesMut::new();
+        fn release<T>(q: &mut std::collections::VecDeque<T>) {
+            if q.is_empty() && q.capacity() > 8 {
+                *q = Default::default();
+            }
+        }
+        if self.io.inbuf.capacity() > 0 {
+            self.io.inbuf = BytesMut::new();
+        }
         self.io.out.release();
         let state = &mut self.session.state;
-        state.pending = Default::default();
-        state.inflight = Default::default();
-        state.incoming_qos2.shrink_to_fit();
+        release(&mut state.pending);
+        release(&mut state.inflight);
+        if state.incoming_qos2.is_empty() && state.incoming_qos2.capacity() > 8 {
+            state.incoming_qos2 = Default::default();
+        }
         state.mailbox.release();
-        self.flow.blocked = Default::default();
-        self.flow.acks = Default::default();
+        release(&mut self.flow.blocked);
+        release(&mut self.flow.acks);
     }
 
     /// Waits in a small future for the one thing that ends hibernation, and handles it: input,

@@ -54,10 +54,16 @@ impl Outbound {
         packet.encode(self.version, &mut self.scratch);
     }
 
-    /// Frees the buffers' capacity when nothing is queued (before hibernating).
+    /// Frees the buffers' capacity when nothing is queued and it is more than a few small
+    /// packets need (before hibernating).
     pub fn release(&mut self) {
-        if !self.has_pending() {
+        if self.has_pending() {
+            return;
+        }
+        if self.queue.capacity() > 8 {
             self.queue = VecDeque::new();
+        }
+        if self.scratch.capacity() > 256 {
             self.scratch = BytesMut::new();
         }
     }

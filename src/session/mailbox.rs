@@ -170,10 +170,10 @@ impl<T> Receiver<T> {
         self.0.lock().items.is_empty()
     }
 
-    /// Frees the queue's memory if it is empty (before hibernating).
+    /// Frees the queue's memory if it is empty and more than a few slots (before hibernating).
     pub fn release(&mut self) {
         let mut q = self.0.lock();
-        if q.items.is_empty() {
+        if q.items.is_empty() && q.items.capacity() > 8 {
             q.items = VecDeque::new();
         }
     }
