@@ -164,3 +164,163 @@ async fn hibernating_connections_wake_for_everything_a_connection_does() {
     let waited = start.elapsed();
     assert!(waited >= Duration::from_millis(1400) && waited < Duration::from_secs(5), "{waited:?}");
 }
+
+/// A masked client WebSocket frame [RFC 6455 5.2].
+fn ws_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+    }
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}
+
+/// Reads one server frame: (opcode, payload). Server frames are not masked.
+async fn read_frame(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let mut h = [0u8; 2];
+    s.read_exact(&mut h).await.unwrap();
+    assert_eq!(h[1] & 0x80, 0, "a server frame is never masked");
+    let len = match h[1] & 0x7F {
+        126 => s.read_u16().await.unwrap() as usize,
+        127 => s.read_u64().await.unwrap() as usize,
+        n => n as usize,
+    };
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).await.unwrap();
+    (h[0] & 0x0F, payload)
+}
+
+/// The WebSocket framing layer [MQTT-6.0.0-2] [RFC 6455]: frames that arrive in the same write
+/// as the upgrade request are served (they wait in the layer, not in the socket: the layer says
+/// so through `has_buffered_input`, though tokio's leftover readiness hides it here); a CONNECT split over three frames of a fragmented
+/// message, with a ping between the fragments, is one CONNECT and the ping gets its pong;
+/// two packets in one frame are two packets; every server frame is binary and unmasked; a
+/// close frame is answered with a close frame; a text frame is refused with 1002.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_frames_carry_the_mqtt_byte_stream_however_it_is_cut() {
+    use common::*;
+    use herald::codec::{Packet, ProtocolVersion};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // The test broker's plain listener is first; ours is second.
+    let b = start_toml("[[listeners]]\nprotocol = \"ws\"\nbind = \"127.0.0.1:0\"\n");
+    let ws = b.addrs[1];
+    let upgrade = b"GET /mqtt HTTP/1.1\r\nHost: localhost\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n";
+    let v5 = ProtocolVersion::V5;
+    let mut connect = bytes::BytesMut::new();
+    Packet::Connect(Box::new(connect_packet(v5, "framed", true))).encode(v5, &mut connect);
+    let mut s = tokio::net::TcpStream::connect(ws).await.unwrap();
+    // The request and the CONNECT's three fragments, a ping between the second and the third,
+    // all in one write.
+    let third = connect.len() / 3;
+    let mut out = upgrade.to_vec();
+    out.extend(ws_frame(false, 0x2, &connect[..third]));
+    out.extend(ws_frame(false, 0x0, &connect[third..2 * third]));
+    out.extend(ws_frame(true, 0x9, b"are you there"));
+    out.extend(ws_frame(true, 0x0, &connect[2 * third..]));
+    s.write_all(&out).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(s.read_u8().await.unwrap());
+    }
+    assert!(head.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&head));
+    let mut frames = Vec::new();
+    while frames.len() < 2 {
+        frames.push(tokio::time::timeout(WAIT, read_frame(&mut s)).await.expect("the pong and the CONNACK"));
+    }
+    assert!(frames.contains(&(0xA, b"are you there".to_vec())), "{frames:?}");
+    let connack = frames.iter().find(|(op, _)| *op == 0x2).expect("a binary frame");
+    assert_eq!(connack.1[0], 0x20, "CONNACK");
+    // Two PINGREQs in one frame: two PINGRESPs (in one or two frames).
+    s.write_all(&ws_frame(true, 0x2, &[0xC0, 0x00, 0xC0, 0x00])).await.unwrap();
+    let mut answers = Vec::new();
+    while answers.len() < 4 {
+        let (op, payload) = tokio::time::timeout(WAIT, read_frame(&mut s)).await.unwrap();
+        assert_eq!(op, 0x2);
+        answers.extend(payload);
+    }
+    assert_eq!(answers, [0xD0, 0x00, 0xD0, 0x00]);
+    // A close frame is answered with a close frame.
+    s.write_all(&ws_frame(true, 0x8, &1000u16.to_be_bytes())).await.unwrap();
+    let (op, payload) = tokio::time::timeout(WAIT, read_frame(&mut s)).await.unwrap();
+    assert_eq!((op, &payload[..]), (0x8, &1000u16.to_be_bytes()[..]));
+    // A text frame: close 1002 [MQTT-6.0.0-1].
+    let mut s = tokio::net::TcpStream::connect(ws).await.unwrap();
+    s.write_all(upgrade).await.unwrap();
+    s.write_all(&ws_frame(true, 0x1, b"hello")).await.unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut rest)).await.expect("the connection is closed");
+    let at = rest.windows(4).position(|w| w == b"\r\n\r\n").expect("the 101") + 4;
+    assert_eq!(&rest[at..], &[0x88, 0x02, 0x03, 0xEA], "close frame 1002");
+}
+
+/// A TLS client whose CONNECT travels in the same TCP write as its handshake's Finished (here
+/// rustls's own client, its last flight held back and sent with the CONNECT): the server
+/// decrypts the CONNECT while completing the handshake, before the connection task exists, and
+/// must answer it all the same. Before the fix such a client waited for the connect timeout:
+/// the socket had nothing more to say, and the decrypted CONNECT sat in rustls.
+#[test]
+fn a_connect_that_arrives_with_the_tls_handshake_is_answered() {
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/certs/generate.sh");
+    let out = Command::new("bash").args([script, "device-1", dir.path().to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success());
+    let b = common::start_toml(&format!(
+        "[[listeners]]\nprotocol = \"mqtts\"\nbind = \"127.0.0.1:0\"\ncert = {}\nkey = {}\n",
+        toml_path(&dir.path().join("server.pem")),
+        toml_path(&dir.path().join("server.key"))
+    ));
+    let mut roots = rustls::RootCertStore::empty();
+    use rustls::pki_types::pem::PemObject;
+    for c in rustls::pki_types::CertificateDer::pem_file_iter(dir.path().join("ca.pem")).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let config = std::sync::Arc::new(
+        rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth(),
+    );
+    let connect = [0x10, 0x0E, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 2, b'i', b'd'];
+    for i in 0..10 {
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut conn = rustls::ClientConnection::new(config.clone(), name).unwrap();
+        let mut sock = std::net::TcpStream::connect(b.addrs[1]).unwrap();
+        sock.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        // The handshake, up to the client's last flight, which stays queued.
+        while conn.is_handshaking() {
+            while conn.wants_write() {
+                conn.write_tls(&mut sock).unwrap();
+            }
+            conn.read_tls(&mut sock).unwrap();
+            conn.process_new_packets().unwrap();
+        }
+        // Finished and the CONNECT, encrypted behind it, in one write.
+        conn.writer().write_all(&connect).unwrap();
+        let mut flight = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut flight).unwrap();
+        }
+        sock.write_all(&flight).unwrap();
+        let mut ack = Vec::new();
+        while ack.len() < 4 {
+            let n = conn.read_tls(&mut sock).unwrap_or_else(|e| panic!("connection {i}: no CONNACK: {e}"));
+            assert!(n > 0, "connection {i}: closed without a CONNACK");
+            conn.process_new_packets().unwrap();
+            let mut buf = [0u8; 64];
+            if let Ok(n) = conn.reader().read(&mut buf) {
+                ack.extend_from_slice(&buf[..n]);
+            }
+        }
+        assert_eq!(ack, [0x20, 0x02, 0x00, 0x00], "connection {i}");
+    }
+}
