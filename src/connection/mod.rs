@@ -1118,3 +1118,32 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What every idle connection carries for as long as it lives (bench/notes.md, issue 14):
+    /// the task's future (a tokio cell adds a 128-byte header and rounds to 128 bytes) and the
+    /// boxed connection state. The event loop's future is not among them: it is boxed and exists
+    /// only while the connection is busy.
+    #[tokio::test]
+    async fn an_idle_connection_stays_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = crate::config::Config::parse(&format!(
+            "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n[storage]\npath = {:?}\n[sys]\ninterval = 0\n",
+            dir.path().display().to_string()
+        ))
+        .unwrap();
+        let server = crate::server::open(config).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (stream, peer) = listener.accept().await.unwrap();
+        let origin = Origin { peer, loopback: true, listener: 0, certificate_name: None };
+        let task = serve(server.broker().clone(), Socket::Tcp(stream), origin);
+        let (future, state) = (std::mem::size_of_val(&task), std::mem::size_of::<Connection>());
+        eprintln!("connection task future {future} B, Connection {state} B");
+        assert!(future <= 640, "the connection task's future grew to {future} bytes (624 in issue 14)");
+        assert!(state <= 1024, "Connection grew to {state} bytes");
+    }
+}
