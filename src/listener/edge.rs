@@ -96,17 +96,14 @@ async fn upgrade<T: Layer>(
 ) -> Option<Ws<T>> {
     let mut buf = BytesMut::new();
     let (answer, consumed) = loop {
-        let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-        let mut req = httparse::Request::new(&mut headers);
-        match req.parse(&buf) {
-            Ok(httparse::Status::Complete(n)) => break (check(&req, listener), n),
-            Ok(httparse::Status::Partial) if buf.len() < PRE_CONNECT_ALLOWANCE => {}
-            Ok(httparse::Status::Partial) => break (Err((431, "request header too large")), 0),
-            Err(_) => break (Err((400, "malformed upgrade request")), 0),
+        if let Some(parsed) = parse(&buf, listener) {
+            break parsed;
         }
+        // Reads of 1 KiB: a browser's upgrade request is a few hundred bytes, and whatever this
+        // task allocates leaves a hole when it ends.
         let room = PRE_CONNECT_ALLOWANCE - buf.len();
         let start = buf.len();
-        buf.resize(start + room.min(4096), 0);
+        buf.resize(start + room.min(1024), 0);
         let read = tokio::time::timeout_at(deadline, read_some(&mut inner, &mut buf[start..])).await;
         match read {
             Ok(Ok(n)) if n > 0 => buf.truncate(start + n),
@@ -137,6 +134,20 @@ async fn upgrade<T: Layer>(
     }
     let budget = broker.config().mqtt.max_connect_packet_size as usize + PRE_CONNECT_ALLOWANCE - consumed;
     Some(Ws::new(inner, buf, budget))
+}
+
+/// The request so far: None while it is incomplete and may grow; otherwise the answer and the
+/// request's length. A function of its own, so that httparse's header array is not kept in the
+/// handshake's future across its reads.
+fn parse(buf: &[u8], listener: &Listener) -> Option<(Result<String, (u16, &'static str)>, usize)> {
+    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut headers);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => Some((check(&req, listener), n)),
+        Ok(httparse::Status::Partial) if buf.len() < PRE_CONNECT_ALLOWANCE => None,
+        Ok(httparse::Status::Partial) => Some((Err((431, "request header too large")), 0)),
+        Err(_) => Some((Err((400, "malformed upgrade request")), 0)),
+    }
 }
 
 /// The upgrade's checks; Ok holds the Sec-WebSocket-Accept value [RFC 6455 4.2.1].
