@@ -455,11 +455,48 @@ async fn conns(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     let period = Duration::from_secs(u64::from(keepalive.max(1)));
     let mut open = Vec::with_capacity(count as usize);
     let mut pingers = Vec::new();
-    for i in 0..count {
-        let mut c = IdleConn::open(addr, connector.as_ref(), ws, &format!("bench-idle-{i}"), keepalive).await;
-        if subscribe {
-            c.exchange(&subscribe_packet(&format!("users/{i}/inbox"))).await;
+    // `--parallel N` connects N clients at a time (Mosquitto's WebSocket listener answers each
+    // upgrade after about 200 ms, so one at a time would take an hour for 10,000).
+    let parallel: u32 = o.get("parallel", 1);
+    let connector = connector.map(Arc::new);
+    let mut i = 0;
+    while i < count {
+        let batch: Vec<_> = (i..count.min(i + parallel.max(1)))
+            .map(|i| {
+                let connector = connector.clone();
+                tokio::spawn(async move {
+                    let mut c =
+                        IdleConn::open(addr, connector.as_deref(), ws, &format!("bench-idle-{i}"), keepalive).await;
+                    if subscribe {
+                        c.exchange(&subscribe_packet(&format!("users/{i}/inbox"))).await;
+                    }
+                    c
+                })
+            })
+            .collect();
+        i += batch.len() as u32;
+        for c in batch {
+            connected(
+                c.await.expect("a client failed to connect"),
+                hold,
+                &pings,
+                &stop,
+                period,
+                &mut open,
+                &mut pingers,
+            );
         }
+    }
+    fn connected(
+        c: IdleConn,
+        hold: f64,
+        pings: &Arc<AtomicU64>,
+        stop: &Arc<AtomicBool>,
+        period: Duration,
+        open: &mut Vec<IdleConn>,
+        pingers: &mut Vec<tokio::task::JoinHandle<IdleConn>>,
+    ) {
+        let mut c = c;
         if hold > 0.0 {
             let (pings, stop) = (pings.clone(), stop.clone());
             pingers.push(tokio::spawn(async move {

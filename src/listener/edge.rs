@@ -139,7 +139,7 @@ async fn upgrade<T: Layer>(
 /// The request so far: None while it is incomplete and may grow; otherwise the answer and the
 /// request's length. A function of its own, so that httparse's header array is not kept in the
 /// handshake's future across its reads.
-fn parse(buf: &[u8], listener: &Listener) -> Option<(Result<String, (u16, &'static str)>, usize)> {
+fn parse(buf: &[u8], listener: &Listener) -> Option<(Answer, usize)> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut headers);
     match req.parse(buf) {
@@ -150,8 +150,11 @@ fn parse(buf: &[u8], listener: &Listener) -> Option<(Result<String, (u16, &'stat
     }
 }
 
+/// The upgrade's answer: the Sec-WebSocket-Accept value, or a status and why.
+type Answer = Result<String, (u16, &'static str)>;
+
 /// The upgrade's checks; Ok holds the Sec-WebSocket-Accept value [RFC 6455 4.2.1].
-fn check(req: &httparse::Request<'_, '_>, listener: &Listener) -> Result<String, (u16, &'static str)> {
+fn check(req: &httparse::Request<'_, '_>, listener: &Listener) -> Answer {
     fn values<'a>(req: &'a httparse::Request<'_, '_>, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
         req.headers
             .iter()
