@@ -1135,12 +1135,12 @@ mod tests {
             dir.path().display().to_string()
         ))
         .unwrap();
-        let server = crate::server::open(config).unwrap();
+        let (broker, _) = Broker::open(config).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
         let (stream, peer) = listener.accept().await.unwrap();
         let origin = Origin { peer, loopback: true, listener: 0, certificate_name: None };
-        let task = serve(server.broker().clone(), Socket::Tcp(stream), origin);
+        let task = serve(broker, Socket::Tcp(stream), origin);
         let (future, state) = (std::mem::size_of_val(&task), std::mem::size_of::<Connection>());
         eprintln!("connection task future {future} B, Connection {state} B");
         assert!(future <= 640, "the connection task's future grew to {future} bytes (624 in issue 14)");
