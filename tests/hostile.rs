@@ -237,26 +237,6 @@ async fn bounded<T: Send + 'static>(what: &'static str, limit: Duration, f: impl
         .unwrap()
 }
 
-/// A masked client WebSocket frame [RFC 6455 5.2].
-fn ws_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n < 65536 => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    let mask = [0x11, 0x22, 0x33, 0x44];
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
-}
-
 /// Opens a WebSocket to `addr` and completes the upgrade with subprotocol `mqtt`.
 fn ws_open(addr: SocketAddr) -> TcpStream {
     let mut s = TcpStream::connect(addr).unwrap();

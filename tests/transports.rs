@@ -165,22 +165,6 @@ async fn hibernating_connections_wake_for_everything_a_connection_does() {
     assert!(waited >= Duration::from_millis(1400) && waited < Duration::from_secs(5), "{waited:?}");
 }
 
-/// A masked client WebSocket frame [RFC 6455 5.2].
-fn ws_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![if fin { 0x80 } else { 0 } | opcode];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-    }
-    let mask = [0x37, 0xfa, 0x21, 0x3d];
-    f.extend_from_slice(&mask);
-    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-    f
-}
-
 /// Reads one server frame: (opcode, payload). Server frames are not masked.
 async fn read_frame(s: &mut tokio::net::TcpStream) -> (u8, Vec<u8>) {
     use tokio::io::AsyncReadExt;
