@@ -55,7 +55,16 @@ fn one_descriptor_per_connection_and_whole_messages_on_every_transport() {
     ));
     let path = dir.path().join("herald.toml");
     std::fs::write(&path, config).unwrap();
-    let (mut child, ports, log) = spawn_herald(&path, 4);
+    let (child, ports, log) = spawn_herald(&path, 4);
+    // Stopped however the test ends, a failed assertion included.
+    struct Stop(std::process::Child);
+    impl Drop for Stop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let child = Stop(child);
     let http = loop {
         let line = log.recv_timeout(DEADLINE).expect("the HTTP listener's line");
         if let Some(rest) = line.split("addr=127.0.0.1:").nth(1).filter(|_| line.contains("http listening")) {
@@ -71,7 +80,7 @@ fn one_descriptor_per_connection_and_whole_messages_on_every_transport() {
             .find_map(|l| l.strip_prefix("herald_connections_open ").map(|v| v.trim().parse::<usize>().unwrap()))
             .expect("herald_connections_open in /metrics")
     };
-    let pid = child.id();
+    let pid = child.0.id();
     let crowd = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/tools/paho_crowd.py");
     let ca = dir.path().join("ca.pem");
     const N: usize = 50;
@@ -110,8 +119,7 @@ fn one_descriptor_per_connection_and_whole_messages_on_every_transport() {
         wait_for(&format!("{transport}: the connections to end"), || open_connections() == 0);
         wait_for(&format!("{transport}: the descriptors to be returned"), || open_descriptors(pid) <= before);
     }
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(child);
 }
 
 fn hibernating(b: &common::TestBroker) -> u64 {
