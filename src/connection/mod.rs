@@ -342,7 +342,7 @@ enum Event {
     Readable(std::io::Result<()>),
     Writable(std::io::Result<()>),
     WriteStalled,
-    Delivery(Option<Delivery>),
+    Delivery(Delivery),
     Kick(Option<Kick>),
     Committed,
     /// The keep-alive deadline or a retry fell due.
@@ -368,22 +368,42 @@ impl Connection {
                 return close;
             }
         }
+        // Counted in the gauge from entering hibernation to leaving it for the event loop or
+        // the close, not once per wake-up handled in place: a shared counter touched twice per
+        // wake-up would be two contended atomics per delivery to a hibernating subscriber.
+        let mut counted = false;
+        let gauge = |broker: &Broker, on: bool| {
+            let g = &broker.metrics().connections_hibernating;
+            if on {
+                g.fetch_add(1, Ordering::Relaxed);
+            } else {
+                g.fetch_sub(1, Ordering::Relaxed);
+            }
+        };
         loop {
             self.release_acks();
             self.drain_deliveries();
             if let Err(close) = self.write_some() {
+                if counted {
+                    gauge(&self.broker, false);
+                }
                 return close;
             }
             if hibernates && self.idle() {
+                if !counted {
+                    gauge(&self.broker, true);
+                    counted = true;
+                }
                 self.release_buffers();
-                let hibernating = &self.broker.metrics().connections_hibernating;
-                hibernating.fetch_add(1, Ordering::Relaxed);
-                let woken = self.hibernate().await;
-                self.broker.metrics().connections_hibernating.fetch_sub(1, Ordering::Relaxed);
-                if let Err(close) = woken {
+                if let Err(close) = self.hibernate().await {
+                    gauge(&self.broker, false);
                     return close;
                 }
                 continue;
+            }
+            if counted {
+                gauge(&self.broker, false);
+                counted = false;
             }
             self.quiet.check_at = None;
             match Box::pin(self.run()).await {
@@ -439,14 +459,14 @@ impl Connection {
             k = &mut self.kick_rx => Event::Kick(k.ok()),
             r = self.io.stream.readable() => Event::Readable(r),
             _ = urgent_notified(urgent) => Event::Urgent,
-            d = self.session.state.mailbox.recv() => Event::Delivery(Some(d)),
+            d = self.session.state.mailbox.recv() => Event::Delivery(d),
             _ = sleep_until(keep_alive) => Event::Timer,
         };
         match event {
             Event::Kick(k) => Err(kicked(k)),
             Event::Readable(Ok(())) => self.read_input(),
-            Event::Readable(Err(_)) | Event::Delivery(None) => Err(Close::SocketClosed),
-            Event::Delivery(Some(d)) => {
+            Event::Readable(Err(_)) => Err(Close::SocketClosed),
+            Event::Delivery(d) => {
                 self.start_delivery(d, &mut None);
                 Ok(())
             }
@@ -521,7 +541,7 @@ impl Connection {
                 r = self.io.stream.writable(), if writing => Event::Writable(r),
                 r = self.io.stream.readable(), if reading => Event::Readable(r),
                 _ = urgent_notified(urgent), if high_window_open => Event::Urgent,
-                d = state.mailbox.recv(), if window_open => Event::Delivery(Some(d)),
+                d = state.mailbox.recv(), if window_open => Event::Delivery(d),
                 _ = sleep_until(deadline) => Event::Timer,
                 _ = sleep_until(stall), if writing => Event::WriteStalled,
                 // Ready at once: the loop goes round to send the next part of the pending queue
@@ -558,11 +578,10 @@ impl Connection {
                 Event::Writable(Ok(())) => Ok(()),
                 Event::Readable(Ok(())) => self.read_input(),
                 Event::Writable(Err(_)) | Event::Readable(Err(_)) => Err(Close::SocketClosed),
-                Event::Delivery(Some(d)) => {
+                Event::Delivery(d) => {
                     self.start_delivery(d, &mut None);
                     Ok(())
                 }
-                Event::Delivery(None) => Err(Close::SocketClosed),
                 Event::MorePending | Event::Committed | Event::Urgent => Ok(()),
             };
             if let Err(close) = step {

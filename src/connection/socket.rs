@@ -98,10 +98,6 @@ impl Tls {
         };
         Self { tcp, conn, plaintext, closed }
     }
-
-    pub fn connection(&self) -> &rustls::ServerConnection {
-        &self.conn
-    }
 }
 
 impl Layer for Tls {
@@ -234,10 +230,6 @@ impl<T: Layer> Ws<T> {
             starved: false,
             budget,
         }
-    }
-
-    pub fn inner(&self) -> &T {
-        &self.inner
     }
 
     fn read_inner(&mut self, buf: &mut [u8]) -> io::Result<usize> {

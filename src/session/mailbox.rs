@@ -166,10 +166,6 @@ impl<T> Receiver<T> {
         poll_fn(|cx| self.poll_recv(cx)).await
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.0.lock().items.is_empty()
-    }
-
     /// Frees the queue's memory if it is empty and more than a few slots (before hibernating).
     pub fn release(&mut self) {
         let mut q = self.0.lock();
