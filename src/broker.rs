@@ -178,15 +178,6 @@ impl Broker {
         };
         let receipts = crate::receipts::Receipts::new(config.receipts.clone());
         receipts.restore(recovered.receipts.iter().filter_map(|v| crate::receipt::Receipt::decode(v)).collect());
-        for session in &recovered.sessions {
-            for (_, _, body) in &session.queue {
-                if body.id != 0 && body.receipt.get().is_none() {
-                    if let Some(r) = receipts.by_id(body.id) {
-                        let _ = body.receipt.set(r);
-                    }
-                }
-            }
-        }
         let high_priority = config
             .priority
             .iter()
@@ -218,6 +209,12 @@ impl Broker {
             high_priority,
             degraded: std::sync::atomic::AtomicBool::new(false),
         });
+        let weak = Arc::downgrade(&broker);
+        broker.registry.set_prepare(Box::new(move |m| {
+            if let Some(broker) = weak.upgrade() {
+                broker.prepare_loaded(m);
+            }
+        }));
         Ok((broker, recovered))
     }
 
@@ -390,6 +387,19 @@ impl Broker {
     }
 
     /// Whether a topic is in the high priority class (`[[priority]]`).
+    /// A queued message read back from the store: its priority class under the current rules,
+    /// and its receipt, so that delivering it keeps counting there.
+    fn prepare_loaded(&self, message: &crate::message::Message) {
+        if self.is_high_priority(&message.topic) {
+            message.high.store(true, Ordering::Relaxed);
+        }
+        if message.id != 0 && message.receipt.get().is_none() {
+            if let Some(r) = self.receipts.by_id(message.id) {
+                let _ = message.receipt.set(r);
+            }
+        }
+    }
+
     pub fn is_high_priority(&self, topic: &str) -> bool {
         !self.high_priority.is_empty() && self.high_priority.iter().any(|f| crate::topic::filter_matches(f, topic))
     }
@@ -712,13 +722,16 @@ impl Broker {
             let parked = session.with_parked(|parked| {
                 let delivery = offered.take().expect("offered once");
                 delivery.message.count(Count::Queued);
+                if parked.needs_entries(policy, max, max_bytes, delivery.message.payload.len()) {
+                    self.registry.warm_now(&session.client_id, parked);
+                }
                 for (d, why) in parked.offer_offline(delivery, policy, max, max_bytes) {
                     self.record(&d.message, Outcome::QueueDropped(why));
                     if let Some(at) = d.queue_ref() {
                         after.remove_entry(&session.client_id, at);
                     }
                 }
-                parked.pending.len()
+                parked.queued_len()
             });
             if let Some(depth) = parked {
                 self.metrics.queue_depth.observe(depth as u64);

@@ -361,3 +361,79 @@ async fn mosquitto_clients_persistent_session_across_a_restart() {
     let out = tokio::task::block_in_place(|| sub(&port, &["-C", "1", "-W", "5"]));
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "while you were away");
 }
+
+/// Issue 14: a restored session's queue stays in the store, counted, until the session comes
+/// back. Its bounds and policies still hold against what arrives meanwhile (a full queue that
+/// drops its oldest reads its entries first; one that drops the new message does not), the
+/// priority lane still orders it, a session ended without coming back releases its bodies
+/// unread, and in the end every body is gone from the store.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_queue_is_read_when_its_session_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = "[mqtt]\nmax_queued_messages = 4\n\
+        [[queue_policy]]\nfilter = \"alerts/#\"\npolicy = \"drop_new\"\n\
+        [[queue_policy]]\nfilter = \"news/headlines/+\"\nkeep_latest = 1\n\
+        [[priority]]\nfilter = \"news/d/breaking\"\nclass = \"high\"\n";
+    let b = start_at(dir.path(), config);
+    for (id, filter) in [
+        ("a", "news/feature"),
+        ("b", "alerts/#"),
+        ("c", "news/headlines/+"),
+        ("d", "news/d/#"),
+        ("e1", "news/e"),
+        ("e2", "news/e"),
+    ] {
+        subscribe_and_leave(&b, V5, id, filter, QoS::AtLeastOnce).await;
+    }
+    publish_acked(&b, "news/feature", &["f1", "f2", "f3", "f4"]).await;
+    publish_acked(&b, "alerts/flood", &["a1", "a2", "a3", "a4"]).await;
+    publish_acked(&b, "news/headlines/world", &["w1"]).await;
+    publish_acked(&b, "news/headlines/tech", &["t1"]).await;
+    publish_acked(&b, "news/d/x", &["x1"]).await;
+    publish_acked(&b, "news/d/breaking", &["b1"]).await;
+    publish_acked(&b, "news/e", &["shared"]).await;
+    let b = restart(b, dir.path(), config);
+
+    let cold = |id: &str| b.broker.registry().get(id).unwrap().with_parked(|p| p.is_cold()).unwrap();
+    let counts = b.broker.registry().counts();
+    assert_eq!((counts.queued, counts.queued_bytes), (4 + 4 + 2 + 2 + 1 + 1, 4 * 2 + 4 * 2 + 2 * 2 + 2 * 2 + 2 * 6));
+    for id in ["a", "b", "c", "d", "e1", "e2"] {
+        assert!(cold(id), "{id} is not read at start");
+    }
+    assert_eq!(b.broker.store().stats().stored_messages, 4 + 4 + 2 + 2 + 1);
+
+    publish_acked(&b, "news/feature", &["f5"]).await;
+    publish_acked(&b, "alerts/flood", &["a5"]).await;
+    publish_acked(&b, "news/headlines/world", &["w2"]).await;
+    publish_acked(&b, "news/d/x", &["x2"]).await;
+    publish_acked(&b, "news/d/breaking", &["b2"]).await;
+    let m = b.broker.metrics();
+    assert_eq!(m.queue_dropped_oldest.load(Ordering::Relaxed), 1, "f1 made room for f5");
+    assert_eq!(m.queue_dropped_new.load(Ordering::Relaxed), 1, "a5 was let go");
+    assert_eq!(m.queue_superseded.load(Ordering::Relaxed), 1, "w2 replaced w1");
+    assert!(!cold("a") && !cold("c"), "read to choose what to drop");
+    assert!(cold("b") && cold("d"), "drop_new and room to spare need only the counts");
+
+    // e1 comes back with a clean start: its session ends without its queue being read.
+    let mut clean = connect_packet(V5, "e1", true);
+    clean.properties.session_expiry_interval = Some(0);
+    let (c, ack) = RawClient::connect(b.addr, clean).await;
+    assert!(!ack.session_present);
+    drop(c);
+
+    for (id, expected) in [
+        ("a", vec!["f2", "f3", "f4", "f5"]),
+        ("b", vec!["a1", "a2", "a3", "a4"]),
+        ("c", vec!["t1", "w2"]),
+        ("d", vec!["b1", "b2", "x1", "x2"]),
+        ("e2", vec!["shared"]),
+    ] {
+        let (mut c, ack) = RawClient::connect(b.addr, persistent(V5, id, 3600)).await;
+        assert!(ack.session_present, "{id} [MQTT-3.2.2-2]");
+        assert_eq!(receive_acking(&mut c, expected.len()).await, expected, "session {id}");
+        c.expect_silence(Duration::from_millis(100)).await;
+        disconnect(&mut c).await;
+    }
+    let store = b.broker.store();
+    wait_until("every body released", || store.stats().stored_messages == 0).await;
+}

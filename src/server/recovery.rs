@@ -1,6 +1,6 @@
 //! Rebuilding the broker's state from the store at start: retained messages into the retained
-//! tree, persistent sessions parked with their subscriptions in the router, their queue in
-//! `pending` and their in-flight messages with the packet identifiers the client knows, and the
+//! tree, persistent sessions parked with their subscriptions in the router and their queue
+//! counted but left in the store (read when the session comes back: `Registry::claim`), and the
 //! timers that expire them and publish their wills once the runtime runs.
 
 use std::sync::Arc;
@@ -10,8 +10,7 @@ use tracing::info;
 use crate::broker::Broker;
 use crate::clock::wall_ms_now;
 use crate::codec::Will;
-use crate::message::Delivery;
-use crate::session::{OutInflight, SessionShared, Subscription};
+use crate::session::{SessionShared, Subscription};
 use crate::store::Recovered;
 use crate::topic::parse_filter;
 
@@ -46,34 +45,8 @@ pub fn restore(broker: &Broker, recovered: Recovered) -> Vec<Restored> {
             // Restored identifiers may sit anywhere in the identifier space: have every
             // allocation check them until they are acknowledged (see `allocate_packet_id`).
             state.allocations = u64::from(u16::MAX);
-            let mut highest = 0u16;
-            for (at, entry, message) in s.queue {
-                if broker.is_high_priority(&message.topic) {
-                    message.high.store(true, std::sync::atomic::Ordering::Relaxed);
-                }
-                let delivery = Delivery {
-                    message,
-                    qos: entry.qos,
-                    retain: entry.retain,
-                    subscription_ids: entry.subscription_ids.into_boxed_slice(),
-                    stored: std::num::NonZeroU64::new(at.seq),
-                };
-                match entry.inflight {
-                    Some((packet_id, out_state)) => {
-                        highest = highest.max(packet_id);
-                        state.inflight.push_back(OutInflight {
-                            packet_id,
-                            serial: 0,
-                            delivery,
-                            state: out_state,
-                            sent_tick: 0,
-                            retries: 0,
-                        });
-                    }
-                    None => state.push_pending(delivery),
-                }
-            }
-            state.next_packet_id = highest.checked_add(1).unwrap_or(1);
+            // The queue stays in the store until the session comes back (`Registry::claim`).
+            state.set_cold(s.cold);
             state.incoming_qos2.extend(s.incoming_qos2);
         });
         // A session that was connected when the broker stopped counts from now.

@@ -14,7 +14,8 @@ pub mod mailbox;
 pub mod registry;
 
 use crate::codec::{ReasonCode, SubscriptionOptions};
-use crate::message::{Delivery, OutState, QueueRef};
+use crate::message::{Delivery, Message, OutState, QueueRef};
+use crate::store::{ColdQueue, LoadedEntry};
 
 /// What an offline session's queue does when a message arrives and the queue is full (or, for
 /// `KeepLatest`, when it already holds that many messages of the same topic).
@@ -98,6 +99,10 @@ pub struct SessionState {
     /// Filter (as subscribed, `$share/...` included) to its options and identifier.
     pub subscriptions: HashMap<String, (SubscriptionOptions, Option<u32>)>,
     pub expiry_interval: u32,
+    /// The part of a restored session's queue still in the store, older than all of `pending`:
+    /// counted in the queue's bounds and figures, read by `warm` when the session comes back (or
+    /// a full queue's policy must look at it).
+    cold: Option<Box<ColdQueue>>,
 }
 
 impl SessionState {
@@ -112,7 +117,83 @@ impl SessionState {
             allocations: 0,
             subscriptions: HashMap::new(),
             expiry_interval: 0,
+            cold: None,
         }
+    }
+
+    /// Messages queued for the session, those still in the store included.
+    pub fn queued_len(&self) -> usize {
+        self.pending.len() + self.cold.as_ref().map_or(0, |c| c.messages)
+    }
+
+    /// Payload bytes queued for the session, those still in the store included.
+    pub fn queued_bytes(&self) -> usize {
+        self.pending_bytes + self.cold.as_ref().map_or(0, |c| c.bytes)
+    }
+
+    pub fn is_cold(&self) -> bool {
+        self.cold.is_some()
+    }
+
+    /// Leaves a restored session's queue in the store, counted (`recovery`).
+    pub fn set_cold(&mut self, cold: ColdQueue) {
+        self.cold = (cold.messages > 0).then(|| Box::new(cold));
+    }
+
+    /// Puts a restored session's queue, read back from the store, ahead of what was queued since
+    /// the start: queued entries into `pending` (high-priority ones first, as always), entries
+    /// that were in flight into `inflight` with the packet identifiers the client knows.
+    /// `prepare` gives each body its priority class and receipt.
+    pub fn warm(&mut self, loaded: Vec<LoadedEntry>, prepare: &dyn Fn(&Message)) {
+        if self.cold.take().is_none() {
+            return;
+        }
+        let newer = std::mem::take(&mut self.pending);
+        self.pending_bytes = 0;
+        let mut highest = 0u16;
+        for (at, entry, message) in loaded {
+            prepare(&message);
+            let delivery = Delivery {
+                message,
+                qos: entry.qos,
+                retain: entry.retain,
+                subscription_ids: entry.subscription_ids.into_boxed_slice(),
+                stored: std::num::NonZeroU64::new(at.seq),
+            };
+            match entry.inflight {
+                Some((packet_id, state)) => {
+                    highest = highest.max(packet_id);
+                    self.inflight.push_back(OutInflight {
+                        packet_id,
+                        serial: 0,
+                        delivery,
+                        state,
+                        sent_tick: 0,
+                        retries: 0,
+                    });
+                }
+                None => self.push_pending(delivery),
+            }
+        }
+        if highest > 0 {
+            self.next_packet_id = highest.checked_add(1).unwrap_or(1);
+        }
+        for d in newer {
+            self.push_pending(d);
+        }
+    }
+
+    /// Whether offering a message of `size` bytes needs the queue's entries rather than its
+    /// counts: a cold queue that is full and drops its oldest, or that keeps the latest per topic.
+    pub fn needs_entries(&self, policy: OverflowPolicy, max_messages: usize, max_bytes: usize, size: usize) -> bool {
+        self.cold.is_some()
+            && match policy {
+                OverflowPolicy::KeepLatest(_) => true,
+                OverflowPolicy::DropNew => false,
+                OverflowPolicy::DropOldest => {
+                    self.queued_len() >= max_messages || (max_bytes > 0 && self.queued_bytes() + size > max_bytes)
+                }
+            }
     }
 
     /// Queues a delivery at the end of its class: a high-priority one after the other
@@ -183,9 +264,11 @@ impl SessionState {
             dropped.push((d, QueueDrop::New));
             return dropped;
         }
-        let over = |s: &Self| s.pending.len() >= max_messages || (max_bytes > 0 && s.pending_bytes + size > max_bytes);
+        let over = |s: &Self| s.queued_len() >= max_messages || (max_bytes > 0 && s.queued_bytes() + size > max_bytes);
         while over(self) {
-            if policy == OverflowPolicy::DropNew || self.pending.is_empty() {
+            // A cold queue's oldest entries are in the store: unless the caller read them
+            // (`needs_entries`), the new message is the one let go, never a newer one ahead of them.
+            if policy == OverflowPolicy::DropNew || self.pending.is_empty() || self.cold.is_some() {
                 dropped.push((d, QueueDrop::New));
                 return dropped;
             }
@@ -386,8 +469,8 @@ impl SessionShared {
     /// The queue figures of a parked session, for the admin API and `$SYS`.
     pub fn parked_figures(&self) -> Option<ParkedFigures> {
         self.with_parked(|p| ParkedFigures {
-            queued: p.pending.len(),
-            queued_bytes: p.pending_bytes,
+            queued: p.queued_len(),
+            queued_bytes: p.queued_bytes(),
             inflight: p.inflight.len(),
             subscriptions: p.subscriptions.len(),
         })

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::oneshot;
-use tracing::debug;
+use tracing::{debug, error};
 
 use super::{ClientInfo, Kick, Router, SessionShared, SessionState};
 use crate::codec::{ReasonCode, Will};
@@ -34,7 +34,13 @@ pub struct Registry {
     next_id: AtomicU64,
     /// Each session's mailbox bound (`mqtt.max_queued_messages`).
     queue_capacity: usize,
+    /// Gives a body read back from the store what the broker above knows of it (its priority
+    /// class and its receipt); set once by the broker.
+    prepare: std::sync::OnceLock<Prepare>,
 }
+
+/// See `Registry::set_prepare`.
+pub type Prepare = Box<dyn Fn(&crate::message::Message) + Send + Sync>;
 
 /// What a connection asks for when it claims a session.
 pub struct Claim {
@@ -89,7 +95,53 @@ pub struct SessionCounts {
 
 impl Registry {
     pub fn new(router: Arc<Router>, store: Arc<Store>, metrics: Arc<Metrics>, queue_capacity: usize) -> Registry {
-        Registry { sessions: Mutex::default(), router, store, metrics, next_id: AtomicU64::new(1), queue_capacity }
+        Registry {
+            sessions: Mutex::default(),
+            router,
+            store,
+            metrics,
+            next_id: AtomicU64::new(1),
+            queue_capacity,
+            prepare: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// How a body read back from the store is made ready for delivery (see `warm`).
+    pub fn set_prepare(&self, prepare: Prepare) {
+        let _ = self.prepare.set(prepare);
+    }
+
+    fn prepare(&self, message: &crate::message::Message) {
+        if let Some(p) = self.prepare.get() {
+            p(message);
+        }
+    }
+
+    /// Reads a restored session's queue from the store on a blocking thread, when it is still
+    /// there: a session coming back. A read error leaves it cold (counted, and read again at the
+    /// next claim) and is logged; nothing is dropped for it.
+    async fn warm(&self, client_id: &str, state: &mut SessionState) {
+        if !state.is_cold() {
+            return;
+        }
+        let (store, id) = (self.store.clone(), client_id.to_owned());
+        match tokio::task::spawn_blocking(move || store.load_queue(&id)).await {
+            Ok(Ok(loaded)) => state.warm(loaded, &|m| self.prepare(m)),
+            Ok(Err(e)) => error!(client_id, error = %e, "reading a restored session's queue failed"),
+            Err(e) => error!(client_id, error = %e, "reading a restored session's queue failed"),
+        }
+    }
+
+    /// `warm`, on the calling thread: for routing, when a full cold queue's policy must see its
+    /// entries (`SessionState::needs_entries`), once per restored session at most.
+    pub fn warm_now(&self, client_id: &str, state: &mut SessionState) {
+        if !state.is_cold() {
+            return;
+        }
+        match self.store.load_queue(client_id) {
+            Ok(loaded) => state.warm(loaded, &|m| self.prepare(m)),
+            Err(e) => error!(client_id, error = %e, "reading a restored session's queue failed"),
+        }
     }
 
     fn new_session(&self, client_id: String) -> (Arc<SessionShared>, SessionState) {
@@ -185,6 +237,8 @@ impl Registry {
                 return Err(TakeoverTimeout);
             }
         };
+        // A session restored at start comes back with its queue still in the store.
+        self.warm(client_id, &mut state).await;
         let expiry = claim.expiry_interval;
         shared.persistent.store(expiry > 0, Ordering::Release);
         state.expiry_interval = expiry;
@@ -319,7 +373,16 @@ impl Registry {
     /// Drops a session for good: its subscriptions leave the tree, its records leave the store
     /// and it leaves the registry, unless a newer session has taken its client identifier since.
     pub fn end(&self, shared: &Arc<SessionShared>, mut state: SessionState) {
-        let held = state.take_stored_refs();
+        let mut held = state.take_stored_refs();
+        if state.is_cold() {
+            // Never came back since the start: its entries' bodies are released without being read.
+            match self.store.cold_refs(&shared.client_id) {
+                Ok(refs) => held.extend(refs),
+                Err(e) => {
+                    error!(client_id = shared.client_id.as_str(), error = %e, "reading an ended session's queue failed; its bodies stay until the next start")
+                }
+            }
+        }
         if shared.stored.swap(false, Ordering::AcqRel) || !held.is_empty() {
             let mut txn = Txn::default();
             txn.remove_session(&shared.client_id, held);

@@ -19,6 +19,7 @@ use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rustc_hash::FxHashMap;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
@@ -26,6 +27,28 @@ use crate::codec::SubscriptionOptions;
 use crate::config::Durability;
 use crate::message::Message;
 use records::{QueueEntry, SessionRecord};
+
+/// Bodies read back from the store and still alive somewhere, by message id.
+#[derive(Default)]
+struct LoadedBodies {
+    by_id: HashMap<u64, std::sync::Weak<Message>>,
+    /// Dead entries are swept when the map reaches this size, so sweeping stays amortised.
+    sweep_at: usize,
+}
+
+impl LoadedBodies {
+    fn get(&self, id: &u64) -> Option<&std::sync::Weak<Message>> {
+        self.by_id.get(id)
+    }
+
+    fn insert(&mut self, id: u64, body: &Arc<Message>) {
+        if self.by_id.len() >= self.sweep_at {
+            self.by_id.retain(|_, w| w.strong_count() > 0);
+            self.sweep_at = (2 * self.by_id.len()).max(1024);
+        }
+        self.by_id.insert(id, Arc::downgrade(body));
+    }
+}
 
 /// Column families, one per kind of record.
 pub const CF_META: &str = "meta";
@@ -77,10 +100,22 @@ pub struct RecoveredSession {
     pub client_id: String,
     pub record: SessionRecord,
     pub subscriptions: Vec<(String, SubscriptionOptions, Option<u32>)>,
-    /// In queue order (which is routing order).
-    pub queue: Vec<(QueueRef, QueueEntry, Arc<Message>)>,
+    /// Its queue as the store holds it, counted but not read: `Store::load_queue` reads it when
+    /// the session is needed.
+    pub cold: ColdQueue,
     pub incoming_qos2: Vec<u16>,
 }
+
+/// A restored session's queue left in the store: how many entries (queued or in flight) and
+/// how many payload bytes, for the queue's bounds and the figures, until it is read.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ColdQueue {
+    pub messages: usize,
+    pub bytes: usize,
+}
+
+/// A queue entry read back from the store, with its body.
+pub type LoadedEntry = (QueueRef, QueueEntry, Arc<Message>);
 
 enum Write {
     Put(&'static str, Vec<u8>, Vec<u8>),
@@ -214,6 +249,11 @@ struct Shared {
 pub struct Store {
     shared: Arc<Shared>,
     next_seq: AtomicU64,
+    /// Every queue entry written before this start has a lower number: what a restored
+    /// session's cold queue is (`load_queue`).
+    cold_below: u64,
+    /// Bodies read back by `load_queue`, so that sessions that share a message share one copy.
+    loaded: Mutex<LoadedBodies>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     path: PathBuf,
     boot: u64,
@@ -301,6 +341,8 @@ impl Store {
         let store = Store {
             shared,
             next_seq: AtomicU64::new(max_seq + 1),
+            cold_below: max_seq + 1,
+            loaded: Mutex::default(),
             writer: Mutex::new(Some(writer)),
             path: path.into(),
             boot,
@@ -369,6 +411,66 @@ impl Store {
         drop(g);
         shared.wake.notify_one();
         ticket
+    }
+
+    /// Reads a restored session's queue as the store held it at start, in queue order, with the
+    /// bodies (shared with other sessions that loaded the same message). Entries whose body is
+    /// gone are skipped. Reads the disk: for a session coming back, never for routing a message
+    /// (except when a full cold queue's policy must choose what to drop).
+    pub fn load_queue(&self, client_id: &str) -> Result<Vec<LoadedEntry>, StoreError> {
+        let db = &self.shared.db;
+        let corrupt = |why: String| StoreError::Corrupt { path: self.path.clone(), why };
+        let messages = db.cf_handle(CF_MESSAGES).expect("column family opened");
+        let mut out = Vec::new();
+        for item in self.cold_range(client_id) {
+            let (k, v) = item.map_err(|e| corrupt(e.to_string()))?;
+            let seq = records::split_session_key(&k).and_then(|(_, suffix)| records::seq_of(suffix));
+            let seq = seq.map_err(|e| corrupt(e.to_string()))?;
+            let entry = records::decode_entry(&v).map_err(|e| corrupt(e.to_string()))?;
+            let id = entry.message_id;
+            let known = self.loaded.lock().expect("loaded bodies lock").get(&id).and_then(|w| w.upgrade());
+            let body = match known {
+                Some(body) => body,
+                None => {
+                    let stored = db.get_cf(messages, records::seq_key(id)).map_err(|e| corrupt(e.to_string()))?;
+                    let Some(bytes) = stored else {
+                        warn!(client_id, message_id = id, "a queued message's body is missing; skipped");
+                        continue;
+                    };
+                    let message = records::decode_message(&bytes).map_err(|e| corrupt(e.to_string()))?;
+                    let _ = message.store_id.set(id);
+                    let body = Arc::new(message);
+                    self.loaded.lock().expect("loaded bodies lock").insert(id, &body);
+                    body
+                }
+            };
+            out.push((QueueRef { seq, message_id: id }, entry, body));
+        }
+        Ok(out)
+    }
+
+    /// The references of a restored session's cold queue, without reading the bodies: what
+    /// ending a session that never came back must release.
+    pub fn cold_refs(&self, client_id: &str) -> Result<Vec<QueueRef>, StoreError> {
+        let corrupt = |why: String| StoreError::Corrupt { path: self.path.clone(), why };
+        let mut out = Vec::new();
+        for item in self.cold_range(client_id) {
+            let (k, v) = item.map_err(|e| corrupt(e.to_string()))?;
+            let seq = records::split_session_key(&k).and_then(|(_, suffix)| records::seq_of(suffix));
+            let message_id = records::entry_message_id(&v).map_err(|e| corrupt(e.to_string()))?;
+            out.push(QueueRef { seq: seq.map_err(|e| corrupt(e.to_string()))?, message_id });
+        }
+        Ok(out)
+    }
+
+    /// The entries of `client_id`'s queue written before this start.
+    fn cold_range(&self, client_id: &str) -> rocksdb::DBIteratorWithThreadMode<'_, DB> {
+        let db = &self.shared.db;
+        let queue = db.cf_handle(CF_QUEUE).expect("column family opened");
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_upper_bound(records::queue_key(client_id, self.cold_below));
+        let from = records::queue_key(client_id, 0);
+        db.iterator_cf_opt(queue, options, IteratorMode::From(&from, rocksdb::Direction::Forward))
     }
 
     /// Follows the committed ticket.
@@ -516,7 +618,7 @@ fn recover(db: &DB) -> Result<Scan, String> {
                 client_id,
                 record,
                 subscriptions: Vec::new(),
-                queue: Vec::new(),
+                cold: ColdQueue::default(),
                 incoming_qos2: Vec::new(),
             },
         );
@@ -544,56 +646,68 @@ fn recover(db: &DB) -> Result<Scan, String> {
         }
     }
 
-    // Queue entries first, so that only bodies something refers to are decoded.
-    let mut entries: Vec<(String, QueueRef, QueueEntry)> = Vec::new();
-    let mut refs: HashMap<u64, u32> = HashMap::new();
-    for item in db.iterator_cf(cf(CF_QUEUE), IteratorMode::Start) {
-        let (k, v) = item.map_err(|e| e.to_string())?;
-        let (client_id, suffix) = records::split_session_key(&k).map_err(|e| e.to_string())?;
+    // Bodies first, summarised without decoding them: whether each has expired and what its
+    // payload weighs. Queue entries are then counted, not decoded or kept (issue 14: a parked
+    // session's queue is read when the session comes back), so a start with a million queued
+    // messages allocates nothing per entry.
+    let mut bodies: FxHashMap<u64, records::MessageSummary> = FxHashMap::default();
+    scan(db, CF_MESSAGES, |k, v| {
+        let id = records::seq_of(k).map_err(|e| e.to_string())?;
+        max_seq = max_seq.max(id);
+        let summary = records::message_summary(v).map_err(|e| e.to_string())?;
+        if summary.is_expired(now_ms) {
+            out.removed_expired_messages += 1;
+            cleanup.delete_cf(cf(CF_MESSAGES), k);
+        } else {
+            bodies.insert(id, summary);
+        }
+        Ok(())
+    })?;
+
+    let mut refs: FxHashMap<u64, u32> = FxHashMap::default();
+    refs.reserve(bodies.len());
+    // Entries are in key order, so one session's are together: its name is read and looked up
+    // once, and its counts gathered here until the next session's entries begin.
+    let mut group_prefix: Vec<u8> = Vec::new();
+    let mut group: Option<(String, ColdQueue)> = None;
+    let flush = |sessions: &mut HashMap<String, RecoveredSession>, group: &mut Option<(String, ColdQueue)>| {
+        if let Some((client_id, cold)) = group.take() {
+            sessions.get_mut(&client_id).expect("looked up").cold = cold;
+        }
+    };
+    scan(db, CF_QUEUE, |k, v| {
+        let (prefix, suffix) = records::split_prefix(k).map_err(|e| e.to_string())?;
         let seq = records::seq_of(suffix).map_err(|e| e.to_string())?;
         max_seq = max_seq.max(seq);
-        if !sessions.contains_key(&client_id) {
-            cleanup.delete_cf(cf(CF_QUEUE), &k);
-            continue;
+        if group_prefix != prefix {
+            flush(&mut sessions, &mut group);
+            group_prefix.clear();
+            group_prefix.extend_from_slice(prefix);
+            let (client_id, _) = records::split_session_key(k).map_err(|e| e.to_string())?;
+            if sessions.contains_key(&client_id) {
+                group = Some((client_id, ColdQueue::default()));
+            }
         }
-        let entry = records::decode_entry(&v).map_err(|e| e.to_string())?;
-        *refs.entry(entry.message_id).or_insert(0) += 1;
-        entries.push((client_id, QueueRef { seq, message_id: entry.message_id }, entry));
-    }
-
-    let mut bodies: HashMap<u64, Arc<Message>> = HashMap::with_capacity(refs.len());
-    for item in db.iterator_cf(cf(CF_MESSAGES), IteratorMode::Start) {
-        let (k, v) = item.map_err(|e| e.to_string())?;
-        let id = records::seq_of(&k).map_err(|e| e.to_string())?;
-        max_seq = max_seq.max(id);
-        if !refs.contains_key(&id) {
-            cleanup.delete_cf(cf(CF_MESSAGES), &k);
-            continue;
-        }
-        let message = records::decode_message(&v).map_err(|e| e.to_string())?;
-        if message.is_expired(now) {
-            out.removed_expired_messages += 1;
-            refs.remove(&id);
-            cleanup.delete_cf(cf(CF_MESSAGES), &k);
-            continue;
-        }
-        let _ = message.store_id.set(id);
-        bodies.insert(id, Arc::new(message));
-    }
-
-    for (client_id, at, entry) in entries {
-        match bodies.get(&at.message_id) {
+        let Some((_, cold)) = group.as_mut() else {
+            cleanup.delete_cf(cf(CF_QUEUE), k);
+            return Ok(());
+        };
+        let id = records::entry_message_id(v).map_err(|e| e.to_string())?;
+        match bodies.get(&id) {
             Some(body) => {
-                let s = sessions.get_mut(&client_id).expect("checked above");
-                s.queue.push((at, entry, body.clone()));
+                *refs.entry(id).or_insert(0) += 1;
+                cold.messages += 1;
+                cold.bytes += body.payload_len;
                 out.queued += 1;
             }
-            None => {
-                // Its body expired (or is missing): the entry goes too, never delivered.
-                cleanup.delete_cf(cf(CF_QUEUE), records::queue_key(&client_id, at.seq));
-                refs.remove(&at.message_id);
-            }
+            // Its body expired (or is missing): the entry goes too, never delivered.
+            None => cleanup.delete_cf(cf(CF_QUEUE), k),
         }
+        Ok(())
+    })?;
+    flush(&mut sessions, &mut group);
+    for id in bodies.keys().filter(|id| !refs.contains_key(id)) {
+        cleanup.delete_cf(cf(CF_MESSAGES), records::seq_key(*id));
     }
 
     for item in db.iterator_cf(cf(CF_RETAINED), IteratorMode::Start) {
@@ -635,5 +749,20 @@ fn recover(db: &DB) -> Result<Scan, String> {
         db.write_opt(cleanup, &options).map_err(|e| e.to_string())?;
     }
     out.sessions = sessions.into_values().collect();
-    Ok((out, refs, max_seq))
+    Ok((out, refs.into_iter().collect(), max_seq))
+}
+
+/// Calls `f` on every record of a column family in key order, without an allocation per
+/// record and without filling the block cache with what is read once.
+fn scan(db: &DB, family: &str, mut f: impl FnMut(&[u8], &[u8]) -> Result<(), String>) -> Result<(), String> {
+    let mut options = rocksdb::ReadOptions::default();
+    options.fill_cache(false);
+    options.set_readahead_size(2 << 20);
+    let mut it = db.raw_iterator_cf_opt(db.cf_handle(family).expect("column family opened"), options);
+    it.seek_to_first();
+    while let (Some(k), Some(v)) = (it.key(), it.value()) {
+        f(k, v)?;
+        it.next();
+    }
+    it.status().map_err(|e| e.to_string())
 }

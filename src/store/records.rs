@@ -52,6 +52,19 @@ pub fn split_session_key(key: &[u8]) -> Result<(String, &[u8]), RecordError> {
     Ok((id.to_owned(), &key[2 + len..]))
 }
 
+/// Splits a per-session key into its session prefix (as `session_prefix` writes it) and the
+/// suffix after it, without reading the client identifier.
+pub fn split_prefix(key: &[u8]) -> Result<(&[u8], &[u8]), RecordError> {
+    if key.len() < 2 {
+        return Err(bad("key", "shorter than its length prefix"));
+    }
+    let end = 2 + usize::from(u16::from_be_bytes([key[0], key[1]]));
+    if key.len() < end {
+        return Err(bad("key", "client identifier cut short"));
+    }
+    Ok(key.split_at(end))
+}
+
 pub fn queue_key(client_id: &str, seq: u64) -> Vec<u8> {
     let mut k = session_prefix(client_id);
     k.extend_from_slice(&seq.to_be_bytes());
@@ -128,6 +141,62 @@ pub fn decode_message(value: &[u8]) -> Result<Message, RecordError> {
     })
 }
 
+/// What the start-up scan needs of a stored body without decoding it: when it was received,
+/// its expiry interval and its payload's size.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MessageSummary {
+    pub received_ms: u64,
+    pub expiry_interval: Option<u32>,
+    pub payload_len: usize,
+}
+
+impl MessageSummary {
+    pub fn is_expired(&self, now_ms: u64) -> bool {
+        self.expiry_interval.is_some_and(|secs| now_ms.saturating_sub(self.received_ms) / 1000 >= u64::from(secs))
+    }
+}
+
+/// Reads a body's header, skipping its topic and properties, as `encode_message` wrote them.
+pub fn message_summary(value: &[u8]) -> Result<MessageSummary, RecordError> {
+    const W: &str = "message";
+    let short = || bad(W, "cut short");
+    let take = |at: &mut usize, n: usize| -> Result<&[u8], RecordError> {
+        let b = value.get(*at..*at + n).ok_or_else(short)?;
+        *at += n;
+        Ok(b)
+    };
+    let mut at = 0;
+    let format = take(&mut at, 1)?[0];
+    if format != FORMAT {
+        return Err(bad(W, format!("format {format}, this build reads {FORMAT}")));
+    }
+    let flags = take(&mut at, 1)?[0];
+    let received_ms = u64::from_be_bytes(take(&mut at, 8)?.try_into().expect("8 bytes"));
+    let expiry = u32::from_be_bytes(take(&mut at, 4)?.try_into().expect("4 bytes"));
+    if flags & 0b1_0000 != 0 {
+        take(&mut at, 8)?;
+    }
+    let topic_len = u16::from_be_bytes(take(&mut at, 2)?.try_into().expect("2 bytes"));
+    take(&mut at, usize::from(topic_len))?;
+    let mut properties_len = 0usize;
+    for shift in [0, 7, 14, 21] {
+        let b = take(&mut at, 1)?[0];
+        properties_len |= usize::from(b & 0x7F) << shift;
+        if b & 0x80 == 0 {
+            break;
+        }
+        if shift == 21 {
+            return Err(bad(W, "property length longer than four bytes"));
+        }
+    }
+    take(&mut at, properties_len)?;
+    Ok(MessageSummary {
+        received_ms,
+        expiry_interval: (flags & 0b1000 != 0).then_some(expiry),
+        payload_len: value.len() - at,
+    })
+}
+
 /// One message in a session's queue: which body, what the subscription grants, and, once sent,
 /// the packet identifier and how far the QoS 1 or 2 exchange got.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -197,6 +266,18 @@ pub fn decode_entry(value: &[u8]) -> Result<QueueEntry, RecordError> {
         other => return Err(bad(W, format!("unknown in-flight state {other}"))),
     };
     Ok(QueueEntry { message_id, qos: qos_of(W, flags & 0b11)?, retain: flags & 0b100 != 0, subscription_ids, inflight })
+}
+
+/// The body a queue entry refers to, read without decoding the rest: what the start-up scan
+/// needs of each of a million entries (issue 14: a parked queue is decoded when its session
+/// returns, not at start).
+pub fn entry_message_id(value: &[u8]) -> Result<u64, RecordError> {
+    match value {
+        [FORMAT, id @ ..] if id.len() >= 8 => Ok(u64::from_be_bytes(id[..8].try_into().expect("8 bytes"))),
+        [FORMAT, ..] => Err(bad("queue entry", "cut short before its message id")),
+        [format, ..] => Err(bad("queue entry", format!("format {format}, this build reads {FORMAT}"))),
+        [] => Err(bad("queue entry", "empty")),
+    }
 }
 
 /// What a persistent session keeps apart from its subscriptions, queue and packet identifiers.
@@ -300,6 +381,22 @@ mod tests {
         old.drain(14..22);
         let back = decode_message(&old).unwrap();
         assert_eq!((back.id, back.topic.as_str()), (0, "news/tech/ai"));
+        let summary = message_summary(&old).unwrap();
+        assert_eq!((summary.payload_len, summary.expiry_interval), (5, Some(300)), "without a message id");
+
+        // The start-up scan's summary agrees with the full decoding.
+        let summary = message_summary(&encode_message(&m)).unwrap();
+        assert_eq!((summary.payload_len, summary.expiry_interval), (5, Some(300)));
+        let now_ms = crate::clock::wall_ms_now();
+        assert!(!summary.is_expired(now_ms) && summary.is_expired(now_ms + 291_000));
+        let mut long = Message::new_for_test("news/tech/ai", &[7u8; 200], QoS::AtLeastOnce, false);
+        long.properties.user_properties.push(("k".into(), "v".repeat(200)));
+        let summary = message_summary(&encode_message(&long)).unwrap();
+        assert_eq!(summary.payload_len, 200, "a two-byte property length is skipped whole");
+        let encoded = encode_message(&long);
+        for cut in 0..encoded.len() - 200 {
+            assert!(message_summary(&encoded[..cut]).is_err(), "cut at {cut}");
+        }
     }
 
     #[test]
@@ -312,6 +409,7 @@ mod tests {
             inflight: Some((65535, OutState::AwaitPubAck)),
         };
         assert_eq!(decode_entry(&encode_entry(&e)).unwrap(), e);
+        assert_eq!(entry_message_id(&encode_entry(&e)).unwrap(), e.message_id);
         let s = SessionRecord {
             expiry_interval: u32::MAX,
             disconnected_at_ms: 1234,
@@ -341,7 +439,12 @@ mod tests {
         let key = queue_key("phone-1", 99);
         let (id, suffix) = split_session_key(&key).unwrap();
         assert_eq!((id.as_str(), seq_of(suffix).unwrap()), ("phone-1", 99));
+        let (prefix, suffix) = split_prefix(&key).unwrap();
+        assert_eq!((prefix, seq_of(suffix).unwrap()), (&session_prefix("phone-1")[..], 99));
+        assert!(split_prefix(&[0, 9, b'a']).is_err() && split_prefix(&[0]).is_err());
         assert!(decode_entry(&[9, 0, 0]).unwrap_err().to_string().contains("format 9"));
+        assert!(entry_message_id(&[9, 0, 0]).unwrap_err().to_string().contains("format 9"));
+        assert!(entry_message_id(&[FORMAT, 0, 0]).is_err(), "cut short");
         assert!(split_session_key(&[0, 9, b'a']).is_err());
     }
 }
