@@ -737,6 +737,71 @@ async fn fill(addr: SocketAddr, o: &Opts) {
     r.print();
 }
 
+/// Brings back what `fill` left: the `sessions` persistent sessions reconnect, `--parallel` at
+/// a time, and each reads and acknowledges `messages` queued messages. Reports the time from
+/// CONNECT to the first message (what a phone waits for, a lazily read queue included) and the
+/// time to drain everything.
+async fn drain_sessions(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
+    let sessions: u32 = o.get("sessions", 1000);
+    let messages: u64 = o.get("messages", 1000);
+    let parallel: usize = o.get("parallel", 100);
+    let gate = Arc::new(Semaphore::new(parallel));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..sessions {
+        let gate = gate.clone();
+        tasks.push(tokio::spawn(async move {
+            let _permit = gate.acquire_owned().await.unwrap();
+            let asked = Instant::now();
+            let mut c = Conn::open_session(addr, &format!("bench-fill-{i}"), false).await;
+            let (mut first_us, mut got, mut batch) = (None, 0u64, Vec::new());
+            // What came with the CONNACK is already buffered: `next_batch` reads before decoding.
+            while let Some(p) = c.decoder.decode(&mut c.buf).expect("valid packet from the broker") {
+                batch.push(p);
+            }
+            while got < messages {
+                if batch.is_empty() {
+                    match tokio::time::timeout(Duration::from_secs(30), c.next_batch(&mut batch)).await {
+                        Ok(true) => {}
+                        _ => break,
+                    }
+                }
+                first_us.get_or_insert(asked.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                let mut acks = Vec::new();
+                for p in batch.drain(..) {
+                    if let Packet::Publish(p) = p {
+                        got += 1;
+                        if p.qos == QoS::AtLeastOnce {
+                            acks.push(Packet::PubAck(PubResponse::new(p.packet_id, ReasonCode::SUCCESS)));
+                        }
+                    }
+                }
+                c.send(&acks).await;
+            }
+            let _ = c.writer.write_all(&[0xE0, 0]).await;
+            (first_us.unwrap_or(u32::MAX), got)
+        }));
+    }
+    let (mut firsts, mut received, mut short) = (Vec::new(), 0, 0);
+    for t in tasks {
+        let (first, got) = t.await.unwrap();
+        firsts.push(first);
+        received += got;
+        short += u32::from(got < messages);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    firsts.sort_unstable();
+    let mut r = Report::new("drain");
+    r.num("sessions", sessions as f64).num("received", received as f64).num("short", short as f64);
+    r.num("seconds", secs);
+    r.num("msgs_per_s", received as f64 / secs);
+    r.num("first_p50_ms", percentile(&firsts, 0.50)).num("first_p99_ms", percentile(&firsts, 0.99));
+    if let Some(rss) = pid.and_then(broker_rss_bytes) {
+        r.num("rss_mb", rss as f64 / 1e6);
+    }
+    r.print();
+}
+
 async fn fill_publish(mut c: Conn, messages: u64, until: Instant) -> (u64, u64) {
     let mut acked = 0;
     for seq in 1..=messages {
@@ -871,6 +936,7 @@ fn main() {
             "conns" => conns(addr, &o, pid).await,
             "retained" => retained(addr, &o).await,
             "fill" => fill(addr, &o).await,
+            "drain" => drain_sessions(addr, &o, pid).await,
             "overload" => overload(addr, &o, pid).await,
             other => panic!("unknown scenario {other}"),
         }

@@ -166,8 +166,13 @@ impl Broker {
         let (shutdown, _) = watch::channel(false);
         let router = Arc::new(Router::new(config.mqtt.match_cache_size));
         let metrics = Arc::new(Metrics::default());
-        let registry =
-            Arc::new(Registry::new(router.clone(), store.clone(), metrics.clone(), config.mqtt.max_queued_messages));
+        let registry = Arc::new(Registry::new(
+            router.clone(),
+            store.clone(),
+            metrics.clone(),
+            config.mqtt.max_queued_messages,
+            config.storage.queue_readers,
+        ));
         let limits = Arc::new(config.limits.clone());
         let (webhook, webhook_events) = match &config.delivery.webhook {
             Some(_) => {
@@ -210,7 +215,7 @@ impl Broker {
             degraded: std::sync::atomic::AtomicBool::new(false),
         });
         let weak = Arc::downgrade(&broker);
-        broker.registry.set_prepare(Box::new(move |m| {
+        broker.registry.set_prepare(Arc::new(move |m| {
             if let Some(broker) = weak.upgrade() {
                 broker.prepare_loaded(m);
             }

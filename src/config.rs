@@ -424,11 +424,20 @@ pub struct Storage {
     pub path: PathBuf,
     #[serde(default)]
     pub durability: Durability,
+    /// Restored sessions whose queue is read from the store at the same time when they come
+    /// back after a restart; the others wait their turn (a reconnection storm takes this many
+    /// blocking threads, not one per phone).
+    #[serde(default = "default_queue_readers")]
+    pub queue_readers: usize,
+}
+
+fn default_queue_readers() -> usize {
+    16
 }
 
 impl Default for Storage {
     fn default() -> Self {
-        Self { path: default_storage_path(), durability: Durability::default() }
+        Self { path: default_storage_path(), durability: Durability::default(), queue_readers: default_queue_readers() }
     }
 }
 

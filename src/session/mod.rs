@@ -14,7 +14,7 @@ pub mod mailbox;
 pub mod registry;
 
 use crate::codec::{ReasonCode, SubscriptionOptions};
-use crate::message::{Delivery, Message, OutState, QueueRef};
+use crate::message::{Delivery, OutState, QueueRef};
 use crate::store::{ColdQueue, LoadedEntry};
 
 /// What an offline session's queue does when a message arrives and the queue is full (or, for
@@ -143,8 +143,7 @@ impl SessionState {
     /// Puts a restored session's queue, read back from the store, ahead of what was queued since
     /// the start: queued entries into `pending` (high-priority ones first, as always), entries
     /// that were in flight into `inflight` with the packet identifiers the client knows.
-    /// `prepare` gives each body its priority class and receipt.
-    pub fn warm(&mut self, loaded: Vec<LoadedEntry>, prepare: &dyn Fn(&Message)) {
+    pub fn warm(&mut self, loaded: Vec<LoadedEntry>) {
         if self.cold.take().is_none() {
             return;
         }
@@ -152,7 +151,6 @@ impl SessionState {
         self.pending_bytes = 0;
         let mut highest = 0u16;
         for (at, entry, message) in loaded {
-            prepare(&message);
             let delivery = Delivery {
                 message,
                 qos: entry.qos,

@@ -37,10 +37,13 @@ pub struct Registry {
     /// Gives a body read back from the store what the broker above knows of it (its priority
     /// class and its receipt); set once by the broker.
     prepare: std::sync::OnceLock<Prepare>,
+    /// Restored queues being read at once (`storage.queue_readers`): a thousand phones returning
+    /// together after a restart wait here instead of occupying a thousand blocking threads.
+    loads: tokio::sync::Semaphore,
 }
 
 /// See `Registry::set_prepare`.
-pub type Prepare = Box<dyn Fn(&crate::message::Message) + Send + Sync>;
+pub type Prepare = Arc<dyn Fn(&crate::message::Message) + Send + Sync>;
 
 /// What a connection asks for when it claims a session.
 pub struct Claim {
@@ -94,7 +97,13 @@ pub struct SessionCounts {
 }
 
 impl Registry {
-    pub fn new(router: Arc<Router>, store: Arc<Store>, metrics: Arc<Metrics>, queue_capacity: usize) -> Registry {
+    pub fn new(
+        router: Arc<Router>,
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        queue_capacity: usize,
+        queue_readers: usize,
+    ) -> Registry {
         Registry {
             sessions: Mutex::default(),
             router,
@@ -103,6 +112,7 @@ impl Registry {
             next_id: AtomicU64::new(1),
             queue_capacity,
             prepare: std::sync::OnceLock::new(),
+            loads: tokio::sync::Semaphore::new(queue_readers.max(1)),
         }
     }
 
@@ -111,10 +121,8 @@ impl Registry {
         let _ = self.prepare.set(prepare);
     }
 
-    fn prepare(&self, message: &crate::message::Message) {
-        if let Some(p) = self.prepare.get() {
-            p(message);
-        }
+    fn prepare(&self) -> Prepare {
+        self.prepare.get().cloned().unwrap_or_else(|| Arc::new(|_| {}))
     }
 
     /// Reads a restored session's queue from the store on a blocking thread, when it is still
@@ -124,9 +132,10 @@ impl Registry {
         if !state.is_cold() {
             return;
         }
-        let (store, id) = (self.store.clone(), client_id.to_owned());
-        match tokio::task::spawn_blocking(move || store.load_queue(&id)).await {
-            Ok(Ok(loaded)) => state.warm(loaded, &|m| self.prepare(m)),
+        let _permit = self.loads.acquire().await.expect("never closed");
+        let (store, id, prepare) = (self.store.clone(), client_id.to_owned(), self.prepare());
+        match tokio::task::spawn_blocking(move || store.load_queue(&id, &*prepare)).await {
+            Ok(Ok(loaded)) => state.warm(loaded),
             Ok(Err(e)) => error!(client_id, error = %e, "reading a restored session's queue failed"),
             Err(e) => error!(client_id, error = %e, "reading a restored session's queue failed"),
         }
@@ -138,8 +147,8 @@ impl Registry {
         if !state.is_cold() {
             return;
         }
-        match self.store.load_queue(client_id) {
-            Ok(loaded) => state.warm(loaded, &|m| self.prepare(m)),
+        match self.store.load_queue(client_id, &*self.prepare()) {
+            Ok(loaded) => state.warm(loaded),
             Err(e) => error!(client_id, error = %e, "reading a restored session's queue failed"),
         }
     }
@@ -483,7 +492,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (store, _) = Store::open(dir.path(), Durability::Wal).unwrap();
         let router = Arc::new(Router::new(16));
-        let registry = Arc::new(Registry::new(router, Arc::new(store), Arc::default(), 16));
+        let registry = Arc::new(Registry::new(router, Arc::new(store), Arc::default(), 16, 2));
         Fixture { registry, _dir: dir }
     }
 

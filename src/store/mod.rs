@@ -31,7 +31,7 @@ use records::{QueueEntry, SessionRecord};
 /// Bodies read back from the store and still alive somewhere, by message id.
 #[derive(Default)]
 struct LoadedBodies {
-    by_id: HashMap<u64, std::sync::Weak<Message>>,
+    by_id: FxHashMap<u64, std::sync::Weak<Message>>,
     /// Dead entries are swept when the map reaches this size, so sweeping stays amortised.
     sweep_at: usize,
 }
@@ -41,12 +41,12 @@ impl LoadedBodies {
         self.by_id.get(id)
     }
 
-    fn insert(&mut self, id: u64, body: &Arc<Message>) {
-        if self.by_id.len() >= self.sweep_at {
+    fn insert_all(&mut self, bodies: Vec<(u64, std::sync::Weak<Message>)>) {
+        if self.by_id.len() + bodies.len() >= self.sweep_at {
             self.by_id.retain(|_, w| w.strong_count() > 0);
-            self.sweep_at = (2 * self.by_id.len()).max(1024);
+            self.sweep_at = (2 * (self.by_id.len() + bodies.len())).max(1024);
         }
-        self.by_id.insert(id, Arc::downgrade(body));
+        self.by_id.extend(bodies);
     }
 }
 
@@ -417,60 +417,83 @@ impl Store {
     /// bodies (shared with other sessions that loaded the same message). Entries whose body is
     /// gone are skipped. Reads the disk: for a session coming back, never for routing a message
     /// (except when a full cold queue's policy must choose what to drop).
-    pub fn load_queue(&self, client_id: &str) -> Result<Vec<LoadedEntry>, StoreError> {
+    pub fn load_queue(&self, client_id: &str, prepare: &dyn Fn(&Message)) -> Result<Vec<LoadedEntry>, StoreError> {
         let db = &self.shared.db;
         let corrupt = |why: String| StoreError::Corrupt { path: self.path.clone(), why };
-        let messages = db.cf_handle(CF_MESSAGES).expect("column family opened");
-        let mut out = Vec::new();
-        for item in self.cold_range(client_id) {
-            let (k, v) = item.map_err(|e| corrupt(e.to_string()))?;
-            let seq = records::split_session_key(&k).and_then(|(_, suffix)| records::seq_of(suffix));
-            let seq = seq.map_err(|e| corrupt(e.to_string()))?;
-            let entry = records::decode_entry(&v).map_err(|e| corrupt(e.to_string()))?;
-            let id = entry.message_id;
-            let known = self.loaded.lock().expect("loaded bodies lock").get(&id).and_then(|w| w.upgrade());
-            let body = match known {
-                Some(body) => body,
-                None => {
-                    let stored = db.get_cf(messages, records::seq_key(id)).map_err(|e| corrupt(e.to_string()))?;
-                    let Some(bytes) = stored else {
-                        warn!(client_id, message_id = id, "a queued message's body is missing; skipped");
-                        continue;
-                    };
-                    let message = records::decode_message(&bytes).map_err(|e| corrupt(e.to_string()))?;
-                    let _ = message.store_id.set(id);
-                    let body = Arc::new(message);
-                    self.loaded.lock().expect("loaded bodies lock").insert(id, &body);
-                    body
-                }
-            };
-            out.push((QueueRef { seq, message_id: id }, entry, body));
+        let mut entries = Vec::new();
+        self.cold_range(client_id, |k, v| {
+            let (_, suffix) = records::split_prefix(k)?;
+            entries.push((records::seq_of(suffix)?, records::decode_entry(v)?));
+            Ok(())
+        })?;
+        // Bodies another session loaded already are shared; the others are read and decoded
+        // once per load, then offered to later loads. The map's lock is taken twice per load,
+        // not per entry.
+        let mut bodies: FxHashMap<u64, Option<Arc<Message>>> = FxHashMap::default();
+        {
+            let loaded = self.loaded.lock().expect("loaded bodies lock");
+            for (_, e) in &entries {
+                bodies.entry(e.message_id).or_insert_with(|| loaded.get(&e.message_id).and_then(|w| w.upgrade()));
+            }
         }
+        let missing: Vec<u64> = bodies.iter().filter(|(_, b)| b.is_none()).map(|(id, _)| *id).collect();
+        if !missing.is_empty() {
+            let messages = db.cf_handle(CF_MESSAGES).expect("column family opened");
+            let keys = missing.iter().map(|id| (&messages, records::seq_key(*id)));
+            let mut fresh = Vec::with_capacity(missing.len());
+            for (id, got) in missing.iter().zip(db.multi_get_cf(keys)) {
+                let Some(bytes) = got.map_err(|e| corrupt(e.to_string()))? else {
+                    warn!(client_id, message_id = id, "a queued message's body is missing; its entries are skipped");
+                    continue;
+                };
+                let message = records::decode_message(&bytes).map_err(|e| corrupt(e.to_string()))?;
+                let _ = message.store_id.set(*id);
+                prepare(&message);
+                let body = Arc::new(message);
+                fresh.push((*id, Arc::downgrade(&body)));
+                bodies.insert(*id, Some(body));
+            }
+            self.loaded.lock().expect("loaded bodies lock").insert_all(fresh);
+        }
+        let out = entries
+            .into_iter()
+            .filter_map(|(seq, entry)| {
+                let body = bodies.get(&entry.message_id)?.clone()?;
+                Some((QueueRef { seq, message_id: entry.message_id }, entry, body))
+            })
+            .collect();
         Ok(out)
     }
 
     /// The references of a restored session's cold queue, without reading the bodies: what
     /// ending a session that never came back must release.
     pub fn cold_refs(&self, client_id: &str) -> Result<Vec<QueueRef>, StoreError> {
-        let corrupt = |why: String| StoreError::Corrupt { path: self.path.clone(), why };
         let mut out = Vec::new();
-        for item in self.cold_range(client_id) {
-            let (k, v) = item.map_err(|e| corrupt(e.to_string()))?;
-            let seq = records::split_session_key(&k).and_then(|(_, suffix)| records::seq_of(suffix));
-            let message_id = records::entry_message_id(&v).map_err(|e| corrupt(e.to_string()))?;
-            out.push(QueueRef { seq: seq.map_err(|e| corrupt(e.to_string()))?, message_id });
-        }
+        self.cold_range(client_id, |k, v| {
+            let (_, suffix) = records::split_prefix(k)?;
+            out.push(QueueRef { seq: records::seq_of(suffix)?, message_id: records::entry_message_id(v)? });
+            Ok(())
+        })?;
         Ok(out)
     }
 
-    /// The entries of `client_id`'s queue written before this start.
-    fn cold_range(&self, client_id: &str) -> rocksdb::DBIteratorWithThreadMode<'_, DB> {
+    /// Calls `f` on each entry of `client_id`'s queue written before this start, in order.
+    fn cold_range(
+        &self,
+        client_id: &str,
+        mut f: impl FnMut(&[u8], &[u8]) -> Result<(), records::RecordError>,
+    ) -> Result<(), StoreError> {
+        let corrupt = |why: String| StoreError::Corrupt { path: self.path.clone(), why };
         let db = &self.shared.db;
-        let queue = db.cf_handle(CF_QUEUE).expect("column family opened");
         let mut options = rocksdb::ReadOptions::default();
         options.set_iterate_upper_bound(records::queue_key(client_id, self.cold_below));
-        let from = records::queue_key(client_id, 0);
-        db.iterator_cf_opt(queue, options, IteratorMode::From(&from, rocksdb::Direction::Forward))
+        let mut it = db.raw_iterator_cf_opt(db.cf_handle(CF_QUEUE).expect("column family opened"), options);
+        it.seek(records::queue_key(client_id, 0));
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            f(k, v).map_err(|e| corrupt(e.to_string()))?;
+            it.next();
+        }
+        it.status().map_err(|e| corrupt(e.to_string()))
     }
 
     /// Follows the committed ticket.

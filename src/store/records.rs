@@ -247,17 +247,21 @@ pub fn encode_entry(e: &QueueEntry) -> Vec<u8> {
 
 pub fn decode_entry(value: &[u8]) -> Result<QueueEntry, RecordError> {
     const W: &str = "queue entry";
-    let mut r = reader(W, value)?;
-    let e = |e: crate::codec::DecodeError| bad(W, e.reason);
-    let message_id = r.u64_be().map_err(e)?;
-    let flags = r.u8().map_err(e)?;
-    let state = r.u8().map_err(e)?;
-    let packet_id = r.u16().map_err(e)?;
-    let n = r.u8().map_err(e)?;
-    let mut subscription_ids = Vec::with_capacity(usize::from(n));
-    for _ in 0..n {
-        subscription_ids.push(r.u32().map_err(e)?);
+    // Read straight from the slice: a returning session's queue is decoded entry by entry.
+    let (head, ids) = match value {
+        [FORMAT, rest @ ..] if rest.len() >= 13 => rest.split_at(13),
+        [FORMAT, ..] | [] => return Err(bad(W, "cut short")),
+        [format, ..] => return Err(bad(W, format!("format {format}, this build reads {FORMAT}"))),
+    };
+    let message_id = u64::from_be_bytes(head[..8].try_into().expect("8 bytes"));
+    let (flags, state) = (head[8], head[9]);
+    let packet_id = u16::from_be_bytes([head[10], head[11]]);
+    let n = usize::from(head[12]);
+    if ids.len() < 4 * n {
+        return Err(bad(W, "subscription identifiers cut short"));
     }
+    let subscription_ids =
+        ids.chunks_exact(4).take(n).map(|c| u32::from_be_bytes(c.try_into().expect("4 bytes"))).collect();
     let inflight = match state {
         0 => None,
         1 => Some((packet_id, OutState::AwaitPubAck)),
@@ -410,6 +414,12 @@ mod tests {
         };
         assert_eq!(decode_entry(&encode_entry(&e)).unwrap(), e);
         assert_eq!(entry_message_id(&encode_entry(&e)).unwrap(), e.message_id);
+        let encoded = encode_entry(&e);
+        for cut in 0..encoded.len() {
+            assert!(decode_entry(&encoded[..cut]).is_err(), "cut at {cut}");
+        }
+        let plain = QueueEntry { subscription_ids: vec![], inflight: None, ..e.clone() };
+        assert_eq!(decode_entry(&encode_entry(&plain)).unwrap(), plain);
         let s = SessionRecord {
             expiry_interval: u32::MAX,
             disconnected_at_ms: 1234,
