@@ -7,7 +7,8 @@
 #    so it promises less);
 #  - start-up with a full store: 1000 offline persistent sessions x 1000 queued messages (1M queue
 #    entries), then the time from starting the broker to its port accepting connections, after a
-#    clean stop and after SIGKILL.
+#    clean stop and after SIGKILL, and then every session coming back and draining its queue
+#    (time to its first message, time to drain all).
 #
 #   bash bench/durability.sh
 #   BROKERS=herald DURATION=5 bash bench/durability.sh
@@ -131,6 +132,13 @@ for broker in $BROKERS; do
     record "$broker" "startup after SIG$how" \
       "{\"scenario\":\"startup\",\"after\":\"$how\",\"queued\":$queued,\"fill_s\":$fill_s,\"store_kb\":${du_before:-0},\"start_ms\":$(( (t1 - t0) / 1000000 )),\"store_open_ms\":${store_ms:-null},\"rss_mb\":$(( rss / 1024 ))}"
   done
+  # Then every session comes back (100 at a time) and reads its queue: Herald reads each queue
+  # from the store at this point (issue 14), Mosquitto has them in memory since its start.
+  args="drain --sessions $SESSIONS --messages $MESSAGES --parallel 100"
+  echo "== $broker: $args" >&2
+  line=$(timeout 600 taskset -c 1 target/release/herald-loadgen $args --port "$PORT" --broker-pid "$BROKER_PID" \
+         || echo '{"scenario":"failed"}')
+  record "$broker" "$args" "$line"
   stop TERM
 done
 
