@@ -690,15 +690,8 @@ async fn retained(addr: SocketAddr, o: &Opts) {
             Ok(true) => {}
             _ => break,
         }
-        let mut acks = Vec::new();
-        for p in batch.drain(..) {
-            if let Packet::Publish(p) = p {
-                got += 1;
-                if p.qos == QoS::AtLeastOnce {
-                    acks.push(Packet::PubAck(PubResponse::new(p.packet_id, ReasonCode::SUCCESS)));
-                }
-            }
-        }
+        let (n, acks) = take_publishes(&mut batch);
+        got += n;
         if !acks.is_empty() {
             sub.send(&acks).await;
         }
@@ -737,6 +730,21 @@ async fn fill(addr: SocketAddr, o: &Opts) {
     r.print();
 }
 
+/// Counts the PUBLISHes of a batch and makes the PUBACKs for those at QoS 1.
+fn take_publishes(batch: &mut Vec<Packet>) -> (u64, Vec<Packet>) {
+    let mut acks = Vec::new();
+    let mut n = 0;
+    for p in batch.drain(..) {
+        if let Packet::Publish(p) = p {
+            n += 1;
+            if p.qos == QoS::AtLeastOnce {
+                acks.push(Packet::PubAck(PubResponse::new(p.packet_id, ReasonCode::SUCCESS)));
+            }
+        }
+    }
+    (n, acks)
+}
+
 /// Brings back what `fill` left: the `sessions` persistent sessions reconnect, `--parallel` at
 /// a time, and each reads and acknowledges `messages` queued messages. Reports the time from
 /// CONNECT to the first message (what a phone waits for, a lazily read queue included) and the
@@ -767,15 +775,8 @@ async fn drain_sessions(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
                     }
                 }
                 first_us.get_or_insert(asked.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                let mut acks = Vec::new();
-                for p in batch.drain(..) {
-                    if let Packet::Publish(p) = p {
-                        got += 1;
-                        if p.qos == QoS::AtLeastOnce {
-                            acks.push(Packet::PubAck(PubResponse::new(p.packet_id, ReasonCode::SUCCESS)));
-                        }
-                    }
-                }
+                let (n, acks) = take_publishes(&mut batch);
+                got += n;
                 c.send(&acks).await;
             }
             let _ = c.writer.write_all(&[0xE0, 0]).await;
