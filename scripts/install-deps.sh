@@ -4,12 +4,13 @@
 # tests, mosquitto_passwd, benchmarks), openssl (certs/generate.sh and the TLS/JWT tests), curl
 # (HTTP API tests), iproute2 (`ss`: the hostile-input battery reads listen backlogs and receive
 # queues), paho-mqtt 2.x for Python (Debian ships 1.6) and prometheus-client (its
-# parser checks /metrics in the tests).
+# parser checks /metrics in the tests), nats-server (cluster mode's tests start NATS with
+# JetStream; Debian's 2.9 is enough).
 set -euo pipefail
 SUDO=""
 if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
 need_apt=0
-for bin in mosquitto_pub mosquitto_sub mosquitto mosquitto_passwd openssl curl ss; do
+for bin in mosquitto_pub mosquitto_sub mosquitto mosquitto_passwd openssl curl ss nats-server; do
   command -v "$bin" >/dev/null 2>&1 || need_apt=1
 done
 dpkg -s libclang-dev >/dev/null 2>&1 || need_apt=1
@@ -17,7 +18,7 @@ python3 -m pip --version >/dev/null 2>&1 || need_apt=1
 if [ "$need_apt" -eq 1 ]; then
   $SUDO apt-get update -q
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q --no-install-recommends \
-    libclang-dev clang mosquitto mosquitto-clients openssl curl iproute2 python3-pip
+    libclang-dev clang mosquitto mosquitto-clients openssl curl iproute2 python3-pip nats-server
 fi
 if ! python3 -c 'import paho.mqtt, sys; sys.exit(0 if paho.mqtt.__version__.startswith("2.") else 1)' 2>/dev/null; then
   python3 -m pip install -q paho-mqtt==2.2.0 || python3 -m pip install -q --break-system-packages paho-mqtt==2.2.0

@@ -61,6 +61,8 @@ pub struct Broker {
     /// Degraded mode (docs/news-delivery.md): normal QoS 0 traffic is shed and new normal
     /// publishes are refused while set.
     degraded: std::sync::atomic::AtomicBool,
+    /// Cluster mode's link to NATS (docs/cluster.md), set once before the listeners start.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Link>>,
 }
 
 /// Where undelivered messages are announced.
@@ -213,6 +215,7 @@ impl Broker {
             webhook_failures: Arc::default(),
             high_priority,
             degraded: std::sync::atomic::AtomicBool::new(false),
+            cluster: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&broker);
         broker.registry.set_prepare(Arc::new(move |m| {
@@ -233,6 +236,15 @@ impl Broker {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// Cluster mode's link to NATS, once `server::run` has joined the cluster.
+    pub fn cluster(&self) -> Option<&Arc<crate::cluster::Link>> {
+        self.cluster.get()
+    }
+
+    pub fn set_cluster(&self, link: Arc<crate::cluster::Link>) {
+        let _ = self.cluster.set(link);
     }
 
     pub fn registry(&self) -> &Arc<Registry> {

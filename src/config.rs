@@ -51,9 +51,52 @@ pub struct Config {
     pub priority: Vec<PriorityRule>,
     #[serde(default)]
     pub degraded: DegradedConfig,
+    /// Cluster mode on NATS JetStream (docs/cluster.md); one node with its own store when absent.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
     /// The file this configuration was read from, for reloads; not a key.
     #[serde(skip)]
     pub source: Option<PathBuf>,
+}
+
+/// `[cluster]`: this node's name and the NATS servers the nodes share (docs/cluster.md).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// This node's name, unique in the cluster: messages carry it so that a node does not route
+    /// its own messages twice.
+    pub node: String,
+    /// NATS server URLs (`nats://host:port`); the client reconnects to any of them.
+    pub nats: Vec<String>,
+    /// The JetStream stream holding QoS 1 and 2 messages.
+    #[serde(default = "default_cluster_stream")]
+    pub stream: String,
+    /// Replicas of the stream (at most the number of NATS servers; 3 survives one server's death).
+    #[serde(default = "default_cluster_replicas")]
+    pub replicas: usize,
+    /// How long the stream keeps a message, in seconds.
+    #[serde(default = "default_cluster_max_age")]
+    pub max_age_secs: u64,
+    /// QoS 1 and 2 messages handed to JetStream and not yet acknowledged by it; a PUBLISH that
+    /// finds this many waiting is refused (5.0: 0x97) rather than queued without bound.
+    #[serde(default = "default_cluster_max_pending")]
+    pub max_pending: usize,
+}
+
+fn default_cluster_stream() -> String {
+    "HERALD_MSGS".into()
+}
+
+fn default_cluster_replicas() -> usize {
+    3
+}
+
+fn default_cluster_max_age() -> u64 {
+    86_400
+}
+
+fn default_cluster_max_pending() -> usize {
+    10_000
 }
 
 /// Delivery receipts and story deduplication (docs/news-delivery.md).
@@ -575,6 +618,7 @@ impl Default for Config {
             delivery: DeliveryConfig::default(),
             priority: Vec::new(),
             degraded: DegradedConfig::default(),
+            cluster: None,
             source: None,
         }
     }
@@ -600,6 +644,23 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key, message: &str| Err(ConfigError::Invalid { key, message: message.into() });
+        if let Some(c) = &self.cluster {
+            if c.node.is_empty() || !c.node.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return invalid("cluster.node", "must be a non-empty name of letters, digits, '-' and '_'");
+            }
+            if c.nats.is_empty() {
+                return invalid("cluster.nats", "must name at least one NATS server");
+            }
+            if c.stream.is_empty() || !c.stream.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
+                return invalid("cluster.stream", "must be a name of letters, digits, '-' and '_'");
+            }
+            if !(1..=5).contains(&c.replicas) {
+                return invalid("cluster.replicas", "must be between 1 and 5 (JetStream's limit)");
+            }
+            if c.max_pending == 0 {
+                return invalid("cluster.max_pending", "must be at least 1");
+            }
+        }
         if self.listeners.is_empty() {
             return invalid("listeners", "must name at least one listener");
         }

@@ -49,7 +49,7 @@ impl Snapshot {
         use Kind::{Counter, Gauge};
         let f = |sys_topic, metric, kind, help, value| Figure { sys_topic, metric, help, kind, value };
         let connected = c(&m.clients_connected);
-        let figures = vec![
+        let mut figures = vec![
             f("clients/connected", "herald_clients_connected", Gauge, "Clients connected now.", connected),
             f(
                 "clients/disconnected",
@@ -413,6 +413,67 @@ impl Snapshot {
                 store.writes,
             ),
         ];
+        if let Some(link) = broker.cluster() {
+            let l = &link.figures;
+            figures.extend([
+                f(
+                    "cluster/nats_connected",
+                    "herald_cluster_nats_connected",
+                    Gauge,
+                    "1 while this node is connected to a NATS server.",
+                    u64::from(link.is_connected()),
+                ),
+                f(
+                    "cluster/appended",
+                    "herald_cluster_appended_total",
+                    Counter,
+                    "QoS 1 and 2 messages of this node's publishers acknowledged by JetStream.",
+                    c(&l.appended),
+                ),
+                f(
+                    "cluster/append_pending",
+                    "herald_cluster_append_pending",
+                    Gauge,
+                    "QoS 1 and 2 messages handed to JetStream and not yet acknowledged by it.",
+                    link.pending(),
+                ),
+                f(
+                    "cluster/append_retries",
+                    "herald_cluster_append_retries_total",
+                    Counter,
+                    "Appends to JetStream that failed and were sent again.",
+                    c(&l.append_retries),
+                ),
+                f(
+                    "cluster/refused",
+                    "herald_cluster_refused_total",
+                    Counter,
+                    "PUBLISHes refused because cluster.max_pending appends were waiting.",
+                    c(&m.cluster_refused),
+                ),
+                f(
+                    "cluster/qos0_sent",
+                    "herald_cluster_qos0_sent_total",
+                    Counter,
+                    "QoS 0 messages sent to the other nodes over core NATS.",
+                    c(&l.sent_qos0),
+                ),
+                f(
+                    "cluster/qos0_dropped",
+                    "herald_cluster_qos0_dropped_total",
+                    Counter,
+                    "QoS 0 messages not sent to the other nodes (NATS unreachable or its queue full).",
+                    c(&l.dropped_qos0),
+                ),
+                f(
+                    "cluster/received",
+                    "herald_cluster_received_total",
+                    Counter,
+                    "Messages received from the other nodes and routed here.",
+                    c(&l.received),
+                ),
+            ]);
+        }
         Snapshot {
             uptime_secs: broker.uptime_secs(),
             figures,

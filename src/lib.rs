@@ -18,7 +18,7 @@
 //! `codec` (bytes <-> packets); `clock`, `topic` (filters, `$SYS`), `metrics` (counters,
 //! histograms); `config`, `logging`, `tls`, `auth`; `receipt` and `message` (one message, one
 //! delivery, one receipt); `router` (subscription tree), `retain`, `store` (RocksDB, group
-//! commit), `receipts` (the index, story deduplication); `session` (session state and the
+//! commit), `receipts` (the index, story deduplication), `cluster` (cluster mode's NATS link); `session` (session state and the
 //! registry, the one writer of session lifecycles); `broker` (routing, admission, outcomes);
 //! `connection` (handshake, packets, outbound writing); `listener`, `http`, `sys`, `figures`,
 //! `pressure` (degraded mode), `webhook`; `server` (opens, recovers, starts the tasks, runs).
@@ -29,7 +29,7 @@
 //  1 clock, topic, metrics
 //  2 config, logging, tls, auth
 //  3 receipt, message
-//  4 router, retain, store, receipts
+//  4 router, retain, store, receipts, cluster (the NATS link of cluster mode)
 //  5 session (state, and the registry: the one writer of session lifecycles)
 //  6 broker (routing, admission, outcome counting)
 //  7 connection
@@ -38,6 +38,7 @@
 pub mod auth;
 pub mod broker;
 pub mod clock;
+pub mod cluster;
 pub mod codec;
 pub mod config;
 pub mod connection;

@@ -54,6 +54,8 @@ pub struct Metrics {
     pub limit_connection_rate: AtomicU64,
     pub limit_subscriptions: AtomicU64,
     pub limit_publish_rate: AtomicU64,
+    /// PUBLISHes refused because `cluster.max_pending` appends to JetStream were waiting.
+    pub cluster_refused: AtomicU64,
     pub limit_topic_length: AtomicU64,
     /// Messages handed off as undelivered (expired or out of retries without an
     /// acknowledgement), QoS 1 resends to 3.1.1 subscribers, and PUBLISHes refused or shed in

@@ -11,7 +11,7 @@ const LAYERS: &[&[&str]] = &[
     &["clock", "topic", "metrics"],
     &["config", "logging", "tls", "auth"],
     &["receipt", "message"],
-    &["router", "retain", "store", "receipts"],
+    &["router", "retain", "store", "receipts", "cluster"],
     &["session"],
     &["broker"],
     &["connection"],

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use super::{Close, Connection, Step};
 use crate::broker::PublishRefusal;
+use crate::cluster::Forward;
 use crate::codec::{
     Disconnect, Packet, Properties, PubResponse, Publish, QoS, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe,
 };
@@ -102,6 +103,7 @@ impl Connection {
         }
         let mut reason = ReasonCode::SUCCESS;
         let mut ticket = 0;
+        let mut replicated = 0;
         let mut message_id = None;
         let wants_id = match self.client.msg_id_on_ack {
             super::MsgIdOnAck::Never => false,
@@ -157,12 +159,26 @@ impl Connection {
                 Err(original) => message_id = Some(original),
                 Ok(message) => {
                     message_id = Some(message.id);
-                    let outcome = self.broker.route(message, true);
-                    ticket = outcome.ticket;
-                    if outcome.matched == 0 && p.qos == QoS::AtLeastOnce {
-                        reason = ReasonCode::NO_MATCHING_SUBSCRIBERS;
+                    // Cluster mode: the other nodes get it too; at QoS 1 and 2 the
+                    // acknowledgement waits until JetStream has it.
+                    let forward = self.broker.cluster().map(|link| link.forward(&message));
+                    if forward == Some(Forward::Full) {
+                        if !v5 {
+                            return Err(Close::Overloaded);
+                        }
+                        self.broker.metrics().cluster_refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        reason = ReasonCode::QUOTA_EXCEEDED;
+                    } else {
+                        if let Some(Forward::Ticket(t)) = forward {
+                            replicated = t;
+                        }
+                        let outcome = self.broker.route(message, true);
+                        ticket = outcome.ticket;
+                        if outcome.matched == 0 && p.qos == QoS::AtLeastOnce {
+                            reason = ReasonCode::NO_MATCHING_SUBSCRIBERS;
+                        }
+                        self.flow.blocked.extend(outcome.blocked);
                     }
-                    self.flow.blocked.extend(outcome.blocked);
                 }
             }
         }
@@ -191,9 +207,9 @@ impl Connection {
         // The acknowledgement is the promise: it waits until every subscriber has the message
         // and the store has what persistent sessions need of it.
         if self.flow.blocked.is_empty() {
-            self.send_ack(ticket, ack);
+            self.send_ack_after(ticket, replicated, ack);
         } else {
-            self.flow.held_ack = Some(Box::new((ticket, ack)));
+            self.flow.held_ack = Some(Box::new((ticket, replicated, ack)));
         }
         Ok(())
     }

@@ -262,12 +262,15 @@ struct Flow {
     blocked: std::collections::VecDeque<(Arc<SessionShared>, Delivery)>,
     blocked_deadline: Option<tokio::time::Instant>,
     /// The acknowledgement of the PUBLISH in `blocked`, with its store ticket.
-    held_ack: Option<Box<(u64, Packet)>>,
-    /// Acknowledgements waiting, in order [MQTT-4.6.0-2], for their store ticket to commit.
-    acks: std::collections::VecDeque<(u64, Packet)>,
+    held_ack: Option<Box<(u64, u64, Packet)>>,
+    /// Acknowledgements waiting, in order [MQTT-4.6.0-2], for their store ticket to commit and,
+    /// in cluster mode, their cluster ticket to be replicated (0: nothing to wait for).
+    acks: std::collections::VecDeque<(u64, u64, Packet)>,
     /// Follows the store's committed ticket while `acks` is not empty; None otherwise, so that
     /// an idle connection carries no receiver.
     committed: Option<tokio::sync::watch::Receiver<u64>>,
+    /// Follows the cluster's replicated ticket while an acknowledgement waits for it.
+    replicated: Option<tokio::sync::watch::Receiver<u64>>,
     /// Input is not read until then: a publisher of refused normal traffic in degraded mode.
     paused_until: Option<Instant>,
 }
@@ -538,6 +541,7 @@ impl Connection {
                 biased;
                 k = &mut self.kick_rx => Event::Kick(k.ok()),
                 _ = committed_changed(&mut self.flow.committed) => Event::Committed,
+                _ = committed_changed(&mut self.flow.replicated) => Event::Committed,
                 r = self.io.stream.writable(), if writing => Event::Writable(r),
                 r = self.io.stream.readable(), if reading => Event::Readable(r),
                 _ = urgent_notified(urgent), if high_window_open => Event::Urgent,
@@ -696,8 +700,8 @@ impl Connection {
             return Ok(());
         }
         if let Some(held) = self.flow.held_ack.take() {
-            let (ticket, ack) = *held;
-            self.send_ack(ticket, ack);
+            let (ticket, replicated, ack) = *held;
+            self.send_ack_after(ticket, replicated, ack);
         }
         self.handle_input()
     }
@@ -730,25 +734,40 @@ impl Connection {
     /// Sends an acknowledgement once `ticket` is committed to the store, after every earlier
     /// acknowledgement that still waits for its own.
     fn send_ack(&mut self, ticket: u64, ack: Packet) {
-        if self.flow.acks.is_empty() && (ticket == 0 || self.broker.store().is_committed(ticket)) {
+        self.send_ack_after(ticket, 0, ack);
+    }
+
+    /// `send_ack`, and in cluster mode once JetStream has the message too (`replicated`, a
+    /// ticket of `cluster::Link`; 0 for none).
+    fn send_ack_after(&mut self, ticket: u64, replicated: u64, ack: Packet) {
+        let link = self.broker.cluster();
+        let stored = ticket == 0 || self.broker.store().is_committed(ticket);
+        let copied = replicated == 0 || link.is_some_and(|l| l.is_replicated(replicated));
+        if self.flow.acks.is_empty() && stored && copied {
             self.io.out.packet(&ack);
             return;
         }
         if self.flow.committed.is_none() {
             self.flow.committed = Some(self.broker.store().committed());
         }
-        self.flow.acks.push_back((ticket, ack));
+        if replicated > 0 && self.flow.replicated.is_none() {
+            self.flow.replicated = link.map(|l| l.replicated());
+        }
+        self.flow.acks.push_back((ticket, replicated, ack));
     }
 
     fn release_acks(&mut self) {
         let Some(committed) = &mut self.flow.committed else { return };
         let upto = *committed.borrow_and_update();
-        while self.flow.acks.front().is_some_and(|(t, _)| *t <= upto) {
-            let (_, ack) = self.flow.acks.pop_front().expect("front exists");
+        // Entries wait for a cluster ticket only once `replicated` follows it.
+        let replicated = self.flow.replicated.as_mut().map_or(0, |r| *r.borrow_and_update());
+        while self.flow.acks.front().is_some_and(|(t, r, _)| *t <= upto && *r <= replicated) {
+            let (_, _, ack) = self.flow.acks.pop_front().expect("front exists");
             self.io.out.packet(&ack);
         }
         if self.flow.acks.is_empty() {
             self.flow.committed = None;
+            self.flow.replicated = None;
         }
     }
 

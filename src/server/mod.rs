@@ -3,6 +3,7 @@
 //! webhook) and runs until shutdown or a store write failure. The top layer: nothing imports it
 //! but `main` and the tests.
 
+mod cluster;
 mod receipts;
 mod recovery;
 
@@ -33,6 +34,8 @@ pub enum ServerError {
     Store(StoreError),
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Cluster(#[from] crate::cluster::ClusterError),
 }
 
 impl ServerError {
@@ -72,6 +75,16 @@ pub async fn run(
 ) -> Result<(), ServerError> {
     let Server { broker, restored } = server;
     let mut shutdown = broker.shutdown_signal();
+    // Cluster mode: joined before any client is accepted, so that every message a client
+    // publishes reaches the other nodes.
+    let inbound = match &broker.config().cluster {
+        Some(c) => {
+            let (link, inbound) = crate::cluster::Link::connect(c, broker.store().boot()).await?;
+            broker.set_cluster(link.clone());
+            Some((link, inbound))
+        }
+        None => None,
+    };
     let mut listeners = Vec::new();
     for l in &broker.config().listeners {
         let listener = bind(&l.bind, l.backlog).await?;
@@ -100,6 +113,9 @@ pub async fn run(
         tasks.spawn(crate::sys::publish_loop(broker.clone()));
     }
     tasks.spawn(receipts::maintain(broker.clone()));
+    if let Some((link, inbound)) = inbound {
+        tasks.spawn(cluster::receive(broker.clone(), link, inbound));
+    }
     tasks.spawn(crate::pressure::monitor(broker.clone()));
     let webhook_events = broker.take_webhook_events();
     if let (Some(url), Some(events)) = (&broker.config().delivery.webhook, webhook_events) {

@@ -1,0 +1,306 @@
+//! Cluster mode's link to NATS (docs/cluster.md): how a node hands the messages its clients
+//! publish to the other nodes, and what it receives from them. The broker above routes what
+//! arrives (`server::cluster`); this module knows messages and their stored form, not sessions.
+//!
+//! QoS 0 travels over core NATS (`herald.q0`), at most once like the QoS itself. QoS 1 and 2 are
+//! appended to a JetStream stream (`herald.log`, replicated): the publisher's acknowledgement
+//! waits for JetStream's, through a ticket the connection waits for as it waits for the store's
+//! (`replicated`). Each node reads the stream through one durable consumer of its own. Every
+//! message carries its node's name, so a node skips what it published itself (routed locally
+//! already).
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_nats::jetstream;
+use bytes::Bytes;
+use tokio::sync::{mpsc, watch};
+use tracing::{info, warn};
+
+use crate::codec::QoS;
+use crate::config::ClusterConfig;
+use crate::message::Message;
+use crate::store::records;
+
+/// Core NATS subject of QoS 0 messages.
+pub const QOS0_SUBJECT: &str = "herald.q0";
+/// The stream's subject: QoS 1 and 2 messages.
+pub const LOG_SUBJECT: &str = "herald.log";
+/// Header naming the node a message was published on.
+pub const NODE_HEADER: &str = "Herald-Node";
+/// How many appends wait for JetStream's acknowledgement at once.
+const APPEND_WINDOW: usize = 256;
+/// Before an append that failed is tried again.
+const RETRY_AFTER: Duration = Duration::from_millis(200);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("cannot reach NATS at {servers}: {why}")]
+    Connect { servers: String, why: String },
+    #[error("JetStream stream {stream}: {why}")]
+    Stream { stream: String, why: String },
+}
+
+/// What became of a message handed to the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forward {
+    /// On its way (QoS 0), nothing to wait for.
+    Sent,
+    /// Acknowledge the publisher once `replicated` reaches this ticket.
+    Ticket(u64),
+    /// Too many waiting already (`cluster.max_pending`): refuse the PUBLISH.
+    Full,
+}
+
+/// Figures for `$SYS` and /metrics.
+#[derive(Default)]
+pub struct LinkFigures {
+    pub sent_qos0: AtomicU64,
+    pub dropped_qos0: AtomicU64,
+    pub appended: AtomicU64,
+    pub append_retries: AtomicU64,
+    pub received: AtomicU64,
+}
+
+pub struct Link {
+    node: String,
+    client: async_nats::Client,
+    qos0: mpsc::Sender<Bytes>,
+    appends: Mutex<Appends>,
+    replicated: watch::Sender<u64>,
+    pub figures: LinkFigures,
+}
+
+struct Appends {
+    next: u64,
+    tx: mpsc::Sender<(u64, Bytes)>,
+}
+
+/// What the other nodes send this one, for `server::cluster` to route.
+pub struct Inbound {
+    pub qos0: async_nats::Subscriber,
+    pub log: jetstream::consumer::pull::Stream,
+}
+
+/// A message as another node published it.
+pub struct Received {
+    pub node: String,
+    pub message: Message,
+}
+
+impl Link {
+    /// Connects to NATS (retrying until `deadline`), makes sure the stream and this node's
+    /// consumer exist, and starts the tasks that publish. `boot` makes this process's message
+    /// ids for JetStream's duplicate detection unique across restarts.
+    pub async fn connect(config: &ClusterConfig, boot: u64) -> Result<(Arc<Link>, Inbound), ClusterError> {
+        let servers = config.nats.join(",");
+        let connect_error = |why: String| ClusterError::Connect { servers: servers.clone(), why };
+        let addrs = config
+            .nats
+            .iter()
+            .map(|s| s.parse::<async_nats::ServerAddr>().map_err(|e| connect_error(e.to_string())))
+            .collect::<Result<Vec<_>, _>>()?;
+        let client = async_nats::ConnectOptions::new()
+            .name(format!("herald-{}", config.node))
+            .retry_on_initial_connect()
+            .max_reconnects(None)
+            .connect(addrs)
+            .await
+            .map_err(|e| connect_error(e.to_string()))?;
+        let js = jetstream::new(client.clone());
+        let stream_error = |why: String| ClusterError::Stream { stream: config.stream.clone(), why };
+        // JetStream answers only once its servers have elected a leader: a cluster starting
+        // together needs a few seconds.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        let stream = loop {
+            let wanted = jetstream::stream::Config {
+                name: config.stream.clone(),
+                subjects: vec![LOG_SUBJECT.into()],
+                num_replicas: config.replicas,
+                max_age: Duration::from_secs(config.max_age_secs),
+                storage: jetstream::stream::StorageType::File,
+                duplicate_window: Duration::from_secs(120),
+                ..Default::default()
+            };
+            match js.get_or_create_stream(wanted).await {
+                Ok(s) => break s,
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    warn!(error = %e, "JetStream not ready; trying again");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => return Err(stream_error(e.to_string())),
+            }
+        };
+        let consumer = stream
+            .get_or_create_consumer(
+                &format!("herald-{}", config.node),
+                jetstream::consumer::pull::Config {
+                    durable_name: Some(format!("herald-{}", config.node)),
+                    deliver_policy: jetstream::consumer::DeliverPolicy::New,
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(30),
+                    max_ack_pending: config.max_pending as i64,
+                    filter_subject: LOG_SUBJECT.into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| stream_error(e.to_string()))?;
+        let log = consumer.messages().await.map_err(|e| stream_error(e.to_string()))?;
+        let qos0_in = client.subscribe(QOS0_SUBJECT).await.map_err(|e| connect_error(e.to_string()))?;
+        let (qos0, qos0_rx) = mpsc::channel(config.max_pending);
+        let (tx, rx) = mpsc::channel(config.max_pending);
+        let (replicated, _) = watch::channel(0);
+        let link = Arc::new(Link {
+            node: config.node.clone(),
+            client,
+            qos0,
+            appends: Mutex::new(Appends { next: 1, tx }),
+            replicated,
+            figures: LinkFigures::default(),
+        });
+        tokio::spawn(send_qos0(link.clone(), qos0_rx));
+        tokio::spawn(append(link.clone(), js, rx, boot));
+        info!(node = config.node.as_str(), nats = servers.as_str(), stream = config.stream.as_str(), "cluster joined");
+        Ok((link, Inbound { qos0: qos0_in, log }))
+    }
+
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+
+    /// Whether the client is connected to a NATS server now.
+    pub fn is_connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Hands a message accepted on this node to the others. Never waits.
+    pub fn forward(&self, message: &Message) -> Forward {
+        let payload = Bytes::from(records::encode_message(message));
+        if message.qos == QoS::AtMostOnce {
+            if self.qos0.try_send(payload).is_err() {
+                self.figures.dropped_qos0.fetch_add(1, Ordering::Relaxed);
+            }
+            return Forward::Sent;
+        }
+        let mut appends = self.appends.lock().expect("appends lock");
+        let ticket = appends.next;
+        match appends.tx.try_send((ticket, payload)) {
+            Ok(()) => {
+                appends.next += 1;
+                Forward::Ticket(ticket)
+            }
+            Err(_) => Forward::Full,
+        }
+    }
+
+    /// Follows the highest ticket whose message, and every one before it, JetStream has
+    /// acknowledged.
+    pub fn replicated(&self) -> watch::Receiver<u64> {
+        self.replicated.subscribe()
+    }
+
+    /// Appends handed to JetStream and not yet acknowledged.
+    pub fn pending(&self) -> u64 {
+        let next = self.appends.lock().expect("appends lock").next;
+        (next - 1).saturating_sub(*self.replicated.borrow())
+    }
+
+    pub fn is_replicated(&self, ticket: u64) -> bool {
+        *self.replicated.borrow() >= ticket
+    }
+
+    fn headers(&self) -> async_nats::HeaderMap {
+        let mut headers = async_nats::HeaderMap::new();
+        headers.insert(NODE_HEADER, self.node.as_str());
+        headers
+    }
+}
+
+/// Decodes what another node sent; None for this node's own messages (routed here already) and
+/// for what cannot be decoded (logged).
+pub fn receive(link: &Link, headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Option<Received> {
+    let node = headers.and_then(|h| h.get(NODE_HEADER)).map(|v| v.as_str().to_owned()).unwrap_or_default();
+    if node == link.node {
+        return None;
+    }
+    match records::decode_message(payload) {
+        Ok(message) => {
+            link.figures.received.fetch_add(1, Ordering::Relaxed);
+            Some(Received { node, message })
+        }
+        Err(e) => {
+            warn!(node = node.as_str(), error = %e, "undecodable message from another node; skipped");
+            None
+        }
+    }
+}
+
+async fn send_qos0(link: Arc<Link>, mut rx: mpsc::Receiver<Bytes>) {
+    while let Some(payload) = rx.recv().await {
+        match link.client.publish_with_headers(QOS0_SUBJECT, link.headers(), payload).await {
+            Ok(()) => link.figures.sent_qos0.fetch_add(1, Ordering::Relaxed),
+            Err(_) => link.figures.dropped_qos0.fetch_add(1, Ordering::Relaxed),
+        };
+    }
+}
+
+type AckFuture = Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+
+/// Appends QoS 1 and 2 messages to the stream in ticket order, up to `APPEND_WINDOW` waiting
+/// for their acknowledgement at once, and moves `replicated` as the oldest is acknowledged. An
+/// append that fails is sent again with the same message id (JetStream drops the copy if the
+/// first one arrived after all), so the publisher's acknowledgement waits while NATS is away
+/// instead of being sent for a message that is not in the stream.
+async fn append(link: Arc<Link>, js: jetstream::Context, mut rx: mpsc::Receiver<(u64, Bytes)>, boot: u64) {
+    // The publish is handed to the client at once (so appends are pipelined); only the
+    // acknowledgement is waited for in order.
+    let send = |ticket: u64, payload: Bytes| {
+        let (js, mut headers) = (js.clone(), link.headers());
+        headers.insert("Nats-Msg-Id", format!("{}.{boot}.{ticket}", link.node).as_str());
+        async move {
+            let future: AckFuture = match js.publish_with_headers(LOG_SUBJECT, headers, payload).await {
+                Ok(ack) => Box::pin(async move { ack.await.map(|_| ()).map_err(|e| e.to_string()) }),
+                Err(e) => Box::pin(std::future::ready(Err(e.to_string()))),
+            };
+            future
+        }
+    };
+    let mut waiting: VecDeque<(u64, Bytes, AckFuture)> = VecDeque::new();
+    let mut open = true;
+    while open || !waiting.is_empty() {
+        tokio::select! {
+            biased;
+            result = async { (&mut waiting.front_mut().expect("not empty").2).await }, if !waiting.is_empty() => {
+                match result {
+                    Ok(()) => {
+                        let (ticket, _, _) = waiting.pop_front().expect("not empty");
+                        link.figures.appended.fetch_add(1, Ordering::Relaxed);
+                        link.replicated.send_replace(ticket);
+                    }
+                    Err(e) => {
+                        link.figures.append_retries.fetch_add(1, Ordering::Relaxed);
+                        warn!(error = e.as_str(), "appending to JetStream failed; trying again");
+                        tokio::time::sleep(RETRY_AFTER).await;
+                        let (ticket, payload) = {
+                            let front = waiting.front().expect("not empty");
+                            (front.0, front.1.clone())
+                        };
+                        let future = send(ticket, payload).await;
+                        waiting.front_mut().expect("not empty").2 = future;
+                    }
+                }
+            }
+            next = rx.recv(), if open && waiting.len() < APPEND_WINDOW => match next {
+                Some((ticket, payload)) => {
+                    let future = send(ticket, payload.clone()).await;
+                    waiting.push_back((ticket, payload, future));
+                }
+                None => open = false,
+            },
+        }
+    }
+}
