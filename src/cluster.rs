@@ -250,6 +250,14 @@ async fn send_qos0(link: Arc<Link>, mut rx: mpsc::Receiver<Bytes>) {
 
 type AckFuture = Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
 
+/// Hands one append to the client and returns the wait for JetStream's acknowledgement.
+async fn start_append(js: jetstream::Context, headers: async_nats::HeaderMap, payload: Bytes) -> AckFuture {
+    match js.publish_with_headers(LOG_SUBJECT, headers, payload).await {
+        Ok(ack) => Box::pin(async move { ack.await.map(|_| ()).map_err(|e| e.to_string()) }),
+        Err(e) => Box::pin(std::future::ready(Err(e.to_string()))),
+    }
+}
+
 /// Appends QoS 1 and 2 messages to the stream in ticket order, up to `APPEND_WINDOW` waiting
 /// for their acknowledgement at once, and moves `replicated` as the oldest is acknowledged. An
 /// append that fails is sent again with the same message id (JetStream drops the copy if the
@@ -259,15 +267,9 @@ async fn append(link: Arc<Link>, js: jetstream::Context, mut rx: mpsc::Receiver<
     // The publish is handed to the client at once (so appends are pipelined); only the
     // acknowledgement is waited for in order.
     let send = |ticket: u64, payload: Bytes| {
-        let (js, mut headers) = (js.clone(), link.headers());
+        let mut headers = link.headers();
         headers.insert("Nats-Msg-Id", format!("{}.{boot}.{ticket}", link.node).as_str());
-        async move {
-            let future: AckFuture = match js.publish_with_headers(LOG_SUBJECT, headers, payload).await {
-                Ok(ack) => Box::pin(async move { ack.await.map(|_| ()).map_err(|e| e.to_string()) }),
-                Err(e) => Box::pin(std::future::ready(Err(e.to_string()))),
-            };
-            future
-        }
+        start_append(js.clone(), headers, payload)
     };
     let mut waiting: VecDeque<(u64, Bytes, AckFuture)> = VecDeque::new();
     let mut open = true;
