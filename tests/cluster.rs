@@ -1,0 +1,299 @@
+//! Cluster mode (issue 15, docs/cluster.md): three `nats-server -js` clustered on loopback, each
+//! with its own store, and Herald nodes joined to them, all started by the test and ended by
+//! its guards; real clients (mosquitto_pub/sub, paho-mqtt through the crowd script's peers, and
+//! our raw client where a packet must be inspected) on different nodes.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use herald::codec::{Packet, ProtocolVersion, PubResponse, QoS, ReasonCode};
+
+/// A NATS server this test started; killed when dropped.
+struct Nats {
+    child: Child,
+    client_port: u16,
+    cluster_port: u16,
+    name: String,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Nats {
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.client_port)
+    }
+}
+
+/// Three clustered NATS servers with JetStream, their stores in one temporary directory.
+struct NatsCluster {
+    servers: Vec<Nats>,
+    routes: String,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// Starts one NATS server and waits until it listens for clients; None when it exits first
+/// (a port taken between `free_port` and its bind).
+fn spawn_nats(name: &str, client_port: u16, cluster_port: u16, routes: &str, dir: &std::path::Path) -> Option<Nats> {
+    let store = dir.join(name);
+    let mut child = Command::new("nats-server")
+        .args(["-js", "-sd", store.to_str().unwrap(), "-a", "127.0.0.1", "-p", &client_port.to_string(), "-n", name])
+        .args(["--cluster_name", "herald", "--cluster", &format!("nats://127.0.0.1:{cluster_port}"), "--routes", routes])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("nats-server (scripts/install-deps.sh installs it)");
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut listening = false;
+    for line in lines.by_ref() {
+        let Ok(line) = line else { break };
+        if line.contains("Listening for client connections") {
+            listening = true;
+            break;
+        }
+    }
+    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
+    let nats = Nats { child, client_port, cluster_port, name: name.into(), dir: dir.into() };
+    listening.then_some(nats)
+}
+
+impl NatsCluster {
+    fn start() -> NatsCluster {
+        for _ in 0..3 {
+            let dir = tempfile::tempdir().unwrap();
+            let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+            let routes =
+                ports.iter().map(|(_, c)| format!("nats://127.0.0.1:{c}")).collect::<Vec<_>>().join(",");
+            let servers: Vec<Nats> = ports
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (p, c))| spawn_nats(&format!("n{}", i + 1), *p, *c, &routes, dir.path()))
+                .collect();
+            if servers.len() == 3 {
+                return NatsCluster { servers, routes, _dir: dir };
+            }
+        }
+        panic!("could not start three NATS servers");
+    }
+
+    fn urls(&self) -> Vec<String> {
+        self.servers.iter().map(Nats::url).collect()
+    }
+
+    /// Kills server `i` (SIGKILL); `restart` brings it back with its store.
+    fn kill(&mut self, i: usize) {
+        let _ = self.servers[i].child.kill();
+        let _ = self.servers[i].child.wait();
+    }
+
+    fn restart(&mut self, i: usize) {
+        let s = &self.servers[i];
+        let (name, p, c, dir) = (s.name.clone(), s.client_port, s.cluster_port, s.dir.clone());
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            if let Some(n) = spawn_nats(&name, p, c, &self.routes, &dir) {
+                // The old process is gone: replacing it drops a dead Child.
+                self.servers[i] = n;
+                return;
+            }
+            assert!(Instant::now() < deadline, "NATS server {name} did not come back");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A Herald node this test started; killed when dropped.
+struct Node {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Node {
+    fn start(name: &str, nats: &NatsCluster) -> Node {
+        let dir = tempfile::tempdir().unwrap();
+        let urls = nats.urls().iter().map(|u| format!("{u:?}")).collect::<Vec<_>>().join(", ");
+        let config = format!(
+            "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
+             [storage]\npath = {:?}\ndurability = \"wal\"\n\
+             [cluster]\nnode = \"{name}\"\nnats = [{urls}]\n",
+            dir.path().join("data").display().to_string()
+        );
+        let path = dir.path().join("herald.toml");
+        std::fs::write(&path, config).unwrap();
+        let (child, ports, _log) = spawn_herald(&path, 1);
+        Node { child, port: ports[0], _dir: dir }
+    }
+
+    fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+}
+
+/// A mosquitto_sub this test started; killed when dropped.
+struct Sub {
+    child: Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl Drop for Sub {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Sub {
+    /// The `topic payload` lines printed, waiting up to `PATIENCE` for `count` of them.
+    fn received(&self, count: usize) -> Vec<String> {
+        let deadline = Instant::now() + PATIENCE;
+        let mut got = Vec::new();
+        while got.len() < count {
+            match self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(l) if !is_debug(&l) => got.push(l),
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        got
+    }
+
+    /// Lines printed within `wait`: for what must not arrive.
+    fn received_within(&self, wait: Duration) -> Vec<String> {
+        let deadline = Instant::now() + wait;
+        let mut got = Vec::new();
+        while let Ok(l) = self.lines.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            if !is_debug(&l) {
+                got.push(l);
+            }
+        }
+        got
+    }
+}
+
+/// mosquitto_sub's `-d` lines, as opposed to the `topic payload` lines of messages.
+fn is_debug(line: &str) -> bool {
+    line.starts_with("Client ") || line.starts_with("Subscribed (mid")
+}
+
+/// mosquitto_sub on `node` for `filter` at `qos`, returned once it has its SUBACK (its `-d`
+/// output says so).
+fn mosquitto_sub(node: &Node, filter: &str, qos: u8) -> Sub {
+    // Line-buffered: mosquitto_sub's debug lines (the SUBACK) are not flushed into a pipe.
+    let mut child = Command::new("stdbuf")
+        .args(["-oL", "mosquitto_sub"])
+        .args(["-p", &node.port.to_string(), "-t", filter, "-q", &qos.to_string(), "-v", "-d"])
+        .args(["-i", &format!("sub-{}-{}", filter.replace(['/', '+', '#'], "_"), node.port)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let deadline = Instant::now() + PATIENCE;
+    for line in out.by_ref() {
+        if line.unwrap().contains("received SUBACK") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "mosquitto_sub got no SUBACK");
+    }
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in out.map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    Sub { child, lines }
+}
+
+fn mosquitto_pub(node: &Node, topic: &str, payload: &str, qos: u8) {
+    let status = Command::new("mosquitto_pub")
+        .args(["-p", &node.port.to_string(), "-t", topic, "-m", payload, "-q", &qos.to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success(), "mosquitto_pub {topic}");
+}
+
+/// [MQTT-3.3.1-9] [MQTT-4.7.1-2] [MQTT-4.7.1-3] a message published on one node reaches the
+/// matching subscribers on every other node, at QoS 0, 1 and 2, through `+` and `#`, once per
+/// subscription; a subscriber that does not match gets nothing.
+#[test]
+fn messages_cross_nodes_at_every_qos_and_wildcard() {
+    let nats = NatsCluster::start();
+    let nodes: Vec<Node> = (1..=3).map(|i| Node::start(&format!("herald-{i}"), &nats)).collect();
+    let all = mosquitto_sub(&nodes[1], "news/#", 2);
+    let breaking = mosquitto_sub(&nodes[2], "news/+/breaking", 2);
+    let other = mosquitto_sub(&nodes[2], "sport/#", 2);
+    mosquitto_pub(&nodes[0], "news/tech/breaking", "q0", 0);
+    mosquitto_pub(&nodes[0], "news/world/breaking", "q1", 1);
+    mosquitto_pub(&nodes[0], "news/tech/ai", "q2", 2);
+    let mut got = all.received(3);
+    got.sort();
+    assert_eq!(got, vec!["news/tech/ai q2", "news/tech/breaking q0", "news/world/breaking q1"]);
+    let mut got = breaking.received(2);
+    got.sort();
+    assert_eq!(got, vec!["news/tech/breaking q0", "news/world/breaking q1"]);
+    // Each arrived once: nothing more within a second.
+    assert!(all.received_within(Duration::from_secs(1)).is_empty());
+    assert!(other.received_within(Duration::from_millis(100)).is_empty(), "sport/# matches none of them");
+}
+
+/// A QoS 1 PUBLISH is acknowledged only once JetStream has it: with every NATS server down the
+/// PUBACK is held (never sent for a message the cluster does not have), QoS 0 between clients of
+/// one node keeps flowing, and once NATS is back the PUBACK is sent and the message reaches the
+/// other node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_puback_waits_for_jetstream_and_local_qos0_flows_without_nats() {
+    let mut nats = NatsCluster::start();
+    let a = Node::start("herald-a", &nats);
+    let b = Node::start("herald-b", &nats);
+    let (mut far, _) = RawClient::connect(b.addr(), connect_packet(ProtocolVersion::V5, "far", true)).await;
+    far.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
+    expect_suback(&mut far).await;
+    let (mut near, _) = RawClient::connect(a.addr(), connect_packet(ProtocolVersion::V5, "near", true)).await;
+    near.send(&subscribe(1, "local/#", QoS::AtMostOnce)).await;
+    expect_suback(&mut near).await;
+    let (mut publisher, _) = RawClient::connect(a.addr(), connect_packet(ProtocolVersion::V5, "editor", true)).await;
+
+    // With NATS up: acknowledged and delivered across.
+    publisher.send(&publish("news/a", b"before", QoS::AtLeastOnce, 1)).await;
+    assert!(matches!(publisher.recv().await, Some(Packet::PubAck(a)) if a.packet_id == 1));
+    assert_eq!(&expect_publish(&mut far).await.payload[..], b"before");
+
+    for i in 0..3 {
+        nats.kill(i);
+    }
+    publisher.send(&publish("news/a", b"held", QoS::AtLeastOnce, 2)).await;
+    publisher.expect_silence(Duration::from_secs(2)).await;
+    publisher.send(&publish("local/x", b"still flowing", QoS::AtMostOnce, 0)).await;
+    assert_eq!(&expect_publish(&mut near).await.payload[..], b"still flowing");
+
+    for i in 0..3 {
+        nats.restart(i);
+    }
+    let ack = publisher.recv_within(Duration::from_secs(60)).await;
+    assert!(matches!(ack, Ok(Some(Packet::PubAck(ref a))) if a.packet_id == 2), "{ack:?}");
+    let p = expect_publish(&mut far).await;
+    assert_eq!(&p.payload[..], b"held");
+    far.send(&Packet::PubAck(PubResponse::new(p.packet_id, ReasonCode::SUCCESS))).await;
+    drop((a, b));
+}
