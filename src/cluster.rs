@@ -149,7 +149,16 @@ impl Link {
             )
             .await
             .map_err(|e| stream_error(e.to_string()))?;
-        let log = consumer.messages().await.map_err(|e| stream_error(e.to_string()))?;
+        // Short pulls with frequent heartbeats: after NATS comes back, a missed heartbeat is how
+        // the consumer notices and pulls again (with the defaults, 15 s heartbeats, a node took
+        // 10 s to receive again).
+        let log = consumer
+            .stream()
+            .expires(Duration::from_secs(5))
+            .heartbeat(Duration::from_secs(1))
+            .messages()
+            .await
+            .map_err(|e| stream_error(e.to_string()))?;
         let qos0_in = client.subscribe(QOS0_SUBJECT).await.map_err(|e| connect_error(e.to_string()))?;
         let (qos0, qos0_rx) = mpsc::channel(config.max_pending);
         let (tx, rx) = mpsc::channel(config.max_pending);

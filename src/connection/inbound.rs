@@ -174,7 +174,8 @@ impl Connection {
                         }
                         let outcome = self.broker.route(message, true);
                         ticket = outcome.ticket;
-                        if outcome.matched == 0 && p.qos == QoS::AtLeastOnce {
+                        // In cluster mode another node may have subscribers: 0x10 would be a guess.
+                        if outcome.matched == 0 && p.qos == QoS::AtLeastOnce && forward.is_none() {
                             reason = ReasonCode::NO_MATCHING_SUBSCRIBERS;
                         }
                         self.flow.blocked.extend(outcome.blocked);
