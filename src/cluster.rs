@@ -29,6 +29,13 @@ use crate::store::records;
 pub const QOS0_SUBJECT: &str = "herald.q0";
 /// The stream's subject: QoS 1 and 2 messages.
 pub const LOG_SUBJECT: &str = "herald.log";
+/// Subjects of retained messages, one per topic (`retained_subject`); the stream keeps the
+/// last message of each: what a node that starts later reads. (A JetStream key-value bucket
+/// would do the same, but async-nats 0.50 cannot read NATS 2.9's answer about one.)
+pub const RETAINED_SUBJECTS: &str = "herald.retained.>";
+/// The longest topic kept in the stream of retained messages: its subject holds the topic in
+/// hex, and NATS subjects stay well inside its 4 KiB control line.
+const MAX_RETAINED_TOPIC: usize = 1024;
 /// Header naming the node a message was published on.
 pub const NODE_HEADER: &str = "Herald-Node";
 /// How many appends wait for JetStream's acknowledgement at once.
@@ -63,12 +70,15 @@ pub struct LinkFigures {
     pub appended: AtomicU64,
     pub append_retries: AtomicU64,
     pub received: AtomicU64,
+    pub dropped_retained: AtomicU64,
 }
 
 pub struct Link {
     node: String,
     client: async_nats::Client,
     qos0: mpsc::Sender<Bytes>,
+    /// Retained messages (an empty payload: removed) for the bucket, in order.
+    retained: mpsc::Sender<(String, Option<Bytes>)>,
     appends: Mutex<Appends>,
     replicated: watch::Sender<u64>,
     pub figures: LinkFigures,
@@ -83,6 +93,10 @@ struct Appends {
 pub struct Inbound {
     pub qos0: async_nats::Subscriber,
     pub log: jetstream::consumer::pull::Stream,
+    /// The cluster's retained messages when the node joined (applied before it listens).
+    pub retained_now: Vec<Message>,
+    /// Retained messages since then, every node's own included.
+    pub retained: jetstream::consumer::pull::Stream,
 }
 
 /// A message as another node published it.
@@ -160,21 +174,58 @@ impl Link {
             .await
             .map_err(|e| stream_error(e.to_string()))?;
         let qos0_in = client.subscribe(QOS0_SUBJECT).await.map_err(|e| connect_error(e.to_string()))?;
+        let retained_stream = format!("{}_RETAINED", config.stream);
+        let retained_store = js
+            .get_or_create_stream(jetstream::stream::Config {
+                name: retained_stream.clone(),
+                subjects: vec![RETAINED_SUBJECTS.into()],
+                num_replicas: config.replicas,
+                max_messages_per_subject: 1,
+                storage: jetstream::stream::StorageType::File,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| stream_error(format!("{retained_stream}: {e}")))?;
+        // Made afresh at every start: it replays the last message of every topic, then follows.
+        let reader = format!("herald-{}-retained", config.node);
+        let _ = retained_store.delete_consumer(&reader).await;
+        let consumer = retained_store
+            .create_consumer(jetstream::consumer::pull::Config {
+                durable_name: Some(reader.clone()),
+                deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
+                ack_policy: jetstream::consumer::AckPolicy::None,
+                filter_subject: RETAINED_SUBJECTS.into(),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| stream_error(format!("{reader}: {e}")))?;
+        let mut retained_in = consumer
+            .stream()
+            .expires(Duration::from_secs(5))
+            .heartbeat(Duration::from_secs(1))
+            .messages()
+            .await
+            .map_err(|e| stream_error(e.to_string()))?;
+        let retained_now =
+            read_retained(&mut retained_in, consumer.cached_info().num_pending).await.map_err(stream_error)?;
         let (qos0, qos0_rx) = mpsc::channel(config.max_pending);
+        let (retained, retained_rx) = mpsc::channel(config.max_pending);
         let (tx, rx) = mpsc::channel(config.max_pending);
         let (replicated, _) = watch::channel(0);
         let link = Arc::new(Link {
             node: config.node.clone(),
             client,
             qos0,
+            retained,
             appends: Mutex::new(Appends { next: 1, tx }),
             replicated,
             figures: LinkFigures::default(),
         });
         tokio::spawn(send_qos0(link.clone(), qos0_rx));
+        tokio::spawn(put_retained(link.clone(), js.clone(), retained_rx));
         tokio::spawn(append(link.clone(), js, rx, boot));
         info!(node = config.node.as_str(), nats = servers.as_str(), stream = config.stream.as_str(), "cluster joined");
-        Ok((link, Inbound { qos0: qos0_in, log }))
+        Ok((link, Inbound { qos0: qos0_in, log, retained_now, retained: retained_in }))
     }
 
     pub fn node(&self) -> &str {
@@ -189,6 +240,9 @@ impl Link {
     /// Hands a message accepted on this node to the others. Never waits.
     pub fn forward(&self, message: &Message) -> Forward {
         let payload = Bytes::from(records::encode_message(message));
+        if message.retain {
+            self.retain(message);
+        }
         if message.qos == QoS::AtMostOnce {
             if self.qos0.try_send(payload).is_err() {
                 self.figures.dropped_qos0.fetch_add(1, Ordering::Relaxed);
@@ -203,6 +257,26 @@ impl Link {
                 Forward::Ticket(ticket)
             }
             Err(_) => Forward::Full,
+        }
+    }
+
+    /// Records a retained message of this node's publishers in the cluster's bucket (an empty
+    /// payload removes the topic's) [MQTT-3.3.1-5] [MQTT-3.3.1-6]. Never waits; the message
+    /// itself reaches the running nodes through `forward`, the bucket serves those that start
+    /// later.
+    fn retain(&self, message: &Message) {
+        if message.topic.len() > MAX_RETAINED_TOPIC {
+            warn!(
+                length = message.topic.len(),
+                "retained topic too long for the cluster's stream; kept on this node only"
+            );
+            self.figures.dropped_retained.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        // An empty message removes the topic's: the stream keeps only the last of a subject.
+        let value = (!message.payload.is_empty()).then(|| Bytes::from(records::encode_message(message)));
+        if self.retained.try_send((retained_subject(&message.topic), value)).is_err() {
+            self.figures.dropped_retained.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -244,6 +318,82 @@ pub fn receive(link: &Link, headers: Option<&async_nats::HeaderMap>, payload: &[
         Err(e) => {
             warn!(node = node.as_str(), error = %e, "undecodable message from another node; skipped");
             None
+        }
+    }
+}
+
+/// The subject of a topic's retained message: the topic's bytes in hex (subjects allow no
+/// `.`, `*`, `>` or whitespace in a token; topics are any UTF-8).
+pub fn retained_subject(topic: &str) -> String {
+    let mut subject = String::with_capacity(17 + 2 * topic.len());
+    subject.push_str("herald.retained.t");
+    for b in topic.bytes() {
+        subject.push_str(&format!("{b:02x}"));
+    }
+    subject
+}
+
+/// The topic of a retained message's subject, if it is one of ours.
+pub fn retained_topic(subject: &str) -> Option<String> {
+    let hex = subject.strip_prefix("herald.retained.t")?.as_bytes();
+    if hex.len() % 2 != 0 {
+        return None;
+    }
+    let bytes: Option<Vec<u8>> =
+        hex.chunks(2).map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()).collect();
+    String::from_utf8(bytes?).ok()
+}
+
+/// The retained message a stream message holds, or the empty message that removes its topic's.
+pub fn retained_entry(subject: &str, payload: &[u8]) -> Option<Message> {
+    let topic = retained_topic(subject)?;
+    if payload.is_empty() {
+        return Some(Message::new(topic, Bytes::new(), QoS::AtMostOnce, true));
+    }
+    match records::decode_message(payload) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            warn!(topic = topic.as_str(), error = %e, "undecodable retained message in the cluster's stream");
+            None
+        }
+    }
+}
+
+/// Reads the `pending` messages the consumer had when it was made: the last retained message of
+/// every topic.
+async fn read_retained(stream: &mut jetstream::consumer::pull::Stream, pending: u64) -> Result<Vec<Message>, String> {
+    use futures_util::StreamExt;
+    let mut out = Vec::new();
+    let mut left = pending;
+    while left > 0 {
+        let Some(m) = stream.next().await else { return Err("the retained messages' stream ended".into()) };
+        let m = m.map_err(|e| e.to_string())?;
+        left = m.info().map(|i| i.pending).unwrap_or(0).min(left - 1);
+        out.extend(retained_entry(m.subject.as_str(), &m.payload).filter(|r| !r.payload.is_empty()));
+    }
+    Ok(out)
+}
+
+async fn put_retained(link: Arc<Link>, js: jetstream::Context, mut rx: mpsc::Receiver<(String, Option<Bytes>)>) {
+    while let Some((subject, value)) = rx.recv().await {
+        // Tried again while NATS is away: a retained message that never reaches the stream
+        // would be missing on every node started later.
+        loop {
+            let payload = value.clone().unwrap_or_default();
+            let done = match js.publish_with_headers(subject.clone(), link.headers(), payload).await {
+                Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match done {
+                Ok(()) => break,
+                Err(e) => {
+                    warn!(
+                        error = e.as_str(),
+                        "writing a retained message to the cluster's stream failed; trying again"
+                    );
+                    tokio::time::sleep(RETRY_AFTER).await;
+                }
+            }
         }
     }
 }

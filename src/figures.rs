@@ -466,6 +466,13 @@ impl Snapshot {
                     c(&l.dropped_qos0),
                 ),
                 f(
+                    "cluster/retained_dropped",
+                    "herald_cluster_retained_dropped_total",
+                    Counter,
+                    "Retained messages not written to the cluster's bucket (its queue full).",
+                    c(&l.dropped_retained),
+                ),
+                f(
                     "cluster/received",
                     "herald_cluster_received_total",
                     Counter,

@@ -327,3 +327,58 @@ async fn a_puback_waits_for_jetstream_and_local_qos0_flows_without_nats() {
     eprintln!("delivered on the other node {:?} after NATS came back", back.elapsed());
     drop((a, b));
 }
+
+/// [MQTT-3.3.1-5] [MQTT-3.3.1-6] [MQTT-3.3.1-10] retained messages are the same on every node:
+/// a message retained through one node is sent, flagged retained, to a new subscriber on
+/// another node and on a node started afterwards; an empty retained message removes it there
+/// too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retained_messages_are_the_same_on_every_node_also_one_started_later() {
+    let nats = NatsCluster::start();
+    let first = Node::start("herald-1", &nats);
+    let second = Node::start("herald-2", &nats);
+    mosquitto_pub_retained(&first, "news/retained", "the story");
+
+    let retained_on = |node: &Node, client_id: &str| {
+        let (addr, client_id) = (node.addr(), client_id.to_owned());
+        async move {
+            let (mut c, _) = RawClient::connect(addr, connect_packet(ProtocolVersion::V5, &client_id, true)).await;
+            c.send(&subscribe(1, "news/#", QoS::AtMostOnce)).await;
+            expect_suback(&mut c).await;
+            match c.recv_within(Duration::from_millis(500)).await {
+                Ok(Some(Packet::Publish(p))) => {
+                    assert!(p.retain, "sent as retained [MQTT-3.3.1-8]");
+                    Some(String::from_utf8(p.payload.to_vec()).unwrap())
+                }
+                _ => None,
+            }
+        }
+    };
+    // The running node learns it from the stream or the bucket, whichever comes first.
+    let deadline = Instant::now() + PATIENCE;
+    while retained_on(&second, "probe").await.is_none() {
+        assert!(Instant::now() < deadline, "the retained message never reached the second node");
+    }
+    let later = Node::start("herald-3", &nats);
+    assert_eq!(retained_on(&later, "reader").await.as_deref(), Some("the story"), "read from the cluster at start");
+
+    mosquitto_pub_retained(&first, "news/retained", "");
+    let deadline = Instant::now() + PATIENCE;
+    while retained_on(&later, "reader").await.is_some() {
+        assert!(Instant::now() < deadline, "the removal never reached the node started later");
+    }
+    let last = Node::start("herald-4", &nats);
+    assert_eq!(retained_on(&last, "reader").await, None, "removed from the cluster's stream too");
+}
+
+fn mosquitto_pub_retained(node: &Node, topic: &str, payload: &str) {
+    let mut args = vec!["-p".to_owned(), node.port.to_string(), "-t".into(), topic.into(), "-q".into(), "1".into()];
+    args.extend(["-r".into()]);
+    if payload.is_empty() {
+        args.push("-n".into());
+    } else {
+        args.extend(["-m".into(), payload.into()]);
+    }
+    let status = Command::new("mosquitto_pub").args(&args).status().unwrap();
+    assert!(status.success(), "mosquitto_pub -r {topic}");
+}

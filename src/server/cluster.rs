@@ -18,7 +18,7 @@ use crate::cluster::{self, Inbound, Link};
 const ACKS_WAITING: usize = 1024;
 
 pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound) {
-    let Inbound { mut qos0, mut log } = inbound;
+    let Inbound { mut qos0, mut log, mut retained, .. } = inbound;
     let (acks, waiting) = mpsc::channel(ACKS_WAITING);
     tokio::spawn(acknowledge(broker.clone(), waiting));
     loop {
@@ -28,6 +28,18 @@ pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound) {
                     if let Some(r) = cluster::receive(&link, m.headers.as_ref(), &m.payload) {
                         broker.publish(Arc::new(r.message));
                     }
+                }
+                None => break,
+            },
+            m = retained.next() => match m {
+                Some(Ok(m)) => {
+                    if let Some(r) = cluster::retained_entry(m.subject.as_str(), &m.payload) {
+                        broker.restore_retained(Arc::new(r));
+                    }
+                }
+                Some(Err(e)) => {
+                    warn!(error = %e, "reading the cluster's retained messages failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
                 }
                 None => break,
             },

@@ -79,7 +79,11 @@ pub async fn run(
     // publishes reaches the other nodes.
     let inbound = match &broker.config().cluster {
         Some(c) => {
-            let (link, inbound) = crate::cluster::Link::connect(c, broker.store().boot()).await?;
+            let (link, mut inbound) = crate::cluster::Link::connect(c, broker.store().boot()).await?;
+            // The cluster's retained messages, before any client can subscribe here.
+            for m in inbound.retained_now.drain(..) {
+                broker.restore_retained(Arc::new(m));
+            }
             broker.set_cluster(link.clone());
             Some((link, inbound))
         }
