@@ -826,7 +826,13 @@ impl Broker {
 
     /// Publishes a will now: its delay is 0, or its session ends with the connection.
     pub fn publish_will_now(&self, publisher: u64, will: Will) {
-        self.publish(self.will_message(will, publisher));
+        let message = self.will_message(will, publisher);
+        // Cluster mode: a will is for the whole cluster's subscribers. Nobody waits for its
+        // acknowledgement; the append is still retried until JetStream has it.
+        if let Some(link) = self.cluster() {
+            link.forward(&message);
+        }
+        self.publish(message);
     }
 
     /// Publishes a session's will `delay` seconds from now unless the session is resumed first

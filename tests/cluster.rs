@@ -125,6 +125,7 @@ impl NatsCluster {
 struct Node {
     child: Child,
     port: u16,
+    http: Option<u16>,
     _dir: tempfile::TempDir,
 }
 
@@ -137,18 +138,24 @@ impl Drop for Node {
 
 impl Node {
     fn start(name: &str, nats: &NatsCluster) -> Node {
+        Node::start_with(name, nats, "")
+    }
+
+    /// With `extra` appended to the configuration; an `[http]` section's port becomes `http`.
+    fn start_with(name: &str, nats: &NatsCluster, extra: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
         let urls = nats.urls().iter().map(|u| format!("{u:?}")).collect::<Vec<_>>().join(", ");
         let config = format!(
             "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
              [storage]\npath = {:?}\ndurability = \"wal\"\n\
-             [cluster]\nnode = \"{name}\"\nnats = [{urls}]\n",
+             [cluster]\nnode = \"{name}\"\nnats = [{urls}]\n{extra}",
             dir.path().join("data").display().to_string()
         );
         let path = dir.path().join("herald.toml");
         std::fs::write(&path, config).unwrap();
-        let (child, ports, _log) = spawn_herald(&path, 1);
-        Node { child, port: ports[0], _dir: dir }
+        let listeners = if extra.contains("[http]") { 2 } else { 1 };
+        let (child, ports, _log) = spawn_herald(&path, listeners);
+        Node { child, port: ports[0], http: ports.get(1).copied(), _dir: dir }
     }
 
     fn addr(&self) -> std::net::SocketAddr {
@@ -381,4 +388,100 @@ fn mosquitto_pub_retained(node: &Node, topic: &str, payload: &str) {
     }
     let status = Command::new("mosquitto_pub").args(&args).status().unwrap();
     assert!(status.success(), "mosquitto_pub -r {topic}");
+}
+
+/// The name of the NATS server leading the stream of QoS 1/2 messages, asked of JetStream.
+async fn stream_leader(nats: &NatsCluster) -> String {
+    let client = async_nats::connect(nats.urls()[0].as_str()).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let mut stream = js.get_stream("HERALD_MSGS").await.unwrap();
+    let info = stream.info().await.unwrap();
+    info.cluster.as_ref().and_then(|c| c.leader.clone()).expect("a replicated stream has a leader")
+}
+
+/// The death of the NATS server leading the stream, during a QoS 1 stream from one node to a
+/// subscriber on another: every acknowledged message arrives (duplicates allowed, counted),
+/// publishing pauses for the election and goes on; `/readyz` says the node is ready with NATS
+/// connected before and after. A will published on one node reaches a subscriber on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_stream_leader_dying_loses_no_acknowledged_message() {
+    let mut nats = NatsCluster::start();
+    let a = Node::start_with("herald-a", &nats, "[http]\nbind = \"127.0.0.1:0\"\n");
+    let b = Node::start("herald-b", &nats);
+    let ready =
+        |node: &Node| http_json(std::net::SocketAddr::from(([127, 0, 0, 1], node.http.unwrap())), "GET", "/readyz", "");
+    let (status, body) = ready(&a);
+    assert_eq!((status, body["nats"].as_str()), (200, Some("connected")), "{body}");
+
+    let (mut sub, _) = RawClient::connect(b.addr(), connect_packet(ProtocolVersion::V5, "reader", true)).await;
+    sub.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
+    expect_suback(&mut sub).await;
+    let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::<u32>::new()));
+    let reader = {
+        let received = received.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(p)) = sub.recv_within(Duration::from_secs(60)).await {
+                let Packet::Publish(p) = p else { continue };
+                sub.send(&Packet::PubAck(PubResponse::new(p.packet_id, ReasonCode::SUCCESS))).await;
+                if let Ok(n) = std::str::from_utf8(&p.payload).unwrap_or("").parse::<u32>() {
+                    received.lock().unwrap().push(n);
+                }
+            }
+        })
+    };
+
+    let leader = stream_leader(&nats).await;
+    let leader = nats.servers.iter().position(|s| s.name == leader).unwrap();
+    let (mut publisher, _) = RawClient::connect(a.addr(), connect_packet(ProtocolVersion::V5, "editor", true)).await;
+    let mut acknowledged = Vec::new();
+    let mut longest = Duration::ZERO;
+    for n in 1..=300u32 {
+        if n == 100 {
+            nats.kill(leader);
+        }
+        let sent = Instant::now();
+        publisher
+            .send(&publish("news/stream", n.to_string().as_bytes(), QoS::AtLeastOnce, (n % 60000) as u16 + 1))
+            .await;
+        let ack = publisher.recv_within(Duration::from_secs(60)).await;
+        assert!(
+            matches!(ack, Ok(Some(Packet::PubAck(ref a))) if a.reason == ReasonCode::SUCCESS),
+            "message {n}: {ack:?}"
+        );
+        longest = longest.max(sent.elapsed());
+        acknowledged.push(n);
+    }
+    eprintln!("longest wait for a PUBACK: {longest:?} (the stream leader died at message 100)");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let got = received.lock().unwrap().clone();
+        let missing: Vec<u32> = acknowledged.iter().copied().filter(|n| !got.contains(n)).collect();
+        if missing.is_empty() {
+            eprintln!(
+                "received {} for {} acknowledged ({} duplicates)",
+                got.len(),
+                acknowledged.len(),
+                got.len() - acknowledged.len()
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "acknowledged and never delivered: {missing:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (status, body) = ready(&a);
+    assert_eq!(status, 200, "{body}");
+
+    // A will published by node a reaches the subscriber on node b [MQTT-3.1.2-8].
+    let mut with_will = connect_packet(ProtocolVersion::V5, "phone", true);
+    with_will.will = Some(herald::codec::Will {
+        topic: "news/will".into(),
+        payload: bytes::Bytes::from_static(b"9999"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Default::default(),
+    });
+    let (phone, _) = RawClient::connect(a.addr(), with_will).await;
+    drop(phone);
+    wait_until("the will reaches the other node", || received.lock().unwrap().contains(&9999)).await;
+    reader.abort();
 }

@@ -23,10 +23,18 @@ pub fn refuse_early(broker: &Broker, req: &Request) -> Option<Response> {
     let path = if req.path.len() > 1 { req.path.trim_end_matches('/') } else { req.path.as_str() };
     match (req.method.as_str(), path) {
         ("GET", "/healthz") => Some(Response::json(200, &json!({ "status": "live" }))),
-        ("GET", "/readyz") => Some(if broker.is_ready() {
-            Response::json(200, &json!({ "status": "ready", "store": "open", "listeners": "up" }))
-        } else {
-            Response::json(503, &json!({ "status": "not ready", "error": "starting or shutting down" }))
+        ("GET", "/readyz") => Some(match (broker.is_ready(), broker.cluster()) {
+            (false, _) => Response::json(503, &json!({ "status": "not ready", "error": "starting or shutting down" })),
+            // Cluster mode: a node that cannot reach NATS cannot keep a QoS 1 promise; a load
+            // balancer should send phones elsewhere.
+            (true, Some(link)) if !link.is_connected() => {
+                Response::json(503, &json!({ "status": "not ready", "error": "NATS unreachable", "node": link.node() }))
+            }
+            (true, Some(link)) => Response::json(
+                200,
+                &json!({ "status": "ready", "store": "open", "listeners": "up", "nats": "connected", "node": link.node() }),
+            ),
+            (true, None) => Response::json(200, &json!({ "status": "ready", "store": "open", "listeners": "up" })),
         }),
         _ => check_token(broker, req),
     }
@@ -260,7 +268,23 @@ async fn publish(broker: &Arc<Broker>, req: &Request) -> Response {
         }
     };
     let id = message.id;
+    // Cluster mode: the other nodes' subscribers get it too; at QoS 1/2 the answer waits for
+    // JetStream, as a PUBACK does.
+    let replicated = match broker.cluster().map(|link| (link, link.forward(&message))) {
+        Some((_, crate::cluster::Forward::Full)) => {
+            return Response::error(503, "too many messages wait for the cluster (cluster.max_pending)");
+        }
+        Some((link, crate::cluster::Forward::Ticket(t))) => Some((link.clone(), t)),
+        _ => None,
+    };
     let outcome = broker.route(message, false);
+    if let Some((link, ticket)) = replicated {
+        let mut copied = link.replicated();
+        let wait = copied.wait_for(|t| *t >= ticket);
+        if !matches!(tokio::time::timeout(Duration::from_secs(30), wait).await, Ok(Ok(_))) {
+            return Response::error(503, "JetStream did not acknowledge the message in 30 s");
+        }
+    }
     if outcome.ticket != 0 {
         let mut committed = broker.store().committed();
         let wait = committed.wait_for(|t| *t >= outcome.ticket);
