@@ -388,9 +388,11 @@ async fn fanout(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     let secs: f64 = o.get("duration", 10.0);
     let received = Arc::new(Received::default());
     let stop = Arc::new(AtomicBool::new(false));
+    // `--sub-port`: the subscribers on another node of a cluster than the publisher.
+    let sub_addr = SocketAddr::from(([127, 0, 0, 1], o.get("sub-port", addr.port())));
     let mut subs = Vec::new();
     for i in 0..subscribers {
-        let mut c = Conn::open(addr, &format!("bench-fanout-sub-{i}")).await;
+        let mut c = Conn::open(sub_addr, &format!("bench-fanout-sub-{i}")).await;
         c.subscribe("news/tech", qos).await;
         subs.push(tokio::spawn(subscriber_loop(c, received.clone(), stop.clone())));
     }

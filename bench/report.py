@@ -212,6 +212,27 @@ if durable:
         figures = ", ".join(f"{k}={fmt(v) if isinstance(v, (int, float)) else v}" for k, v in r.items()
                             if k not in ("broker", "args", "scenario"))
         out.append(f"| {r['broker']} | `{r['args']}` | {figures} |")
+cluster_path = __file__.replace("report.py", "cluster.jsonl")
+try:
+    clustered = [json.loads(line) for line in open(cluster_path) if line.strip()]
+except OSError:
+    clustered = []
+if clustered:
+    out.append("\n## Cluster (issue 15)\n")
+    out.append("Written by `bash bench/cluster.sh`: three clustered `nats-server -js` (2.9) and two Herald nodes on "
+               "this 2-core machine, against one Herald without `[cluster]`. `fanout` with 100 subscribers; "
+               "`cross`: publisher on node 1, subscribers on node 2; `local`: both on node 1 of the cluster. "
+               "Latency is from publish to delivery; CPU per delivery sums every Herald and NATS process. "
+               "Failover pauses are measured by tests/cluster.rs (docs/cluster.md).\n")
+    out.append("| broker | QoS | target deliveries/s | deliveries/s | lost | p50 ms | p99 ms | CPU us per delivery (all processes) |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    for r in clustered:
+        if r.get("scenario") != "fanout":
+            out.append(f"| {r['broker']} | failed: `{r['args']}` | | | | | | |")
+            continue
+        target = fmt(r["target_rate"]) if r.get("target_rate") else "unthrottled"
+        out.append(f"| {r['broker']} | {int(r['qos'])} | {target} | {fmt(r['deliveries_per_s'])} | {fmt(r['lost'])} | "
+                   f"{fmt(r.get('p50_ms'))} | {fmt(r.get('p99_ms'))} | {fmt(r.get('cpu_us_per_delivery_all'))} |")
 overload_path = __file__.replace("report.py", "overload.jsonl")
 try:
     overload = [json.loads(line) for line in open(overload_path) if line.strip()]

@@ -1,0 +1,121 @@
+#!/usr/bin/env bash
+# Cluster mode (issue 15), written to bench/cluster.jsonl and, through report.py, to the
+# "Cluster" section of docs/benchmarks.md. Three clustered `nats-server -js` on loopback and two
+# Herald nodes, against one Herald without [cluster], on the same machine:
+#  - cross-node delivery latency: `fanout` with the publisher on node 1 and 100 subscribers on
+#    node 2, QoS 0 and QoS 1, at a fixed rate (p50/p99 from publish to delivery);
+#  - the same with publisher and subscribers on one node of the cluster (what JetStream adds to
+#    a local delivery: the PUBACK waits for it, the delivery does not);
+#  - unthrottled fan-out throughput, cluster (cross node) against one node;
+#  - CPU per delivery of every process involved (Herald nodes and NATS servers), from /proc.
+# On two cores a cluster shows its overhead, not its speed-up. The failover pauses come from
+# tests/cluster.rs (docs/cluster.md).
+#
+#   bash bench/cluster.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+DURATION=${DURATION:-5}
+SUBSCRIBERS=${SUBSCRIBERS:-100}
+RATE=${RATE:-20000}
+
+cargo build --release --bin herald --bin herald-loadgen
+command -v nats-server >/dev/null || bash scripts/install-deps.sh
+
+work=$(mktemp -d)
+pids=()
+cleanup() { kill "${pids[@]}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$work"; }
+trap cleanup EXIT
+results=bench/cluster.jsonl
+: > "$results"
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_port() {
+  for _ in $(seq 3000); do
+    if (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null; then return 0; fi
+    sleep 0.01
+  done
+  echo "port $1 never opened" >&2; exit 1
+}
+cpu_ticks() { # pids... -> utime+stime in clock ticks, summed
+  local t=0
+  for p in "$@"; do t=$(( t + $(awk '{print $14+$15}' "/proc/$p/stat") )); done
+  echo "$t"
+}
+
+record() { # name args json cpu_ticks
+  local line="$3" ticks="$4"
+  local delivered
+  delivered=$(python3 -c "import json,sys; print(json.loads(sys.argv[1]).get('delivered', 0))" "$line")
+  local us
+  us=$(python3 -c "import sys; d=float(sys.argv[2]); print(round(float(sys.argv[1]) * 1e6 / 100 / d, 3) if d else 0)" "$ticks" "$delivered")
+  line="${line%\}},\"cpu_us_per_delivery_all\":$us}"
+  echo "$line" >&2
+  echo "{\"broker\":\"$1\",\"args\":\"$2\",${line#\{}" >> "$results"
+}
+
+herald_conf() { # file port [cluster-toml]
+  cat > "$1" <<EOF
+[[listeners]]
+protocol = "mqtt"
+bind = "127.0.0.1:$2"
+[storage]
+path = "$1.data"
+durability = "wal"
+[log]
+level = "warn"
+$3
+EOF
+}
+
+run() { # name "pids" loadgen-args...
+  local name=$1 procs=$2; shift 2
+  local c0 c1 line
+  c0=$(cpu_ticks $procs)
+  line=$(timeout 300 target/release/herald-loadgen "$@" || echo '{"scenario":"failed"}')
+  c1=$(cpu_ticks $procs)
+  record "$name" "$*" "$line" $(( c1 - c0 ))
+}
+
+# One node, no cluster.
+p1=$(free_port)
+herald_conf "$work/single.toml" "$p1" ""
+target/release/herald --config "$work/single.toml" > "$work/single.log" 2>&1 &
+single=$!; pids+=("$single")
+wait_port "$p1"
+for qos in 0 1; do
+  run "herald-single" "$single" fanout --qos $qos --subscribers "$SUBSCRIBERS" --rate "$RATE" --duration "$DURATION" --port "$p1"
+done
+run "herald-single" "$single" fanout --qos 1 --subscribers "$SUBSCRIBERS" --duration "$DURATION" --port "$p1"
+kill "$single"; wait "$single" 2>/dev/null || true
+
+# Three NATS servers, two Herald nodes.
+declare -a np cp
+for i in 0 1 2; do np[$i]=$(free_port); cp[$i]=$(free_port); done
+routes="nats://127.0.0.1:${cp[0]},nats://127.0.0.1:${cp[1]},nats://127.0.0.1:${cp[2]}"
+nats_pids=()
+for i in 0 1 2; do
+  nats-server -js -sd "$work/n$i" -a 127.0.0.1 -p "${np[$i]}" -n "n$i" --cluster_name herald \
+    --cluster "nats://127.0.0.1:${cp[$i]}" --routes "$routes" > "$work/n$i.log" 2>&1 &
+  nats_pids+=($!); pids+=($!)
+done
+for i in 0 1 2; do wait_port "${np[$i]}"; done
+urls="\"nats://127.0.0.1:${np[0]}\", \"nats://127.0.0.1:${np[1]}\", \"nats://127.0.0.1:${np[2]}\""
+h1=$(free_port); h2=$(free_port)
+herald_conf "$work/h1.toml" "$h1" "[cluster]
+node = \"bench-1\"
+nats = [$urls]"
+herald_conf "$work/h2.toml" "$h2" "[cluster]
+node = \"bench-2\"
+nats = [$urls]"
+target/release/herald --config "$work/h1.toml" > "$work/h1.log" 2>&1 & node1=$!; pids+=("$node1")
+target/release/herald --config "$work/h2.toml" > "$work/h2.log" 2>&1 & node2=$!; pids+=("$node2")
+wait_port "$h1"; wait_port "$h2"
+all="$node1 $node2 ${nats_pids[*]}"
+for qos in 0 1; do
+  run "herald-cluster-cross" "$all" fanout --qos $qos --subscribers "$SUBSCRIBERS" --rate "$RATE" --duration "$DURATION" --port "$h1" --sub-port "$h2"
+  run "herald-cluster-local" "$all" fanout --qos $qos --subscribers "$SUBSCRIBERS" --rate "$RATE" --duration "$DURATION" --port "$h1"
+done
+run "herald-cluster-cross" "$all" fanout --qos 1 --subscribers "$SUBSCRIBERS" --duration "$DURATION" --port "$h1" --sub-port "$h2"
+
+python3 bench/report.py bench/results.jsonl > docs/benchmarks.md
+echo "wrote docs/benchmarks.md" >&2
