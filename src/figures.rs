@@ -30,6 +30,8 @@ pub struct Figure {
 #[derive(Clone, Debug)]
 pub struct Snapshot {
     pub uptime_secs: u64,
+    /// This node's name in cluster mode (`cluster.node`), for /metrics labels.
+    pub node: Option<String>,
     pub figures: Vec<Figure>,
     pub delivery_latency_us: HistogramReading,
     pub ack_latency_us: HistogramReading,
@@ -483,6 +485,7 @@ impl Snapshot {
         }
         Snapshot {
             uptime_secs: broker.uptime_secs(),
+            node: broker.config().cluster.as_ref().map(|c| c.node.clone()),
             figures,
             delivery_latency_us: m.delivery_latency.read(),
             ack_latency_us: m.ack_latency.read(),

@@ -476,6 +476,20 @@ async fn the_stream_leader_dying_loses_no_acknowledged_message() {
     }
     let (status, body) = ready(&a);
     assert_eq!(status, 200, "{body}");
+    // /metrics labels every sample with the node, and counts the appends.
+    let (status, _, metrics) =
+        http_request(std::net::SocketAddr::from(([127, 0, 0, 1], a.http.unwrap())), "GET", "/metrics", &[], b"");
+    let metrics = String::from_utf8(metrics).unwrap();
+    assert_eq!(status, 200);
+    let appended: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("herald_cluster_appended_total{node=\"herald-a\"} "))
+        .expect("herald_cluster_appended_total labelled with the node")
+        .parse()
+        .unwrap();
+    assert!(appended >= 300, "{appended} appends counted");
+    assert!(metrics.contains("herald_cluster_nats_connected{node=\"herald-a\"} 1"));
+    assert!(metrics.contains("herald_delivery_latency_seconds_count{node=\"herald-a\"} "));
 
     // A will published by node a reaches the subscriber on node b [MQTT-3.1.2-8].
     let mut with_will = connect_packet(ProtocolVersion::V5, "phone", true);
