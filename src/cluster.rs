@@ -27,6 +27,8 @@ use crate::store::records;
 
 /// Core NATS subject of QoS 0 messages.
 pub const QOS0_SUBJECT: &str = "herald.q0";
+/// Core NATS subject on which a node says a client connected to it (`Link::claimed`).
+pub const CLAIM_SUBJECT: &str = "herald.claim";
 /// The stream's subject: QoS 1 and 2 messages.
 pub const LOG_SUBJECT: &str = "herald.log";
 /// Subjects of retained messages, one per topic (`retained_subject`); the stream keeps the
@@ -77,6 +79,8 @@ pub struct Link {
     node: String,
     client: async_nats::Client,
     qos0: mpsc::Sender<Bytes>,
+    /// Claims for the other nodes (`claimed`), on core NATS.
+    claims: mpsc::Sender<Bytes>,
     /// Retained messages (an empty payload: removed) for the bucket, in order.
     retained: mpsc::Sender<(String, Option<Bytes>)>,
     appends: Mutex<Appends>,
@@ -92,6 +96,8 @@ struct Appends {
 /// What the other nodes send this one, for `server::cluster` to route.
 pub struct Inbound {
     pub qos0: async_nats::Subscriber,
+    /// Clients connecting to other nodes.
+    pub claims: async_nats::Subscriber,
     pub log: jetstream::consumer::pull::Stream,
     /// The cluster's retained messages when the node joined (applied before it listens).
     pub retained_now: Vec<Message>,
@@ -174,6 +180,7 @@ impl Link {
             .await
             .map_err(|e| stream_error(e.to_string()))?;
         let qos0_in = client.subscribe(QOS0_SUBJECT).await.map_err(|e| connect_error(e.to_string()))?;
+        let claims_in = client.subscribe(CLAIM_SUBJECT).await.map_err(|e| connect_error(e.to_string()))?;
         let retained_stream = format!("{}_RETAINED", config.stream);
         let retained_store = js
             .get_or_create_stream(jetstream::stream::Config {
@@ -209,6 +216,7 @@ impl Link {
         let retained_now =
             read_retained(&mut retained_in, consumer.cached_info().num_pending).await.map_err(stream_error)?;
         let (qos0, qos0_rx) = mpsc::channel(config.max_pending);
+        let (claims, claims_rx) = mpsc::channel(config.max_pending);
         let (retained, retained_rx) = mpsc::channel(config.max_pending);
         let (tx, rx) = mpsc::channel(config.max_pending);
         let (replicated, _) = watch::channel(0);
@@ -216,16 +224,18 @@ impl Link {
             node: config.node.clone(),
             client,
             qos0,
+            claims,
             retained,
             appends: Mutex::new(Appends { next: 1, tx }),
             replicated,
             figures: LinkFigures::default(),
         });
-        tokio::spawn(send_qos0(link.clone(), qos0_rx));
+        tokio::spawn(send_core(link.clone(), QOS0_SUBJECT, qos0_rx));
+        tokio::spawn(send_core(link.clone(), CLAIM_SUBJECT, claims_rx));
         tokio::spawn(put_retained(link.clone(), js.clone(), retained_rx));
         tokio::spawn(append(link.clone(), js, rx, boot));
         info!(node = config.node.as_str(), nats = servers.as_str(), stream = config.stream.as_str(), "cluster joined");
-        Ok((link, Inbound { qos0: qos0_in, log, retained_now, retained: retained_in }))
+        Ok((link, Inbound { qos0: qos0_in, claims: claims_in, log, retained_now, retained: retained_in }))
     }
 
     pub fn node(&self) -> &str {
@@ -280,6 +290,17 @@ impl Link {
         }
     }
 
+    /// Tells the other nodes that `client_id` connected here, so that a connection they hold
+    /// for it is closed (5.0: DISCONNECT 0x8E) [MQTT-3.1.4-3], and with a clean start the
+    /// session they keep for it ends [MQTT-3.1.2-4]. At most once, like QoS 0: a node that
+    /// misses it keeps the old connection until that one's keep-alive runs out.
+    pub fn claimed(&self, client_id: &str, clean_start: bool) {
+        let mut payload = Vec::with_capacity(1 + client_id.len());
+        payload.push(u8::from(clean_start));
+        payload.extend_from_slice(client_id.as_bytes());
+        let _ = self.claims.try_send(Bytes::from(payload));
+    }
+
     /// Follows the highest ticket whose message, and every one before it, JetStream has
     /// acknowledged.
     pub fn replicated(&self) -> watch::Receiver<u64> {
@@ -301,6 +322,14 @@ impl Link {
         headers.insert(NODE_HEADER, self.node.as_str());
         headers
     }
+}
+
+/// A claim another node sent: the client identifier and whether it asked for a clean start;
+/// None for this node's own.
+pub fn receive_claim(link: &Link, headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Option<(String, bool)> {
+    let node = headers.and_then(|h| h.get(NODE_HEADER)).map(|v| v.as_str().to_owned()).unwrap_or_default();
+    let (&clean, id) = payload.split_first()?;
+    (node != link.node).then(|| Some((std::str::from_utf8(id).ok()?.to_owned(), clean == 1))).flatten()
 }
 
 /// Decodes what another node sent; None for this node's own messages (routed here already) and
@@ -398,12 +427,14 @@ async fn put_retained(link: Arc<Link>, js: jetstream::Context, mut rx: mpsc::Rec
     }
 }
 
-async fn send_qos0(link: Arc<Link>, mut rx: mpsc::Receiver<Bytes>) {
+/// Publishes what `rx` gives on core NATS (at most once: QoS 0 messages, claims).
+async fn send_core(link: Arc<Link>, subject: &'static str, mut rx: mpsc::Receiver<Bytes>) {
     while let Some(payload) = rx.recv().await {
-        match link.client.publish_with_headers(QOS0_SUBJECT, link.headers(), payload).await {
-            Ok(()) => link.figures.sent_qos0.fetch_add(1, Ordering::Relaxed),
-            Err(_) => link.figures.dropped_qos0.fetch_add(1, Ordering::Relaxed),
-        };
+        let sent = link.client.publish_with_headers(subject, link.headers(), payload).await.is_ok();
+        if subject == QOS0_SUBJECT {
+            let counter = if sent { &link.figures.sent_qos0 } else { &link.figures.dropped_qos0 };
+            counter.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 

@@ -505,3 +505,52 @@ async fn the_stream_leader_dying_loses_no_acknowledged_message() {
     wait_until("the will reaches the other node", || received.lock().unwrap().contains(&9999)).await;
     reader.abort();
 }
+
+fn persistent(client_id: &str, clean: bool) -> herald::codec::Connect {
+    let mut c = connect_packet(ProtocolVersion::V5, client_id, clean);
+    c.properties.session_expiry_interval = Some(3600);
+    c
+}
+
+/// [MQTT-3.1.4-3] a client connecting to another node closes its connection on the first one
+/// with DISCONNECT 0x8E (the time it takes is printed); [MQTT-3.1.2-4] with a clean start its
+/// session on the first node ends too. Until sessions move between nodes, a resumed session
+/// stays on the node that held it (docs/cluster.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_on_another_node_takes_the_client_over() {
+    let nats = NatsCluster::start();
+    let a = Node::start("herald-a", &nats);
+    let b = Node::start("herald-b", &nats);
+
+    let (mut old, ack) = RawClient::connect(a.addr(), persistent("phone", true)).await;
+    assert!(!ack.session_present);
+    let started = Instant::now();
+    let (new, _) = RawClient::connect(b.addr(), persistent("phone", false)).await;
+    match old.recv_within(PATIENCE).await {
+        Ok(Some(Packet::Disconnect(d))) => assert_eq!(d.reason, ReasonCode::SESSION_TAKEN_OVER),
+        other => panic!("expected DISCONNECT 0x8E on the first node, got {other:?}"),
+    }
+    eprintln!("the old connection was closed {:?} after the new CONNECT", started.elapsed());
+    drop(new);
+
+    // Resumed, not clean: node a kept the session it held (parked, its expiry running).
+    let (again, ack) = RawClient::connect(a.addr(), persistent("phone", false)).await;
+    assert!(ack.session_present, "node a keeps the session it held");
+    // A clean start on node b ends it on node a as well.
+    let (_clean, _) = RawClient::connect(b.addr(), persistent("phone", true)).await;
+    let mut again = again;
+    match again.recv_within(PATIENCE).await {
+        Ok(Some(Packet::Disconnect(d))) => assert_eq!(d.reason, ReasonCode::SESSION_TAKEN_OVER),
+        other => panic!("expected DISCONNECT 0x8E, got {other:?}"),
+    }
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (c, ack) = RawClient::connect(a.addr(), persistent("phone", false)).await;
+        if !ack.session_present {
+            break;
+        }
+        drop(c);
+        assert!(Instant::now() < deadline, "the clean start never ended the session on node a");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

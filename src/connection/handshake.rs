@@ -238,6 +238,9 @@ impl Handshake {
             .await
             .map_err(|_| Close::Refused("the session's previous connection did not let go"))?;
         let (shared, session_present) = (claimed.shared.clone(), claimed.present);
+        if let Some(link) = broker.cluster() {
+            link.claimed(&client_id, c.clean_start);
+        }
         let held = Held { shared: claimed.shared, state: claimed.state };
 
         // MQTT 3.1 has no session present flag: its CONNACK flags byte is reserved.

@@ -39,6 +39,9 @@ pub enum Close {
     Violation(ReasonCode, &'static str),
     KeepAliveTimeout,
     Kicked(ReasonCode),
+    /// Cluster mode: the client connected to another node (DISCONNECT 0x8E); the session is
+    /// released as after an ordinary disconnection.
+    TakenOverElsewhere,
     ServerShutdown,
     SocketClosed,
     /// Closed without any answer and without a session: handshake failures.
@@ -56,6 +59,7 @@ impl Close {
             Close::Violation(code, _) => Some(*code),
             Close::KeepAliveTimeout => Some(ReasonCode::KEEP_ALIVE_TIMEOUT),
             Close::Kicked(code) => Some(*code),
+            Close::TakenOverElsewhere => Some(ReasonCode::SESSION_TAKEN_OVER),
             Close::ServerShutdown => Some(ReasonCode::SERVER_SHUTTING_DOWN),
             _ => None,
         }
@@ -72,6 +76,7 @@ impl Close {
                 "session taken over [MQTT-3.1.4-3]".into()
             }
             Close::Kicked(code) => format!("disconnected by the server (0x{:02X})", code.0),
+            Close::TakenOverElsewhere => "session taken over on another node [MQTT-3.1.4-3]".into(),
             Close::ServerShutdown => "server shutting down".into(),
             Close::SocketClosed => "connection lost".into(),
             Close::Refused(why) => format!("refused: {why}"),
@@ -1112,6 +1117,7 @@ async fn linger(mut stream: Socket, ms: u64) {
 fn kicked(kick: Option<Kick>) -> Close {
     match kick {
         Some(k) if k.reason == ReasonCode::SERVER_SHUTTING_DOWN => Close::ServerShutdown,
+        Some(k) if k.elsewhere => Close::TakenOverElsewhere,
         Some(k) => Close::Kicked(k.reason),
         None => Close::ServerShutdown,
     }

@@ -18,11 +18,23 @@ use crate::cluster::{self, Inbound, Link};
 const ACKS_WAITING: usize = 1024;
 
 pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound) {
-    let Inbound { mut qos0, mut log, mut retained, .. } = inbound;
+    let Inbound { mut qos0, mut claims, mut log, mut retained, .. } = inbound;
     let (acks, waiting) = mpsc::channel(ACKS_WAITING);
     tokio::spawn(acknowledge(broker.clone(), waiting));
     loop {
         tokio::select! {
+            m = claims.next() => match m {
+                Some(m) => {
+                    if let Some((client_id, clean_start)) = cluster::receive_claim(&link, m.headers.as_ref(), &m.payload) {
+                        // Not awaited here: ending a session waits for its connection to let go.
+                        let broker = broker.clone();
+                        tokio::spawn(async move {
+                            broker.registry().taken_over_elsewhere(&client_id, clean_start).await;
+                        });
+                    }
+                }
+                None => break,
+            },
             m = qos0.next() => match m {
                 Some(m) => {
                     if let Some(r) = cluster::receive(&link, m.headers.as_ref(), &m.payload) {

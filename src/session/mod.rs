@@ -321,6 +321,10 @@ impl SessionState {
 #[derive(Debug, Clone, Copy)]
 pub struct Kick {
     pub reason: ReasonCode,
+    /// A connection on another node of the cluster took the client: this node's connection
+    /// closes with `reason` (0x8E) but lets go of the session as after an ordinary
+    /// disconnection, since no connection here will claim it.
+    pub elsewhere: bool,
 }
 
 /// Who holds a session and what waits for it: written only by the `registry`, under the
@@ -342,8 +346,12 @@ struct Ownership {
 impl Ownership {
     /// Asks the connection holding the session to close with `reason`, unless it was asked already.
     fn kick(&mut self, reason: ReasonCode) {
+        self.send_kick(Kick { reason, elsewhere: false });
+    }
+
+    fn send_kick(&mut self, kick: Kick) {
         if let Some(tx) = self.holder.as_mut().and_then(|(_, tx)| tx.take()) {
-            let _ = tx.send(Kick { reason });
+            let _ = tx.send(kick);
         }
     }
 }

@@ -410,12 +410,24 @@ impl Registry {
     /// lock held). A delayed will stays scheduled: removing the session must not lose it.
     /// Returns false if there is no such session.
     pub async fn disconnect(&self, client_id: &str, reason: ReasonCode, remove_session: bool) -> bool {
+        self.disconnect_with(client_id, super::Kick { reason, elsewhere: false }, remove_session).await
+    }
+
+    /// Cluster mode: `client_id` connected to another node. The connection here closes with
+    /// 0x8E [MQTT-3.1.4-3] and parks the session as after an ordinary disconnection (its expiry
+    /// runs); with a clean start the session ends here too [MQTT-3.1.2-4].
+    pub async fn taken_over_elsewhere(&self, client_id: &str, clean_start: bool) -> bool {
+        let kick = super::Kick { reason: ReasonCode::SESSION_TAKEN_OVER, elsewhere: true };
+        self.disconnect_with(client_id, kick, clean_start).await
+    }
+
+    async fn disconnect_with(&self, client_id: &str, kick: super::Kick, remove_session: bool) -> bool {
         let Some(session) = self.get(client_id) else {
             return false;
         };
         let was_online = {
             let mut own = session.ownership.lock().expect("ownership lock");
-            own.kick(reason);
+            own.send_kick(kick);
             own.holder.is_some()
         };
         if !remove_session {
