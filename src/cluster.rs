@@ -169,16 +169,7 @@ impl Link {
             )
             .await
             .map_err(|e| stream_error(e.to_string()))?;
-        // Short pulls with frequent heartbeats: after NATS comes back, a missed heartbeat is how
-        // the consumer notices and pulls again (with the defaults, 15 s heartbeats, a node took
-        // 10 s to receive again).
-        let log = consumer
-            .stream()
-            .expires(Duration::from_secs(5))
-            .heartbeat(Duration::from_secs(1))
-            .messages()
-            .await
-            .map_err(|e| stream_error(e.to_string()))?;
+        let log = follow(&consumer).await.map_err(stream_error)?;
         let qos0_in = client.subscribe(QOS0_SUBJECT).await.map_err(|e| connect_error(e.to_string()))?;
         let claims_in = client.subscribe(CLAIM_SUBJECT).await.map_err(|e| connect_error(e.to_string()))?;
         let retained_stream = format!("{}_RETAINED", config.stream);
@@ -206,13 +197,7 @@ impl Link {
             })
             .await
             .map_err(|e| stream_error(format!("{reader}: {e}")))?;
-        let mut retained_in = consumer
-            .stream()
-            .expires(Duration::from_secs(5))
-            .heartbeat(Duration::from_secs(1))
-            .messages()
-            .await
-            .map_err(|e| stream_error(e.to_string()))?;
+        let mut retained_in = follow(&consumer).await.map_err(stream_error)?;
         let retained_now =
             read_retained(&mut retained_in, consumer.cached_info().num_pending).await.map_err(stream_error)?;
         let (qos0, qos0_rx) = mpsc::channel(config.max_pending);
@@ -386,6 +371,19 @@ pub fn retained_entry(subject: &str, payload: &[u8]) -> Option<Message> {
             None
         }
     }
+}
+
+/// A consumer's messages as they come. Short pulls with frequent heartbeats: after NATS comes
+/// back, a missed heartbeat is how the consumer notices and pulls again (with the defaults,
+/// 15 s heartbeats, a node took 10 s to receive again).
+async fn follow(consumer: &jetstream::consumer::PullConsumer) -> Result<jetstream::consumer::pull::Stream, String> {
+    consumer
+        .stream()
+        .expires(Duration::from_secs(5))
+        .heartbeat(Duration::from_secs(1))
+        .messages()
+        .await
+        .map_err(|e| e.to_string())
 }
 
 /// Reads the `pending` messages the consumer had when it was made: the last retained message of
