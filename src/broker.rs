@@ -403,7 +403,6 @@ impl Broker {
         !self.high_priority.is_empty()
     }
 
-    /// Whether a topic is in the high priority class (`[[priority]]`).
     /// A queued message read back from the store: its priority class under the current rules,
     /// and its receipt, so that delivering it keeps counting there.
     fn prepare_loaded(&self, message: &crate::message::Message) {
@@ -417,6 +416,7 @@ impl Broker {
         }
     }
 
+    /// Whether a topic is in the high priority class (`[[priority]]`).
     pub fn is_high_priority(&self, topic: &str) -> bool {
         !self.high_priority.is_empty() && self.high_priority.iter().any(|f| crate::topic::filter_matches(f, topic))
     }

@@ -236,7 +236,7 @@ impl Link {
     pub fn forward(&self, message: &Message) -> Forward {
         let payload = Bytes::from(records::encode_message(message));
         if message.retain {
-            self.retain(message);
+            self.retain(message, &payload);
         }
         if message.qos == QoS::AtMostOnce {
             if self.qos0.try_send(payload).is_err() {
@@ -259,7 +259,7 @@ impl Link {
     /// payload removes the topic's) [MQTT-3.3.1-5] [MQTT-3.3.1-6]. Never waits; the message
     /// itself reaches the running nodes through `forward`, the bucket serves those that start
     /// later.
-    fn retain(&self, message: &Message) {
+    fn retain(&self, message: &Message, encoded: &Bytes) {
         if message.topic.len() > MAX_RETAINED_TOPIC {
             warn!(
                 length = message.topic.len(),
@@ -269,7 +269,7 @@ impl Link {
             return;
         }
         // An empty message removes the topic's: the stream keeps only the last of a subject.
-        let value = (!message.payload.is_empty()).then(|| Bytes::from(records::encode_message(message)));
+        let value = (!message.payload.is_empty()).then(|| encoded.clone());
         if self.retained.try_send((retained_subject(&message.topic), value)).is_err() {
             self.figures.dropped_retained.fetch_add(1, Ordering::Relaxed);
         }
@@ -309,10 +309,15 @@ impl Link {
     }
 }
 
+/// The node a message or claim came from (`NODE_HEADER`); empty when it carries none.
+fn origin(headers: Option<&async_nats::HeaderMap>) -> String {
+    headers.and_then(|h| h.get(NODE_HEADER)).map(|v| v.as_str().to_owned()).unwrap_or_default()
+}
+
 /// A claim another node sent: the client identifier and whether it asked for a clean start;
 /// None for this node's own.
 pub fn receive_claim(link: &Link, headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Option<(String, bool)> {
-    let node = headers.and_then(|h| h.get(NODE_HEADER)).map(|v| v.as_str().to_owned()).unwrap_or_default();
+    let node = origin(headers);
     let (&clean, id) = payload.split_first()?;
     (node != link.node).then(|| Some((std::str::from_utf8(id).ok()?.to_owned(), clean == 1))).flatten()
 }
@@ -320,7 +325,7 @@ pub fn receive_claim(link: &Link, headers: Option<&async_nats::HeaderMap>, paylo
 /// Decodes what another node sent; None for this node's own messages (routed here already) and
 /// for what cannot be decoded (logged).
 pub fn receive(link: &Link, headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Option<Received> {
-    let node = headers.and_then(|h| h.get(NODE_HEADER)).map(|v| v.as_str().to_owned()).unwrap_or_default();
+    let node = origin(headers);
     if node == link.node {
         return None;
     }

@@ -134,11 +134,10 @@ impl Registry {
         }
         let _permit = self.loads.acquire().await.expect("never closed");
         let (store, id, prepare) = (self.store.clone(), client_id.to_owned(), self.prepare());
-        match tokio::task::spawn_blocking(move || store.load_queue(&id, &*prepare)).await {
-            Ok(Ok(loaded)) => state.warm(loaded),
-            Ok(Err(e)) => error!(client_id, error = %e, "reading a restored session's queue failed"),
-            Err(e) => error!(client_id, error = %e, "reading a restored session's queue failed"),
-        }
+        let loaded = tokio::task::spawn_blocking(move || store.load_queue(&id, &*prepare).map_err(|e| e.to_string()))
+            .await
+            .unwrap_or_else(|e| Err(e.to_string()));
+        install(client_id, state, loaded);
     }
 
     /// `warm`, on the calling thread: for routing, when a full cold queue's policy must see its
@@ -147,10 +146,7 @@ impl Registry {
         if !state.is_cold() {
             return;
         }
-        match self.store.load_queue(client_id, &*self.prepare()) {
-            Ok(loaded) => state.warm(loaded),
-            Err(e) => error!(client_id, error = %e, "reading a restored session's queue failed"),
-        }
+        install(client_id, state, self.store.load_queue(client_id, &*self.prepare()).map_err(|e| e.to_string()));
     }
 
     fn new_session(&self, client_id: String) -> (Arc<SessionShared>, SessionState) {
@@ -486,6 +482,15 @@ impl Registry {
         }
         self.sessions.lock().expect("sessions lock").insert(client_id, shared.clone());
         (shared, 1)
+    }
+}
+
+/// Puts a restored queue read back into the state; a read that failed leaves it cold (counted,
+/// read again next time) and is logged.
+fn install(client_id: &str, state: &mut SessionState, loaded: Result<Vec<crate::store::LoadedEntry>, String>) {
+    match loaded {
+        Ok(loaded) => state.warm(loaded),
+        Err(e) => error!(client_id, error = e.as_str(), "reading a restored session's queue failed"),
     }
 }
 
