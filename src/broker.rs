@@ -25,6 +25,8 @@ use crate::session::{QueueDrop, QueuePolicies, Router, SessionShared, Subscripti
 use crate::store::{Recovered, Store, StoreError, Txn};
 use crate::topic::ParsedFilter;
 
+mod adopt;
+
 pub struct Broker {
     config: Config,
     router: Arc<Router>,
@@ -244,6 +246,7 @@ impl Broker {
     }
 
     pub fn set_cluster(&self, link: Arc<crate::cluster::Link>) {
+        self.registry.set_cluster(link.clone());
         let _ = self.cluster.set(link);
     }
 
@@ -640,11 +643,17 @@ impl Broker {
     /// subscriber marked congested (it kept its queue full for longer than a publisher may wait)
     /// is not waited for.
     pub fn route(&self, message: Arc<Message>, can_wait: bool) -> RouteOutcome {
+        self.route_to(message, can_wait, None)
+    }
+
+    /// Routes a message to every matching session or, with `only`, to that session alone (a
+    /// session read back from the cluster's stream: the retained tree is not touched).
+    fn route_to(&self, message: Arc<Message>, can_wait: bool, only: Option<u64>) -> RouteOutcome {
         let mut txn = Txn::default();
         // `$SYS` updates are the broker's own: not counted as received, and their retained
         // values are not stored (they would be stale after a restart anyway).
         let sys = crate::topic::is_sys(&message.topic);
-        if message.retain {
+        if message.retain && only.is_none() {
             if !sys {
                 txn.set_retained(&message);
             }
@@ -668,6 +677,9 @@ impl Broker {
         let mut after = Txn::default();
         for t in targets.iter() {
             if t.no_local && message.publisher == Some(t.session.id) {
+                continue;
+            }
+            if only.is_some_and(|id| id != t.session.id) {
                 continue;
             }
             outcome.matched += 1;

@@ -9,7 +9,9 @@
 //! message carries its node's name, so a node skips what it published itself (routed locally
 //! already).
 
-use std::collections::VecDeque;
+pub mod sessions;
+
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,6 +26,7 @@ use crate::codec::QoS;
 use crate::config::ClusterConfig;
 use crate::message::Message;
 use crate::store::records;
+use sessions::{Directory, EntrySubscription, Floors, HandoverReply, SessionEntry};
 
 /// Core NATS subject of QoS 0 messages.
 pub const QOS0_SUBJECT: &str = "herald.q0";
@@ -86,6 +89,18 @@ pub struct Link {
     appends: Mutex<Appends>,
     replicated: watch::Sender<u64>,
     pub figures: LinkFigures,
+    js: jetstream::Context,
+    stream: String,
+    /// The last stream message routed here (and every one before it).
+    processed: AtomicU64,
+    floors: Mutex<Floors>,
+    /// The checkpoint written to the directory last.
+    checkpointed: AtomicU64,
+    directory: Mutex<Directory>,
+    /// Session records and checkpoints for the directory stream (None: remove), in order.
+    directory_out: mpsc::Sender<(String, Option<Bytes>)>,
+    /// `since` of the sessions this node holds (`sessions::SessionEntry`).
+    since: Mutex<HashMap<String, u64>>,
 }
 
 struct Appends {
@@ -103,6 +118,10 @@ pub struct Inbound {
     pub retained_now: Vec<Message>,
     /// Retained messages since then, every node's own included.
     pub retained: jetstream::consumer::pull::Stream,
+    /// Session records and checkpoints since the node joined (those before are in the Link).
+    pub directory: jetstream::consumer::pull::Stream,
+    /// Other nodes asking this one to let go of a session.
+    pub handovers: async_nats::Subscriber,
 }
 
 /// A message as another node published it.
@@ -169,6 +188,9 @@ impl Link {
             )
             .await
             .map_err(|e| stream_error(e.to_string()))?;
+        // What this node's consumer acknowledged before (or, made just now, the stream's end):
+        // routed here already.
+        let processed = consumer.cached_info().ack_floor.stream_sequence;
         let log = follow(&consumer).await.map_err(stream_error)?;
         let qos0_in = client.subscribe(QOS0_SUBJECT).await.map_err(|e| connect_error(e.to_string()))?;
         let claims_in = client.subscribe(CLAIM_SUBJECT).await.map_err(|e| connect_error(e.to_string()))?;
@@ -198,8 +220,19 @@ impl Link {
             .await
             .map_err(|e| stream_error(format!("{reader}: {e}")))?;
         let mut retained_in = follow(&consumer).await.map_err(stream_error)?;
-        let retained_now =
-            read_retained(&mut retained_in, consumer.cached_info().num_pending).await.map_err(stream_error)?;
+        let mut retained_now = Vec::new();
+        read_pending(&mut retained_in, consumer.cached_info().num_pending, |m| {
+            retained_now.extend(retained_entry(m.subject.as_str(), &m.payload).filter(|r| !r.payload.is_empty()));
+        })
+        .await
+        .map_err(stream_error)?;
+        let (directory, directory_in) = read_directory(&js, config).await.map_err(stream_error)?;
+        let base = directory.checkpoint(&config.node).unwrap_or(0);
+        let handovers = client
+            .subscribe(format!("{}{}", sessions::HANDOVER_PREFIX, config.node))
+            .await
+            .map_err(|e| connect_error(e.to_string()))?;
+        let (directory_out, directory_rx) = mpsc::channel(config.max_pending);
         let (qos0, qos0_rx) = mpsc::channel(config.max_pending);
         let (claims, claims_rx) = mpsc::channel(config.max_pending);
         let (retained, retained_rx) = mpsc::channel(config.max_pending);
@@ -214,13 +247,33 @@ impl Link {
             appends: Mutex::new(Appends { next: 1, tx }),
             replicated,
             figures: LinkFigures::default(),
+            js: js.clone(),
+            stream: config.stream.clone(),
+            processed: AtomicU64::new(processed),
+            floors: Mutex::new(Floors::new(base)),
+            checkpointed: AtomicU64::new(base),
+            directory: Mutex::new(directory),
+            directory_out,
+            since: Mutex::default(),
         });
         tokio::spawn(send_core(link.clone(), QOS0_SUBJECT, qos0_rx));
         tokio::spawn(send_core(link.clone(), CLAIM_SUBJECT, claims_rx));
-        tokio::spawn(put_retained(link.clone(), js.clone(), retained_rx));
+        tokio::spawn(put_last(link.clone(), js.clone(), retained_rx));
+        tokio::spawn(put_last(link.clone(), js.clone(), directory_rx));
         tokio::spawn(append(link.clone(), js, rx, boot));
         info!(node = config.node.as_str(), nats = servers.as_str(), stream = config.stream.as_str(), "cluster joined");
-        Ok((link, Inbound { qos0: qos0_in, claims: claims_in, log, retained_now, retained: retained_in }))
+        Ok((
+            link,
+            Inbound {
+                qos0: qos0_in,
+                claims: claims_in,
+                log,
+                retained_now,
+                retained: retained_in,
+                directory: directory_in,
+                handovers,
+            },
+        ))
     }
 
     pub fn node(&self) -> &str {
@@ -302,6 +355,181 @@ impl Link {
         *self.replicated.borrow() >= ticket
     }
 
+    /// The stream message `seq` is routed here (this node's own, skipped, included).
+    pub fn processed_up_to(&self, seq: u64) {
+        self.processed.fetch_max(seq, Ordering::AcqRel);
+    }
+
+    /// The second's checkpoint (`sessions`), given the store's next body number and oldest live
+    /// body (read in that order, after this reads `processed`); written to the directory when it
+    /// moved.
+    pub fn checkpoint_tick(&self, processed: u64, next_body: u64, oldest: Option<u64>) -> u64 {
+        let checkpoint = self.floors.lock().expect("floors lock").tick(next_body, oldest, processed);
+        if self.checkpointed.swap(checkpoint, Ordering::AcqRel) != checkpoint {
+            let value = Bytes::copy_from_slice(&checkpoint.to_be_bytes());
+            let _ = self.directory_out.try_send((sessions::checkpoint_subject(&self.node), Some(value)));
+        }
+        checkpoint
+    }
+
+    /// The checkpoint now, without sampling.
+    pub fn checkpoint_now(&self, oldest: Option<u64>) -> u64 {
+        let processed = self.processed.load(Ordering::Acquire);
+        self.floors.lock().expect("floors lock").checkpoint(oldest, processed)
+    }
+
+    pub fn processed(&self) -> u64 {
+        self.processed.load(Ordering::Acquire)
+    }
+
+    /// Applies a directory message read from the stream.
+    pub fn apply_directory(&self, subject: &str, seq: u64, payload: &[u8]) {
+        self.directory.lock().expect("directory lock").apply(subject, seq, payload);
+    }
+
+    /// Another node holding a session for `client_id`, by the directory, with its record.
+    pub fn holder(&self, client_id: &str) -> Option<(String, SessionEntry)> {
+        self.directory.lock().expect("directory lock").holder(client_id, &self.node)
+    }
+
+    /// The last checkpoint `node` wrote.
+    pub fn checkpoint_of(&self, node: &str) -> Option<u64> {
+        self.directory.lock().expect("directory lock").checkpoint(node)
+    }
+
+    /// Persistent sessions in the directory, cluster-wide.
+    pub fn directory_sessions(&self) -> usize {
+        self.directory.lock().expect("directory lock").sessions()
+    }
+
+    /// Writes this node's record of a persistent session it holds. `since` stays what it was
+    /// when the session came to this node: its own directory record's, the one `adopted` gave,
+    /// or, for a new session, the last stream message routed here.
+    pub fn record_session(&self, client_id: &str, expiry: u32, subscriptions: Vec<EntrySubscription>) {
+        let since = {
+            let mut since = self.since.lock().expect("since lock");
+            *since.entry(client_id.to_owned()).or_insert_with(|| {
+                let directory = self.directory.lock().expect("directory lock");
+                directory.own(client_id, &self.node).map_or_else(|| self.processed(), |e| e.since)
+            })
+        };
+        let entry = SessionEntry { since, expiry, subscriptions };
+        let value = Bytes::from(serde_json::to_vec(&entry).expect("a record serialises"));
+        if self.directory_out.try_send((sessions::session_subject(client_id, &self.node), Some(value))).is_err() {
+            warn!(client_id, "the directory's queue is full: this session's record is not written");
+        }
+    }
+
+    /// A session read back from the stream here starts above `since`.
+    pub fn adopted(&self, client_id: &str, since: u64) {
+        self.since.lock().expect("since lock").insert(client_id.to_owned(), since);
+    }
+
+    /// This node's session for `client_id` ended: its record goes.
+    pub fn forget_session(&self, client_id: &str) {
+        self.since.lock().expect("since lock").remove(client_id);
+        self.forget_record(client_id, &self.node.clone());
+    }
+
+    /// Removes `node`'s record of `client_id` (a node that died: its session lives here now).
+    pub fn forget_record(&self, client_id: &str, node: &str) {
+        let _ = self.directory_out.try_send((sessions::session_subject(client_id, node), None));
+    }
+
+    /// Asks `node` to let go of `client_id`'s session; its answer, or why there is none (the
+    /// node is gone, or slower than `wait`).
+    pub async fn ask_handover(&self, node: &str, client_id: &str, wait: Duration) -> Result<HandoverReply, String> {
+        let subject = format!("{}{node}", sessions::HANDOVER_PREFIX);
+        let payload = Bytes::copy_from_slice(client_id.as_bytes());
+        let reply = tokio::time::timeout(wait, self.client.request(subject, payload))
+            .await
+            .map_err(|_| format!("no answer within {} ms", wait.as_millis()))?
+            .map_err(|e| e.to_string())?;
+        serde_json::from_slice(&reply.payload).map_err(|e| e.to_string())
+    }
+
+    /// Answers a handover request.
+    pub async fn answer_handover(&self, reply_to: async_nats::Subject, answer: &HandoverReply) {
+        let payload = Bytes::from(serde_json::to_vec(answer).expect("an answer serialises"));
+        if let Err(e) = self.client.publish(reply_to, payload).await {
+            warn!(error = %e, "answering a handover request failed");
+        }
+    }
+
+    /// Bodies numbered from now on hold messages as old as `floor` (a session read back from the
+    /// stream), until `unpin` says where they end.
+    pub fn pin(&self, floor: u64) -> u64 {
+        self.floors.lock().expect("floors lock").pin(floor)
+    }
+
+    pub fn unpin(&self, pin: u64, end: u64) {
+        self.floors.lock().expect("floors lock").unpin(pin, end);
+    }
+
+    /// The stream's last sequence once every append this node started so far is acknowledged
+    /// (waiting up to `wait` for them): what a session read back from the stream must read up
+    /// to, so that nothing routed here before its subscriptions were in the router is missed.
+    pub async fn settled_end(&self, wait: Duration) -> Result<u64, String> {
+        let started = self.appends.lock().expect("appends lock").next - 1;
+        let mut replicated = self.replicated();
+        tokio::time::timeout(wait, replicated.wait_for(|r| *r >= started))
+            .await
+            .map_err(|_| "appends not acknowledged in time".to_string())?
+            .map_err(|e| e.to_string())?;
+        let mut stream = self.js.get_stream(&self.stream).await.map_err(|e| e.to_string())?;
+        let info = stream.info().await.map_err(|e| e.to_string())?;
+        Ok(info.state.last_sequence)
+    }
+
+    /// Reads the stream's messages after `after` up to `upto`, in order, through a consumer of
+    /// its own that goes when done.
+    pub async fn replay(&self, after: u64, upto: u64, mut each: impl FnMut(u64, Message)) -> Result<u64, String> {
+        use futures_util::StreamExt;
+        if upto <= after {
+            return Ok(0);
+        }
+        let stream = self.js.get_stream(&self.stream).await.map_err(|e| e.to_string())?;
+        let consumer = stream
+            .create_consumer(jetstream::consumer::pull::Config {
+                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: after + 1 },
+                ack_policy: jetstream::consumer::AckPolicy::None,
+                filter_subject: LOG_SUBJECT.into(),
+                inactive_threshold: Duration::from_secs(30),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?;
+        let name = consumer.cached_info().name.clone();
+        let mut messages = follow(&consumer).await?;
+        let mut read = 0;
+        let result = loop {
+            let Some(m) = messages.next().await else { break Err("the stream ended".to_string()) };
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => break Err(e.to_string()),
+            };
+            let (seq, pending) = match m.info() {
+                Ok(i) => (i.stream_sequence, i.pending),
+                Err(e) => break Err(e.to_string()),
+            };
+            if seq > upto {
+                break Ok(read);
+            }
+            match records::decode_message(&m.payload) {
+                Ok(message) => {
+                    read += 1;
+                    each(seq, message);
+                }
+                Err(e) => warn!(seq, error = %e, "undecodable message in the stream; skipped"),
+            }
+            if seq == upto || pending == 0 {
+                break Ok(read);
+            }
+        };
+        let _ = stream.delete_consumer(&name).await;
+        result
+    }
+
     fn headers(&self) -> async_nats::HeaderMap {
         let mut headers = async_nats::HeaderMap::new();
         headers.insert(NODE_HEADER, self.node.as_str());
@@ -344,23 +572,30 @@ pub fn receive(link: &Link, headers: Option<&async_nats::HeaderMap>, payload: &[
 /// The subject of a topic's retained message: the topic's bytes in hex (subjects allow no
 /// `.`, `*`, `>` or whitespace in a token; topics are any UTF-8).
 pub fn retained_subject(topic: &str) -> String {
-    let mut subject = String::with_capacity(17 + 2 * topic.len());
-    subject.push_str("herald.retained.t");
-    for b in topic.bytes() {
-        subject.push_str(&format!("{b:02x}"));
-    }
-    subject
+    format!("herald.retained.t{}", hex(topic.as_bytes()))
 }
 
 /// The topic of a retained message's subject, if it is one of ours.
 pub fn retained_topic(subject: &str) -> Option<String> {
-    let hex = subject.strip_prefix("herald.retained.t")?.as_bytes();
+    String::from_utf8(unhex(subject.strip_prefix("herald.retained.t")?)?).ok()
+}
+
+/// Bytes as a subject token: lowercase hex (subjects allow no `.`, `*`, `>` or whitespace).
+fn hex(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    let mut out = String::with_capacity(2 * bytes.len());
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+    out
+}
+
+fn unhex(hex: &str) -> Option<Vec<u8>> {
+    let hex = hex.as_bytes();
     if hex.len() % 2 != 0 {
         return None;
     }
-    let bytes: Option<Vec<u8>> =
-        hex.chunks(2).map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()).collect();
-    String::from_utf8(bytes?).ok()
+    hex.chunks(2).map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()).collect()
 }
 
 /// The retained message a stream message holds, or the empty message that removes its topic's.
@@ -391,25 +626,70 @@ async fn follow(consumer: &jetstream::consumer::PullConsumer) -> Result<jetstrea
         .map_err(|e| e.to_string())
 }
 
-/// Reads the `pending` messages the consumer had when it was made: the last retained message of
-/// every topic.
-async fn read_retained(stream: &mut jetstream::consumer::pull::Stream, pending: u64) -> Result<Vec<Message>, String> {
+/// Reads the `pending` messages the consumer had when it was made (the last message of every
+/// subject: retained messages, directory records).
+async fn read_pending(
+    stream: &mut jetstream::consumer::pull::Stream,
+    pending: u64,
+    mut each: impl FnMut(&jetstream::Message),
+) -> Result<(), String> {
     use futures_util::StreamExt;
-    let mut out = Vec::new();
     let mut left = pending;
     while left > 0 {
-        let Some(m) = stream.next().await else { return Err("the retained messages' stream ended".into()) };
+        let Some(m) = stream.next().await else { return Err("a stream being read at start ended".into()) };
         let m = m.map_err(|e| e.to_string())?;
         left = m.info().map(|i| i.pending).unwrap_or(0).min(left - 1);
-        out.extend(retained_entry(m.subject.as_str(), &m.payload).filter(|r| !r.payload.is_empty()));
+        each(&m);
     }
-    Ok(out)
+    Ok(())
 }
 
-async fn put_retained(link: Arc<Link>, js: jetstream::Context, mut rx: mpsc::Receiver<(String, Option<Bytes>)>) {
+/// Makes sure the directory stream exists and reads it: every node's session records and
+/// checkpoints now, and the consumer that follows it from there.
+async fn read_directory(
+    js: &jetstream::Context,
+    config: &ClusterConfig,
+) -> Result<(Directory, jetstream::consumer::pull::Stream), String> {
+    let name = format!("{}_SESSIONS", config.stream);
+    let store = js
+        .get_or_create_stream(jetstream::stream::Config {
+            name: name.clone(),
+            subjects: vec![sessions::DIRECTORY_SUBJECTS.into()],
+            num_replicas: config.replicas,
+            max_messages_per_subject: 1,
+            storage: jetstream::stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("{name}: {e}"))?;
+    let reader = format!("herald-{}-directory", config.node);
+    let _ = store.delete_consumer(&reader).await;
+    let consumer = store
+        .create_consumer(jetstream::consumer::pull::Config {
+            durable_name: Some(reader.clone()),
+            deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
+            ack_policy: jetstream::consumer::AckPolicy::None,
+            filter_subject: sessions::DIRECTORY_SUBJECTS.into(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| format!("{reader}: {e}"))?;
+    let mut stream = follow(&consumer).await?;
+    let mut directory = Directory::default();
+    read_pending(&mut stream, consumer.cached_info().num_pending, |m| {
+        let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+        directory.apply(m.subject.as_str(), seq, &m.payload);
+    })
+    .await?;
+    Ok((directory, stream))
+}
+
+/// Writes what `rx` gives to a stream keeping the last message per subject (retained messages,
+/// directory records; None writes the empty message that removes the subject's value).
+async fn put_last(link: Arc<Link>, js: jetstream::Context, mut rx: mpsc::Receiver<(String, Option<Bytes>)>) {
     while let Some((subject, value)) = rx.recv().await {
-        // Tried again while NATS is away: a retained message that never reaches the stream
-        // would be missing on every node started later.
+        // Tried again while NATS is away: a retained message or session record that never
+        // reaches the stream would be missing on every node started later.
         loop {
             let payload = value.clone().unwrap_or_default();
             let done = match js.publish_with_headers(subject.clone(), link.headers(), payload).await {
@@ -421,7 +701,8 @@ async fn put_retained(link: Arc<Link>, js: jetstream::Context, mut rx: mpsc::Rec
                 Err(e) => {
                     warn!(
                         error = e.as_str(),
-                        "writing a retained message to the cluster's stream failed; trying again"
+                        subject = subject.as_str(),
+                        "writing to the cluster's stream failed; trying again"
                     );
                     tokio::time::sleep(RETRY_AFTER).await;
                 }

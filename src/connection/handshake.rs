@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tracing::info;
+use tracing::{info, warn};
 
 use super::{Client, Close, Held, Io, Retry};
 use crate::broker::Broker;
@@ -215,6 +215,15 @@ impl Handshake {
             // any session is taken.
             return Err(Close::Refused("CONNACK exceeds the client's maximum packet size"));
         }
+        if !c.clean_start && broker.cluster().is_some() {
+            // A session another node holds comes here first (docs/cluster.md).
+            if let Err(why) = broker.adopt(&client_id).await {
+                warn!(client_id = client_id.as_str(), reason = why.as_str(), "the session held by another node could not be taken over");
+                let code = if v5 { ReasonCode::SERVER_UNAVAILABLE } else { ReasonCode::V3_SERVER_UNAVAILABLE };
+                refuse(&mut self.io.out, code);
+                return Err(Close::Refused("the session could not be taken over from another node"));
+            }
+        }
         let kick = self.kick_tx.take().ok_or(Close::Refused("CONNECT handled twice"))?;
         let claim = Claim {
             client_id: client_id.clone(),
@@ -240,6 +249,9 @@ impl Handshake {
         let (shared, session_present) = (claimed.shared.clone(), claimed.present);
         if let Some(link) = broker.cluster() {
             link.claimed(&client_id, c.clean_start);
+            if session_expiry > 0 {
+                link.record_session(&client_id, session_expiry, crate::cluster::sessions::entry_subscriptions(&claimed.state.subscriptions));
+            }
         }
         let held = Held { shared: claimed.shared, state: claimed.state };
 

@@ -392,6 +392,7 @@ impl Connection {
             state.push_pending(d);
         }
         self.note_subscription_count();
+        self.record_in_cluster();
         // The SUBACK promises the subscription, so it waits for the store like a PUBACK.
         let ticket = self.broker.store().commit(txn);
         self.send_ack(
@@ -421,12 +422,23 @@ impl Connection {
             reasons.clear();
         }
         self.note_subscription_count();
+        self.record_in_cluster();
         let ticket = self.broker.store().commit(txn);
         self.send_ack(
             ticket,
             Packet::UnsubAck(UnsubAck { packet_id: u.packet_id, properties: Properties::default(), reasons }),
         );
         Ok(())
+    }
+
+    /// Cluster mode: a persistent session's subscriptions changed; its directory record says so,
+    /// for the node its client may come back to.
+    fn record_in_cluster(&self) {
+        let (shared, state) = (&self.session.shared, &self.session.state);
+        if let (Some(link), true) = (self.broker.cluster(), shared.is_persistent()) {
+            let subscriptions = crate::cluster::sessions::entry_subscriptions(&state.subscriptions);
+            link.record_session(&self.client.client_id, state.expiry_interval, subscriptions);
+        }
     }
 
     /// Keeps the admin API's count of this client's subscriptions.

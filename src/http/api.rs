@@ -365,9 +365,28 @@ async fn list_clients(broker: &Arc<Broker>, req: &Request) -> Response {
 fn get_client(broker: &Broker, client_id: &str) -> Response {
     let session = broker.registry().get(client_id);
     let Some(session) = session else {
+        // Cluster mode: a persistent session another node holds, from the directory.
+        if let Some((node, entry)) = broker.cluster().and_then(|link| link.holder(client_id)) {
+            let mut filters: Vec<&str> = entry.subscriptions.iter().map(|s| s.filter.as_str()).collect();
+            filters.sort();
+            return Response::json(
+                200,
+                &json!({
+                    "client_id": client_id,
+                    "node": node,
+                    "persistent": true,
+                    "session_expiry_interval": entry.expiry,
+                    "subscriptions": filters.len(),
+                    "filters": filters,
+                }),
+            );
+        }
         return Response::error(404, format!("no session for client id {client_id:?}"));
     };
     let mut v = client_json(&session);
+    if let Some(link) = broker.cluster() {
+        v["node"] = json!(link.node());
+    }
     // One client's view also lists its subscriptions, where its state is at hand (parked).
     if let Some(mut filters) = session.parked_filters() {
         filters.sort();

@@ -9,20 +9,42 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::sync::mpsc;
-use tracing::warn;
+use tracing::{info, warn};
 
 use crate::broker::Broker;
+use crate::cluster::sessions::HandoverReply;
 use crate::cluster::{self, Inbound, Link};
 
 /// Stream messages routed here and waiting for this node's store before their JetStream ack.
 const ACKS_WAITING: usize = 1024;
+/// How often the node's checkpoint is taken (and written to the directory when it moved).
+const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
 pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound) {
-    let Inbound { mut qos0, mut claims, mut log, mut retained, .. } = inbound;
+    let Inbound { mut qos0, mut claims, mut log, mut retained, mut directory, mut handovers, .. } = inbound;
     let (acks, waiting) = mpsc::channel(ACKS_WAITING);
     tokio::spawn(acknowledge(broker.clone(), waiting));
+    tokio::spawn(checkpoints(broker.clone(), link.clone()));
     loop {
         tokio::select! {
+            m = handovers.next() => match m {
+                Some(m) => {
+                    let (broker, link) = (broker.clone(), link.clone());
+                    tokio::spawn(async move { hand_over(&broker, &link, m).await });
+                }
+                None => break,
+            },
+            m = directory.next() => match m {
+                Some(Ok(m)) => {
+                    let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+                    link.apply_directory(m.subject.as_str(), seq, &m.payload);
+                }
+                Some(Err(e)) => {
+                    warn!(error = %e, "reading the cluster's session directory failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                None => break,
+            },
             m = claims.next() => match m {
                 Some(m) => {
                     if let Some((client_id, clean_start)) = cluster::receive_claim(&link, m.headers.as_ref(), &m.payload) {
@@ -61,6 +83,9 @@ pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound) {
                         Some(r) => broker.publish(Arc::new(r.message)).ticket,
                         None => 0,
                     };
+                    if let Ok(info) = m.info() {
+                        link.processed_up_to(info.stream_sequence);
+                    }
                     if acks.send((ticket, m)).await.is_err() {
                         break;
                     }
@@ -87,5 +112,35 @@ async fn acknowledge(broker: Arc<Broker>, mut waiting: mpsc::Receiver<(u64, asyn
             // Unacknowledged, JetStream delivers it again after `ack_wait`: a duplicate, not a loss.
             warn!(error = %e, "acknowledging a cluster message failed");
         }
+    }
+}
+
+/// Another node's client resumes a session held here: the checkpoint is taken while the
+/// session's messages are still in the store, then the session ends here (its connection, if
+/// any, closes with 0x8E) and the answer says where the other node reads the stream from.
+async fn hand_over(broker: &Broker, link: &Link, request: async_nats::Message) {
+    let Some(reply_to) = request.reply else { return };
+    let Ok(client_id) = std::str::from_utf8(&request.payload) else { return };
+    let held = broker.registry().get(client_id).is_some();
+    let checkpoint = link.checkpoint_now(broker.store().oldest_body());
+    if held {
+        broker.registry().taken_over_elsewhere(client_id, true).await;
+        info!(client_id, checkpoint, "session handed over to another node");
+    }
+    link.answer_handover(reply_to, &HandoverReply { held, checkpoint }).await;
+}
+
+/// Once a second: the checkpoint below which this node's sessions need nothing more from the
+/// stream, for another node to read a session back from if this one dies (`cluster::sessions`).
+async fn checkpoints(broker: Arc<Broker>, link: Arc<Link>) {
+    let mut every = tokio::time::interval(CHECKPOINT_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        every.tick().await;
+        // In this order: a body numbered after `next` was routed after `processed` was read.
+        let processed = link.processed();
+        let next = broker.store().peek_next_seq();
+        let oldest = broker.store().oldest_body();
+        link.checkpoint_tick(processed, next, oldest);
     }
 }

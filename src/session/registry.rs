@@ -40,6 +40,8 @@ pub struct Registry {
     /// Restored queues being read at once (`storage.queue_readers`): a thousand phones returning
     /// together after a restart wait here instead of occupying a thousand blocking threads.
     loads: tokio::sync::Semaphore,
+    /// Cluster mode: a persistent session that ends here has its directory record removed.
+    cluster: std::sync::OnceLock<Arc<crate::cluster::Link>>,
 }
 
 /// See `Registry::set_prepare`.
@@ -113,10 +115,15 @@ impl Registry {
             queue_capacity,
             prepare: std::sync::OnceLock::new(),
             loads: tokio::sync::Semaphore::new(queue_readers.max(1)),
+            cluster: std::sync::OnceLock::new(),
         }
     }
 
     /// How a body read back from the store is made ready for delivery (see `warm`).
+    pub fn set_cluster(&self, link: Arc<crate::cluster::Link>) {
+        let _ = self.cluster.set(link);
+    }
+
     pub fn set_prepare(&self, prepare: Prepare) {
         let _ = self.prepare.set(prepare);
     }
@@ -388,10 +395,14 @@ impl Registry {
                 }
             }
         }
-        if shared.stored.swap(false, Ordering::AcqRel) || !held.is_empty() {
+        let stored = shared.stored.swap(false, Ordering::AcqRel);
+        if stored || !held.is_empty() {
             let mut txn = Txn::default();
             txn.remove_session(&shared.client_id, held);
             self.store.commit(txn);
+        }
+        if let (true, Some(link)) = (stored, self.cluster.get()) {
+            link.forget_session(&shared.client_id);
         }
         let filters = state.subscriptions.keys().filter_map(|f| crate::topic::parse_filter(f).ok());
         self.router.unsubscribe_all(filters, shared.id);

@@ -376,6 +376,18 @@ impl Store {
         self.next_seq.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// The number `next_seq` hands out next.
+    pub fn peek_next_seq(&self) -> u64 {
+        self.next_seq.load(Ordering::Relaxed)
+    }
+
+    /// The oldest message body some queue entry still refers to (cluster mode's checkpoint,
+    /// once a second: a scan of the reference counts under the store's lock, about a
+    /// millisecond per 500,000 live bodies).
+    pub fn oldest_body(&self) -> Option<u64> {
+        self.shared.gathering.lock().expect("store lock").refs.keys().min().copied()
+    }
+
     /// Appends the writes to the batch being gathered and returns its ticket (0 for nothing).
     /// Writes are applied in commit order.
     pub fn commit(&self, txn: Txn) -> u64 {

@@ -1,0 +1,109 @@
+//! Cluster mode: a persistent session another node holds, taken over when its client connects
+//! here (docs/cluster.md, "Sessions across nodes"). The holder is asked to let go; if it does
+//! not answer (it died), its last checkpoint stands in for its answer. Either way the session is
+//! made here from its directory record and its messages are read back from the stream, so that
+//! no acknowledged message is missing (some may come twice).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tracing::{info, warn};
+
+use super::Broker;
+use crate::session::Subscription;
+use crate::store::records::SessionRecord;
+use crate::store::Txn;
+use crate::topic::parse_filter;
+
+/// How long the holder has to answer a handover request before it is taken for dead.
+const HANDOVER_WAIT: Duration = Duration::from_secs(3);
+/// How long this node's own appends may take before the stream's end is read.
+const SETTLE_WAIT: Duration = Duration::from_secs(10);
+
+impl Broker {
+    /// Takes over `client_id`'s session from the node holding it, if the directory names one
+    /// and this node holds none. Err when the stream cannot be read (the CONNECT is refused,
+    /// and the directory keeps the holder's record for the next try).
+    pub async fn adopt(&self, client_id: &str) -> Result<(), String> {
+        let Some(link) = self.cluster().cloned() else { return Ok(()) };
+        if self.registry().get(client_id).is_some() {
+            return Ok(());
+        }
+        let Some((holder, entry)) = link.holder(client_id) else { return Ok(()) };
+        let started = Instant::now();
+        let (floor, holder_alive) = match link.ask_handover(&holder, client_id, HANDOVER_WAIT).await {
+            Ok(reply) if !reply.held => {
+                // The holder's session ended meanwhile (its record's removal is on its way).
+                return Ok(());
+            }
+            Ok(reply) => (reply.checkpoint, true),
+            Err(why) => {
+                let checkpoint = link.checkpoint_of(&holder).unwrap_or(0);
+                warn!(client_id, node = holder.as_str(), reason = why.as_str(), checkpoint, "the node holding this session does not answer: reading it back from its last checkpoint");
+                (checkpoint, false)
+            }
+        };
+        let since = floor.max(entry.since);
+        if self.registry().get(client_id).is_some() {
+            return Ok(());
+        }
+        let expiry = entry.expiry;
+        let (shared, _) = self.registry().restore(client_id.to_owned(), |shared, state| {
+            state.expiry_interval = expiry;
+            for sub in &entry.subscriptions {
+                let Ok(parsed) = parse_filter(&sub.filter) else { continue };
+                let options = sub.options();
+                self.subscribe(&parsed, Subscription { session: shared.clone(), options, identifier: sub.identifier });
+                state.subscriptions.insert(sub.filter.clone(), (options, sub.identifier));
+            }
+        });
+        let mut txn = Txn::default();
+        let now_ms = crate::clock::wall_ms_now();
+        txn.put_session(client_id, &SessionRecord { expiry_interval: expiry, disconnected_at_ms: now_ms, will: None });
+        for sub in &entry.subscriptions {
+            txn.put_subscription(client_id, &sub.filter, &sub.options(), sub.identifier);
+        }
+        self.store().commit(txn);
+        link.adopted(client_id, since);
+        // Its subscriptions are in the router: what is routed from now on reaches it. What came
+        // before, back to `since`, is read from the stream, up to an end that includes every
+        // append this node started before now.
+        let pin = link.pin(since);
+        let read = async {
+            let upto = link.settled_end(SETTLE_WAIT).await?;
+            let session = shared.id;
+            let read = link
+                .replay(since, upto, |_, message| {
+                    self.route_to(Arc::new(message), false, Some(session));
+                })
+                .await?;
+            Ok::<_, String>((upto, read))
+        }
+        .await;
+        link.unpin(pin, self.store().peek_next_seq());
+        match read {
+            Ok((upto, read)) => {
+                if !holder_alive {
+                    link.forget_record(client_id, &holder);
+                }
+                info!(
+                    client_id,
+                    from = holder.as_str(),
+                    alive = holder_alive,
+                    since,
+                    upto,
+                    read,
+                    ms = started.elapsed().as_millis() as u64,
+                    "session taken over from another node"
+                );
+                Ok(())
+            }
+            Err(why) => {
+                // Not half made: the session goes, the holder's record stays for the next try.
+                drop(shared);
+                self.registry().disconnect(client_id, crate::codec::ReasonCode::SERVER_UNAVAILABLE, true).await;
+                Err(why)
+            }
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! Sessions across nodes (docs/cluster.md, "Sessions across nodes"): the directory of which node
+//! holds which persistent session, and the checkpoint below which a node's sessions need nothing
+//! more from the stream.
+//!
+//! A node that holds a persistent session writes its record (subscriptions, expiry, `since`) to
+//! the directory stream, one subject per client and node, so that another node can resume the
+//! session when its client comes there: it asks the holder to let go (`herald.handover.<node>`),
+//! or, when the holder does not answer (it died), takes the holder's last checkpoint, and reads
+//! the session's messages back from the stream (`Link::replay`). Duplicates are possible; a
+//! missing acknowledged message is not.
+//!
+//! The checkpoint is a stream sequence number C with: every stream message that one of this
+//! node's persistent sessions still needs has a sequence above C. It comes from the oldest
+//! message body that a queue entry of this node still refers to: each body gets its number when
+//! routing stores it, and the node samples, once a second, the next body number together with
+//! `processed` (the last stream message routed here). Every body numbered after a sample was
+//! routed after it, so its message is above the sample's `processed`. Sessions read back from
+//! the stream on this node are pinned at their own floor until their bodies are gone.
+
+use std::collections::{HashMap, VecDeque};
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{QoS, SubscriptionOptions};
+
+/// Subjects of the directory stream: session records and checkpoints.
+pub const DIRECTORY_SUBJECTS: &str = "herald.dir.>";
+const SESSION_PREFIX: &str = "herald.dir.s.";
+const CHECKPOINT_PREFIX: &str = "herald.dir.c.";
+/// Requests to a node to let go of a session: `herald.handover.<node>`.
+pub const HANDOVER_PREFIX: &str = "herald.handover.";
+/// Samples kept at most; beyond it the second oldest is dropped, which only makes the
+/// checkpoint older (more duplicates after a node's death, never a loss).
+const MAX_SAMPLES: usize = 100_000;
+
+/// A persistent session as the directory holds it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SessionEntry {
+    /// Stream messages at or below this were routed before the session existed on its node:
+    /// reading the session back starts above it.
+    pub since: u64,
+    pub expiry: u32,
+    pub subscriptions: Vec<EntrySubscription>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EntrySubscription {
+    pub filter: String,
+    pub qos: u8,
+    #[serde(default)]
+    pub no_local: bool,
+    #[serde(default)]
+    pub retain_as_published: bool,
+    #[serde(default)]
+    pub retain_handling: u8,
+    #[serde(default)]
+    pub identifier: Option<u32>,
+}
+
+impl EntrySubscription {
+    pub fn new(filter: &str, options: &SubscriptionOptions, identifier: Option<u32>) -> Self {
+        EntrySubscription {
+            filter: filter.to_owned(),
+            qos: options.qos as u8,
+            no_local: options.no_local,
+            retain_as_published: options.retain_as_published,
+            retain_handling: options.retain_handling,
+            identifier,
+        }
+    }
+
+    pub fn options(&self) -> SubscriptionOptions {
+        let qos = match self.qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        };
+        SubscriptionOptions {
+            qos,
+            no_local: self.no_local,
+            retain_as_published: self.retain_as_published,
+            retain_handling: self.retain_handling,
+        }
+    }
+}
+
+/// A session's subscriptions as its directory record holds them.
+pub fn entry_subscriptions(
+    subscriptions: &HashMap<String, (SubscriptionOptions, Option<u32>)>,
+) -> Vec<EntrySubscription> {
+    let mut out: Vec<_> =
+        subscriptions.iter().map(|(filter, (options, id))| EntrySubscription::new(filter, options, *id)).collect();
+    out.sort_by(|a, b| a.filter.cmp(&b.filter));
+    out
+}
+
+/// The answer to a handover request.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HandoverReply {
+    /// Whether the node held the session (and has now ended it).
+    pub held: bool,
+    /// The node's checkpoint, taken before the session ended.
+    pub checkpoint: u64,
+}
+
+/// What a directory subject names.
+#[derive(Debug, PartialEq, Eq)]
+pub enum DirectoryKey {
+    Session { client_id: String, node: String },
+    Checkpoint { node: String },
+}
+
+pub fn session_subject(client_id: &str, node: &str) -> String {
+    format!("{SESSION_PREFIX}{}.{node}", super::hex(client_id.as_bytes()))
+}
+
+pub fn checkpoint_subject(node: &str) -> String {
+    format!("{CHECKPOINT_PREFIX}{node}")
+}
+
+pub fn parse_subject(subject: &str) -> Option<DirectoryKey> {
+    if let Some(node) = subject.strip_prefix(CHECKPOINT_PREFIX) {
+        return Some(DirectoryKey::Checkpoint { node: node.to_owned() });
+    }
+    let (hex, node) = subject.strip_prefix(SESSION_PREFIX)?.split_once('.')?;
+    let client_id = String::from_utf8(super::unhex(hex)?).ok()?;
+    Some(DirectoryKey::Session { client_id, node: node.to_owned() })
+}
+
+/// Every node's session records and checkpoints, as read from the directory stream.
+#[derive(Default)]
+pub struct Directory {
+    /// Client identifier to the records of the nodes holding a session for it, with the stream
+    /// sequence of each (the newest wins).
+    sessions: HashMap<String, HashMap<String, (u64, SessionEntry)>>,
+    checkpoints: HashMap<String, u64>,
+}
+
+impl Directory {
+    /// Applies one directory message; an empty payload removes the record.
+    pub fn apply(&mut self, subject: &str, seq: u64, payload: &[u8]) {
+        match parse_subject(subject) {
+            Some(DirectoryKey::Checkpoint { node }) => {
+                if let Ok(bytes) = <[u8; 8]>::try_from(payload) {
+                    self.checkpoints.insert(node, u64::from_be_bytes(bytes));
+                }
+            }
+            Some(DirectoryKey::Session { client_id, node }) => {
+                if payload.is_empty() {
+                    if let Some(nodes) = self.sessions.get_mut(&client_id) {
+                        nodes.remove(&node);
+                        if nodes.is_empty() {
+                            self.sessions.remove(&client_id);
+                        }
+                    }
+                } else if let Ok(entry) = serde_json::from_slice::<SessionEntry>(payload) {
+                    self.sessions.entry(client_id).or_default().insert(node, (seq, entry));
+                }
+            }
+            None => {}
+        }
+    }
+
+    /// The newest record of `client_id` held by a node other than `me`.
+    pub fn holder(&self, client_id: &str, me: &str) -> Option<(String, SessionEntry)> {
+        let nodes = self.sessions.get(client_id)?;
+        nodes
+            .iter()
+            .filter(|(node, _)| node.as_str() != me)
+            .max_by_key(|(_, (seq, _))| *seq)
+            .map(|(node, (_, entry))| (node.clone(), entry.clone()))
+    }
+
+    pub fn own(&self, client_id: &str, me: &str) -> Option<&SessionEntry> {
+        self.sessions.get(client_id)?.get(me).map(|(_, e)| e)
+    }
+
+    pub fn checkpoint(&self, node: &str) -> Option<u64> {
+        self.checkpoints.get(node).copied()
+    }
+
+    pub fn sessions(&self) -> usize {
+        self.sessions.len()
+    }
+}
+
+/// The samples and pins the checkpoint is computed from (see the module's comment).
+pub struct Floors {
+    /// (the next body number, `processed`) once a second, oldest first.
+    samples: VecDeque<(u64, u64)>,
+    /// Bodies numbered up to `end` may hold messages above `floor` only; by key.
+    pins: HashMap<u64, (u64, u64)>,
+    next_pin: u64,
+    /// The floor of bodies older than every sample: what this node checkpointed last before
+    /// this start (0 when it never did).
+    base: u64,
+}
+
+impl Floors {
+    pub fn new(base: u64) -> Self {
+        Floors { samples: VecDeque::new(), pins: HashMap::new(), next_pin: 0, base }
+    }
+
+    /// The checkpoint now, given the oldest live body. Bodies numbered since the latest sample
+    /// count as live whatever `oldest` says: routing numbers a body before the store counts it.
+    pub fn checkpoint(&self, oldest: Option<u64>, processed: u64) -> u64 {
+        let cutoff = match (oldest, self.samples.back()) {
+            (Some(o), Some(&(s, _))) => o.min(s),
+            (None, Some(&(s, _))) => s,
+            (_, None) => return self.base.min(processed),
+        };
+        let mut floor =
+            self.samples.iter().rev().find(|(seq, _)| *seq <= cutoff).map_or(self.base, |&(_, w)| w);
+        for &(end, pinned) in self.pins.values() {
+            if cutoff <= end {
+                floor = floor.min(pinned);
+            }
+        }
+        floor
+    }
+
+    /// Takes the second's sample and drops what no live body needs any more; returns the
+    /// checkpoint.
+    pub fn tick(&mut self, next_body: u64, oldest: Option<u64>, processed: u64) -> u64 {
+        let checkpoint = self.checkpoint(oldest, processed);
+        if let Some(&(latest, _)) = self.samples.back() {
+            let cutoff = oldest.map_or(latest, |o| o.min(latest));
+            while self.samples.len() > 1 && self.samples[1].0 <= cutoff {
+                self.samples.pop_front();
+            }
+            self.pins.retain(|_, (end, _)| cutoff <= *end);
+        }
+        if self.samples.len() >= MAX_SAMPLES {
+            self.samples.remove(1);
+        }
+        self.samples.push_back((next_body, processed));
+        checkpoint
+    }
+
+    /// Bodies numbered from now on may hold messages as old as `floor`, until `unpin` says where
+    /// they end.
+    pub fn pin(&mut self, floor: u64) -> u64 {
+        self.next_pin += 1;
+        self.pins.insert(self.next_pin, (u64::MAX, floor));
+        self.next_pin
+    }
+
+    pub fn unpin(&mut self, pin: u64, end: u64) {
+        if let Some(p) = self.pins.get_mut(&pin) {
+            p.0 = end;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_round_trip() {
+        let s = session_subject("phone 1.é", "herald-2");
+        assert!(!s[SESSION_PREFIX.len()..].contains(' '));
+        assert_eq!(
+            parse_subject(&s),
+            Some(DirectoryKey::Session { client_id: "phone 1.é".into(), node: "herald-2".into() })
+        );
+        assert_eq!(parse_subject(&checkpoint_subject("n1")), Some(DirectoryKey::Checkpoint { node: "n1".into() }));
+        assert_eq!(parse_subject("herald.dir.s.zz.n1"), None);
+    }
+
+    #[test]
+    fn the_newest_record_of_another_node_is_the_holder() {
+        let mut d = Directory::default();
+        let entry = |since| serde_json::to_vec(&SessionEntry { since, expiry: 60, subscriptions: vec![] }).unwrap();
+        d.apply(&session_subject("c", "a"), 5, &entry(1));
+        d.apply(&session_subject("c", "b"), 9, &entry(2));
+        d.apply(&session_subject("c", "me"), 12, &entry(3));
+        assert_eq!(d.holder("c", "me").unwrap().0, "b");
+        d.apply(&session_subject("c", "b"), 13, &[]);
+        assert_eq!(d.holder("c", "me").unwrap().0, "a");
+        d.apply(&checkpoint_subject("a"), 14, &77u64.to_be_bytes());
+        assert_eq!(d.checkpoint("a"), Some(77));
+        assert_eq!(d.own("c", "me").unwrap().since, 3);
+    }
+
+    #[test]
+    fn the_checkpoint_stays_below_every_live_body() {
+        let mut f = Floors::new(3);
+        // First tick: nothing sampled yet, the base holds.
+        assert_eq!(f.tick(100, None, 10), 3);
+        // Bodies 100.. were numbered after `processed` was 10.
+        assert_eq!(f.tick(150, Some(120), 20), 10);
+        // Body 120 still live: the sample at 100 still holds it.
+        assert_eq!(f.tick(200, Some(120), 30), 10);
+        // It went; the oldest is 160, after the sample at 150 (processed 20).
+        assert_eq!(f.tick(210, Some(160), 40), 20);
+        // Nothing live: everything since the latest sample counts as live.
+        assert_eq!(f.tick(220, None, 50), 40);
+        // A body older than every sample: the base.
+        assert_eq!(f.checkpoint(Some(5), 50), 3);
+        // A pin holds while its bodies live.
+        let pin = f.pin(7);
+        assert_eq!(f.tick(230, None, 60), 7);
+        f.unpin(pin, 235);
+        assert_eq!(f.tick(240, Some(233), 70), 7);
+        // Gone from the pin's bodies: the samples alone.
+        assert_eq!(f.tick(250, Some(245), 80), 70);
+        assert_eq!(f.tick(260, None, 90), 80);
+    }
+}
