@@ -76,6 +76,12 @@ pub struct LinkFigures {
     pub append_retries: AtomicU64,
     pub received: AtomicU64,
     pub dropped_retained: AtomicU64,
+    /// Checkpoints taken (one a second).
+    pub checkpoints: AtomicU64,
+    /// Sessions taken over from another node (`Broker::adopt`).
+    pub adopted: AtomicU64,
+    /// Stream messages not yet delivered to this node's consumer, as of the last one it got.
+    pub log_lag: AtomicU64,
 }
 
 pub struct Link {
@@ -365,6 +371,7 @@ impl Link {
     /// moved.
     pub fn checkpoint_tick(&self, processed: u64, next_body: u64, oldest: Option<u64>) -> u64 {
         let checkpoint = self.floors.lock().expect("floors lock").tick(next_body, oldest, processed);
+        self.figures.checkpoints.fetch_add(1, Ordering::Relaxed);
         if self.checkpointed.swap(checkpoint, Ordering::AcqRel) != checkpoint {
             let value = Bytes::copy_from_slice(&checkpoint.to_be_bytes());
             let _ = self.directory_out.try_send((sessions::checkpoint_subject(&self.node), Some(value)));
@@ -376,6 +383,11 @@ impl Link {
     pub fn checkpoint_now(&self, oldest: Option<u64>) -> u64 {
         let processed = self.processed.load(Ordering::Acquire);
         self.floors.lock().expect("floors lock").checkpoint(oldest, processed)
+    }
+
+    /// The checkpoint written to the directory last.
+    pub fn checkpointed(&self) -> u64 {
+        self.checkpointed.load(Ordering::Acquire)
     }
 
     pub fn processed(&self) -> u64 {

@@ -481,6 +481,48 @@ impl Snapshot {
                     "Messages received from the other nodes and routed here.",
                     c(&l.received),
                 ),
+                f(
+                    "cluster/log_processed",
+                    "herald_cluster_log_processed",
+                    Gauge,
+                    "The last sequence of the cluster's stream routed here.",
+                    link.processed(),
+                ),
+                f(
+                    "cluster/log_lag",
+                    "herald_cluster_log_lag",
+                    Gauge,
+                    "Stream messages not yet delivered to this node, as of the last one it received.",
+                    c(&l.log_lag),
+                ),
+                f(
+                    "cluster/checkpoint",
+                    "herald_cluster_checkpoint",
+                    Gauge,
+                    "Stream sequence below which this node's sessions need nothing more (docs/cluster.md).",
+                    link.checkpointed(),
+                ),
+                f(
+                    "cluster/checkpoints",
+                    "herald_cluster_checkpoints_total",
+                    Counter,
+                    "Checkpoints taken (one a second).",
+                    c(&l.checkpoints),
+                ),
+                f(
+                    "cluster/sessions_adopted",
+                    "herald_cluster_sessions_adopted_total",
+                    Counter,
+                    "Sessions taken over from another node when their client connected here.",
+                    c(&l.adopted),
+                ),
+                f(
+                    "cluster/directory_sessions",
+                    "herald_cluster_directory_sessions",
+                    Gauge,
+                    "Persistent sessions in the cluster's directory, every node's.",
+                    link.directory_sessions() as u64,
+                ),
             ]);
         }
         Snapshot {

@@ -126,6 +126,7 @@ struct Node {
     child: Child,
     port: u16,
     http: Option<u16>,
+    log: std::sync::mpsc::Receiver<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -154,12 +155,17 @@ impl Node {
         let path = dir.path().join("herald.toml");
         std::fs::write(&path, config).unwrap();
         let listeners = if extra.contains("[http]") { 2 } else { 1 };
-        let (child, ports, _log) = spawn_herald(&path, listeners);
-        Node { child, port: ports[0], http: ports.get(1).copied(), _dir: dir }
+        let (child, ports, log) = spawn_herald(&path, listeners);
+        Node { child, port: ports[0], http: ports.get(1).copied(), log, _dir: dir }
     }
 
     fn addr(&self) -> std::net::SocketAddr {
         std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
+    /// The log lines printed so far that contain `text`.
+    fn log_lines(&self, text: &str) -> Vec<String> {
+        self.log.try_iter().filter(|l| l.contains(text)).collect()
     }
 }
 
@@ -231,13 +237,16 @@ fn mosquitto_sub_as(node: &Node, filter: &str, qos: u8, client_id: &str, extra: 
         .unwrap();
     let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
     let deadline = Instant::now() + PATIENCE;
+    let (tx, lines) = std::sync::mpsc::channel();
     for line in out.by_ref() {
-        if line.unwrap().contains("received SUBACK") {
+        let line = line.unwrap();
+        if line.contains("received SUBACK") {
             break;
         }
+        // A resumed session's queue arrives before the SUBACK.
+        let _ = tx.send(line);
         assert!(Instant::now() < deadline, "mosquitto_sub got no SUBACK");
     }
-    let (tx, lines) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for l in out.map_while(Result::ok) {
             let _ = tx.send(l);
@@ -560,6 +569,18 @@ async fn a_connection_on_another_node_takes_the_client_over() {
     assert!(!ack.session_present, "[MQTT-3.1.2-4] the clean start ended the session everywhere");
 }
 
+/// A figure of `node`'s /metrics (labelled with its node name).
+fn metric(node: &Node, name: &str) -> u64 {
+    let (status, _, body) = http_request(http_addr(node), "GET", "/metrics", &[], b"");
+    assert_eq!(status, 200);
+    let body = String::from_utf8(body).unwrap();
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).filter(|rest| rest.starts_with('{')))
+        .and_then(|rest| rest.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("{name} not in /metrics")) as u64
+}
+
 fn http_addr(node: &Node) -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], node.http.expect("the node has [http]")))
 }
@@ -620,7 +641,8 @@ async fn a_session_resumes_on_another_node_with_its_queue() {
     wait_for_holder(&a, "phone", "herald-b").await;
 }
 
-/// kill -9 of a Herald node during a QoS 1 stream to persistent subscribers: they reconnect to
+/// kill -9 of a Herald node during a QoS 1 stream to persistent subscribers (two of them
+/// offline since message 50, their queue on the node; one connected): they reconnect to
 /// another node, which reads their sessions back from the stream (the dead node's last
 /// checkpoint), and no acknowledged message is missing; duplicates are counted and allowed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -631,7 +653,8 @@ async fn a_herald_node_killed_during_a_stream_loses_no_acknowledged_message() {
     let c = Node::start("herald-c", &nats);
     let persistent_args = ["-c", "-V", "mqttv5", "-x", "3600"];
     let ids = ["reader-1", "reader-2", "reader-3"];
-    let first: Vec<Sub> = ids.iter().map(|id| mosquitto_sub_as(&a, "news/#", 1, id, &persistent_args)).collect();
+    let mut first: Vec<Sub> = ids.iter().map(|id| mosquitto_sub_as(&a, "news/#", 1, id, &persistent_args)).collect();
+    let mut early: Vec<Vec<String>> = vec![Vec::new(); ids.len()];
     for id in ids {
         wait_for_holder(&b, id, "herald-a").await;
     }
@@ -639,7 +662,30 @@ async fn a_herald_node_killed_during_a_stream_loses_no_acknowledged_message() {
     let mut acknowledged = Vec::new();
     let mut second = Vec::new();
     for n in 1..=300u32 {
+        if n == 50 || n == 100 {
+            // Samples for the checkpoint taken after what went before.
+            let ticks = metric(&a, "herald_cluster_checkpoints_total");
+            wait_until_blocking("two checkpoints on node a", || metric(&a, "herald_cluster_checkpoints_total") >= ticks + 2);
+        }
+        if n == 50 {
+            // Two readers go offline: node a queues for them what comes next.
+            for i in 0..2 {
+                let _ = first[i].child.kill();
+                let _ = first[i].child.wait();
+                early[i] = first[i].received_within(Duration::ZERO);
+            }
+        }
         if n == 100 {
+            // Node a has routed all 99 and taken two checkpoints since, and node b has its
+            // latest: the readers are read back from there, not from the start.
+            let received = metric(&a, "herald_cluster_received_total");
+            assert!(received >= 99, "node a received {received}");
+            let checkpoint = metric(&a, "herald_cluster_checkpoint");
+            assert!(checkpoint > 0, "node a's checkpoint moved");
+            wait_until_blocking("node b has node a's checkpoint", || {
+                http_json(http_addr(&b), "GET", "/api/v1/clients/reader-1", "").1["checkpoint"] == checkpoint
+            });
+            eprintln!("node a's checkpoint at the kill: {checkpoint} (stream sequences; 99 messages routed)");
             let _ = a.child.kill();
             let _ = a.child.wait();
             let killed_at = Instant::now();
@@ -655,10 +701,15 @@ async fn a_herald_node_killed_during_a_stream_loses_no_acknowledged_message() {
         );
         acknowledged.push(n);
     }
+    let taken = b.log_lines("session taken over from another node");
+    for line in &taken {
+        eprintln!("node b: {line}");
+    }
+    assert_eq!(taken.len(), ids.len(), "every reader's session was read back on node b");
     for (i, id) in ids.iter().enumerate() {
         let mut got: Vec<u32> = Vec::new();
         let parse = |l: &str| l.strip_prefix("news/stream ").and_then(|n| n.parse::<u32>().ok());
-        got.extend(first[i].received_within(Duration::ZERO).iter().filter_map(|l| parse(l)));
+        got.extend(early[i].iter().chain(&first[i].received_within(Duration::ZERO)).filter_map(|l| parse(l)));
         let deadline = Instant::now() + PATIENCE;
         loop {
             let missing: Vec<u32> = acknowledged.iter().copied().filter(|n| !got.contains(n)).collect();
@@ -670,4 +721,5 @@ async fn a_herald_node_killed_during_a_stream_loses_no_acknowledged_message() {
         }
         eprintln!("{id}: {} received for {} acknowledged ({} duplicates)", got.len(), acknowledged.len(), got.len() - acknowledged.len());
     }
+
 }

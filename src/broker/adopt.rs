@@ -86,6 +86,7 @@ impl Broker {
                 if !holder_alive {
                     link.forget_record(client_id, &holder);
                 }
+                link.figures.adopted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 info!(
                     client_id,
                     from = holder.as_str(),

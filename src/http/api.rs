@@ -374,6 +374,8 @@ fn get_client(broker: &Broker, client_id: &str) -> Response {
                 &json!({
                     "client_id": client_id,
                     "node": node,
+                    // Where this node would read the session back from, were that node dead.
+                    "checkpoint": broker.cluster().and_then(|link| link.checkpoint_of(&node)),
                     "persistent": true,
                     "session_expiry_interval": entry.expiry,
                     "subscriptions": filters.len(),

@@ -85,6 +85,7 @@ pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound) {
                     };
                     if let Ok(info) = m.info() {
                         link.processed_up_to(info.stream_sequence);
+                        link.figures.log_lag.store(info.pending, std::sync::atomic::Ordering::Relaxed);
                     }
                     if acks.send((ticket, m)).await.is_err() {
                         break;
