@@ -93,7 +93,11 @@ pub struct Link {
     /// Retained messages (an empty payload: removed) for the bucket, in order.
     retained: mpsc::Sender<(String, Option<Bytes>)>,
     appends: Mutex<Appends>,
+    /// The highest ticket settled: acknowledged by JetStream (with every one before it, up to
+    /// `acknowledged`) or given up on after `hold`.
     replicated: watch::Sender<u64>,
+    acknowledged: AtomicU64,
+    hold: Duration,
     pub figures: LinkFigures,
     js: jetstream::Context,
     stream: String,
@@ -112,6 +116,9 @@ pub struct Link {
 struct Appends {
     next: u64,
     tx: mpsc::Sender<(u64, Bytes)>,
+    /// When each unsettled ticket was handed over, oldest first: what `cluster.hold_secs`
+    /// counts from.
+    since: VecDeque<(u64, tokio::time::Instant)>,
 }
 
 /// What the other nodes send this one, for `server::cluster` to route.
@@ -250,8 +257,10 @@ impl Link {
             qos0,
             claims,
             retained,
-            appends: Mutex::new(Appends { next: 1, tx }),
+            appends: Mutex::new(Appends { next: 1, tx, since: VecDeque::new() }),
             replicated,
+            acknowledged: AtomicU64::new(0),
+            hold: Duration::from_secs(config.hold_secs),
             figures: LinkFigures::default(),
             js: js.clone(),
             stream: config.stream.clone(),
@@ -308,6 +317,7 @@ impl Link {
         match appends.tx.try_send((ticket, payload)) {
             Ok(()) => {
                 appends.next += 1;
+                appends.since.push_back((ticket, tokio::time::Instant::now()));
                 Forward::Ticket(ticket)
             }
             Err(_) => Forward::Full,
@@ -345,8 +355,8 @@ impl Link {
         let _ = self.claims.try_send(Bytes::from(payload));
     }
 
-    /// Follows the highest ticket whose message, and every one before it, JetStream has
-    /// acknowledged.
+    /// Follows the highest settled ticket: JetStream acknowledged its message and every one
+    /// before it (`is_replicated`), or the node gave up waiting (`cluster.hold_secs`).
     pub fn replicated(&self) -> watch::Receiver<u64> {
         self.replicated.subscribe()
     }
@@ -354,11 +364,50 @@ impl Link {
     /// Appends handed to JetStream and not yet acknowledged.
     pub fn pending(&self) -> u64 {
         let next = self.appends.lock().expect("appends lock").next;
-        (next - 1).saturating_sub(*self.replicated.borrow())
+        (next - 1).saturating_sub(self.acknowledged.load(Ordering::Acquire))
     }
 
+    /// Whether JetStream acknowledged the message of `ticket` (and every one before it).
     pub fn is_replicated(&self, ticket: u64) -> bool {
-        *self.replicated.borrow() >= ticket
+        self.acknowledged.load(Ordering::Acquire) >= ticket
+    }
+
+    /// JetStream acknowledged every ticket up to `ticket`.
+    fn acknowledge(&self, ticket: u64) {
+        self.acknowledged.fetch_max(ticket, Ordering::AcqRel);
+        let mut appends = self.appends.lock().expect("appends lock");
+        while appends.since.front().is_some_and(|(t, _)| *t <= ticket) {
+            appends.since.pop_front();
+        }
+        drop(appends);
+        self.replicated.send_if_modified(|r| std::mem::replace(r, (*r).max(ticket)) < ticket);
+    }
+
+    /// Gives up on the tickets handed over more than `hold` ago: their publishers are told
+    /// (5.0: reason 0x80; 3.1.1: closed without an acknowledgement). Their appends go on being
+    /// tried, so such a message may still reach the other nodes once NATS is back; it was never
+    /// acknowledged, and its publisher may send it again (a duplicate, allowed at QoS 1).
+    fn give_up_on_old(&self) {
+        let now = tokio::time::Instant::now();
+        let mut refused = 0;
+        {
+            let mut appends = self.appends.lock().expect("appends lock");
+            while let Some(&(t, at)) = appends.since.front() {
+                if now.duration_since(at) < self.hold {
+                    break;
+                }
+                refused = t;
+                appends.since.pop_front();
+            }
+        }
+        if refused > 0 {
+            warn!(
+                up_to_ticket = refused,
+                hold_secs = self.hold.as_secs(),
+                "NATS has not taken QoS 1/2 messages in time: their publishers are refused"
+            );
+            self.replicated.send_if_modified(|r| std::mem::replace(r, (*r).max(refused)) < refused);
+        }
     }
 
     /// The stream message `seq` is routed here (this node's own, skipped, included).
@@ -604,7 +653,7 @@ fn hex(bytes: &[u8]) -> String {
 
 fn unhex(hex: &str) -> Option<Vec<u8>> {
     let hex = hex.as_bytes();
-    if hex.len() % 2 != 0 {
+    if !hex.len().is_multiple_of(2) {
         return None;
     }
     hex.chunks(2).map(|pair| u8::from_str_radix(std::str::from_utf8(pair).ok()?, 16).ok()).collect()
@@ -759,15 +808,17 @@ async fn append(link: Arc<Link>, js: jetstream::Context, mut rx: mpsc::Receiver<
     };
     let mut waiting: VecDeque<(u64, Bytes, AckFuture)> = VecDeque::new();
     let mut open = true;
+    let mut check = tokio::time::interval(RETRY_AFTER);
     while open || !waiting.is_empty() {
         tokio::select! {
             biased;
+            _ = check.tick(), if !waiting.is_empty() => link.give_up_on_old(),
             result = async { (&mut waiting.front_mut().expect("not empty").2).await }, if !waiting.is_empty() => {
                 match result {
                     Ok(()) => {
                         let (ticket, _, _) = waiting.pop_front().expect("not empty");
                         link.figures.appended.fetch_add(1, Ordering::Relaxed);
-                        link.replicated.send_replace(ticket);
+                        link.acknowledge(ticket);
                     }
                     Err(e) => {
                         link.figures.append_retries.fetch_add(1, Ordering::Relaxed);

@@ -81,6 +81,14 @@ pub struct ClusterConfig {
     /// finds this many waiting is refused (5.0: 0x97) rather than queued without bound.
     #[serde(default = "default_cluster_max_pending")]
     pub max_pending: usize,
+    /// How long a QoS 1 or 2 PUBLISH waits for JetStream while NATS is unreachable before its
+    /// publisher is refused (5.0: 0x80; 3.1.1: disconnected without an acknowledgement).
+    #[serde(default = "default_cluster_hold_secs")]
+    pub hold_secs: u64,
+}
+
+fn default_cluster_hold_secs() -> u64 {
+    10
 }
 
 fn default_cluster_stream() -> String {
@@ -656,6 +664,9 @@ impl Config {
             }
             if !(1..=5).contains(&c.replicas) {
                 return invalid("cluster.replicas", "must be between 1 and 5 (JetStream's limit)");
+            }
+            if c.hold_secs == 0 {
+                return invalid("cluster.hold_secs", "must be at least 1");
             }
             if c.max_pending == 0 {
                 return invalid("cluster.max_pending", "must be at least 1");

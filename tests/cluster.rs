@@ -290,12 +290,13 @@ fn messages_cross_nodes_at_every_qos_and_wildcard() {
 /// A QoS 1 PUBLISH is acknowledged only once JetStream has it: with every NATS server down the
 /// PUBACK is held (never sent for a message the cluster does not have), QoS 0 between clients of
 /// one node keeps flowing, and once NATS is back the PUBACK is sent and the message reaches the
-/// other node.
+/// other node. A node whose `hold_secs` runs out first refuses instead: a 5.0 publisher gets
+/// PUBACK 0x80 [MQTT-3.4.2.1], a 3.1.1 publisher is disconnected without a PUBACK.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_puback_waits_for_jetstream_and_local_qos0_flows_without_nats() {
     let mut nats = NatsCluster::start();
-    let a = Node::start("herald-a", &nats);
-    let b = Node::start("herald-b", &nats);
+    let a = Node::start_with("herald-a", &nats, "hold_secs = 120\n");
+    let b = Node::start_with("herald-b", &nats, "hold_secs = 3\n");
     let (mut far, _) = RawClient::connect(b.addr(), connect_packet(ProtocolVersion::V5, "far", true)).await;
     far.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
     expect_suback(&mut far).await;
@@ -320,9 +321,24 @@ async fn a_puback_waits_for_jetstream_and_local_qos0_flows_without_nats() {
         nats.kill(i);
     }
     publisher.send(&publish("news/a", b"held", QoS::AtLeastOnce, 2)).await;
+    let (mut refused5, _) = RawClient::connect(b.addr(), connect_packet(ProtocolVersion::V5, "refused5", true)).await;
+    let (mut refused3, _) =
+        RawClient::connect(b.addr(), connect_packet(ProtocolVersion::V3_1_1, "refused3", true)).await;
+    let outage = Instant::now();
+    refused5.send(&publish("news/b", b"refused", QoS::AtLeastOnce, 7)).await;
+    refused3.send(&publish("news/b", b"refused", QoS::AtLeastOnce, 8)).await;
     publisher.expect_silence(Duration::from_secs(2)).await;
     publisher.send(&publish("local/x", b"still flowing", QoS::AtMostOnce, 0)).await;
     assert_eq!(&expect_publish(&mut near).await.payload[..], b"still flowing");
+    let ack = refused5.recv_within(PATIENCE).await;
+    assert!(
+        matches!(ack, Ok(Some(Packet::PubAck(ref a))) if a.packet_id == 7 && a.reason == ReasonCode::UNSPECIFIED_ERROR),
+        "{ack:?}"
+    );
+    eprintln!("5.0 publisher refused {:?} after the outage began (hold_secs = 3)", outage.elapsed());
+    assert!(outage.elapsed() >= Duration::from_secs(3), "refused before hold_secs ran out");
+    let closed = refused3.recv_within(PATIENCE).await;
+    assert!(matches!(closed, Ok(None)), "3.1.1 publisher: closed without a PUBACK, got {closed:?}");
 
     for i in 0..3 {
         nats.restart(i);
@@ -346,7 +362,12 @@ async fn a_puback_waits_for_jetstream_and_local_qos0_flows_without_nats() {
         if &p.payload[..] == b"held" {
             break;
         }
-        assert_eq!(&p.payload[..], b"before", "only a duplicate of the first may come before it");
+        // Refused is not undone: node b routed those to its own subscriber at once (and may
+        // still append them once NATS is back; their publishers were never acknowledged).
+        assert!(
+            [&b"before"[..], b"refused"].contains(&&p.payload[..]),
+            "only a duplicate of the first or a refused one may come before it: {p:?}"
+        );
     }
     eprintln!("delivered on the other node {:?} after NATS came back", back.elapsed());
     drop((a, b));
@@ -612,7 +633,12 @@ async fn a_session_resumes_on_another_node_with_its_queue() {
         status == 200 && body["filters"] == serde_json::json!(["news/#"])
     })
     .await;
-    phone.send(&Packet::Disconnect(herald::codec::Disconnect { reason: ReasonCode::SUCCESS, properties: Default::default() })).await;
+    phone
+        .send(&Packet::Disconnect(herald::codec::Disconnect {
+            reason: ReasonCode::SUCCESS,
+            properties: Default::default(),
+        }))
+        .await;
     drop(phone);
     wait_until_blocking("the session is parked on node a", || {
         http_json(http_addr(&a), "GET", "/api/v1/clients/phone", "").1["connected"] == false
@@ -628,7 +654,10 @@ async fn a_session_resumes_on_another_node_with_its_queue() {
     assert!(ack.session_present, "[MQTT-3.2.2-3] the session resumed on node b");
     for n in 1..=3 {
         let p = expect_publish(&mut phone).await;
-        assert_eq!((p.topic.as_str(), &p.payload[..]), (format!("news/{n}").as_str(), format!("queued {n}").as_bytes()));
+        assert_eq!(
+            (p.topic.as_str(), &p.payload[..]),
+            (format!("news/{n}").as_str(), format!("queued {n}").as_bytes())
+        );
         phone.send(&Packet::PubAck(PubResponse::new(p.packet_id, ReasonCode::SUCCESS))).await;
     }
     // Its subscription holds on node b, for what node a's publishers send.
@@ -665,7 +694,9 @@ async fn a_herald_node_killed_during_a_stream_loses_no_acknowledged_message() {
         if n == 50 || n == 100 {
             // Samples for the checkpoint taken after what went before.
             let ticks = metric(&a, "herald_cluster_checkpoints_total");
-            wait_until_blocking("two checkpoints on node a", || metric(&a, "herald_cluster_checkpoints_total") >= ticks + 2);
+            wait_until_blocking("two checkpoints on node a", || {
+                metric(&a, "herald_cluster_checkpoints_total") >= ticks + 2
+            });
         }
         if n == 50 {
             // Two readers go offline: node a queues for them what comes next.
@@ -719,7 +750,11 @@ async fn a_herald_node_killed_during_a_stream_loses_no_acknowledged_message() {
             assert!(Instant::now() < deadline, "{id}: acknowledged and never delivered: {missing:?}");
             got.extend(second[i].received_within(Duration::from_millis(100)).iter().filter_map(|l| parse(l)));
         }
-        eprintln!("{id}: {} received for {} acknowledged ({} duplicates)", got.len(), acknowledged.len(), got.len() - acknowledged.len());
+        eprintln!(
+            "{id}: {} received for {} acknowledged ({} duplicates)",
+            got.len(),
+            acknowledged.len(),
+            got.len() - acknowledged.len()
+        );
     }
-
 }

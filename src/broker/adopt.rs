@@ -39,7 +39,13 @@ impl Broker {
             Ok(reply) => (reply.checkpoint, true),
             Err(why) => {
                 let checkpoint = link.checkpoint_of(&holder).unwrap_or(0);
-                warn!(client_id, node = holder.as_str(), reason = why.as_str(), checkpoint, "the node holding this session does not answer: reading it back from its last checkpoint");
+                warn!(
+                    client_id,
+                    node = holder.as_str(),
+                    reason = why.as_str(),
+                    checkpoint,
+                    "the node holding this session does not answer: reading it back from its last checkpoint"
+                );
                 (checkpoint, false)
             }
         };

@@ -209,8 +209,7 @@ impl Floors {
             (None, Some(&(s, _))) => s,
             (_, None) => return self.base.min(processed),
         };
-        let mut floor =
-            self.samples.iter().rev().find(|(seq, _)| *seq <= cutoff).map_or(self.base, |&(_, w)| w);
+        let mut floor = self.samples.iter().rev().find(|(seq, _)| *seq <= cutoff).map_or(self.base, |&(_, w)| w);
         for &(end, pinned) in self.pins.values() {
             if cutoff <= end {
                 floor = floor.min(pinned);

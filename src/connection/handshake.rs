@@ -218,7 +218,11 @@ impl Handshake {
         if !c.clean_start && broker.cluster().is_some() {
             // A session another node holds comes here first (docs/cluster.md).
             if let Err(why) = broker.adopt(&client_id).await {
-                warn!(client_id = client_id.as_str(), reason = why.as_str(), "the session held by another node could not be taken over");
+                warn!(
+                    client_id = client_id.as_str(),
+                    reason = why.as_str(),
+                    "the session held by another node could not be taken over"
+                );
                 let code = if v5 { ReasonCode::SERVER_UNAVAILABLE } else { ReasonCode::V3_SERVER_UNAVAILABLE };
                 refuse(&mut self.io.out, code);
                 return Err(Close::Refused("the session could not be taken over from another node"));
@@ -250,7 +254,11 @@ impl Handshake {
         if let Some(link) = broker.cluster() {
             link.claimed(&client_id, c.clean_start);
             if session_expiry > 0 {
-                link.record_session(&client_id, session_expiry, crate::cluster::sessions::entry_subscriptions(&claimed.state.subscriptions));
+                link.record_session(
+                    &client_id,
+                    session_expiry,
+                    crate::cluster::sessions::entry_subscriptions(&claimed.state.subscriptions),
+                );
             }
         }
         let held = Held { shared: claimed.shared, state: claimed.state };

@@ -50,6 +50,9 @@ pub enum Close {
     WriteStalled,
     /// A 3.1.1 client published normal traffic in degraded mode (5.0 gets PUBACK 0x97).
     Overloaded,
+    /// Cluster mode: a 3.1.1 client's QoS 1/2 message that JetStream did not take within
+    /// `cluster.hold_secs` (3.1.1 has no negative acknowledgement).
+    ClusterUnavailable,
 }
 
 impl Close {
@@ -82,6 +85,7 @@ impl Close {
             Close::Refused(why) => format!("refused: {why}"),
             Close::WriteStalled => "client stopped reading; its outbound buffer stayed full".into(),
             Close::Overloaded => "degraded mode: a normal-priority QoS 1/2 PUBLISH from a 3.1.1 client".into(),
+            Close::ClusterUnavailable => "NATS did not take a QoS 1/2 message within cluster.hold_secs".into(),
         }
     }
 }
@@ -389,9 +393,9 @@ impl Connection {
             }
         };
         loop {
-            self.release_acks();
+            let released = self.release_acks();
             self.drain_deliveries();
-            if let Err(close) = self.write_some() {
+            if let Err(close) = released.and_then(|()| self.write_some()) {
                 if counted {
                     gauge(&self.broker, false);
                 }
@@ -498,9 +502,9 @@ impl Connection {
         let hibernate_after = self.broker.config().mqtt.hibernate_after_ms;
         let hibernate_after = (hibernate_after > 0).then(|| Duration::from_millis(hibernate_after));
         loop {
-            self.release_acks();
+            let released = self.release_acks();
             self.drain_deliveries();
-            if let Err(close) = self.write_some() {
+            if let Err(close) = released.and_then(|()| self.write_some()) {
                 return Run::Closed(close);
             }
             if !self.flow.blocked.is_empty() {
@@ -761,19 +765,38 @@ impl Connection {
         self.flow.acks.push_back((ticket, replicated, ack));
     }
 
-    fn release_acks(&mut self) {
-        let Some(committed) = &mut self.flow.committed else { return };
+    fn release_acks(&mut self) -> Step {
+        let Some(committed) = &mut self.flow.committed else { return Ok(()) };
         let upto = *committed.borrow_and_update();
-        // Entries wait for a cluster ticket only once `replicated` follows it.
-        let replicated = self.flow.replicated.as_mut().map_or(0, |r| *r.borrow_and_update());
-        while self.flow.acks.front().is_some_and(|(t, r, _)| *t <= upto && *r <= replicated) {
-            let (_, _, ack) = self.flow.acks.pop_front().expect("front exists");
+        // Entries wait for a cluster ticket only once `replicated` follows it: the ticket is
+        // settled, JetStream acknowledged it or the node gave up on it (`cluster.hold_secs`).
+        let settled = self.flow.replicated.as_mut().map_or(0, |r| *r.borrow_and_update());
+        while self.flow.acks.front().is_some_and(|(t, r, _)| *t <= upto && *r <= settled) {
+            let (_, replicated, mut ack) = self.flow.acks.pop_front().expect("front exists");
+            if replicated > 0 && !self.broker.cluster().is_some_and(|l| l.is_replicated(replicated)) {
+                // Never acknowledged as if the cluster had it: 5.0 hears why, 3.1.1 is closed
+                // without an acknowledgement and sends the message again when it reconnects.
+                self.broker.metrics().cluster_refused.fetch_add(1, Ordering::Relaxed);
+                if !self.io.out.version.is_v5() {
+                    return Err(Close::ClusterUnavailable);
+                }
+                match &mut ack {
+                    Packet::PubAck(r) => r.reason = ReasonCode::UNSPECIFIED_ERROR,
+                    Packet::PubRec(r) => {
+                        r.reason = ReasonCode::UNSPECIFIED_ERROR;
+                        // A PUBREC with an error ends the exchange [MQTT-4.3.3]: the identifier is free.
+                        self.session.state.incoming_qos2.remove(&r.packet_id);
+                    }
+                    _ => {}
+                }
+            }
             self.io.out.packet(&ack);
         }
         if self.flow.acks.is_empty() {
             self.flow.committed = None;
             self.flow.replicated = None;
         }
+        Ok(())
     }
 
     /// Commits store writes for this connection's session, if it is persistent.
