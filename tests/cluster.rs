@@ -758,3 +758,108 @@ async fn a_herald_node_killed_during_a_stream_loses_no_acknowledged_message() {
         );
     }
 }
+
+/// What a subscription asks for holds when the message comes from another node:
+/// [MQTT-3.3.4-3] its subscription identifier, [MQTT-3.8.3-3] no local (the publisher's own
+/// subscription gets nothing, another node's subscriber does), [MQTT-3.3.2-6] the expiry
+/// interval left, [MQTT-3.3.2-5] an expired message is not sent to a session that comes back
+/// late, [MQTT-3.3.2-12] a topic alias stays on its connection (the other node sends the
+/// topic), and [MQTT-4.7.2-1] `#` does not match a `$` topic while `$app/#` does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscription_options_expiry_aliases_and_dollar_topics_hold_across_nodes() {
+    let nats = NatsCluster::start();
+    let a = Node::start_with("herald-a", &nats, "[http]\nbind = \"127.0.0.1:0\"\n");
+    let b = Node::start_with("herald-b", &nats, "[http]\nbind = \"127.0.0.1:0\"\n");
+
+    // On node b: `#` with identifier 7, and `$app/#`.
+    let (mut reader, _) = RawClient::connect(b.addr(), connect_packet(ProtocolVersion::V5, "reader", true)).await;
+    let mut sub = herald::codec::Subscribe {
+        packet_id: 1,
+        properties: Default::default(),
+        filters: vec![("#".into(), herald::codec::SubscriptionOptions { qos: QoS::AtLeastOnce, ..Default::default() })],
+    };
+    sub.properties.subscription_identifiers = vec![7];
+    reader.send(&Packet::Subscribe(sub)).await;
+    expect_suback(&mut reader).await;
+    let (mut dollar, _) = RawClient::connect(b.addr(), connect_packet(ProtocolVersion::V5, "dollar", true)).await;
+    dollar.send(&subscribe(1, "$app/#", QoS::AtLeastOnce)).await;
+    expect_suback(&mut dollar).await;
+    // A persistent session on node b, offline, for the expiry check.
+    let (mut late, _) = RawClient::connect(b.addr(), persistent("late", true)).await;
+    late.send(&subscribe(1, "expiring/#", QoS::AtLeastOnce)).await;
+    expect_suback(&mut late).await;
+    drop(late);
+
+    // On node a: the publisher subscribes to its own topics with no local.
+    let (mut editor, connack) = RawClient::connect(a.addr(), connect_packet(ProtocolVersion::V5, "editor", true)).await;
+    assert!(connack.properties.topic_alias_maximum.unwrap_or(0) >= 1, "node a accepts topic aliases");
+    editor
+        .send(&Packet::Subscribe(herald::codec::Subscribe {
+            packet_id: 1,
+            properties: Default::default(),
+            filters: vec![(
+                "news/#".into(),
+                herald::codec::SubscriptionOptions { qos: QoS::AtLeastOnce, no_local: true, ..Default::default() },
+            )],
+        }))
+        .await;
+    expect_suback(&mut editor).await;
+    let ack = |packet_id| Packet::PubAck(PubResponse::new(packet_id, ReasonCode::SUCCESS));
+
+    // With an expiry interval and a topic alias set by this PUBLISH.
+    let mut first = publish_msg("news/aliased", b"one", QoS::AtLeastOnce, 1);
+    first.properties.message_expiry_interval = Some(600);
+    first.properties.topic_alias = Some(1);
+    editor.send(&Packet::Publish(first)).await;
+    assert!(matches!(editor.recv_within(PATIENCE).await, Ok(Some(Packet::PubAck(_)))));
+    // The alias alone, empty topic [MQTT-3.3.2-12]... on node a's connection only.
+    let mut second = publish_msg("", b"two", QoS::AtLeastOnce, 2);
+    second.properties.topic_alias = Some(1);
+    editor.send(&Packet::Publish(second)).await;
+    assert!(matches!(editor.recv_within(PATIENCE).await, Ok(Some(Packet::PubAck(_)))));
+    for payload in [&b"one"[..], b"two"] {
+        let p = expect_publish(&mut reader).await;
+        assert_eq!((p.topic.as_str(), &p.payload[..]), ("news/aliased", payload), "node b sends the topic");
+        assert_eq!(p.properties.subscription_identifiers, vec![7], "[MQTT-3.3.4-3]");
+        assert_eq!(p.properties.topic_alias, None, "aliases are per connection");
+        if payload == b"one" {
+            let left = p.properties.message_expiry_interval.expect("[MQTT-3.3.2-6] the expiry travels");
+            assert!((590..=600).contains(&left), "expiry left {left}");
+        }
+        reader.send(&ack(p.packet_id)).await;
+    }
+    // No local: the editor's own messages never came back to it.
+    editor.expect_silence(Duration::from_millis(300)).await;
+
+    // `$app/...`: not through `#`, only through `$app/#`.
+    editor.send(&publish("$app/status", b"up", QoS::AtLeastOnce, 3)).await;
+    assert!(matches!(editor.recv_within(PATIENCE).await, Ok(Some(Packet::PubAck(_)))));
+    let p = expect_publish(&mut dollar).await;
+    assert_eq!((p.topic.as_str(), &p.payload[..]), ("$app/status", &b"up"[..]));
+    dollar.send(&ack(p.packet_id)).await;
+
+    // Expired while its session was away: not sent when it comes back [MQTT-3.3.2-5].
+    let mut expiring = publish_msg("expiring/x", b"gone", QoS::AtLeastOnce, 4);
+    expiring.properties.message_expiry_interval = Some(1);
+    editor.send(&Packet::Publish(expiring)).await;
+    assert!(matches!(editor.recv_within(PATIENCE).await, Ok(Some(Packet::PubAck(_)))));
+    editor.send(&publish("expiring/y", b"kept", QoS::AtLeastOnce, 5)).await;
+    assert!(matches!(editor.recv_within(PATIENCE).await, Ok(Some(Packet::PubAck(_)))));
+    wait_until_blocking("node b queued both for the late session", || {
+        http_json(http_addr(&b), "GET", "/api/v1/clients/late", "").1["queued"] == 2
+    });
+    tokio::time::sleep(Duration::from_millis(2100)).await; // the expiry is the thing under test
+    let (mut late, connack) = RawClient::connect(b.addr(), persistent("late", false)).await;
+    assert!(connack.session_present);
+    let p = expect_publish(&mut late).await;
+    assert_eq!(&p.payload[..], b"kept", "the expired message was dropped");
+    late.send(&ack(p.packet_id)).await;
+    late.expect_silence(Duration::from_millis(300)).await;
+    // And `#` on node b saw neither `$app/status` nor anything else out of place.
+    for payload in [&b"gone"[..], b"kept"] {
+        let p = expect_publish(&mut reader).await;
+        assert_eq!(&p.payload[..], payload);
+        reader.send(&ack(p.packet_id)).await;
+    }
+    reader.expect_silence(Duration::from_millis(300)).await;
+}
