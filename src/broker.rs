@@ -65,6 +65,8 @@ pub struct Broker {
     degraded: std::sync::atomic::AtomicBool,
     /// Cluster mode's link to NATS (docs/cluster.md), set once before the listeners start.
     cluster: std::sync::OnceLock<Arc<crate::cluster::Link>>,
+    /// Cluster mode: shared groups getting a member here, for `server::cluster` to read.
+    shared_joins: std::sync::OnceLock<tokio::sync::mpsc::Sender<(String, String)>>,
 }
 
 /// Where undelivered messages are announced.
@@ -218,6 +220,7 @@ impl Broker {
             high_priority,
             degraded: std::sync::atomic::AtomicBool::new(false),
             cluster: std::sync::OnceLock::new(),
+            shared_joins: std::sync::OnceLock::new(),
         });
         let weak = Arc::downgrade(&broker);
         broker.registry.set_prepare(Arc::new(move |m| {
@@ -246,6 +249,7 @@ impl Broker {
     }
 
     pub fn set_cluster(&self, link: Arc<crate::cluster::Link>) {
+        self.router.set_shared_elsewhere();
         self.registry.set_cluster(link.clone());
         let _ = self.cluster.set(link);
     }
@@ -643,23 +647,57 @@ impl Broker {
     /// subscriber marked congested (it kept its queue full for longer than a publisher may wait)
     /// is not waited for.
     pub fn route(&self, message: Arc<Message>, can_wait: bool) -> RouteOutcome {
-        self.route_to(message, can_wait, None)
+        self.route_to(message, can_wait, None, None)
     }
 
-    /// Routes a message to every matching session or, with `only`, to that session alone (a
-    /// session read back from the cluster's stream: the retained tree is not touched).
-    fn route_to(&self, message: Arc<Message>, can_wait: bool, only: Option<u64>) -> RouteOutcome {
+    /// Cluster mode: delivers a message taken from shared group `group` of `filter` to one member
+    /// of the group on this node; None when the group has no member here (any more).
+    pub fn deliver_shared(&self, message: Arc<Message>, group: &str, filter: &str) -> Option<RouteOutcome> {
+        let target = self.router.pick_shared(group, filter)?;
+        Some(self.route_to(message, false, None, Some(Arc::new(vec![target]))))
+    }
+
+    /// Whether shared group `group` of `filter` has a member on this node.
+    pub fn has_shared_member(&self, group: &str, filter: &str) -> bool {
+        self.router.pick_shared(group, filter).is_some()
+    }
+
+    /// Cluster mode: the shared groups this node has members of, as (group, filter), and a way
+    /// to hear of the ones that get their first member later (`subscribe`).
+    pub fn follow_shared_groups(&self, joins: tokio::sync::mpsc::Sender<(String, String)>) -> Vec<(String, String)> {
+        let _ = self.shared_joins.set(joins);
+        self.router
+            .filters()
+            .into_iter()
+            .filter_map(|(f, _)| {
+                let parsed = crate::topic::parse_filter(&f).ok()?;
+                Some((parsed.share?.to_owned(), parsed.filter.to_owned()))
+            })
+            .collect()
+    }
+
+    /// Routes a message to every matching session; with `only`, to that session alone (a
+    /// session read back from the cluster's stream); with `given`, to those targets (a shared
+    /// group's member). Only a message routed to every matching session touches the retained
+    /// tree.
+    fn route_to(
+        &self,
+        message: Arc<Message>,
+        can_wait: bool,
+        only: Option<u64>,
+        given: Option<Arc<Vec<crate::router::Target<Arc<SessionShared>>>>>,
+    ) -> RouteOutcome {
         let mut txn = Txn::default();
         // `$SYS` updates are the broker's own: not counted as received, and their retained
         // values are not stored (they would be stale after a restart anyway).
         let sys = crate::topic::is_sys(&message.topic);
-        if message.retain && only.is_none() {
+        if message.retain && only.is_none() && given.is_none() {
             if !sys {
                 txn.set_retained(&message);
             }
             self.retained.write().expect("retained lock").set(message.clone());
         }
-        let targets = self.router.matches(&message.topic);
+        let targets = given.unwrap_or_else(|| self.router.matches(&message.topic));
         message.fanout.store(targets.len(), std::sync::atomic::Ordering::Relaxed);
         let high = self.is_high_priority(&message.topic);
         if high {
@@ -815,6 +853,16 @@ impl Broker {
 
     /// Adds a subscription to the tree; returns whether the session already had that filter.
     pub fn subscribe(&self, filter: &ParsedFilter<'_>, sub: Subscription) -> bool {
+        if let (Some(group), Some(joins)) = (filter.share, self.shared_joins.get()) {
+            // Cluster mode: the group's messages come from the cluster (`server::cluster`).
+            if joins.try_send((group.to_owned(), filter.filter.to_owned())).is_err() {
+                tracing::warn!(
+                    group,
+                    filter = filter.filter,
+                    "too many shared groups joining at once: this one waits for its next member"
+                );
+            }
+        }
         self.router.subscribe(filter, sub)
     }
 

@@ -517,6 +517,40 @@ impl Link {
         }
     }
 
+    /// What shared group `group` of `filter` takes from the cluster, one delivery per group:
+    /// the stream through a durable consumer every node with members pulls from (JetStream
+    /// hands each message to one of them), and QoS 0 through a queue subscription (NATS hands
+    /// each to one subscriber of the queue group). Every node's messages, this one's included.
+    pub async fn shared_inbound(
+        &self,
+        group: &str,
+        filter: &str,
+        max_pending: usize,
+    ) -> Result<(jetstream::consumer::pull::Stream, async_nats::Subscriber), String> {
+        let name = shared_consumer_name(group, filter);
+        let stream = self.js.get_stream(&self.stream).await.map_err(|e| e.to_string())?;
+        let consumer = stream
+            .get_or_create_consumer(
+                &name,
+                jetstream::consumer::pull::Config {
+                    durable_name: Some(name.clone()),
+                    deliver_policy: jetstream::consumer::DeliverPolicy::New,
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(30),
+                    max_ack_pending: max_pending as i64,
+                    filter_subject: LOG_SUBJECT.into(),
+                    // A group whose members all left goes away with its consumer.
+                    inactive_threshold: Duration::from_secs(3600),
+                    ..Default::default()
+                },
+            )
+            .await
+            .map_err(|e| format!("{name}: {e}"))?;
+        let log = follow(&consumer).await?;
+        let qos0 = self.client.queue_subscribe(QOS0_SUBJECT, name).await.map_err(|e| e.to_string())?;
+        Ok((log, qos0))
+    }
+
     /// Bodies numbered from now on hold messages as old as `floor` (a session read back from the
     /// stream), until `unpin` says where they end.
     pub fn pin(&self, floor: u64) -> u64 {
@@ -596,6 +630,17 @@ impl Link {
         headers.insert(NODE_HEADER, self.node.as_str());
         headers
     }
+}
+
+/// The durable consumer (and queue group) of a shared group: the same name on every node.
+/// FNV-1a of the group and filter: consumer names allow no `.`, `*`, `>` or whitespace, and a
+/// filter can be long.
+pub fn shared_consumer_name(group: &str, filter: &str) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in group.bytes().chain([0]).chain(filter.bytes()) {
+        hash = (hash ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("herald-share-{hash:016x}")
 }
 
 /// The node a message or claim came from (`NODE_HEADER`); empty when it carries none.

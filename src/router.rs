@@ -170,11 +170,14 @@ pub struct SubscriptionTree<S> {
     count: usize,
     /// Bumped by every change, so cached match results can tell they are stale.
     generation: u64,
+    /// Cluster mode: shared groups take their messages from the cluster (`pick_shared`), one
+    /// delivery per group across the nodes; `matches` leaves them out.
+    shared_elsewhere: bool,
 }
 
 impl<S> Default for SubscriptionTree<S> {
     fn default() -> Self {
-        SubscriptionTree { root: Node::default(), count: 0, generation: 0 }
+        SubscriptionTree { root: Node::default(), count: 0, generation: 0, shared_elsewhere: false }
     }
 }
 
@@ -216,6 +219,21 @@ impl<S: Subscriber> Router<S> {
         for f in filters {
             tree.unsubscribe(&f, session_id);
         }
+    }
+
+    /// Cluster mode: shared groups are served through `pick_shared`, not `matches`.
+    pub fn set_shared_elsewhere(&self) {
+        let mut tree = self.tree.write().expect("router lock");
+        tree.shared_elsewhere = true;
+        tree.generation += 1;
+    }
+
+    /// See `SubscriptionTree::pick_shared`.
+    pub fn pick_shared(&self, group: &str, filter: &str) -> Option<Target<S>>
+    where
+        S: Clone,
+    {
+        self.tree.read().expect("router lock").pick_shared(group, filter)
     }
 
     /// The targets of a message on `topic` (from the cache when it is current).
@@ -320,6 +338,36 @@ impl<S: Subscriber> SubscriptionTree<S> {
         existed
     }
 
+    /// The next member of shared group `group` of `filter` (the filter as subscribed after
+    /// `$share/<group>/`), as a target; None when the group has no member here.
+    pub fn pick_shared(&self, group: &str, filter: &str) -> Option<Target<S>>
+    where
+        S: Clone,
+    {
+        let mut node = &self.root;
+        let mut at_hash = false;
+        for level in filter.split('/') {
+            if level == "#" {
+                at_hash = true;
+                break;
+            }
+            node = if level == "+" { node.plus.as_deref()? } else { node.literal.get(level)? };
+        }
+        let subs = node.subs.as_ref()?;
+        let group = if at_hash { subs.hash_shared.get(group)? } else { subs.exact_shared.get(group)? };
+        if group.members.is_empty() {
+            return None;
+        }
+        let sub = &group.members[group.next.fetch_add(1, Ordering::Relaxed) % group.members.len()];
+        Some(Target {
+            session: sub.session.clone(),
+            qos: sub.options.qos,
+            no_local: sub.options.no_local,
+            retain_as_published: sub.options.retain_as_published,
+            identifiers: sub.identifier.into_iter().collect(),
+        })
+    }
+
     /// Removes the session's subscription to the filter; returns whether there was one.
     pub fn unsubscribe(&mut self, filter: &ParsedFilter<'_>, session_id: u64) -> bool {
         let levels: Vec<&str> = filter.filter.split('/').collect();
@@ -340,6 +388,9 @@ impl<S: Subscriber> SubscriptionTree<S> {
         // [MQTT-4.7.2-1] a filter starting with a wildcard does not match a `$` topic.
         let dollar = topic.starts_with('$');
         collect(&self.root, &levels, 0, dollar, &mut found, &mut shared);
+        if self.shared_elsewhere {
+            shared.clear();
+        }
         let any_shared = !shared.is_empty();
         for group in shared {
             if group.members.is_empty() {

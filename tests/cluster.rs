@@ -863,3 +863,46 @@ async fn subscription_options_expiry_aliases_and_dollar_topics_hold_across_nodes
     }
     reader.expect_silence(Duration::from_millis(300)).await;
 }
+
+/// [MQTT-4.8.2-3] a shared subscription's group gets each message once across the cluster: two
+/// members on two nodes, messages at QoS 0 and 1 from a third; every message reaches exactly one
+/// of them, while an ordinary subscriber gets every message.
+#[test]
+fn a_shared_group_gets_each_message_once_across_nodes() {
+    let nats = NatsCluster::start();
+    let nodes: Vec<Node> = (1..=3).map(|i| Node::start(&format!("herald-{i}"), &nats)).collect();
+    let members = [
+        mosquitto_sub_as(&nodes[0], "$share/desk/news/#", 1, "desk-1", &["-V", "mqttv5"]),
+        mosquitto_sub_as(&nodes[1], "$share/desk/news/#", 1, "desk-2", &["-V", "mqttv5"]),
+    ];
+    let everything = mosquitto_sub(&nodes[1], "news/#", 1);
+    // A node reads a group from the cluster once it has a member (a few milliseconds after the
+    // first member's SUBACK; docs/cluster.md).
+    for node in &nodes[..2] {
+        wait_until_blocking("the node reads the group", || !node.log_lines("reading a shared group").is_empty());
+    }
+    let mut published = Vec::new();
+    for n in 0..40 {
+        let qos = (n % 2) as u8;
+        let payload = format!("story-{n}");
+        mosquitto_pub(&nodes[2], &format!("news/{n}"), &payload, qos);
+        published.push(payload);
+    }
+    let all = everything.received(40);
+    assert_eq!(all.len(), 40, "the ordinary subscriber gets every message");
+    let mut got: Vec<String> = Vec::new();
+    let deadline = Instant::now() + PATIENCE;
+    while got.len() < 40 && Instant::now() < deadline {
+        for m in &members {
+            got.extend(m.received_within(Duration::from_millis(50)).into_iter().filter(|l| !is_debug(l)));
+        }
+    }
+    for m in &members {
+        got.extend(m.received_within(Duration::from_millis(500)).into_iter().filter(|l| !is_debug(l)));
+    }
+    let mut payloads: Vec<String> = got.iter().filter_map(|l| l.split(' ').nth(1).map(str::to_owned)).collect();
+    payloads.sort();
+    let mut expected: Vec<String> = published.clone();
+    expected.sort();
+    assert_eq!(payloads, expected, "each message once across the group's members");
+}

@@ -80,7 +80,7 @@ impl Broker {
             let session = shared.id;
             let read = link
                 .replay(since, upto, |_, message| {
-                    self.route_to(Arc::new(message), false, Some(session));
+                    self.route_to(Arc::new(message), false, Some(session), None);
                 })
                 .await?;
             Ok::<_, String>((upto, read))

@@ -4,6 +4,7 @@
 //! sessions need of the message is in this node's store, so that a node that dies before that
 //! gets the message again from the stream when it restarts.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,16 +18,36 @@ use crate::cluster::{self, Inbound, Link};
 
 /// Stream messages routed here and waiting for this node's store before their JetStream ack.
 const ACKS_WAITING: usize = 1024;
+/// How often a shared group's reader looks whether the group still has members here.
+const SHARED_IDLE_CHECK: Duration = Duration::from_secs(5);
 /// How often the node's checkpoint is taken (and written to the directory when it moved).
 const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
 
-pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound) {
+/// Shared groups with members on this node: those at start, and those that get one later.
+pub struct SharedGroups {
+    pub now: Vec<(String, String)>,
+    pub joined: mpsc::Receiver<(String, String)>,
+}
+
+pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound, groups: SharedGroups) {
     let Inbound { mut qos0, mut claims, mut log, mut retained, mut directory, mut handovers, .. } = inbound;
     let (acks, waiting) = mpsc::channel(ACKS_WAITING);
     tokio::spawn(acknowledge(broker.clone(), waiting));
     tokio::spawn(checkpoints(broker.clone(), link.clone()));
+    let SharedGroups { now, mut joined } = groups;
+    let mut readers: HashMap<(String, String), tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut read_group = |key: (String, String)| {
+        if readers.get(&key).is_none_or(|r| r.is_finished()) {
+            let task = tokio::spawn(read_shared(broker.clone(), link.clone(), key.0.clone(), key.1.clone()));
+            readers.insert(key, task);
+        }
+    };
+    for key in now {
+        read_group(key);
+    }
     loop {
         tokio::select! {
+            Some(key) = joined.recv() => read_group(key),
             m = handovers.next() => match m {
                 Some(m) => {
                     let (broker, link) = (broker.clone(), link.clone());
@@ -144,4 +165,80 @@ async fn checkpoints(broker: Arc<Broker>, link: Arc<Link>) {
         let oldest = broker.store().oldest_body();
         link.checkpoint_tick(processed, next, oldest);
     }
+}
+
+/// Reads one shared group's messages from the cluster while it has members here: each message
+/// goes to one member on this node (`Broker::deliver_shared`), and a stream message is
+/// acknowledged once the store has what that member needs. When the last member here is gone
+/// the message in hand goes back to JetStream (another node's members get it) and reading stops;
+/// the next member to join starts it again.
+async fn read_shared(broker: Arc<Broker>, link: Arc<Link>, group: String, filter: String) {
+    use async_nats::jetstream::AckKind;
+    let max_pending = broker.config().cluster.as_ref().map_or(1024, |c| c.max_pending);
+    let (mut log, mut qos0) = match link.shared_inbound(&group, &filter, max_pending).await {
+        Ok(inbound) => inbound,
+        Err(e) => {
+            warn!(
+                group = group.as_str(),
+                filter = filter.as_str(),
+                error = e.as_str(),
+                "cannot read a shared group from the cluster"
+            );
+            return;
+        }
+    };
+    info!(group = group.as_str(), filter = filter.as_str(), "reading a shared group from the cluster");
+    let (acks, waiting) = mpsc::channel(ACKS_WAITING);
+    tokio::spawn(acknowledge(broker.clone(), waiting));
+    let mut idle = tokio::time::interval(SHARED_IDLE_CHECK);
+    let decode = |payload: &[u8]| {
+        crate::store::records::decode_message(payload).ok().filter(|m| crate::topic::filter_matches(&filter, &m.topic))
+    };
+    loop {
+        tokio::select! {
+            m = log.next() => match m {
+                Some(Ok(m)) => {
+                    let ticket = match decode(&m.payload) {
+                        Some(message) => match broker.deliver_shared(Arc::new(message), &group, &filter) {
+                            Some(outcome) => outcome.ticket,
+                            None => {
+                                let _ = m.ack_with(AckKind::Nak(None)).await;
+                                break;
+                            }
+                        },
+                        // Not for this group's filter: nothing to do but let it go.
+                        None => 0,
+                    };
+                    if acks.send((ticket, m)).await.is_err() {
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    warn!(error = %e, "reading a shared group from the cluster failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                None => break,
+            },
+            m = qos0.next() => match m {
+                Some(m) => {
+                    if let Some(message) = decode(&m.payload) {
+                        if broker.deliver_shared(Arc::new(message), &group, &filter).is_none() {
+                            break;
+                        }
+                    }
+                }
+                None => break,
+            },
+            _ = idle.tick() => {
+                if !broker.has_shared_member(&group, &filter) {
+                    break;
+                }
+            }
+        }
+    }
+    info!(
+        group = group.as_str(),
+        filter = filter.as_str(),
+        "no member of the shared group here any more: stopped reading it"
+    );
 }

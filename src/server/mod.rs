@@ -49,6 +49,10 @@ impl ServerError {
     }
 }
 
+/// Shared groups getting their first member here, waiting for `server::cluster` to start reading
+/// them (cluster mode).
+const SHARED_JOINS: usize = 1024;
+
 /// Opens the broker and rebuilds the retained messages and persistent sessions the store holds.
 pub fn open(config: Config) -> Result<Server, ServerError> {
     crate::logging::set_connection_lines_per_second(config.log.connection_lines_per_second);
@@ -85,7 +89,10 @@ pub async fn run(
                 broker.restore_retained(Arc::new(m));
             }
             broker.set_cluster(link.clone());
-            Some((link, inbound))
+            // Shared groups with members here (restored sessions' now, new ones as they come).
+            let (joins, joined) = tokio::sync::mpsc::channel(SHARED_JOINS);
+            let groups = broker.follow_shared_groups(joins);
+            Some((link, inbound, cluster::SharedGroups { now: groups, joined }))
         }
         None => None,
     };
@@ -117,8 +124,8 @@ pub async fn run(
         tasks.spawn(crate::sys::publish_loop(broker.clone()));
     }
     tasks.spawn(receipts::maintain(broker.clone()));
-    if let Some((link, inbound)) = inbound {
-        tasks.spawn(cluster::receive(broker.clone(), link, inbound));
+    if let Some((link, inbound, groups)) = inbound {
+        tasks.spawn(cluster::receive(broker.clone(), link, inbound, groups));
     }
     tasks.spawn(crate::pressure::monitor(broker.clone()));
     let webhook_events = broker.take_webhook_events();
