@@ -676,15 +676,15 @@ impl Broker {
             .collect()
     }
 
-    /// Routes a message to every matching session; with `only`, to that session alone (a
-    /// session read back from the cluster's stream); with `given`, to those targets (a shared
+    /// Routes a message to every matching session; with `only`, to the sessions it accepts
+    /// (sessions read back from the cluster's stream); with `given`, to those targets (a shared
     /// group's member). Only a message routed to every matching session touches the retained
     /// tree.
     fn route_to(
         &self,
         message: Arc<Message>,
         can_wait: bool,
-        only: Option<u64>,
+        only: Option<&dyn Fn(u64) -> bool>,
         given: Option<Arc<Vec<crate::router::Target<Arc<SessionShared>>>>>,
     ) -> RouteOutcome {
         let mut txn = Txn::default();
@@ -717,7 +717,7 @@ impl Broker {
             if t.no_local && message.publisher == Some(t.session.id) {
                 continue;
             }
-            if only.is_some_and(|id| id != t.session.id) {
+            if only.is_some_and(|only| !only(t.session.id)) {
                 continue;
             }
             outcome.matched += 1;

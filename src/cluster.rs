@@ -41,6 +41,8 @@ pub const RETAINED_SUBJECTS: &str = "herald.retained.>";
 /// The longest topic kept in the stream of retained messages: its subject holds the topic in
 /// hex, and NATS subjects stay well inside its 4 KiB control line.
 const MAX_RETAINED_TOPIC: usize = 1024;
+/// Core NATS subjects on which each node says it is alive, once a second: `herald.node.<node>`.
+pub const NODE_PREFIX: &str = "herald.node.";
 /// Header naming the node a message was published on.
 pub const NODE_HEADER: &str = "Herald-Node";
 /// How many appends wait for JetStream's acknowledgement at once.
@@ -111,6 +113,8 @@ pub struct Link {
     directory_out: mpsc::Sender<(String, Option<Bytes>)>,
     /// `since` of the sessions this node holds (`sessions::SessionEntry`).
     since: Mutex<HashMap<String, u64>>,
+    /// When each other node was last heard from (`alive`), and whether it was taken for dead.
+    nodes: Mutex<HashMap<String, (tokio::time::Instant, bool)>>,
 }
 
 struct Appends {
@@ -135,6 +139,8 @@ pub struct Inbound {
     pub directory: jetstream::consumer::pull::Stream,
     /// Other nodes asking this one to let go of a session.
     pub handovers: async_nats::Subscriber,
+    /// Every node saying it is alive.
+    pub alive: async_nats::Subscriber,
 }
 
 /// A message as another node published it.
@@ -246,6 +252,11 @@ impl Link {
             .await
             .map_err(|e| connect_error(e.to_string()))?;
         let (directory_out, directory_rx) = mpsc::channel(config.max_pending);
+        let alive = client.subscribe(format!("{NODE_PREFIX}*")).await.map_err(|e| connect_error(e.to_string()))?;
+        // The nodes the directory names count as heard from now: one that died before this node
+        // started is taken for dead once `dead_after_secs` pass without a word from it.
+        let now = tokio::time::Instant::now();
+        let known = directory.nodes().into_iter().filter(|n| *n != config.node).map(|n| (n, (now, false))).collect();
         let (qos0, qos0_rx) = mpsc::channel(config.max_pending);
         let (claims, claims_rx) = mpsc::channel(config.max_pending);
         let (retained, retained_rx) = mpsc::channel(config.max_pending);
@@ -270,6 +281,7 @@ impl Link {
             directory: Mutex::new(directory),
             directory_out,
             since: Mutex::default(),
+            nodes: Mutex::new(known),
         });
         tokio::spawn(send_core(link.clone(), QOS0_SUBJECT, qos0_rx));
         tokio::spawn(send_core(link.clone(), CLAIM_SUBJECT, claims_rx));
@@ -287,6 +299,7 @@ impl Link {
                 retained: retained_in,
                 directory: directory_in,
                 handovers,
+                alive,
             },
         ))
     }
@@ -466,7 +479,12 @@ impl Link {
     /// Writes this node's record of a persistent session it holds. `since` stays what it was
     /// when the session came to this node: its own directory record's, the one `adopted` gave,
     /// or, for a new session, the last stream message routed here.
-    pub fn record_session(&self, client_id: &str, expiry: u32, subscriptions: Vec<EntrySubscription>) {
+    pub fn record_session(
+        &self,
+        client_id: &str,
+        record: &records::SessionRecord,
+        subscriptions: Vec<EntrySubscription>,
+    ) {
         let since = {
             let mut since = self.since.lock().expect("since lock");
             *since.entry(client_id.to_owned()).or_insert_with(|| {
@@ -474,7 +492,12 @@ impl Link {
                 directory.own(client_id, &self.node).map_or_else(|| self.processed(), |e| e.since)
             })
         };
-        let entry = SessionEntry { since, expiry, subscriptions };
+        let entry = SessionEntry {
+            since,
+            expiry: record.expiry_interval,
+            subscriptions,
+            record: hex(&records::encode_session(record)),
+        };
         let value = Bytes::from(serde_json::to_vec(&entry).expect("a record serialises"));
         if self.directory_out.try_send((sessions::session_subject(client_id, &self.node), Some(value))).is_err() {
             warn!(client_id, "the directory's queue is full: this session's record is not written");
@@ -484,6 +507,52 @@ impl Link {
     /// A session read back from the stream here starts above `since`.
     pub fn adopted(&self, client_id: &str, since: u64) {
         self.since.lock().expect("since lock").insert(client_id.to_owned(), since);
+    }
+
+    /// Says this node is alive.
+    pub async fn say_alive(&self) {
+        let _ = self.client.publish(format!("{NODE_PREFIX}{}", self.node), Bytes::new()).await;
+    }
+
+    /// A node said it is alive (this one's own word ignored).
+    pub fn heard(&self, subject: &str) {
+        let Some(node) = subject.strip_prefix(NODE_PREFIX) else { return };
+        if node != self.node {
+            self.nodes.lock().expect("nodes lock").insert(node.to_owned(), (tokio::time::Instant::now(), false));
+        }
+    }
+
+    /// Nodes heard from within `within`, this one included.
+    pub fn nodes_up(&self, within: Duration) -> usize {
+        let now = tokio::time::Instant::now();
+        1 + self.nodes.lock().expect("nodes lock").values().filter(|(at, _)| now.duration_since(*at) < within).count()
+    }
+
+    /// Nodes silent for `after` and not taken for dead before, now taken for dead; and whether
+    /// this node is the lowest-named of those still alive (the one that takes over their
+    /// sessions).
+    pub fn newly_dead(&self, after: Duration) -> (Vec<String>, bool) {
+        let now = tokio::time::Instant::now();
+        let mut nodes = self.nodes.lock().expect("nodes lock");
+        let mut dead = Vec::new();
+        for (node, (at, taken)) in nodes.iter_mut() {
+            if !*taken && now.duration_since(*at) >= after {
+                *taken = true;
+                dead.push(node.clone());
+            }
+        }
+        let lowest = nodes.iter().filter(|(_, (_, taken))| !taken).all(|(n, _)| *n > self.node);
+        (dead, lowest)
+    }
+
+    /// The sessions `node` holds, by the directory.
+    pub fn held_by(&self, node: &str) -> Vec<(String, SessionEntry)> {
+        self.directory.lock().expect("directory lock").held_by(node)
+    }
+
+    /// Every node the directory names.
+    pub fn directory_nodes(&self) -> Vec<String> {
+        self.directory.lock().expect("directory lock").nodes()
     }
 
     /// This node's session for `client_id` ended: its record goes.

@@ -85,6 +85,14 @@ pub struct ClusterConfig {
     /// publisher is refused (5.0: 0x80; 3.1.1: disconnected without an acknowledgement).
     #[serde(default = "default_cluster_hold_secs")]
     pub hold_secs: u64,
+    /// A node not heard from for this long is taken for dead: the lowest-named live node takes
+    /// its sessions over (their expiry and wills).
+    #[serde(default = "default_cluster_dead_after_secs")]
+    pub dead_after_secs: u64,
+}
+
+fn default_cluster_dead_after_secs() -> u64 {
+    10
 }
 
 fn default_cluster_hold_secs() -> u64 {
@@ -664,6 +672,12 @@ impl Config {
             }
             if !(1..=5).contains(&c.replicas) {
                 return invalid("cluster.replicas", "must be between 1 and 5 (JetStream's limit)");
+            }
+            if c.dead_after_secs < 3 {
+                return invalid(
+                    "cluster.dead_after_secs",
+                    "must be at least 3 (nodes say they are alive once a second)",
+                );
             }
             if c.hold_secs == 0 {
                 return invalid("cluster.hold_secs", "must be at least 1");

@@ -517,6 +517,13 @@ impl Snapshot {
                     c(&l.adopted),
                 ),
                 f(
+                    "cluster/nodes_up",
+                    "herald_cluster_nodes_up",
+                    Gauge,
+                    "Nodes heard from in the last 3 seconds, this one included.",
+                    link.nodes_up(std::time::Duration::from_secs(3)) as u64,
+                ),
+                f(
                     "cluster/directory_sessions",
                     "herald_cluster_directory_sessions",
                     Gauge,

@@ -906,3 +906,72 @@ fn a_shared_group_gets_each_message_once_across_nodes() {
     expected.sort();
     assert_eq!(payloads, expected, "each message once across the group's members");
 }
+
+/// A node that dies (SIGKILL) with sessions: once it has been silent for `dead_after_secs`, the
+/// lowest-named live node takes them over. The will of a client connected to it is published
+/// once [MQTT-3.1.2-8], a parked session's expiry runs out there [MQTT-3.1.2-23], and a parked
+/// session's client resumes it on a third node with what was queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_sessions_are_taken_over_wills_and_expiry_included() {
+    let nats = NatsCluster::start();
+    let fast = "dead_after_secs = 3\n[http]\nbind = \"127.0.0.1:0\"\n";
+    let mut a = Node::start_with("herald-a", &nats, fast);
+    let b = Node::start_with("herald-b", &nats, fast);
+    let c = Node::start_with("herald-c", &nats, fast);
+    let (mut watcher, _) = RawClient::connect(c.addr(), connect_packet(ProtocolVersion::V5, "watcher", true)).await;
+    watcher.send(&subscribe(1, "wills/#", QoS::AtLeastOnce)).await;
+    expect_suback(&mut watcher).await;
+
+    let mut with_will = persistent("phone", true);
+    with_will.will = Some(herald::codec::Will {
+        topic: "wills/phone".into(),
+        payload: bytes::Bytes::from_static(b"gone"),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: Default::default(),
+    });
+    let (_phone, _) = RawClient::connect(a.addr(), with_will).await;
+    let mut short = connect_packet(ProtocolVersion::V5, "tablet", true);
+    short.properties.session_expiry_interval = Some(4);
+    let (mut tablet, _) = RawClient::connect(a.addr(), short).await;
+    tablet.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
+    expect_suback(&mut tablet).await;
+    drop(tablet);
+    let (mut laptop, _) = RawClient::connect(a.addr(), persistent("laptop", true)).await;
+    laptop.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
+    expect_suback(&mut laptop).await;
+    drop(laptop);
+    mosquitto_pub(&c, "news/1", "while away", 1);
+    for id in ["phone", "tablet", "laptop"] {
+        wait_for_holder(&b, id, "herald-a").await;
+    }
+    wait_until_blocking("node a queued the story for the laptop", || {
+        http_json(http_addr(&b), "GET", "/api/v1/clients/laptop", "").0 == 200
+            && metric(&a, "herald_cluster_received_total") >= 1
+    });
+    assert_eq!(metric(&b, "herald_cluster_nodes_up"), 3);
+
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    let killed = Instant::now();
+    let will = expect_publish(&mut watcher).await;
+    assert_eq!((will.topic.as_str(), &will.payload[..]), ("wills/phone", &b"gone"[..]));
+    watcher.send(&Packet::PubAck(PubResponse::new(will.packet_id, ReasonCode::SUCCESS))).await;
+    eprintln!("the dead node's will published {:?} after the kill (dead_after_secs = 3)", killed.elapsed());
+    watcher.expect_silence(Duration::from_secs(1)).await;
+    wait_until_blocking("node b holds the laptop's session", || {
+        http_json(http_addr(&c), "GET", "/api/v1/clients/laptop", "").1["node"] == "herald-b"
+    });
+    assert_eq!(metric(&b, "herald_cluster_sessions_adopted_total"), 3);
+    wait_until_blocking("node b counts two nodes up", || metric(&b, "herald_cluster_nodes_up") == 2);
+    // The tablet's 4 s expiry runs out on node b, and its record goes everywhere.
+    wait_until_blocking("the tablet's session expired", || {
+        http_json(http_addr(&b), "GET", "/api/v1/clients/tablet", "").0 == 404
+            && http_json(http_addr(&c), "GET", "/api/v1/clients/tablet", "").0 == 404
+    });
+    // The laptop resumes on node c with what was queued on node a.
+    let (mut laptop, ack) = RawClient::connect(c.addr(), persistent("laptop", false)).await;
+    assert!(ack.session_present);
+    let p = expect_publish(&mut laptop).await;
+    assert_eq!((p.topic.as_str(), &p.payload[..]), ("news/1", &b"while away"[..]));
+}

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::Broker;
+use crate::cluster::sessions::SessionEntry;
 use crate::session::Subscription;
 use crate::store::records::SessionRecord;
 use crate::store::Txn;
@@ -21,6 +22,112 @@ const HANDOVER_WAIT: Duration = Duration::from_secs(3);
 const SETTLE_WAIT: Duration = Duration::from_secs(10);
 
 impl Broker {
+    /// A session from its directory record, parked here with its subscriptions in the router
+    /// and its record in the store; returns it with its park generation.
+    fn make_adopted(
+        &self,
+        client_id: &str,
+        entry: &SessionEntry,
+        record: Option<&SessionRecord>,
+    ) -> (Arc<crate::session::SessionShared>, u64) {
+        let expiry = entry.expiry;
+        let made = self.registry().restore(client_id.to_owned(), |shared, state| {
+            state.expiry_interval = expiry;
+            for sub in &entry.subscriptions {
+                let Ok(parsed) = parse_filter(&sub.filter) else { continue };
+                let options = sub.options();
+                self.subscribe(&parsed, Subscription { session: shared.clone(), options, identifier: sub.identifier });
+                state.subscriptions.insert(sub.filter.clone(), (options, sub.identifier));
+            }
+        });
+        let mut txn = Txn::default();
+        let now_ms = crate::clock::wall_ms_now();
+        let record = record.cloned().unwrap_or(SessionRecord {
+            expiry_interval: expiry,
+            disconnected_at_ms: now_ms,
+            will: None,
+        });
+        txn.put_session(client_id, &record);
+        for sub in &entry.subscriptions {
+            txn.put_subscription(client_id, &sub.filter, &sub.options(), sub.identifier);
+        }
+        self.store().commit(txn);
+        made
+    }
+
+    /// Takes over every session a node that died held (the lowest-named live node does, when
+    /// the node has been silent for `cluster.dead_after_secs`): each is made here from its
+    /// directory record, the stream is read once from the oldest `since` for all of them, their
+    /// expiry runs from their disconnection (from now for those connected when the node died)
+    /// and their wills are published when due, once [MQTT-3.1.2-8] [MQTT-3.1.3-9].
+    pub async fn adopt_all(self: &Arc<Self>, node: &str) -> Result<usize, String> {
+        let Some(link) = self.cluster().cloned() else { return Ok(0) };
+        let started = Instant::now();
+        let checkpoint = link.checkpoint_of(node).unwrap_or(0);
+        let mut made = Vec::new();
+        let mut since_of = std::collections::HashMap::new();
+        for (client_id, entry) in link.held_by(node) {
+            if self.registry().get(&client_id).is_some() {
+                continue;
+            }
+            let since = checkpoint.max(entry.since);
+            let now_ms = crate::clock::wall_ms_now();
+            let mut record = entry.stored().unwrap_or(SessionRecord {
+                expiry_interval: entry.expiry,
+                disconnected_at_ms: 0,
+                will: None,
+            });
+            // Connected when its node died: offline from now.
+            if record.disconnected_at_ms == 0 {
+                record.disconnected_at_ms = now_ms;
+            }
+            let (shared, generation) = self.make_adopted(&client_id, &entry, Some(&record));
+            link.adopted(&client_id, since);
+            since_of.insert(shared.id, since);
+            made.push((client_id, entry, record, shared, generation));
+        }
+        if made.is_empty() {
+            return Ok(0);
+        }
+        let from = since_of.values().copied().min().unwrap_or(0);
+        let pin = link.pin(from);
+        let read = async {
+            let upto = link.settled_end(SETTLE_WAIT).await?;
+            link.replay(from, upto, |seq, message| {
+                let wanted = |id: u64| since_of.get(&id).is_some_and(|since| *since < seq);
+                self.route_to(Arc::new(message), false, Some(&wanted), None);
+            })
+            .await
+        }
+        .await;
+        link.unpin(pin, self.store().peek_next_seq());
+        let read = read?;
+        let now_ms = crate::clock::wall_ms_now();
+        for (client_id, entry, record, shared, generation) in &made {
+            link.record_session(client_id, record, entry.subscriptions.clone());
+            link.forget_record(client_id, node);
+            let elapsed = now_ms.saturating_sub(record.disconnected_at_ms) / 1000;
+            if let Some(will) = record.will.clone() {
+                let delay = will.properties.will_delay_interval.unwrap_or(0).min(record.expiry_interval);
+                self.schedule_will(shared, will, u64::from(delay).saturating_sub(elapsed), record.disconnected_at_ms);
+            }
+            if record.expiry_interval != u32::MAX {
+                let left = u64::from(record.expiry_interval).saturating_sub(elapsed);
+                self.registry().schedule_expiry(shared.clone(), left, *generation);
+            }
+        }
+        link.figures.adopted.fetch_add(made.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        info!(
+            node,
+            sessions = made.len(),
+            from,
+            read,
+            ms = started.elapsed().as_millis() as u64,
+            "sessions of a node that died taken over"
+        );
+        Ok(made.len())
+    }
+
     /// Takes over `client_id`'s session from the node holding it, if the directory names one
     /// and this node holds none. Err when the stream cannot be read (the CONNECT is refused,
     /// and the directory keeps the holder's record for the next try).
@@ -53,23 +160,7 @@ impl Broker {
         if self.registry().get(client_id).is_some() {
             return Ok(());
         }
-        let expiry = entry.expiry;
-        let (shared, _) = self.registry().restore(client_id.to_owned(), |shared, state| {
-            state.expiry_interval = expiry;
-            for sub in &entry.subscriptions {
-                let Ok(parsed) = parse_filter(&sub.filter) else { continue };
-                let options = sub.options();
-                self.subscribe(&parsed, Subscription { session: shared.clone(), options, identifier: sub.identifier });
-                state.subscriptions.insert(sub.filter.clone(), (options, sub.identifier));
-            }
-        });
-        let mut txn = Txn::default();
-        let now_ms = crate::clock::wall_ms_now();
-        txn.put_session(client_id, &SessionRecord { expiry_interval: expiry, disconnected_at_ms: now_ms, will: None });
-        for sub in &entry.subscriptions {
-            txn.put_subscription(client_id, &sub.filter, &sub.options(), sub.identifier);
-        }
-        self.store().commit(txn);
+        let (shared, _) = self.make_adopted(client_id, &entry, None);
         link.adopted(client_id, since);
         // Its subscriptions are in the router: what is routed from now on reaches it. What came
         // before, back to `since`, is read from the stream, up to an end that includes every
@@ -80,7 +171,7 @@ impl Broker {
             let session = shared.id;
             let read = link
                 .replay(since, upto, |_, message| {
-                    self.route_to(Arc::new(message), false, Some(session), None);
+                    self.route_to(Arc::new(message), false, Some(&|id| id == session), None);
                 })
                 .await?;
             Ok::<_, String>((upto, read))

@@ -41,6 +41,18 @@ pub struct SessionEntry {
     pub since: u64,
     pub expiry: u32,
     pub subscriptions: Vec<EntrySubscription>,
+    /// The session's store record (`records::encode_session`) in hex: whether a connection
+    /// holds it (`disconnected_at_ms` 0) and the will still due, for the node that takes the
+    /// session over if its holder dies.
+    #[serde(default)]
+    pub record: String,
+}
+
+impl SessionEntry {
+    /// The session's store record, if the entry carries a readable one.
+    pub fn stored(&self) -> Option<crate::store::records::SessionRecord> {
+        crate::store::records::decode_session(&super::unhex(&self.record)?).ok()
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -171,6 +183,26 @@ impl Directory {
             .map(|(node, (_, entry))| (node.clone(), entry.clone()))
     }
 
+    /// The sessions whose newest record is `node`'s.
+    pub fn held_by(&self, node: &str) -> Vec<(String, SessionEntry)> {
+        self.sessions
+            .iter()
+            .filter_map(|(client_id, nodes)| {
+                let (holder, (_, entry)) = nodes.iter().max_by_key(|(_, (seq, _))| *seq)?;
+                (holder == node).then(|| (client_id.clone(), entry.clone()))
+            })
+            .collect()
+    }
+
+    /// Every node named in the directory (holding a session or with a checkpoint).
+    pub fn nodes(&self) -> Vec<String> {
+        let mut nodes: Vec<String> = self.checkpoints.keys().cloned().collect();
+        nodes.extend(self.sessions.values().flat_map(|n| n.keys().cloned()));
+        nodes.sort();
+        nodes.dedup();
+        nodes
+    }
+
     pub fn own(&self, client_id: &str, me: &str) -> Option<&SessionEntry> {
         self.sessions.get(client_id)?.get(me).map(|(_, e)| e)
     }
@@ -270,7 +302,10 @@ mod tests {
     #[test]
     fn the_newest_record_of_another_node_is_the_holder() {
         let mut d = Directory::default();
-        let entry = |since| serde_json::to_vec(&SessionEntry { since, expiry: 60, subscriptions: vec![] }).unwrap();
+        let entry = |since| {
+            serde_json::to_vec(&SessionEntry { since, expiry: 60, subscriptions: vec![], record: String::new() })
+                .unwrap()
+        };
         d.apply(&session_subject("c", "a"), 5, &entry(1));
         d.apply(&session_subject("c", "b"), 9, &entry(2));
         d.apply(&session_subject("c", "me"), 12, &entry(3));

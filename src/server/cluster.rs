@@ -30,10 +30,11 @@ pub struct SharedGroups {
 }
 
 pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound, groups: SharedGroups) {
-    let Inbound { mut qos0, mut claims, mut log, mut retained, mut directory, mut handovers, .. } = inbound;
+    let Inbound { mut qos0, mut claims, mut log, mut retained, mut directory, mut handovers, mut alive, .. } = inbound;
     let (acks, waiting) = mpsc::channel(ACKS_WAITING);
     tokio::spawn(acknowledge(broker.clone(), waiting));
     tokio::spawn(checkpoints(broker.clone(), link.clone()));
+    tokio::spawn(watch_nodes(broker.clone(), link.clone()));
     let SharedGroups { now, mut joined } = groups;
     let mut readers: HashMap<(String, String), tokio::task::JoinHandle<()>> = HashMap::new();
     let mut read_group = |key: (String, String)| {
@@ -48,6 +49,7 @@ pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound, gro
     loop {
         tokio::select! {
             Some(key) = joined.recv() => read_group(key),
+            Some(m) = alive.next() => link.heard(m.subject.as_str()),
             m = handovers.next() => match m {
                 Some(m) => {
                     let (broker, link) = (broker.clone(), link.clone());
@@ -241,4 +243,39 @@ async fn read_shared(broker: Arc<Broker>, link: Arc<Link>, group: String, filter
         filter = filter.as_str(),
         "no member of the shared group here any more: stopped reading it"
     );
+}
+
+/// Says once a second that this node is alive, and takes for dead a node silent for
+/// `cluster.dead_after_secs`: the lowest-named live node takes its sessions over
+/// (`Broker::adopt_all`). Nothing is decided while this node itself cannot reach NATS (every
+/// other node would look dead).
+async fn watch_nodes(broker: Arc<Broker>, link: Arc<Link>) {
+    let dead_after = Duration::from_secs(broker.config().cluster.as_ref().map_or(10, |c| c.dead_after_secs));
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut connected_since = None;
+    loop {
+        every.tick().await;
+        link.say_alive().await;
+        if !link.is_connected() {
+            connected_since = None;
+            continue;
+        }
+        // After a NATS outage everyone gets `dead_after` to be heard again.
+        let since = *connected_since.get_or_insert_with(tokio::time::Instant::now);
+        if since.elapsed() < dead_after {
+            continue;
+        }
+        let (dead, lowest) = link.newly_dead(dead_after);
+        for node in dead {
+            if !lowest {
+                info!(node = node.as_str(), "node silent: taken for dead (a lower-named node takes its sessions over)");
+                continue;
+            }
+            warn!(node = node.as_str(), "node silent: taken for dead; taking its sessions over");
+            if let Err(e) = broker.adopt_all(&node).await {
+                warn!(node = node.as_str(), error = e.as_str(), "taking over a dead node's sessions failed");
+            }
+        }
+    }
 }

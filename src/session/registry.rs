@@ -299,6 +299,12 @@ impl Registry {
             txn.put_session(&shared.client_id, &record);
             self.store.commit(txn);
             shared.stored.store(true, Ordering::Release);
+            if let Some(link) = self.cluster.get() {
+                // For the node that takes the session over if this one dies: offline since
+                // now, and the will still due.
+                let subscriptions = crate::cluster::sessions::entry_subscriptions(&state.subscriptions);
+                link.record_session(&shared.client_id, &record, subscriptions);
+            }
         }
         let generation = {
             let mut own = shared.ownership.lock().expect("ownership lock");
