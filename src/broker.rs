@@ -640,6 +640,15 @@ impl Broker {
         self.route(message, false)
     }
 
+    /// Cluster mode: a message another node accepted, with this node's receipt of it (counted
+    /// under the other node's id) and its story id in this node's deduplication window.
+    pub fn remote_message(&self, message: Message) -> Arc<Message> {
+        if let Some(r) = self.receipts.admit_remote(&message, std::time::Instant::now()) {
+            let _ = message.receipt.set(r);
+        }
+        Arc::new(message)
+    }
+
     /// Routes a message. With `can_wait`, a delivery that finds a connected subscriber's queue
     /// full is handed back in `blocked` instead of being dropped, so that the publisher's
     /// connection can wait for room before reading on (and, at QoS 1 and 2, before

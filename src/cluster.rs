@@ -41,6 +41,10 @@ pub const RETAINED_SUBJECTS: &str = "herald.retained.>";
 /// The longest topic kept in the stream of retained messages: its subject holds the topic in
 /// hex, and NATS subjects stay well inside its 4 KiB control line.
 const MAX_RETAINED_TOPIC: usize = 1024;
+/// Core NATS subject of receipt lookups: every node with a receipt of the message answers.
+pub const RECEIPTS_SUBJECT: &str = "herald.receipts";
+/// How long a receipt lookup waits for the other nodes' answers.
+const RECEIPTS_WAIT: Duration = Duration::from_millis(500);
 /// Core NATS subjects on which each node says it is alive, once a second: `herald.node.<node>`.
 pub const NODE_PREFIX: &str = "herald.node.";
 /// Header naming the node a message was published on.
@@ -141,6 +145,8 @@ pub struct Inbound {
     pub handovers: async_nats::Subscriber,
     /// Every node saying it is alive.
     pub alive: async_nats::Subscriber,
+    /// Receipt lookups of the other nodes' APIs.
+    pub receipts: async_nats::Subscriber,
 }
 
 /// A message as another node published it.
@@ -253,6 +259,7 @@ impl Link {
             .map_err(|e| connect_error(e.to_string()))?;
         let (directory_out, directory_rx) = mpsc::channel(config.max_pending);
         let alive = client.subscribe(format!("{NODE_PREFIX}*")).await.map_err(|e| connect_error(e.to_string()))?;
+        let receipts = client.subscribe(RECEIPTS_SUBJECT).await.map_err(|e| connect_error(e.to_string()))?;
         // The nodes the directory names count as heard from now: one that died before this node
         // started is taken for dead once `dead_after_secs` pass without a word from it.
         let now = tokio::time::Instant::now();
@@ -300,6 +307,7 @@ impl Link {
                 directory: directory_in,
                 handovers,
                 alive,
+                receipts,
             },
         ))
     }
@@ -507,6 +515,45 @@ impl Link {
     /// A session read back from the stream here starts above `since`.
     pub fn adopted(&self, client_id: &str, since: u64) {
         self.since.lock().expect("since lock").insert(client_id.to_owned(), since);
+    }
+
+    /// Whether a core NATS message came from this node.
+    pub fn is_own(&self, headers: Option<&async_nats::HeaderMap>) -> bool {
+        origin(headers) == self.node
+    }
+
+    /// The other nodes' receipts of the message or story `key`, with their names: those that
+    /// answer within half a second (every live node that has one, normally well before).
+    pub async fn receipts_elsewhere(&self, key: &str) -> Vec<(String, serde_json::Value)> {
+        use futures_util::StreamExt;
+        let others = self.nodes_up(Duration::from_secs(3)) - 1;
+        let inbox = self.client.new_inbox();
+        let Ok(mut answers) = self.client.subscribe(inbox.clone()).await else { return Vec::new() };
+        let payload = Bytes::copy_from_slice(key.as_bytes());
+        if self.client.publish_with_reply_and_headers(RECEIPTS_SUBJECT, inbox, self.headers(), payload).await.is_err() {
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        let deadline = tokio::time::Instant::now() + RECEIPTS_WAIT;
+        while out.len() < others {
+            match tokio::time::timeout_at(deadline, answers.next()).await {
+                Ok(Some(m)) => {
+                    if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&m.payload) {
+                        let node = v["node"].as_str().unwrap_or_default().to_owned();
+                        out.push((node, v["receipt"].clone()));
+                    }
+                }
+                _ => break,
+            }
+        }
+        out
+    }
+
+    /// Answers another node's receipt lookup with this node's receipt.
+    pub async fn answer_receipt(&self, reply_to: async_nats::Subject, receipt: serde_json::Value) {
+        let answer = serde_json::json!({ "node": self.node, "receipt": receipt });
+        let payload = Bytes::from(serde_json::to_vec(&answer).expect("an answer serialises"));
+        let _ = self.client.publish(reply_to, payload).await;
     }
 
     /// Says this node is alive.

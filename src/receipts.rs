@@ -80,7 +80,32 @@ impl Receipts {
 
     /// Decides whether a message accepted now with `id` is new or a retry of a story, and opens
     /// its receipt if it is tracked (`[receipts] track`).
+    /// Cluster mode: a message another node accepted (with that node's id) arrives here. Its
+    /// story id joins this node's deduplication window, so that a retry of the story on this
+    /// node is recognised; its deliveries here are counted on a receipt of this node under the
+    /// same id (found again when the stream delivers the message twice). Never refuses: the
+    /// other node accepted it. Receipts of other nodes' messages are not stored.
+    pub fn admit_remote(&self, message: &crate::message::Message, now: Instant) -> Option<Arc<Receipt>> {
+        if let Some(r) = self.by_id(message.id) {
+            return Some(r);
+        }
+        match self.admit_as(message.id, message, now, true) {
+            Admission::New(receipt) => {
+                if let Some(r) = &receipt {
+                    r.persist.store(false, Relaxed);
+                }
+                receipt
+            }
+            // This node accepted the same story meanwhile: both are delivered.
+            Admission::Duplicate(_) => None,
+        }
+    }
+
     pub fn admit(&self, id: u64, message: &crate::message::Message, now: Instant) -> Admission {
+        self.admit_as(id, message, now, false)
+    }
+
+    fn admit_as(&self, id: u64, message: &crate::message::Message, now: Instant, remote: bool) -> Admission {
         let story_id = message.properties.user_properties.iter().find(|(k, _)| k == STORY_ID).map(|(_, v)| v.clone());
         let window = std::time::Duration::from_secs(self.config.dedup_window);
         use crate::config::TrackReceipts;
@@ -89,7 +114,7 @@ impl Receipts {
             TrackReceipts::All => message.qos as u8 > 0 || self.config.qos0,
             TrackReceipts::Stories => {
                 story_id.is_some()
-                    || message.publisher.is_none()
+                    || (message.publisher.is_none() && !remote)
                     || self.config.topics.iter().any(|f| crate::topic::filter_matches(f, &message.topic))
             }
         };

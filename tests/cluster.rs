@@ -975,3 +975,55 @@ async fn a_dead_nodes_sessions_are_taken_over_wills_and_expiry_included() {
     let p = expect_publish(&mut laptop).await;
     assert_eq!((p.topic.as_str(), &p.payload[..]), ("news/1", &b"while away"[..]));
 }
+
+/// News delivery across nodes: a story's receipt, asked of any node's API, counts the
+/// deliveries of every node (each node's own under `nodes`); a retry of the story on another
+/// node is recognised by its story id and not routed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn receipts_count_every_node_and_a_story_retried_elsewhere_is_not_routed_twice() {
+    let nats = NatsCluster::start();
+    let http = "[http]\nbind = \"127.0.0.1:0\"\n";
+    let a = Node::start_with("herald-a", &nats, http);
+    let b = Node::start_with("herald-b", &nats, http);
+    let mut readers = Vec::new();
+    for (node, id) in [(&a, "reader-a"), (&b, "reader-b1"), (&b, "reader-b2")] {
+        let (mut r, _) = RawClient::connect(node.addr(), connect_packet(ProtocolVersion::V5, id, true)).await;
+        r.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
+        expect_suback(&mut r).await;
+        readers.push(r);
+    }
+    wait_until_blocking("both nodes hear each other", || {
+        metric(&a, "herald_cluster_nodes_up") == 2 && metric(&b, "herald_cluster_nodes_up") == 2
+    });
+    let body = r#"{"topic": "news/x", "payload": "scoop", "qos": 1, "user_properties": {"story-id": "s-42"}}"#;
+    let (status, v) = http_json(http_addr(&a), "POST", "/api/v1/publish", body);
+    assert_eq!(status, 200, "{v}");
+    let id = v["id"].as_str().unwrap().to_owned();
+    for r in &mut readers {
+        let p = expect_publish(r).await;
+        assert_eq!(&p.payload[..], b"scoop");
+        r.send(&Packet::PubAck(PubResponse::new(p.packet_id, ReasonCode::SUCCESS))).await;
+    }
+    for node in [&a, &b] {
+        for key in [id.as_str(), "s-42"] {
+            wait_until_blocking("the receipt counts all three acknowledgements", || {
+                let (status, v) = http_json(http_addr(node), "GET", &format!("/api/v1/messages/{key}/receipts"), "");
+                status == 200 && v["acknowledged"] == 3 && v["routed"] == 3
+            });
+        }
+    }
+    let (_, v) = http_json(http_addr(&b), "GET", "/api/v1/messages/s-42/receipts", "");
+    assert_eq!(
+        (v["id"].as_str(), v["nodes"]["herald-a"]["acknowledged"].as_u64()),
+        (Some(id.as_str()), Some(1)),
+        "{v}"
+    );
+    assert_eq!(v["nodes"]["herald-b"]["acknowledged"], 2, "{v}");
+
+    // The newsroom retries the story through node b: recognised, not routed again.
+    let (status, v) = http_json(http_addr(&b), "POST", "/api/v1/publish", body);
+    assert_eq!((status, v["duplicate"].as_bool(), v["id"].as_str()), (200, Some(true), Some(id.as_str())), "{v}");
+    for r in &mut readers {
+        r.expect_silence(Duration::from_millis(300)).await;
+    }
+}

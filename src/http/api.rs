@@ -58,13 +58,7 @@ pub async fn handle(broker: &Arc<Broker>, req: Request) -> Response {
         ("GET", "/api/v1/topics") => topics(broker, &req).await,
         ("POST", "/api/v1/reload") => reload(broker).await,
         ("GET", p) if p.starts_with("/api/v1/clients/") => get_client(broker, &p["/api/v1/clients/".len()..]),
-        ("GET", p) if receipt_key(p).is_some() => {
-            let key = receipt_key(p).expect("checked");
-            match broker.receipts().find(key) {
-                Some(r) => Response::json(200, &r.to_json()),
-                None => Response::error(404, format!("no receipt for {key:?} (message id or story id)")),
-            }
-        }
+        ("GET", p) if receipt_key(p).is_some() => receipts(broker, receipt_key(p).expect("checked")).await,
         ("DELETE", p) if p.starts_with("/api/v1/clients/") => {
             delete_client(broker, &p["/api/v1/clients/".len()..], &req).await
         }
@@ -74,6 +68,56 @@ pub async fn handle(broker: &Arc<Broker>, req: Request) -> Response {
             r
         }
     }
+}
+
+/// `GET /api/v1/messages/{key}/receipts`: this node's receipt; in cluster mode the counts of
+/// every node that has one, summed, with each node's own under `nodes`.
+async fn receipts(broker: &Arc<Broker>, key: &str) -> Response {
+    let local = broker.receipts().find(key).map(|r| r.to_json());
+    let Some(link) = broker.cluster() else {
+        return match local {
+            Some(r) => Response::json(200, &r),
+            None => Response::error(404, format!("no receipt for {key:?} (message id or story id)")),
+        };
+    };
+    let mut all: Vec<(String, Value)> = local.into_iter().map(|r| (link.node().to_owned(), r)).collect();
+    all.extend(link.receipts_elsewhere(key).await);
+    if all.is_empty() {
+        return Response::error(404, format!("no receipt for {key:?} (message id or story id) on any node"));
+    }
+    Response::json(200, &sum_receipts(all))
+}
+
+/// One receipt with the counts of every node's summed; acknowledgement times the earliest and
+/// latest of any node; the latency quantiles the node's own that published it (the first,
+/// otherwise), since quantiles do not add up.
+fn sum_receipts(all: Vec<(String, Value)>) -> Value {
+    const SUMMED: [&str; 10] = [
+        "routed",
+        "delivered_qos0",
+        "sent",
+        "acknowledged",
+        "queued",
+        "expired",
+        "dropped",
+        "undelivered",
+        "retries",
+        "pending",
+    ];
+    let mut total = all[0].1.clone();
+    for field in SUMMED {
+        total[field] = json!(all.iter().map(|(_, r)| r[field].as_u64().unwrap_or(0)).sum::<u64>());
+    }
+    if let Some(causes) = all[0].1["dropped_by"].as_object() {
+        for cause in causes.keys() {
+            total["dropped_by"][cause] =
+                json!(all.iter().map(|(_, r)| r["dropped_by"][cause].as_u64().unwrap_or(0)).sum::<u64>());
+        }
+    }
+    total["first_ack_at_ms"] = json!(all.iter().filter_map(|(_, r)| r["first_ack_at_ms"].as_u64()).min());
+    total["last_ack_at_ms"] = json!(all.iter().filter_map(|(_, r)| r["last_ack_at_ms"].as_u64()).max());
+    total["nodes"] = Value::Object(all.into_iter().collect());
+    total
 }
 
 /// The message id or story id of `/api/v1/messages/{key}/receipts`.

@@ -30,7 +30,17 @@ pub struct SharedGroups {
 }
 
 pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound, groups: SharedGroups) {
-    let Inbound { mut qos0, mut claims, mut log, mut retained, mut directory, mut handovers, mut alive, .. } = inbound;
+    let Inbound {
+        mut qos0,
+        mut claims,
+        mut log,
+        mut retained,
+        mut directory,
+        mut handovers,
+        mut alive,
+        mut receipts,
+        ..
+    } = inbound;
     let (acks, waiting) = mpsc::channel(ACKS_WAITING);
     tokio::spawn(acknowledge(broker.clone(), waiting));
     tokio::spawn(checkpoints(broker.clone(), link.clone()));
@@ -50,6 +60,16 @@ pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound, gro
         tokio::select! {
             Some(key) = joined.recv() => read_group(key),
             Some(m) = alive.next() => link.heard(m.subject.as_str()),
+            Some(m) = receipts.next() => {
+                // Another node's API asks for this node's receipt of a message or story.
+                if let (Some(reply), Ok(key)) = (m.reply.clone(), std::str::from_utf8(&m.payload)) {
+                    if !link.is_own(m.headers.as_ref()) {
+                        if let Some(r) = broker.receipts().find(key) {
+                            link.answer_receipt(reply, r.to_json()).await;
+                        }
+                    }
+                }
+            }
             m = handovers.next() => match m {
                 Some(m) => {
                     let (broker, link) = (broker.clone(), link.clone());
@@ -83,7 +103,7 @@ pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound, gro
             m = qos0.next() => match m {
                 Some(m) => {
                     if let Some(r) = cluster::receive(&link, m.headers.as_ref(), &m.payload) {
-                        broker.publish(Arc::new(r.message));
+                        broker.publish(broker.remote_message(r.message));
                     }
                 }
                 None => break,
@@ -103,7 +123,7 @@ pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound, gro
             m = log.next() => match m {
                 Some(Ok(m)) => {
                     let ticket = match cluster::receive(&link, m.headers.as_ref(), &m.payload) {
-                        Some(r) => broker.publish(Arc::new(r.message)).ticket,
+                        Some(r) => broker.publish(broker.remote_message(r.message)).ticket,
                         None => 0,
                     };
                     if let Ok(info) = m.info() {
@@ -201,7 +221,7 @@ async fn read_shared(broker: Arc<Broker>, link: Arc<Link>, group: String, filter
             m = log.next() => match m {
                 Some(Ok(m)) => {
                     let ticket = match decode(&m.payload) {
-                        Some(message) => match broker.deliver_shared(Arc::new(message), &group, &filter) {
+                        Some(message) => match broker.deliver_shared(broker.remote_message(message), &group, &filter) {
                             Some(outcome) => outcome.ticket,
                             None => {
                                 let _ = m.ack_with(AckKind::Nak(None)).await;
@@ -224,7 +244,7 @@ async fn read_shared(broker: Arc<Broker>, link: Arc<Link>, group: String, filter
             m = qos0.next() => match m {
                 Some(m) => {
                     if let Some(message) = decode(&m.payload) {
-                        if broker.deliver_shared(Arc::new(message), &group, &filter).is_none() {
+                        if broker.deliver_shared(broker.remote_message(message), &group, &filter).is_none() {
                             break;
                         }
                     }
