@@ -46,6 +46,8 @@ pub struct Broker {
     next_id: AtomicU64,
     /// Message ids handed out in this run (the low 40 bits of an id).
     message_ids: AtomicU64,
+    /// The high 24 bits of this broker's message ids (`next_message_id`).
+    id_high: u64,
     shutdown: watch::Sender<bool>,
     /// Where the HTTP server listens, once bound.
     http_addr: std::sync::OnceLock<SocketAddr>,
@@ -195,6 +197,7 @@ impl Broker {
             .filter(|r| r.class == crate::config::PriorityClass::High)
             .map(|r| r.filter.clone())
             .collect();
+        let id_high = message_id_high(store.boot(), config.cluster.as_ref().map(|c| c.node.as_str()));
         let broker = Arc::new(Broker {
             queue_policies: QueuePolicies::new(&config.queue_policy),
             config,
@@ -210,6 +213,7 @@ impl Broker {
             started: std::time::Instant::now(),
             next_id: AtomicU64::new(1),
             message_ids: AtomicU64::new(1),
+            id_high,
             shutdown,
             http_addr: std::sync::OnceLock::new(),
             listening: std::sync::atomic::AtomicBool::new(false),
@@ -383,7 +387,7 @@ impl Broker {
     /// A message id unique across restarts: the store's boot count in the high 24 bits, a
     /// counter of this run in the low 40. Shown as 16 hex digits (`message_id_text`).
     pub fn next_message_id(&self) -> u64 {
-        (self.store.boot() << 40) | (self.message_ids.fetch_add(1, Ordering::Relaxed) & ((1 << 40) - 1))
+        (self.id_high << 40) | (self.message_ids.fetch_add(1, Ordering::Relaxed) & ((1 << 40) - 1))
     }
 
     /// Gives a message accepted from a publisher its id and, if it is tracked, its receipt; or
@@ -918,6 +922,23 @@ impl Broker {
         self.registry.schedule_will(session, will, delay, disconnected_at_ms, move |will| {
             broker.publish_will_now(publisher, will);
         });
+    }
+}
+
+/// The high 24 bits of message ids: the store's boot count; in cluster mode 16 bits of the
+/// node's name (FNV-1a) and the low 8 bits of the boot count, so that two nodes' ids differ
+/// (receipts and handed-over sessions find messages by id across nodes). A node's ids repeat
+/// after 256 restarts, long after any receipt of the old ones has gone.
+fn message_id_high(boot: u64, node: Option<&str>) -> u64 {
+    match node {
+        None => boot & 0xFF_FFFF,
+        Some(node) => {
+            let mut hash: u32 = 0x811c_9dc5;
+            for b in node.bytes() {
+                hash = (hash ^ u32::from(b)).wrapping_mul(0x0100_0193);
+            }
+            (u64::from((hash >> 16) ^ (hash & 0xFFFF)) << 8) | (boot & 0xFF)
+        }
     }
 }
 

@@ -803,7 +803,7 @@ pub fn retained_topic(subject: &str) -> Option<String> {
 }
 
 /// Bytes as a subject token: lowercase hex (subjects allow no `.`, `*`, `>` or whitespace).
-fn hex(bytes: &[u8]) -> String {
+pub(crate) fn hex(bytes: &[u8]) -> String {
     use std::fmt::Write;
     let mut out = String::with_capacity(2 * bytes.len());
     for b in bytes {
@@ -812,7 +812,7 @@ fn hex(bytes: &[u8]) -> String {
     out
 }
 
-fn unhex(hex: &str) -> Option<Vec<u8>> {
+pub(crate) fn unhex(hex: &str) -> Option<Vec<u8>> {
     let hex = hex.as_bytes();
     if !hex.len().is_multiple_of(2) {
         return None;

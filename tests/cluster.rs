@@ -616,9 +616,10 @@ async fn wait_for_holder(node: &Node, client_id: &str, holder: &str) {
     .await;
 }
 
-/// A persistent session resumes on another node with its subscriptions and what was queued
-/// for it while it was offline [MQTT-3.2.2-3] [MQTT-4.4.0-1], in order [MQTT-4.6.0-2]; the node
-/// it left no longer delivers to it; the client lookup of any node finds it.
+/// A persistent session resumes on another node with its subscriptions, its in-flight message
+/// (sent again with DUP and its packet identifier) and what was queued for it while it was
+/// offline [MQTT-3.2.2-3] [MQTT-4.4.0-1], in order [MQTT-4.6.0-2], each once; the node it left
+/// no longer delivers to it; the client lookup of any node finds it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_resumes_on_another_node_with_its_queue() {
     let nats = NatsCluster::start();
@@ -633,6 +634,10 @@ async fn a_session_resumes_on_another_node_with_its_queue() {
         status == 200 && body["filters"] == serde_json::json!(["news/#"])
     })
     .await;
+    // One message in flight when the phone leaves: received, not acknowledged.
+    mosquitto_pub(&b, "news/0", "in flight", 1);
+    let in_flight = expect_publish(&mut phone).await;
+    assert_eq!(&in_flight.payload[..], b"in flight");
     phone
         .send(&Packet::Disconnect(herald::codec::Disconnect {
             reason: ReasonCode::SUCCESS,
@@ -652,6 +657,14 @@ async fn a_session_resumes_on_another_node_with_its_queue() {
 
     let (mut phone, ack) = RawClient::connect(b.addr(), persistent("phone", false)).await;
     assert!(ack.session_present, "[MQTT-3.2.2-3] the session resumed on node b");
+    // [MQTT-4.4.0-1] the unacknowledged message first, again, with DUP and its packet identifier.
+    let again = expect_publish(&mut phone).await;
+    assert_eq!(
+        (&again.payload[..], again.dup, again.packet_id),
+        (&b"in flight"[..], true, in_flight.packet_id),
+        "the in-flight message handed over as it was"
+    );
+    phone.send(&Packet::PubAck(PubResponse::new(again.packet_id, ReasonCode::SUCCESS))).await;
     for n in 1..=3 {
         let p = expect_publish(&mut phone).await;
         assert_eq!(

@@ -55,6 +55,51 @@ impl Broker {
         made
     }
 
+    /// Puts what the holder handed over into the session made here: stored like routed
+    /// deliveries (QoS 1 and 2), in flight with their packet identifiers, queued in order.
+    /// Returns the handed messages' ids, which reading the stream then skips.
+    fn install_handed(
+        &self,
+        client_id: &str,
+        shared: &Arc<crate::session::SessionShared>,
+        entries: Vec<crate::cluster::sessions::HandedEntry>,
+        incoming_qos2: Vec<u16>,
+    ) -> std::collections::HashSet<u64> {
+        use crate::message::QueueRef;
+        let mut given = std::collections::HashSet::new();
+        let mut txn = Txn::default();
+        let mut loaded = Vec::with_capacity(entries.len());
+        for handed in entries {
+            let Some((message, mut entry)) = handed.decode() else {
+                warn!(client_id, "an undecodable message in a handed-over session; skipped");
+                continue;
+            };
+            given.insert(message.id);
+            self.prepare_loaded(&message);
+            let mut at = QueueRef { seq: 0, message_id: 0 };
+            if entry.qos > crate::codec::QoS::AtMostOnce {
+                let id = self.store().next_seq();
+                let _ = message.store_id.set(id);
+                txn.put_message(id, &message);
+                entry.message_id = id;
+                at = QueueRef { seq: self.store().next_seq(), message_id: id };
+                txn.enqueue(client_id, at, &entry);
+            }
+            loaded.push((at, entry, Arc::new(message)));
+        }
+        for packet_id in &incoming_qos2 {
+            txn.put_incoming(client_id, *packet_id);
+        }
+        self.store().commit(txn);
+        shared.with_parked(|state| {
+            state.install(loaded);
+            state.incoming_qos2.extend(incoming_qos2);
+            // Handed identifiers may sit anywhere in the identifier space.
+            state.allocations = u64::from(u16::MAX);
+        });
+        given
+    }
+
     /// Takes over every session a node that died held (the lowest-named live node does, when
     /// the node has been silent for `cluster.dead_after_secs`): each is made here from its
     /// directory record, the stream is read once from the oldest `since` for all of them, their
@@ -138,12 +183,16 @@ impl Broker {
         }
         let Some((holder, entry)) = link.holder(client_id) else { return Ok(()) };
         let started = Instant::now();
-        let (floor, holder_alive) = match link.ask_handover(&holder, client_id, HANDOVER_WAIT).await {
+        let (floor, holder_alive, handed, processed) = match link.ask_handover(&holder, client_id, HANDOVER_WAIT).await
+        {
             Ok(reply) if !reply.held => {
                 // The holder's session ended meanwhile (its record's removal is on its way).
                 return Ok(());
             }
-            Ok(reply) => (reply.checkpoint, true),
+            Ok(reply) => {
+                let handed = reply.entries.map(|entries| (entries, reply.incoming_qos2));
+                (reply.checkpoint, true, handed, reply.processed)
+            }
             Err(why) => {
                 let checkpoint = link.checkpoint_of(&holder).unwrap_or(0);
                 warn!(
@@ -153,7 +202,7 @@ impl Broker {
                     checkpoint,
                     "the node holding this session does not answer: reading it back from its last checkpoint"
                 );
-                (checkpoint, false)
+                (checkpoint, false, None, 0)
             }
         };
         let since = floor.max(entry.since);
@@ -162,16 +211,29 @@ impl Broker {
         }
         let (shared, _) = self.make_adopted(client_id, &entry, None);
         link.adopted(client_id, since);
-        // Its subscriptions are in the router: what is routed from now on reaches it. What came
-        // before, back to `since`, is read from the stream, up to an end that includes every
-        // append this node started before now.
+        // Bodies numbered from here on (what the holder handed over, what the stream gives back)
+        // may hold messages as old as `since`.
         let pin = link.pin(since);
+        // Handed over whole: its queue and in-flight messages as the holder had them (in-flight
+        // ones are sent again with DUP on resume [MQTT-4.4.0-1]); only what reached the holder
+        // after it let go is read from the stream. Otherwise everything above `since` is.
+        let (from, given) = match handed {
+            Some((entries, incoming)) => {
+                (processed.max(entry.since), self.install_handed(client_id, &shared, entries, incoming))
+            }
+            None => (since, std::collections::HashSet::new()),
+        };
+        // Its subscriptions are in the router: what is routed from now on reaches it. What came
+        // before, back to `from`, is read from the stream, up to an end that includes every
+        // append this node started before now.
         let read = async {
             let upto = link.settled_end(SETTLE_WAIT).await?;
             let session = shared.id;
             let read = link
-                .replay(since, upto, |_, message| {
-                    self.route_to(Arc::new(message), false, Some(&|id| id == session), None);
+                .replay(from, upto, |_, message| {
+                    if message.id == 0 || !given.contains(&message.id) {
+                        self.route_to(Arc::new(message), false, Some(&|id| id == session), None);
+                    }
                 })
                 .await?;
             Ok::<_, String>((upto, read))
@@ -188,6 +250,7 @@ impl Broker {
                     client_id,
                     from = holder.as_str(),
                     alive = holder_alive,
+                    handed = given.len(),
                     since,
                     upto,
                     read,

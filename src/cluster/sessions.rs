@@ -107,12 +107,98 @@ pub fn entry_subscriptions(
 }
 
 /// The answer to a handover request.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct HandoverReply {
     /// Whether the node held the session (and has now ended it).
     pub held: bool,
     /// The node's checkpoint, taken before the session ended.
     pub checkpoint: u64,
+    /// The last stream message routed on the node before the session ended; with `entries`,
+    /// the new holder reads the stream from above it (what reached the old one after it
+    /// ended), skipping the messages it was given.
+    #[serde(default)]
+    pub processed: u64,
+    /// The session's queue and in-flight messages, in order, when they fit in one answer
+    /// (`MAX_HANDOVER_BYTES`); None otherwise (the new holder reads from the checkpoint).
+    #[serde(default)]
+    pub entries: Option<Vec<HandedEntry>>,
+    /// Incoming QoS 2 packet identifiers between PUBREC and PUBREL [MQTT-4.3.3-9].
+    #[serde(default)]
+    pub incoming_qos2: Vec<u16>,
+}
+
+/// The most message bytes a handover answer carries (NATS's default payload limit is 1 MiB;
+/// hex doubles them).
+pub const MAX_HANDOVER_BYTES: usize = 400 * 1024;
+
+/// One queued or in-flight message of a session handed over.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HandedEntry {
+    /// `records::encode_message`, in hex.
+    pub message: String,
+    pub qos: u8,
+    pub retain: bool,
+    #[serde(default)]
+    pub subscription_ids: Vec<u32>,
+    /// Packet identifier and state (1: awaiting PUBACK, 2: PUBREC, 3: PUBCOMP) while in flight.
+    #[serde(default)]
+    pub inflight: Option<(u16, u8)>,
+}
+
+/// What a session's state hands over: its in-flight messages, then its queue; None when the
+/// messages exceed `MAX_HANDOVER_BYTES`.
+pub fn handed_entries(state: &crate::session::SessionState) -> Option<(Vec<HandedEntry>, Vec<u16>)> {
+    use crate::message::OutState;
+    let mut bytes = 0;
+    let mut out = Vec::with_capacity(state.inflight.len() + state.pending.len());
+    let entry = |d: &crate::message::Delivery, inflight: Option<(u16, u8)>| HandedEntry {
+        message: super::hex(&crate::store::records::encode_message(&d.message)),
+        qos: d.qos as u8,
+        retain: d.retain,
+        subscription_ids: d.subscription_ids.to_vec(),
+        inflight,
+    };
+    for f in &state.inflight {
+        let code = match f.state {
+            OutState::AwaitPubAck => 1,
+            OutState::AwaitPubRec => 2,
+            OutState::AwaitPubComp => 3,
+        };
+        bytes += f.delivery.message.payload.len() + f.delivery.message.topic.len();
+        out.push(entry(&f.delivery, Some((f.packet_id, code))));
+    }
+    for d in &state.pending {
+        bytes += d.message.payload.len() + d.message.topic.len();
+        out.push(entry(d, None));
+    }
+    (bytes <= MAX_HANDOVER_BYTES).then(|| (out, state.incoming_qos2.iter().copied().collect()))
+}
+
+impl HandedEntry {
+    /// The message and its queue entry (with no store numbers yet).
+    pub fn decode(&self) -> Option<(crate::message::Message, crate::store::records::QueueEntry)> {
+        use crate::message::OutState;
+        let message = crate::store::records::decode_message(&super::unhex(&self.message)?).ok()?;
+        let qos = match self.qos {
+            0 => QoS::AtMostOnce,
+            1 => QoS::AtLeastOnce,
+            _ => QoS::ExactlyOnce,
+        };
+        let inflight = match self.inflight {
+            None => None,
+            Some((id, 1)) => Some((id, OutState::AwaitPubAck)),
+            Some((id, 2)) => Some((id, OutState::AwaitPubRec)),
+            Some((id, _)) => Some((id, OutState::AwaitPubComp)),
+        };
+        let entry = crate::store::records::QueueEntry {
+            message_id: 0,
+            qos,
+            retain: self.retain,
+            subscription_ids: self.subscription_ids.clone(),
+            inflight,
+        };
+        Some((message, entry))
+    }
 }
 
 /// What a directory subject names.

@@ -165,13 +165,23 @@ async fn acknowledge(broker: Arc<Broker>, mut waiting: mpsc::Receiver<(u64, asyn
 async fn hand_over(broker: &Broker, link: &Link, request: async_nats::Message) {
     let Some(reply_to) = request.reply else { return };
     let Ok(client_id) = std::str::from_utf8(&request.payload) else { return };
-    let held = broker.registry().get(client_id).is_some();
+    // Both read while the session's messages are still here: everything routed to it later is
+    // above `processed`, and everything it holds above `checkpoint`.
     let checkpoint = link.checkpoint_now(broker.store().oldest_body());
-    if held {
-        broker.registry().taken_over_elsewhere(client_id, true).await;
-        info!(client_id, checkpoint, "session handed over to another node");
+    let processed = link.processed();
+    let handed = broker.registry().hand_over(client_id, crate::cluster::sessions::handed_entries).await;
+    let answer = match handed {
+        None => HandoverReply { held: false, checkpoint, ..Default::default() },
+        Some(None) => HandoverReply { held: true, checkpoint, ..Default::default() },
+        Some(Some((entries, incoming_qos2))) => {
+            HandoverReply { held: true, checkpoint, processed, entries: Some(entries), incoming_qos2 }
+        }
+    };
+    if answer.held {
+        let messages = answer.entries.as_ref().map(Vec::len);
+        info!(client_id, checkpoint, ?messages, "session handed over to another node");
     }
-    link.answer_handover(reply_to, &HandoverReply { held, checkpoint }).await;
+    link.answer_handover(reply_to, &answer).await;
 }
 
 /// Once a second: the checkpoint below which this node's sessions need nothing more from the

@@ -147,6 +147,12 @@ impl SessionState {
         if self.cold.take().is_none() {
             return;
         }
+        self.install(loaded);
+    }
+
+    /// Puts queue entries ahead of what is queued: `warm`'s work, also for a session handed
+    /// over by another node (cluster mode).
+    pub fn install(&mut self, loaded: Vec<LoadedEntry>) {
         let newer = std::mem::take(&mut self.pending);
         self.pending_bytes = 0;
         let mut highest = 0u16;

@@ -473,6 +473,45 @@ impl Registry {
         }
     }
 
+    /// Cluster mode: another node takes `client_id`'s session. Its connection, if any, closes
+    /// with 0x8E [MQTT-3.1.4-3]; once the session is parked (waiting up to 5 s, with no lock
+    /// held) its state, with a restored queue read back, is given to `take`, and the session
+    /// ends here. None when there is no such session or it did not park in time.
+    pub async fn hand_over<T>(&self, client_id: &str, take: impl FnOnce(&SessionState) -> T) -> Option<T> {
+        let session = self.get(client_id)?;
+        session
+            .ownership
+            .lock()
+            .expect("ownership lock")
+            .send_kick(super::Kick { reason: ReasonCode::SESSION_TAKEN_OVER, elsewhere: true });
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let notified = session.parked_notify.notified();
+            let parked = {
+                let mut own = session.ownership.lock().expect("ownership lock");
+                if own.holder.is_none() {
+                    own.park_generation += 1;
+                    Some(own.parked.take())
+                } else {
+                    None
+                }
+            };
+            match parked {
+                Some(Some(mut state)) => {
+                    self.warm(client_id, &mut state).await;
+                    let taken = take(&state);
+                    self.end(&session, state);
+                    return Some(taken);
+                }
+                Some(None) => return None,
+                None if tokio::time::Instant::now() > deadline => return None,
+                None => {
+                    let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+                }
+            }
+        }
+    }
+
     /// Asks every connection that holds a session to close with `reason` (shutdown).
     pub fn kick_all(&self, reason: ReasonCode) {
         for s in self.list() {
