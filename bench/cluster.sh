@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Cluster mode (issue 15), written to bench/cluster.jsonl and, through report.py, to the
-# "Cluster" section of docs/benchmarks.md. Three clustered `nats-server -js` on loopback and two
+# "Cluster" section of docs/benchmarks.md. Three clustered `nats-server -js` on loopback and three
 # Herald nodes, against one Herald without [cluster], on the same machine:
 #  - cross-node delivery latency: `fanout` with the publisher on node 1 and 100 subscribers on
 #    node 2, QoS 0 and QoS 1, at a fixed rate (p50/p99 from publish to delivery);
 #  - the same with publisher and subscribers on one node of the cluster (what JetStream adds to
 #    a local delivery: the PUBACK waits for it, the delivery does not);
-#  - unthrottled fan-out throughput, cluster (cross node) against one node;
-#  - CPU per delivery of every process involved (Herald nodes and NATS servers), from /proc.
-# On two cores a cluster shows its overhead, not its speed-up. The failover pauses come from
-# tests/cluster.rs (docs/cluster.md).
+#  - unthrottled fan-out throughput, cluster (cross node, and subscribers spread over the three
+#    nodes) against one node;
+#  - CPU per delivery of every process involved (Herald nodes and NATS servers), from /proc;
+#  - the failover pause: a QoS 1 fan-out at 2,000 deliveries/s from node 1 to node 2 while the
+#    NATS server leading the stream is killed (SIGKILL); the longest publish-to-delivery time
+#    is the pause, and nothing acknowledged may be lost.
+# On two cores a cluster shows its overhead, not its speed-up.
 #
 #   bash bench/cluster.sh
 set -euo pipefail
@@ -89,33 +92,62 @@ run "herald-single" "$single" fanout --qos 1 --subscribers "$SUBSCRIBERS" --dura
 kill "$single"; wait "$single" 2>/dev/null || true
 
 # Three NATS servers, two Herald nodes.
-declare -a np cp
+declare -a np cp mp
 for i in 0 1 2; do np[$i]=$(free_port); cp[$i]=$(free_port); done
 routes="nats://127.0.0.1:${cp[0]},nats://127.0.0.1:${cp[1]},nats://127.0.0.1:${cp[2]}"
 nats_pids=()
 for i in 0 1 2; do
-  nats-server -js -sd "$work/n$i" -a 127.0.0.1 -p "${np[$i]}" -n "n$i" --cluster_name herald \
+  mp[$i]=$(free_port)
+  nats-server -js -sd "$work/n$i" -a 127.0.0.1 -p "${np[$i]}" -m "${mp[$i]}" -n "n$i" --cluster_name herald \
     --cluster "nats://127.0.0.1:${cp[$i]}" --routes "$routes" > "$work/n$i.log" 2>&1 &
   nats_pids+=($!); pids+=($!)
 done
 for i in 0 1 2; do wait_port "${np[$i]}"; done
 urls="\"nats://127.0.0.1:${np[0]}\", \"nats://127.0.0.1:${np[1]}\", \"nats://127.0.0.1:${np[2]}\""
-h1=$(free_port); h2=$(free_port)
+h1=$(free_port); h2=$(free_port); h3=$(free_port)
 herald_conf "$work/h1.toml" "$h1" "[cluster]
 node = \"bench-1\"
 nats = [$urls]"
 herald_conf "$work/h2.toml" "$h2" "[cluster]
 node = \"bench-2\"
 nats = [$urls]"
+herald_conf "$work/h3.toml" "$h3" "[cluster]
+node = \"bench-3\"
+nats = [$urls]"
 target/release/herald --config "$work/h1.toml" > "$work/h1.log" 2>&1 & node1=$!; pids+=("$node1")
 target/release/herald --config "$work/h2.toml" > "$work/h2.log" 2>&1 & node2=$!; pids+=("$node2")
-wait_port "$h1"; wait_port "$h2"
-all="$node1 $node2 ${nats_pids[*]}"
+target/release/herald --config "$work/h3.toml" > "$work/h3.log" 2>&1 & node3=$!; pids+=("$node3")
+wait_port "$h1"; wait_port "$h2"; wait_port "$h3"
+all="$node1 $node2 $node3 ${nats_pids[*]}"
 for qos in 0 1; do
   run "herald-cluster-cross" "$all" fanout --qos $qos --subscribers "$SUBSCRIBERS" --rate "$RATE" --duration "$DURATION" --port "$h1" --sub-port "$h2"
   run "herald-cluster-local" "$all" fanout --qos $qos --subscribers "$SUBSCRIBERS" --rate "$RATE" --duration "$DURATION" --port "$h1"
 done
 run "herald-cluster-cross" "$all" fanout --qos 1 --subscribers "$SUBSCRIBERS" --duration "$DURATION" --port "$h1" --sub-port "$h2"
+for qos in 0 1; do
+  run "herald-cluster-3-nodes" "$all" fanout --qos $qos --subscribers "$SUBSCRIBERS" --duration "$DURATION" --port "$h1" --sub-port "$h1,$h2,$h3"
+done
+
+# The failover pause: the stream's leader killed 5 s into a 20 s QoS 1 fan-out.
+leader=$(curl -s "http://127.0.0.1:${mp[0]}/jsz?accounts=true&streams=true" | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+for a in d.get("account_details", []):
+    for s in a.get("stream_detail", []):
+        if s["name"] == "HERALD_MSGS":
+            print(s["cluster"]["leader"])
+')
+victim=${leader#n}
+survivors=""; for p in $all; do [ "$p" != "${nats_pids[$victim]}" ] && survivors="$survivors $p"; done
+c0=$(cpu_ticks $survivors)
+timeout 300 target/release/herald-loadgen fanout --qos 1 --subscribers 10 --rate 2000 --duration 20 --port "$h1" --sub-port "$h2" > "$work/failover.json" &
+loadgen=$!
+sleep 5
+kill -9 "${nats_pids[$victim]}"
+echo "killed the stream leader $leader" >&2
+wait "$loadgen" || echo '{"scenario":"failed"}' > "$work/failover.json"
+c1=$(cpu_ticks $survivors)
+record "herald-cluster-failover" "fanout --qos 1 --subscribers 10 --rate 2000 --duration 20, stream leader $leader killed at 5 s" "$(cat "$work/failover.json")" $(( c1 - c0 ))
 
 python3 bench/report.py bench/results.jsonl > docs/benchmarks.md
 echo "wrote docs/benchmarks.md" >&2

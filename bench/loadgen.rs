@@ -328,6 +328,7 @@ fn latency_fields(r: &mut Report, received: &Received) {
     let mut l = std::mem::take(&mut *received.latencies_us.lock().unwrap());
     l.sort_unstable();
     r.num("p50_ms", percentile(&l, 0.50)).num("p99_ms", percentile(&l, 0.99)).num("p999_ms", percentile(&l, 0.999));
+    r.num("max_ms", percentile(&l, 1.0));
 }
 
 async fn fanin(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
@@ -388,10 +389,15 @@ async fn fanout(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     let secs: f64 = o.get("duration", 10.0);
     let received = Arc::new(Received::default());
     let stop = Arc::new(AtomicBool::new(false));
-    // `--sub-port`: the subscribers on another node of a cluster than the publisher.
-    let sub_addr = SocketAddr::from(([127, 0, 0, 1], o.get("sub-port", addr.port())));
+    // `--sub-port P[,P...]`: the subscribers on other nodes of a cluster than the publisher,
+    // spread over the ports in turn.
+    let sub_ports: Vec<u16> = o.get("sub-port", addr.port().to_string())
+        .split(',')
+        .map(|p| p.parse().unwrap_or_else(|_| panic!("bad --sub-port")))
+        .collect();
     let mut subs = Vec::new();
     for i in 0..subscribers {
+        let sub_addr = SocketAddr::from(([127, 0, 0, 1], sub_ports[i as usize % sub_ports.len()]));
         let mut c = Conn::open(sub_addr, &format!("bench-fanout-sub-{i}")).await;
         c.subscribe("news/tech", qos).await;
         subs.push(tokio::spawn(subscriber_loop(c, received.clone(), stop.clone())));

@@ -644,6 +644,21 @@ impl Broker {
         self.route(message, false)
     }
 
+    /// Gives up a delivery that waited for room in a subscriber's full queue: dropped, counted,
+    /// its stored entry removed; with `congested`, the subscriber is not waited for again until
+    /// it drains (`SessionShared::set_congested`).
+    pub fn give_up_delivery(&self, target: &SessionShared, delivery: Delivery, congested: bool) {
+        if congested {
+            target.set_congested(true);
+        }
+        if let Some(at) = delivery.queue_ref() {
+            let mut txn = Txn::default();
+            txn.remove_entry(&target.client_id, at);
+            self.store.commit(txn);
+        }
+        self.record(&delivery.message, Outcome::QueueFull);
+    }
+
     /// Cluster mode: a message another node accepted, with this node's receipt of it (counted
     /// under the other node's id) and its story id in this node's deduplication window.
     pub fn remote_message(&self, message: Message) -> Arc<Message> {

@@ -123,7 +123,14 @@ pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound, gro
             m = log.next() => match m {
                 Some(Ok(m)) => {
                     let ticket = match cluster::receive(&link, m.headers.as_ref(), &m.payload) {
-                        Some(r) => broker.publish(broker.remote_message(r.message)).ticket,
+                        Some(r) => {
+                            // As a publisher's connection does: a subscriber whose queue is full
+                            // is waited for (up to `max_publish_wait_ms`), and meanwhile this
+                            // node reads no further in the stream; JetStream keeps the rest.
+                            let outcome = broker.route(broker.remote_message(r.message), true);
+                            wait_for_room(&broker, outcome.blocked).await;
+                            outcome.ticket
+                        }
                         None => 0,
                     };
                     if let Ok(info) = m.info() {
@@ -306,6 +313,27 @@ async fn watch_nodes(broker: Arc<Broker>, link: Arc<Link>) {
             if let Err(e) = broker.adopt_all(&node).await {
                 warn!(node = node.as_str(), error = e.as_str(), "taking over a dead node's sessions failed");
             }
+        }
+    }
+}
+
+/// Waits for room in the queues of the subscribers a stream message found full, until
+/// `mqtt.max_publish_wait_ms` from now; a subscriber still full then loses the message
+/// (counted) and is marked congested, as with a local publisher.
+async fn wait_for_room(broker: &Broker, blocked: Vec<(Arc<crate::session::SessionShared>, crate::message::Delivery)>) {
+    if blocked.is_empty() {
+        return;
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(broker.config().mqtt.max_publish_wait_ms);
+    for (target, delivery) in blocked {
+        if !target.is_online() {
+            broker.give_up_delivery(&target, delivery, false);
+            continue;
+        }
+        match tokio::time::timeout_at(deadline, target.mailbox.reserve()).await {
+            Ok(Ok(permit)) => permit.send(delivery),
+            Ok(Err(_)) => broker.give_up_delivery(&target, delivery, false),
+            Err(_) => broker.give_up_delivery(&target, delivery, true),
         }
     }
 }
