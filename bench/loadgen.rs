@@ -391,7 +391,8 @@ async fn fanout(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     let stop = Arc::new(AtomicBool::new(false));
     // `--sub-port P[,P...]`: the subscribers on other nodes of a cluster than the publisher,
     // spread over the ports in turn.
-    let sub_ports: Vec<u16> = o.get("sub-port", addr.port().to_string())
+    let sub_ports: Vec<u16> = o
+        .get("sub-port", addr.port().to_string())
         .split(',')
         .map(|p| p.parse().unwrap_or_else(|_| panic!("bad --sub-port")))
         .collect();

@@ -982,15 +982,17 @@ async fn append(link: Arc<Link>, js: jetstream::Context, mut rx: mpsc::Receiver<
                         link.acknowledge(ticket);
                     }
                     Err(e) => {
-                        link.figures.append_retries.fetch_add(1, Ordering::Relaxed);
-                        warn!(error = e.as_str(), "appending to JetStream failed; trying again");
+                        // Every waiting append is sent again, in order, not only the first:
+                        // after a failover each would otherwise wait for its own timeout in
+                        // turn (measured: a 22 s pause at 200 messages/s, instead of the
+                        // election's few seconds). JetStream drops the copies of those that
+                        // had arrived (same message id).
+                        link.figures.append_retries.fetch_add(waiting.len() as u64, Ordering::Relaxed);
+                        warn!(error = e.as_str(), waiting = waiting.len(), "appending to JetStream failed; sending again");
                         tokio::time::sleep(RETRY_AFTER).await;
-                        let (ticket, payload) = {
-                            let front = waiting.front().expect("not empty");
-                            (front.0, front.1.clone())
-                        };
-                        let future = send(ticket, payload).await;
-                        waiting.front_mut().expect("not empty").2 = future;
+                        for entry in waiting.iter_mut() {
+                            entry.2 = send(entry.0, entry.1.clone()).await;
+                        }
                     }
                 }
             }

@@ -1040,3 +1040,45 @@ async fn receipts_count_every_node_and_a_story_retried_elsewhere_is_not_routed_t
         r.expect_silence(Duration::from_millis(300)).await;
     }
 }
+
+/// News delivery applies where a message is routed, also to messages published on another
+/// node: the priority lane puts a breaking story ahead of the backlog queued for an offline
+/// session, and a `keep_latest` queue policy keeps only the newest message of a topic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_priority_lane_and_queue_policies_apply_to_other_nodes_messages() {
+    let nats = NatsCluster::start();
+    let a = Node::start("herald-a", &nats);
+    let rules = "[http]\nbind = \"127.0.0.1:0\"\n\
+                 [[priority]]\nfilter = \"news/breaking/#\"\nclass = \"high\"\n\
+                 [[queue_policy]]\nfilter = \"news/scores/#\"\nkeep_latest = 1\n";
+    let b = Node::start_with("herald-b", &nats, rules);
+    let (mut phone, _) = RawClient::connect(b.addr(), persistent("phone", true)).await;
+    phone.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
+    expect_suback(&mut phone).await;
+    drop(phone);
+    wait_until_blocking("the phone's session is parked on node b", || {
+        http_json(http_addr(&b), "GET", "/api/v1/clients/phone", "").1["connected"] == false
+    });
+    for (topic, payload) in [
+        ("news/1", "feature 1"),
+        ("news/scores/x", "1-0"),
+        ("news/scores/x", "2-0"),
+        ("news/breaking/y", "quake"),
+        ("news/2", "feature 2"),
+    ] {
+        mosquitto_pub(&a, topic, payload, 1);
+    }
+    wait_until_blocking("node b queued four (1-0 replaced by 2-0)", || {
+        http_json(http_addr(&b), "GET", "/api/v1/clients/phone", "").1["queued"] == 4
+    });
+    let (mut phone, ack) = RawClient::connect(b.addr(), persistent("phone", false)).await;
+    assert!(ack.session_present);
+    let mut got = Vec::new();
+    for _ in 0..4 {
+        let p = expect_publish(&mut phone).await;
+        phone.send(&Packet::PubAck(PubResponse::new(p.packet_id, ReasonCode::SUCCESS))).await;
+        got.push(String::from_utf8(p.payload.to_vec()).unwrap());
+    }
+    assert_eq!(got, ["quake", "feature 1", "2-0", "feature 2"], "the breaking story first; only the latest score");
+    phone.expect_silence(Duration::from_millis(300)).await;
+}
