@@ -285,6 +285,15 @@ fn messages_cross_nodes_at_every_qos_and_wildcard() {
     // Each arrived once: nothing more within a second.
     assert!(all.received_within(Duration::from_secs(1)).is_empty());
     assert!(other.received_within(Duration::from_millis(100)).is_empty(), "sport/# matches none of them");
+    // And the other way, at every QoS: published on node 3, received on node 1.
+    let back = mosquitto_sub(&nodes[0], "sport/#", 2);
+    for qos in 0..=2u8 {
+        mosquitto_pub(&nodes[2], &format!("sport/q{qos}"), &format!("back{qos}"), qos);
+    }
+    let mut got = back.received(3);
+    got.sort();
+    assert_eq!(got, vec!["sport/q0 back0", "sport/q1 back1", "sport/q2 back2"]);
+    assert!(back.received_within(Duration::from_millis(500)).is_empty(), "each once");
 }
 
 /// A QoS 1 PUBLISH is acknowledged only once JetStream has it: with every NATS server down the
@@ -777,7 +786,9 @@ async fn a_herald_node_killed_during_a_stream_loses_no_acknowledged_message() {
 /// subscription gets nothing, another node's subscriber does), [MQTT-3.3.2-6] the expiry
 /// interval left, [MQTT-3.3.2-5] an expired message is not sent to a session that comes back
 /// late, [MQTT-3.3.2-12] a topic alias stays on its connection (the other node sends the
-/// topic), and [MQTT-4.7.2-1] `#` does not match a `$` topic while `$app/#` does.
+/// topic), and [MQTT-4.7.2-1] `#` does not match a `$` topic while `$app/#` does. The
+/// expired message is handed off as undelivered where its session is, and counted on the
+/// receipt any node's API answers with.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscription_options_expiry_aliases_and_dollar_topics_hold_across_nodes() {
     let nats = NatsCluster::start();
@@ -797,6 +808,10 @@ async fn subscription_options_expiry_aliases_and_dollar_topics_hold_across_nodes
     let (mut dollar, _) = RawClient::connect(b.addr(), connect_packet(ProtocolVersion::V5, "dollar", true)).await;
     dollar.send(&subscribe(1, "$app/#", QoS::AtLeastOnce)).await;
     expect_suback(&mut dollar).await;
+    // The undelivered hand-off of node b, where the session is [issue 7].
+    let (mut handoff, _) = RawClient::connect(b.addr(), connect_packet(ProtocolVersion::V5, "handoff", true)).await;
+    handoff.send(&subscribe(1, "$SYS/broker/herald/undelivered", QoS::AtMostOnce)).await;
+    expect_suback(&mut handoff).await;
     // A persistent session on node b, offline, for the expiry check.
     let (mut late, _) = RawClient::connect(b.addr(), persistent("late", true)).await;
     late.send(&subscribe(1, "expiring/#", QoS::AtLeastOnce)).await;
@@ -854,6 +869,7 @@ async fn subscription_options_expiry_aliases_and_dollar_topics_hold_across_nodes
     // Expired while its session was away: not sent when it comes back [MQTT-3.3.2-5].
     let mut expiring = publish_msg("expiring/x", b"gone", QoS::AtLeastOnce, 4);
     expiring.properties.message_expiry_interval = Some(1);
+    expiring.properties.user_properties.push(("story-id".into(), "s-expiring".into()));
     editor.send(&Packet::Publish(expiring)).await;
     assert!(matches!(editor.recv_within(PATIENCE).await, Ok(Some(Packet::PubAck(_)))));
     editor.send(&publish("expiring/y", b"kept", QoS::AtLeastOnce, 5)).await;
@@ -868,6 +884,19 @@ async fn subscription_options_expiry_aliases_and_dollar_topics_hold_across_nodes
     assert_eq!(&p.payload[..], b"kept", "the expired message was dropped");
     late.send(&ack(p.packet_id)).await;
     late.expect_silence(Duration::from_millis(300)).await;
+    // Handed off as undelivered on node b, and counted on the story's receipt that node a's API
+    // sums from both nodes.
+    // (The `$SYS` figure of the same name, a count, may come first.)
+    let event = loop {
+        let p = expect_publish(&mut handoff).await;
+        if let Ok(v @ serde_json::Value::Object(_)) = serde_json::from_slice::<serde_json::Value>(&p.payload) {
+            break v;
+        }
+    };
+    assert_eq!((event["client_id"].as_str(), event["topic"].as_str()), (Some("late"), Some("expiring/x")), "{event}");
+    wait_until_blocking("node a's API counts the undelivered story", || {
+        http_json(http_addr(&a), "GET", "/api/v1/messages/s-expiring/receipts", "").1["undelivered"] == 1
+    });
     // And `#` on node b saw neither `$app/status` nor anything else out of place.
     for payload in [&b"gone"[..], b"kept"] {
         let p = expect_publish(&mut reader).await;
@@ -922,7 +951,8 @@ fn a_shared_group_gets_each_message_once_across_nodes() {
 
 /// A node that dies (SIGKILL) with sessions: once it has been silent for `dead_after_secs`, the
 /// lowest-named live node takes them over. The will of a client connected to it is published
-/// once [MQTT-3.1.2-8], a parked session's expiry runs out there [MQTT-3.1.2-23], and a parked
+/// once, after its will delay [MQTT-3.1.2-8] [MQTT-3.1.3-9], a parked session's expiry runs out
+/// there [MQTT-3.1.2-23], and a parked
 /// session's client resumes it on a third node with what was queued.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_nodes_sessions_are_taken_over_wills_and_expiry_included() {
@@ -941,7 +971,7 @@ async fn a_dead_nodes_sessions_are_taken_over_wills_and_expiry_included() {
         payload: bytes::Bytes::from_static(b"gone"),
         qos: QoS::AtLeastOnce,
         retain: false,
-        properties: Default::default(),
+        properties: herald::codec::Properties { will_delay_interval: Some(2), ..Default::default() },
     });
     let (_phone, _) = RawClient::connect(a.addr(), with_will).await;
     let mut short = connect_packet(ProtocolVersion::V5, "tablet", true);
@@ -967,10 +997,20 @@ async fn a_dead_nodes_sessions_are_taken_over_wills_and_expiry_included() {
     let _ = a.child.kill();
     let _ = a.child.wait();
     let killed = Instant::now();
-    let will = expect_publish(&mut watcher).await;
+    let will = match watcher.recv_within(PATIENCE).await {
+        Ok(Some(Packet::Publish(p))) => p,
+        other => panic!("expected the will, got {other:?}"),
+    };
     assert_eq!((will.topic.as_str(), &will.payload[..]), ("wills/phone", &b"gone"[..]));
     watcher.send(&Packet::PubAck(PubResponse::new(will.packet_id, ReasonCode::SUCCESS))).await;
-    eprintln!("the dead node's will published {:?} after the kill (dead_after_secs = 3)", killed.elapsed());
+    eprintln!(
+        "the dead node's will published {:?} after the kill (dead_after_secs = 3, will delay 2 s)",
+        killed.elapsed()
+    );
+    assert!(
+        killed.elapsed() >= Duration::from_secs(4),
+        "[MQTT-3.1.3-9] the will waited for its delay after the takeover"
+    );
     watcher.expect_silence(Duration::from_secs(1)).await;
     wait_until_blocking("node b holds the laptop's session", || {
         http_json(http_addr(&c), "GET", "/api/v1/clients/laptop", "").1["node"] == "herald-b"
