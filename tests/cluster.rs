@@ -921,7 +921,17 @@ fn a_shared_group_gets_each_message_once_across_nodes() {
     // A node reads a group from the cluster once it has a member (a few milliseconds after the
     // first member's SUBACK; docs/cluster.md).
     for node in &nodes[..2] {
-        wait_until_blocking("the node reads the group", || !node.log_lines("reading a shared group").is_empty());
+        let mut warnings = Vec::new();
+        let deadline = Instant::now() + 2 * PATIENCE;
+        loop {
+            let lines: Vec<String> = node.log.try_iter().collect();
+            if lines.iter().any(|l| l.contains("reading a shared group")) {
+                break;
+            }
+            warnings.extend(lines.into_iter().filter(|l| l.contains("WARN")));
+            assert!(Instant::now() < deadline, "the node never read the group; its warnings: {warnings:?}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     let mut published = Vec::new();
     for n in 0..40 {

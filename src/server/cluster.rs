@@ -214,16 +214,22 @@ async fn checkpoints(broker: Arc<Broker>, link: Arc<Link>) {
 async fn read_shared(broker: Arc<Broker>, link: Arc<Link>, group: String, filter: String) {
     use async_nats::jetstream::AckKind;
     let max_pending = broker.config().cluster.as_ref().map_or(1024, |c| c.max_pending);
-    let (mut log, mut qos0) = match link.shared_inbound(&group, &filter, max_pending).await {
-        Ok(inbound) => inbound,
-        Err(e) => {
-            warn!(
-                group = group.as_str(),
-                filter = filter.as_str(),
-                error = e.as_str(),
-                "cannot read a shared group from the cluster"
-            );
-            return;
+    // Tried again while the group has members here: JetStream may be busy or electing.
+    let (mut log, mut qos0) = loop {
+        match link.shared_inbound(&group, &filter, max_pending).await {
+            Ok(inbound) => break inbound,
+            Err(e) => {
+                warn!(
+                    group = group.as_str(),
+                    filter = filter.as_str(),
+                    error = e.as_str(),
+                    "cannot read a shared group from the cluster yet; trying again"
+                );
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                if !broker.has_shared_member(&group, &filter) {
+                    return;
+                }
+            }
         }
     };
     info!(group = group.as_str(), filter = filter.as_str(), "reading a shared group from the cluster");
