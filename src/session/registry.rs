@@ -446,30 +446,31 @@ impl Registry {
         if !remove_session {
             return true;
         }
+        // None: ended with its connection (not persistent), never held, or not let go in time.
+        if let Some(state) = self.take_parked(&session, was_online).await {
+            self.end(&session, state);
+        }
+        true
+    }
+
+    /// Waits (with `wait`, up to 5 s, with no lock held) until no connection holds the session,
+    /// and takes its parked state; None if it has none (it ended with its connection) or was
+    /// still held.
+    async fn take_parked(&self, session: &SessionShared, wait: bool) -> Option<SessionState> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
         loop {
             let notified = session.parked_notify.notified();
-            let parked = {
+            {
                 let mut own = session.ownership.lock().expect("ownership lock");
                 if own.holder.is_none() {
                     own.park_generation += 1;
-                    Some(own.parked.take())
-                } else {
-                    None
-                }
-            };
-            match parked {
-                Some(Some(state)) => {
-                    self.end(&session, state);
-                    return true;
-                }
-                // Ended with its connection (not persistent), or never held.
-                Some(None) => return true,
-                None if !was_online || tokio::time::Instant::now() > deadline => return true,
-                None => {
-                    let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
+                    return own.parked.take();
                 }
             }
+            if !wait || tokio::time::Instant::now() > deadline {
+                return None;
+            }
+            let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
         }
     }
 
@@ -484,32 +485,11 @@ impl Registry {
             .lock()
             .expect("ownership lock")
             .send_kick(super::Kick { reason: ReasonCode::SESSION_TAKEN_OVER, elsewhere: true });
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let notified = session.parked_notify.notified();
-            let parked = {
-                let mut own = session.ownership.lock().expect("ownership lock");
-                if own.holder.is_none() {
-                    own.park_generation += 1;
-                    Some(own.parked.take())
-                } else {
-                    None
-                }
-            };
-            match parked {
-                Some(Some(mut state)) => {
-                    self.warm(client_id, &mut state).await;
-                    let taken = take(&state);
-                    self.end(&session, state);
-                    return Some(taken);
-                }
-                Some(None) => return None,
-                None if tokio::time::Instant::now() > deadline => return None,
-                None => {
-                    let _ = tokio::time::timeout(Duration::from_millis(100), notified).await;
-                }
-            }
-        }
+        let mut state = self.take_parked(&session, true).await?;
+        self.warm(client_id, &mut state).await;
+        let taken = take(&state);
+        self.end(&session, state);
+        Some(taken)
     }
 
     /// Asks every connection that holds a session to close with `reason` (shutdown).
