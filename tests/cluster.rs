@@ -1132,3 +1132,63 @@ async fn the_priority_lane_and_queue_policies_apply_to_other_nodes_messages() {
     assert_eq!(got, ["quake", "feature 1", "2-0", "feature 2"], "the breaking story first; only the latest score");
     phone.expect_silence(Duration::from_millis(300)).await;
 }
+
+/// A real third-party client (rumqttc, MQTT 3.1.1, clean session off) resumes its session on
+/// another node: session present [MQTT-3.2.2-2] and the messages queued while it was away,
+/// without subscribing again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rumqttc_resumes_its_session_on_another_node() {
+    use rumqttc::{AsyncClient, Event, MqttOptions, Packet as RPacket, QoS as RQoS};
+    let nats = NatsCluster::start();
+    let http = "[http]\nbind = \"127.0.0.1:0\"\n";
+    let a = Node::start_with("herald-a", &nats, http);
+    let b = Node::start_with("herald-b", &nats, http);
+    // Events of one rumqttc connection: (session present of its CONNACK) and publishes.
+    let connect = |port: u16| {
+        let mut opts = MqttOptions::new("commuter", "127.0.0.1", port);
+        opts.set_clean_session(false);
+        opts.set_keep_alive(Duration::from_secs(30));
+        let (client, mut events) = AsyncClient::new(opts, 100);
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                let event = match events.poll().await {
+                    Ok(Event::Incoming(RPacket::ConnAck(c))) => format!("connack {}", c.session_present),
+                    Ok(Event::Incoming(RPacket::SubAck(_))) => "suback".into(),
+                    Ok(Event::Incoming(RPacket::Publish(p))) => {
+                        format!("{} {}", p.topic, String::from_utf8_lossy(&p.payload))
+                    }
+                    Ok(_) => continue,
+                    Err(_) => break,
+                };
+                if tx.send(event).is_err() {
+                    break;
+                }
+            }
+        });
+        (client, rx, task)
+    };
+    let (client, mut events, task) = connect(a.port);
+    assert_eq!(next_event(&mut events).await, "connack false");
+    client.subscribe("news/#", RQoS::AtLeastOnce).await.unwrap();
+    assert_eq!(next_event(&mut events).await, "suback");
+    wait_for_holder(&b, "commuter", "herald-a").await;
+    client.disconnect().await.unwrap();
+    wait_until_blocking("the session is parked on node a", || {
+        http_json(http_addr(&a), "GET", "/api/v1/clients/commuter", "").1["connected"] == false
+    });
+    task.abort();
+    for n in 1..=3 {
+        mosquitto_pub(&b, &format!("news/{n}"), &format!("story {n}"), 1);
+    }
+    let (_client, mut events, task) = connect(b.port);
+    assert_eq!(next_event(&mut events).await, "connack true", "the session moved to node b");
+    for n in 1..=3 {
+        assert_eq!(next_event(&mut events).await, format!("news/{n} story {n}"));
+    }
+    task.abort();
+}
+
+async fn next_event(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
+    tokio::time::timeout(PATIENCE, rx.recv()).await.ok().flatten().expect("an event from rumqttc")
+}

@@ -145,35 +145,6 @@ pub struct HandedEntry {
     pub inflight: Option<(u16, u8)>,
 }
 
-/// What a session's state hands over: its in-flight messages, then its queue; None when the
-/// messages exceed `MAX_HANDOVER_BYTES`.
-pub fn handed_entries(state: &crate::session::SessionState) -> Option<(Vec<HandedEntry>, Vec<u16>)> {
-    use crate::message::OutState;
-    let mut bytes = 0;
-    let mut out = Vec::with_capacity(state.inflight.len() + state.pending.len());
-    let entry = |d: &crate::message::Delivery, inflight: Option<(u16, u8)>| HandedEntry {
-        message: super::hex(&crate::store::records::encode_message(&d.message)),
-        qos: d.qos as u8,
-        retain: d.retain,
-        subscription_ids: d.subscription_ids.to_vec(),
-        inflight,
-    };
-    for f in &state.inflight {
-        let code = match f.state {
-            OutState::AwaitPubAck => 1,
-            OutState::AwaitPubRec => 2,
-            OutState::AwaitPubComp => 3,
-        };
-        bytes += f.delivery.message.payload.len() + f.delivery.message.topic.len();
-        out.push(entry(&f.delivery, Some((f.packet_id, code))));
-    }
-    for d in &state.pending {
-        bytes += d.message.payload.len() + d.message.topic.len();
-        out.push(entry(d, None));
-    }
-    (bytes <= MAX_HANDOVER_BYTES).then(|| (out, state.incoming_qos2.iter().copied().collect()))
-}
-
 impl HandedEntry {
     /// The message and its queue entry (with no store numbers yet).
     pub fn decode(&self) -> Option<(crate::message::Message, crate::store::records::QueueEntry)> {

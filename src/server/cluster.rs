@@ -176,7 +176,7 @@ async fn hand_over(broker: &Broker, link: &Link, request: async_nats::Message) {
     // above `processed`, and everything it holds above `checkpoint`.
     let checkpoint = link.checkpoint_now(broker.store().oldest_body());
     let processed = link.processed();
-    let handed = broker.registry().hand_over(client_id, crate::cluster::sessions::handed_entries).await;
+    let handed = broker.registry().hand_over(client_id, handed_entries).await;
     let answer = match handed {
         None => HandoverReply { held: false, checkpoint, ..Default::default() },
         Some(None) => HandoverReply { held: true, checkpoint, ..Default::default() },
@@ -342,4 +342,36 @@ async fn wait_for_room(broker: &Broker, blocked: Vec<(Arc<crate::session::Sessio
             Err(_) => broker.give_up_delivery(&target, delivery, true),
         }
     }
+}
+
+/// What a session's state hands over: its in-flight messages, then its queue; None when the
+/// messages exceed `MAX_HANDOVER_BYTES`.
+fn handed_entries(
+    state: &crate::session::SessionState,
+) -> Option<(Vec<crate::cluster::sessions::HandedEntry>, Vec<u16>)> {
+    use crate::message::OutState;
+    let mut bytes = 0;
+    let mut out = Vec::with_capacity(state.inflight.len() + state.pending.len());
+    let entry = |d: &crate::message::Delivery, inflight: Option<(u16, u8)>| crate::cluster::sessions::HandedEntry {
+        message: crate::cluster::hex(&crate::store::records::encode_message(&d.message)),
+        qos: d.qos as u8,
+        retain: d.retain,
+        subscription_ids: d.subscription_ids.to_vec(),
+        inflight,
+    };
+    for f in &state.inflight {
+        let code = match f.state {
+            OutState::AwaitPubAck => 1,
+            OutState::AwaitPubRec => 2,
+            OutState::AwaitPubComp => 3,
+        };
+        bytes += f.delivery.message.payload.len() + f.delivery.message.topic.len();
+        out.push(entry(&f.delivery, Some((f.packet_id, code))));
+    }
+    for d in &state.pending {
+        bytes += d.message.payload.len() + d.message.topic.len();
+        out.push(entry(d, None));
+    }
+    (bytes <= crate::cluster::sessions::MAX_HANDOVER_BYTES)
+        .then(|| (out, state.incoming_qos2.iter().copied().collect()))
 }
