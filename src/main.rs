@@ -1,50 +1,55 @@
-//! The `herald` command: read the configuration, set up logging, run until SIGINT or SIGTERM.
+//! The `herald` command (clap): run the broker with a configuration until SIGINT or SIGTERM,
+//! check a configuration file, or set a password in a password file.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
+use clap::{Parser, Subcommand};
 use herald::config::Config;
 
-const USAGE: &str = "usage: herald [--config PATH]\n       herald passwd FILE USER [PASSWORD]\n\n\
-Runs the Herald MQTT broker. PATH defaults to ./config.toml; SIGHUP (or POST /api/v1/reload)\n\
-reloads the password file, ACL, JWT key, limits and TLS certificates; SIGTERM or SIGINT shuts\n\
-down within [shutdown] grace_period.\n\
-`herald passwd` adds or replaces USER in the Mosquitto-format password FILE (created if missing),\n\
-with a PBKDF2-SHA512 hash; the password is read from the first line of standard input unless given.";
+/// The Herald MQTT broker. SIGHUP (or POST /api/v1/reload) reloads the password file, ACL, JWT
+/// key, limits and TLS certificates; SIGTERM or SIGINT shuts down within [shutdown]
+/// grace_period.
+#[derive(Parser)]
+#[command(name = "herald", version, about)]
+struct Cli {
+    /// The configuration file (docs/configuration.md).
+    #[arg(short, long, default_value = "config.toml", value_name = "PATH")]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
 
-fn parse_args() -> Result<PathBuf, String> {
-    let mut args = std::env::args().skip(1);
-    let mut path = PathBuf::from("config.toml");
-    while let Some(arg) = args.next() {
-        match arg.as_str() {
-            "--config" | "-c" => path = args.next().ok_or("--config needs a path")?.into(),
-            "--help" | "-h" => return Err(String::new()),
-            other => return Err(format!("unknown argument {other:?}")),
-        }
-    }
-    Ok(path)
+#[derive(Subcommand)]
+enum Command {
+    /// Reads and validates a configuration file without starting the broker: exits 0 if it is
+    /// valid, 1 with the offending key named otherwise.
+    CheckConfig {
+        #[arg(value_name = "PATH")]
+        path: PathBuf,
+    },
+    /// Adds or replaces USER in the Mosquitto-format password FILE (created if missing), with a
+    /// PBKDF2-SHA512 hash; the password is read from the first line of standard input unless
+    /// given.
+    Passwd { file: PathBuf, user: String, password: Option<String> },
 }
 
 /// `herald passwd FILE USER [PASSWORD]`.
-fn passwd(args: &[String]) -> ExitCode {
-    let (file, user, password) = match args {
-        [file, user] => {
+fn passwd(file: PathBuf, user: String, password: Option<String>) -> ExitCode {
+    let password = match password {
+        Some(p) => p,
+        None => {
             let mut line = String::new();
             if std::io::stdin().read_line(&mut line).is_err() || line.trim_end_matches(['\r', '\n']).is_empty() {
                 eprintln!("herald passwd: no password on standard input");
                 return ExitCode::from(2);
             }
-            (file, user, line.trim_end_matches(['\r', '\n']).to_owned())
-        }
-        [file, user, password] => (file, user, password.clone()),
-        _ => {
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
+            line.trim_end_matches(['\r', '\n']).to_owned()
         }
     };
     let iterations = herald::auth::password::DEFAULT_ITERATIONS;
-    match herald::auth::password::set_password(file.as_ref(), user, password.as_bytes(), iterations) {
+    match herald::auth::password::set_password(&file, &user, password.as_bytes(), iterations) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("herald passwd: {e}");
@@ -53,22 +58,28 @@ fn passwd(args: &[String]) -> ExitCode {
     }
 }
 
-fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.first().map(String::as_str) == Some("passwd") {
-        return passwd(&args[1..]);
-    }
-    let path = match parse_args() {
-        Ok(p) => p,
-        Err(e) => {
-            if !e.is_empty() {
-                eprintln!("herald: {e}");
-            }
-            eprintln!("{USAGE}");
-            return ExitCode::from(2);
+/// `herald check-config PATH`.
+fn check_config(path: PathBuf) -> ExitCode {
+    match Config::load(&path) {
+        Ok(_) => {
+            println!("{}: valid", path.display());
+            ExitCode::SUCCESS
         }
-    };
-    match run(path) {
+        Err(e) => {
+            eprintln!("herald: {}: {e:#}", path.display());
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::Passwd { file, user, password }) => return passwd(file, user, password),
+        Some(Command::CheckConfig { path }) => return check_config(path),
+        None => {}
+    }
+    match run(cli.config) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("herald: {e:#}");

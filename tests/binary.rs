@@ -52,6 +52,36 @@ fn invalid_value_in_config_is_refused_with_its_key() {
     assert!(err.contains("mqtt.max_inflight_messages"), "{err}");
 }
 
+/// `herald --version` prints the version; `herald check-config PATH` validates a file without
+/// starting anything: 0 and "valid" for the packaged config.toml, non-zero naming the key for a
+/// bad value, non-zero naming the file for one that is missing; an unknown flag is a usage
+/// error (2), as before clap.
+#[test]
+fn version_and_check_config() {
+    let herald = env!("CARGO_BIN_EXE_herald");
+    let out = Command::new(herald).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), format!("herald {}", env!("CARGO_PKG_VERSION")));
+
+    let packaged = concat!(env!("CARGO_MANIFEST_DIR"), "/config.toml");
+    let out = Command::new(herald).args(["check-config", packaged]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("valid"));
+
+    let bad = temp_config("check-bad", "[cluster]\nnode = \"a.b\"\nnats = [\"nats://127.0.0.1:4222\"]\n");
+    let out = Command::new(herald).args(["check-config", bad.to_str().unwrap()]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cluster.node"), "{err}");
+
+    let out = Command::new(herald).args(["check-config", "/nonexistent/herald.toml"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/herald.toml"));
+
+    let out = Command::new(herald).arg("--bogus").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}
+
 /// The 1483 packet vectors of ../shared/conformance, each tied to a specification statement.
 #[test]
 fn conformance_vectors_all_pass() {
