@@ -96,7 +96,9 @@ fn default_cluster_dead_after_secs() -> u64 {
 }
 
 fn default_cluster_hold_secs() -> u64 {
-    10
+    // Longer than a stream leader's election (5-9 s measured, more on a loaded machine): a
+    // NATS server's death must not refuse publishers.
+    30
 }
 
 fn default_cluster_stream() -> String {

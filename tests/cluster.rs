@@ -459,7 +459,8 @@ async fn stream_leader(nats: &NatsCluster) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_stream_leader_dying_loses_no_acknowledged_message() {
     let mut nats = NatsCluster::start();
-    let a = Node::start_with("herald-a", &nats, "[http]\nbind = \"127.0.0.1:0\"\n");
+    // Held, not refused, however long the election takes on a loaded machine.
+    let a = Node::start_with("herald-a", &nats, "hold_secs = 120\n[http]\nbind = \"127.0.0.1:0\"\n");
     let b = Node::start("herald-b", &nats);
     let ready =
         |node: &Node| http_json(std::net::SocketAddr::from(([127, 0, 0, 1], node.http.unwrap())), "GET", "/readyz", "");
