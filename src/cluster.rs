@@ -219,34 +219,8 @@ impl Link {
         let log = follow(&consumer).await.map_err(stream_error)?;
         let qos0_in = client.subscribe(QOS0_SUBJECT).await.map_err(|e| connect_error(e.to_string()))?;
         let claims_in = client.subscribe(CLAIM_SUBJECT).await.map_err(|e| connect_error(e.to_string()))?;
-        let retained_stream = format!("{}_RETAINED", config.stream);
-        let retained_store = js
-            .get_or_create_stream(jetstream::stream::Config {
-                name: retained_stream.clone(),
-                subjects: vec![RETAINED_SUBJECTS.into()],
-                num_replicas: config.replicas,
-                max_messages_per_subject: 1,
-                storage: jetstream::stream::StorageType::File,
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| stream_error(format!("{retained_stream}: {e}")))?;
-        // Made afresh at every start: it replays the last message of every topic, then follows.
-        let reader = format!("herald-{}-retained", config.node);
-        let _ = retained_store.delete_consumer(&reader).await;
-        let consumer = retained_store
-            .create_consumer(jetstream::consumer::pull::Config {
-                durable_name: Some(reader.clone()),
-                deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
-                ack_policy: jetstream::consumer::AckPolicy::None,
-                filter_subject: RETAINED_SUBJECTS.into(),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| stream_error(format!("{reader}: {e}")))?;
-        let mut retained_in = follow(&consumer).await.map_err(stream_error)?;
         let mut retained_now = Vec::new();
-        read_pending(&mut retained_in, consumer.cached_info().num_pending, |m| {
+        let retained_in = read_last_per_subject(&js, config, "RETAINED", RETAINED_SUBJECTS, |m| {
             retained_now.extend(retained_entry(m.subject.as_str(), &m.payload).filter(|r| !r.payload.is_empty()));
         })
         .await
@@ -872,11 +846,30 @@ async fn read_directory(
     js: &jetstream::Context,
     config: &ClusterConfig,
 ) -> Result<(Directory, jetstream::consumer::pull::Stream), String> {
-    let name = format!("{}_SESSIONS", config.stream);
+    let mut directory = Directory::default();
+    let stream = read_last_per_subject(js, config, "SESSIONS", sessions::DIRECTORY_SUBJECTS, |m| {
+        let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
+        directory.apply(m.subject.as_str(), seq, &m.payload);
+    })
+    .await?;
+    Ok((directory, stream))
+}
+
+/// Makes sure the stream `<stream>_<suffix>` keeping the last message of each of `subjects`
+/// exists (retained messages, the directory), gives `each` that last message of every subject
+/// through a consumer made afresh at every start, and returns the consumer, which then follows.
+async fn read_last_per_subject(
+    js: &jetstream::Context,
+    config: &ClusterConfig,
+    suffix: &str,
+    subjects: &str,
+    each: impl FnMut(&jetstream::Message),
+) -> Result<jetstream::consumer::pull::Stream, String> {
+    let name = format!("{}_{suffix}", config.stream);
     let store = js
         .get_or_create_stream(jetstream::stream::Config {
             name: name.clone(),
-            subjects: vec![sessions::DIRECTORY_SUBJECTS.into()],
+            subjects: vec![subjects.into()],
             num_replicas: config.replicas,
             max_messages_per_subject: 1,
             storage: jetstream::stream::StorageType::File,
@@ -884,26 +877,21 @@ async fn read_directory(
         })
         .await
         .map_err(|e| format!("{name}: {e}"))?;
-    let reader = format!("herald-{}-directory", config.node);
+    let reader = format!("herald-{}-{}", config.node, suffix.to_lowercase());
     let _ = store.delete_consumer(&reader).await;
     let consumer = store
         .create_consumer(jetstream::consumer::pull::Config {
             durable_name: Some(reader.clone()),
             deliver_policy: jetstream::consumer::DeliverPolicy::LastPerSubject,
             ack_policy: jetstream::consumer::AckPolicy::None,
-            filter_subject: sessions::DIRECTORY_SUBJECTS.into(),
+            filter_subject: subjects.into(),
             ..Default::default()
         })
         .await
         .map_err(|e| format!("{reader}: {e}"))?;
     let mut stream = follow(&consumer).await?;
-    let mut directory = Directory::default();
-    read_pending(&mut stream, consumer.cached_info().num_pending, |m| {
-        let seq = m.info().map(|i| i.stream_sequence).unwrap_or(0);
-        directory.apply(m.subject.as_str(), seq, &m.payload);
-    })
-    .await?;
-    Ok((directory, stream))
+    read_pending(&mut stream, consumer.cached_info().num_pending, each).await?;
+    Ok(stream)
 }
 
 /// Writes what `rx` gives to a stream keeping the last message per subject (retained messages,
