@@ -276,6 +276,53 @@ pub struct Http {
     /// Largest request body (a publish of a large story, base64 in JSON); larger: 413.
     #[serde(default = "default_http_max_body_bytes")]
     pub max_body_bytes: usize,
+    /// Delivery over HTTP (`/api/v1/stream`, `/api/v1/poll`; docs/http-api.md).
+    #[serde(default)]
+    pub readers: Readers,
+}
+
+/// `[http.readers]`: Server-Sent Events streams and long polls. Each is a session like an MQTT
+/// connection's, so the MQTT limits (`[limits]`, `mqtt.max_queued_messages`) bound them too;
+/// these bound what is HTTP's own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Readers {
+    /// Seconds between heartbeat comments on an idle stream, so that proxies keep it open.
+    pub heartbeat_secs: u64,
+    /// The `retry:` a stream announces: milliseconds a browser waits before reconnecting.
+    pub retry_ms: u64,
+    /// Events written to a stream and not yet taken by its socket; a stream whose buffer stays
+    /// full for `stall_ms` is closed and counted (`herald_http_readers_dropped_total`).
+    pub buffer_events: usize,
+    pub stall_ms: u64,
+    /// Deliveries of a persistent stream or poll kept until the reader confirms them (a
+    /// `Last-Event-ID`, a poll's `after`), to be sent again when it does not. Older ones count
+    /// as received.
+    pub window: usize,
+    /// Session expiry of a stream or poll that names its `client_id`, in seconds.
+    pub session_expiry_secs: u32,
+    /// Session expiry of a poller that names no `client_id` (its cursor names its session).
+    pub poll_session_expiry_secs: u32,
+    /// Longest `wait` a long poll may ask for, in seconds.
+    pub poll_max_wait_secs: u64,
+    /// Most messages in one poll answer.
+    pub poll_max_messages: usize,
+}
+
+impl Default for Readers {
+    fn default() -> Self {
+        Readers {
+            heartbeat_secs: 15,
+            retry_ms: 3000,
+            buffer_events: 1024,
+            stall_ms: 10_000,
+            window: 100,
+            session_expiry_secs: 3600,
+            poll_session_expiry_secs: 60,
+            poll_max_wait_secs: 30,
+            poll_max_messages: 1000,
+        }
+    }
 }
 
 fn default_http_max_head_bytes() -> usize {
@@ -419,6 +466,18 @@ pub enum ListenerProtocol {
     Ws,
     /// MQTT over WebSocket over TLS.
     Wss,
+}
+
+impl ListenerProtocol {
+    /// As written in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            ListenerProtocol::Mqtt => "mqtt",
+            ListenerProtocol::Mqtts => "mqtts",
+            ListenerProtocol::Ws => "ws",
+            ListenerProtocol::Wss => "wss",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -776,6 +835,20 @@ impl Config {
             }
             if http.header_timeout_ms == 0 || http.body_timeout_ms == 0 {
                 return invalid("http.header_timeout_ms", "timeouts must be at least 1 ms");
+            }
+            let r = &http.readers;
+            for (key, value) in [
+                ("http.readers.heartbeat_secs", r.heartbeat_secs as usize),
+                ("http.readers.buffer_events", r.buffer_events),
+                ("http.readers.stall_ms", r.stall_ms as usize),
+                ("http.readers.window", r.window),
+                ("http.readers.poll_session_expiry_secs", r.poll_session_expiry_secs as usize),
+                ("http.readers.session_expiry_secs", r.session_expiry_secs as usize),
+                ("http.readers.poll_max_messages", r.poll_max_messages),
+            ] {
+                if value == 0 {
+                    return invalid(key, "must be at least 1");
+                }
             }
         }
         for rule in &self.priority {

@@ -324,6 +324,13 @@ impl Snapshot {
                 c(&m.http_evicted),
             ),
             f(
+                "herald/http/readers_dropped",
+                "herald_http_readers_dropped_total",
+                Counter,
+                "Server-Sent Events streams closed for not reading their events (http.readers.stall_ms).",
+                c(&m.http_readers_dropped),
+            ),
+            f(
                 "herald/protocol_errors",
                 "herald_protocol_errors_total",
                 Counter,

@@ -28,6 +28,8 @@ pub struct Message {
     /// The QoS 0 PUBLISH as most subscribers get it, encoded once and shared: indexed by
     /// [3.1.1 or 5.0][retain flag]. See `connection::outbound`.
     pub shared_frames: [[std::sync::OnceLock<Bytes>; 2]; 2],
+    /// The Server-Sent Event of it (`http::reader::event`), made once for every HTTP reader.
+    pub event: std::sync::OnceLock<Bytes>,
     /// How many sessions routing found for it; sharing an encoded frame pays only above one.
     pub fanout: std::sync::atomic::AtomicUsize,
     /// Its body's id in the store, once routing stored it for a persistent session.
@@ -57,6 +59,7 @@ impl Message {
             received_at: Instant::now(),
             publisher: None,
             shared_frames: Default::default(),
+            event: Default::default(),
             fanout: Default::default(),
             store_id: Default::default(),
             id: 0,

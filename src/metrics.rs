@@ -44,6 +44,9 @@ pub struct Metrics {
     /// HTTP connections closed, before their first request head was complete, to make room for
     /// a newer connection when all `[http] max_connections` were taken.
     pub http_evicted: AtomicU64,
+    /// HTTP readers (streams) closed because they did not take their events for
+    /// `[http.readers] stall_ms`.
+    pub http_readers_dropped: AtomicU64,
     pub reloads: AtomicU64,
     /// Refusals by limit (docs/security.md): connections over `max_connections`, over
     /// `max_connections_per_ip`, over `connection_rate_per_ip`; subscriptions over

@@ -41,7 +41,7 @@ fuzz_target!(|data: &[u8]| {
     let w = world();
     w.rt.block_on(async {
         let (mut client, server) = tokio::io::duplex(64 * 1024);
-        let conn = herald::http::serve_connection(&w.builder, w.broker.clone(), server, || {});
+        let conn = herald::http::serve_connection(&w.builder, w.broker.clone(), server, ([127, 0, 0, 1], 9).into(), || {});
         let conn = tokio::spawn(conn);
         let _ = client.write_all(data).await;
         let _ = client.shutdown().await;

@@ -24,6 +24,8 @@ pub(super) struct Handshake {
     /// Handed to the registry with the claim, for it to ask this connection to let go later.
     pub kick_tx: Option<tokio::sync::oneshot::Sender<Kick>>,
     pub loopback: bool,
+    /// Its listener's index, for the admin API and the dashboard.
+    pub listener: u8,
     pub certificate_name: Option<Box<str>>,
 }
 
@@ -239,6 +241,7 @@ impl Handshake {
             client: crate::session::ClientInfo {
                 peer: Some(self.peer),
                 protocol: c.protocol as u8,
+                listener: self.listener,
                 username: username.clone(),
                 connected_at_ms: crate::clock::wall_ms_now(),
                 disconnected_at_ms: 0,

@@ -167,6 +167,7 @@ async fn open(broker: Arc<Broker>, stream: Socket, origin: Origin) -> Option<Box
         retry: Retry { enabled: false, next_retry: None, retry_tick: 0 },
         kick_tx: Some(kick_tx),
         loopback: origin.loopback,
+        listener: origin.listener.min(usize::from(crate::session::LISTENER_HTTP - 1)) as u8,
         certificate_name: origin.certificate_name.map(String::into_boxed_str),
         broker,
     };
@@ -177,8 +178,18 @@ async fn open(broker: Arc<Broker>, stream: Socket, origin: Origin) -> Option<Box
             return None;
         }
     };
-    let handshake::Handshake { broker, conn_id, peer, io, client, retry, kick_tx, loopback: _, certificate_name } =
-        handshake;
+    let handshake::Handshake {
+        broker,
+        conn_id,
+        peer,
+        io,
+        client,
+        retry,
+        kick_tx,
+        loopback: _,
+        listener: _,
+        certificate_name,
+    } = handshake;
     drop((kick_tx, certificate_name));
     let mut conn = Box::new(Connection {
         broker,

@@ -45,13 +45,15 @@ pub async fn handle(broker: &Arc<Broker>, req: Request) -> Response {
     let path = if req.path.len() > 1 { req.path.trim_end_matches('/') } else { req.path.as_str() }.to_owned();
     let method = req.method.as_str();
     let allowed = match path.as_str() {
-        "/metrics" | "/api/v1/clients" | "/api/v1/topics" => "GET",
+        "/" | "/dashboard" | "/metrics" | "/api/v1/clients" | "/api/v1/topics" | "/api/v1/overview" => "GET",
         "/api/v1/publish" | "/api/v1/reload" => "POST",
         p if p.starts_with("/api/v1/clients/") => "GET, DELETE",
         p if receipt_key(p).is_some() => "GET",
         _ => return Response::error(404, format!("no such endpoint: {path}")),
     };
     match (method, path.as_str()) {
+        ("GET", "/" | "/dashboard") => super::dashboard::page(broker, &req),
+        ("GET", "/api/v1/overview") => overview(broker).await,
         ("GET", "/metrics") => metrics(broker).await,
         ("POST", "/api/v1/publish") => publish(broker, &req).await,
         ("GET", "/api/v1/clients") => list_clients(broker, &req).await,
@@ -129,12 +131,36 @@ fn receipt_key(path: &str) -> Option<&str> {
 fn check_token(broker: &Broker, req: &Request) -> Option<Response> {
     let expected = broker.config().http.as_ref()?.token.as_deref().filter(|t| !t.is_empty())?;
     let given = req.header("authorization").and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
-    if constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+    if constant_time_eq(given.as_bytes(), expected.as_bytes()) || has_api_cookie(broker, req) {
         return None;
+    }
+    if req.method == "GET" && (req.path == "/" || req.path == "/dashboard") {
+        // A browser: the dashboard's sign-in page, whose form comes back here with the token
+        // and gets the cookie.
+        return Some(match req.param("token") {
+            Some(t) if is_api_token(broker, t) => super::dashboard::signed_in(t),
+            tried => super::dashboard::sign_in(tried.is_some()),
+        });
     }
     let mut r = Response::error(401, "missing or wrong bearer token");
     r.extra_headers.push(("www-authenticate", "Bearer".to_owned()));
     Some(r)
+}
+
+/// Whether `token` is the API's token (`[http] token`).
+pub fn is_api_token(broker: &Broker, token: &str) -> bool {
+    let expected = broker.config().http.as_ref().and_then(|h| h.token.as_deref()).filter(|t| !t.is_empty());
+    expected.is_some_and(|e| constant_time_eq(token.as_bytes(), e.as_bytes()))
+}
+
+/// The cookie the dashboard's sign-in sets (`dashboard::COOKIE`): a browser's page cannot put
+/// a bearer token on an `EventSource`.
+pub fn has_api_cookie(broker: &Broker, req: &Request) -> bool {
+    let Some(cookies) = req.header("cookie") else { return false };
+    cookies
+        .split(';')
+        .filter_map(|c| c.trim().strip_prefix(super::dashboard::COOKIE).and_then(|v| v.strip_prefix('=')))
+        .any(|v| is_api_token(broker, v))
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
@@ -151,6 +177,55 @@ async fn metrics(broker: &Arc<Broker>) -> Response {
             extra_headers: Vec::new(),
         },
         Err(_) => Response::error(500, "reading the metrics failed"),
+    }
+}
+
+/// `GET /api/v1/overview`: what the dashboard shows, in one answer: every figure of `/metrics`
+/// by its `$SYS` name, connected clients by listener and protocol, and degraded mode.
+async fn overview(broker: &Arc<Broker>) -> Response {
+    let b = broker.clone();
+    let taken = tokio::task::spawn_blocking(move || {
+        let snapshot = Snapshot::take(&b);
+        let mut by: std::collections::BTreeMap<(String, &'static str), u64> = Default::default();
+        for s in b.registry().list().iter().filter(|s| s.is_online()) {
+            let c = s.client_info();
+            let listener = match b.config().listeners.get(usize::from(c.listener)) {
+                _ if c.listener == crate::session::LISTENER_HTTP => "http".to_owned(),
+                Some(l) => format!("{} {}", l.protocol.name(), l.bind),
+                None => format!("listener {}", c.listener),
+            };
+            *by.entry((listener, protocol_name(c.protocol))).or_default() += 1;
+        }
+        (snapshot, by)
+    })
+    .await;
+    let Ok((snapshot, by)) = taken else { return Response::error(500, "reading the figures failed") };
+    let figures: serde_json::Map<String, Value> =
+        snapshot.figures.iter().map(|f| (f.sys_topic.to_owned(), json!(f.value))).collect();
+    let clients: Vec<Value> = by
+        .into_iter()
+        .map(|((listener, protocol), n)| json!({ "listener": listener, "protocol": protocol, "connected": n }))
+        .collect();
+    Response::json(
+        200,
+        &json!({
+            "uptime_secs": snapshot.uptime_secs,
+            "degraded": broker.is_degraded(),
+            "node": snapshot.node,
+            "clients": clients,
+            "figures": figures,
+        }),
+    )
+}
+
+fn protocol_name(protocol: u8) -> &'static str {
+    match protocol {
+        3 => "mqtt 3.1",
+        4 => "mqtt 3.1.1",
+        5 => "mqtt 5.0",
+        crate::session::PROTOCOL_SSE => "sse",
+        crate::session::PROTOCOL_POLL => "poll",
+        _ => "unknown",
     }
 }
 
@@ -352,6 +427,8 @@ fn client_json(s: &SessionShared) -> Value {
         3 => "3.1",
         4 => "3.1.1",
         5 => "5.0",
+        crate::session::PROTOCOL_SSE => "sse",
+        crate::session::PROTOCOL_POLL => "poll",
         _ => "unknown",
     };
     json!({

@@ -13,13 +13,17 @@
 //! - the bearer token is checked on the head, before any body is read.
 
 mod api;
+mod dashboard;
+mod poll;
 pub mod prometheus;
+mod reader;
+mod stream;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Either, Full, Limited};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
@@ -131,7 +135,7 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener) {
                 started.lock().expect("unstarted").waiting.remove(&id);
             };
             tokio::select! {
-                r = serve_connection(&builder, broker, stream, on_head) => {
+                r = serve_connection(&builder, broker, stream, peer, on_head) => {
                     if let Err(e) = r {
                         debug!(%peer, error = %e, "http connection closed");
                     }
@@ -161,6 +165,7 @@ pub async fn serve_connection<I>(
     builder: &hyper::server::conn::http1::Builder,
     broker: Arc<Broker>,
     io: I,
+    peer: std::net::SocketAddr,
     on_head: impl Fn() + Send + Sync + 'static,
 ) -> hyper::Result<()>
 where
@@ -170,18 +175,45 @@ where
     let service = hyper::service::service_fn(move |req: hyper::Request<Incoming>| {
         on_head();
         let broker = broker.clone();
-        async move { Ok::<_, std::convert::Infallible>(respond(&broker, req).await) }
+        async move { Ok::<_, std::convert::Infallible>(respond(&broker, req, peer).await) }
     });
     builder.serve_connection(TokioIo::new(io), service).await
 }
 
+/// An answer's body: whole, or a stream of events.
+type Body = Either<Full<Bytes>, stream::EventBody>;
+
 /// Turns one hyper request into ours, reading its body only once the token allows it.
-async fn respond(broker: &Arc<Broker>, req: hyper::Request<Incoming>) -> hyper::Response<Full<Bytes>> {
+async fn respond(
+    broker: &Arc<Broker>,
+    req: hyper::Request<Incoming>,
+    peer: std::net::SocketAddr,
+) -> hyper::Response<Body> {
     let (parts, body) = req.into_parts();
-    let mut request = match Request::from_head(&parts) {
+    let request = match Request::from_head(&parts) {
         Ok(r) => r,
         Err(refusal) => return refusal.into_hyper(),
     };
+    // Readers authenticate as MQTT clients do (reader.rs), not with the API's token.
+    match (request.method.as_str(), request.path.trim_end_matches('/')) {
+        ("GET", "/api/v1/stream") => {
+            return match stream::open(broker, request, peer).await {
+                Ok(events) => {
+                    let mut r = hyper::Response::new(Either::Right(events));
+                    let h = r.headers_mut();
+                    h.insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static("text/event-stream"));
+                    h.insert(hyper::header::CACHE_CONTROL, hyper::header::HeaderValue::from_static("no-store"));
+                    // nginx would otherwise hold events back in its buffer.
+                    h.insert("x-accel-buffering", hyper::header::HeaderValue::from_static("no"));
+                    r
+                }
+                Err(refusal) => refusal.into_hyper(),
+            };
+        }
+        ("GET", "/api/v1/poll") => return poll::poll(broker, request, peer).await.into_hyper(),
+        _ => {}
+    }
+    let mut request = request;
     if let Some(refusal) = api::refuse_early(broker, &request) {
         return refusal.into_hyper();
     }
@@ -231,8 +263,8 @@ impl Request {
 }
 
 impl Response {
-    fn into_hyper(self) -> hyper::Response<Full<Bytes>> {
-        let mut r = hyper::Response::new(Full::new(Bytes::from(self.body)));
+    fn into_hyper(self) -> hyper::Response<Body> {
+        let mut r = hyper::Response::new(Either::Left(Full::new(Bytes::from(self.body))));
         *r.status_mut() = hyper::StatusCode::from_u16(self.status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
         let headers = r.headers_mut();
         headers.insert(hyper::header::CONTENT_TYPE, hyper::header::HeaderValue::from_static(self.content_type));

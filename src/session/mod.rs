@@ -367,13 +367,21 @@ impl Ownership {
 #[derive(Clone, Debug, Default)]
 pub struct ClientInfo {
     pub peer: Option<std::net::SocketAddr>,
-    /// 3, 4 or 5: MQTT 3.1, 3.1.1, 5.0.
+    /// 3, 4 or 5: MQTT 3.1, 3.1.1, 5.0; `PROTOCOL_SSE` or `PROTOCOL_POLL` for a reader over HTTP.
     pub protocol: u8,
+    /// Index of the MQTT listener in the configuration; `LISTENER_HTTP` for a reader over HTTP.
+    pub listener: u8,
     pub username: Option<String>,
     pub connected_at_ms: u64,
     pub disconnected_at_ms: u64,
     pub subscriptions: usize,
 }
+
+/// `ClientInfo::protocol` of a Server-Sent Events stream and of a poller (`http::reader`).
+pub const PROTOCOL_SSE: u8 = 100;
+pub const PROTOCOL_POLL: u8 = 101;
+/// `ClientInfo::listener` of a reader over HTTP.
+pub const LISTENER_HTTP: u8 = u8::MAX;
 
 /// What the admin API and `$SYS` read of a parked session's queue.
 #[derive(Clone, Copy, Debug, Default)]

@@ -1,0 +1,126 @@
+//! `GET /api/v1/stream`: Server-Sent Events. Retained messages first (per filter, as a new MQTT
+//! subscriber gets them), then each new matching message as an event (`reader::event`), and a
+//! heartbeat comment every `[http.readers] heartbeat_secs` while idle. A reader named by
+//! `client_id` has a persistent session; reconnecting with `Last-Event-ID` confirms what it got
+//! and receives the rest of what it missed.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use hyper::body::Frame;
+use tokio::sync::mpsc;
+
+use super::reader::{Ask, Next, Reader};
+use super::{Request, Response};
+use crate::broker::Broker;
+
+/// The body of a stream: events as the driver task writes them; dropped by hyper when the
+/// client goes, which the driver sees as a closed channel.
+pub struct EventBody {
+    rx: mpsc::Receiver<Bytes>,
+}
+
+impl hyper::body::Body for EventBody {
+    type Data = Bytes;
+    type Error = Infallible;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+        self.rx.poll_recv(cx).map(|event| event.map(|b| Ok(Frame::data(b))))
+    }
+}
+
+/// Opens the reader and starts its driver; the body to answer with, or the refusal.
+pub async fn open(broker: &Arc<Broker>, req: Request, peer: SocketAddr) -> Result<EventBody, Response> {
+    let Some(http) = broker.config().http.clone() else { return Err(Response::error(404, "no HTTP server")) };
+    let cfg = http.readers;
+    let filters: Vec<String> = req.query.iter().filter(|(k, _)| k == "filter").map(|(_, v)| v.clone()).collect();
+    let client_id = req.param("client_id").map(str::to_owned);
+    // Browsers send Last-Event-ID by themselves when they reconnect; a page that opens a new
+    // EventSource can say it in the query instead.
+    let last_event_id = req.header("last-event-id").or_else(|| req.param("last_event_id")).map(str::to_owned);
+    let named = client_id.is_some();
+    let ask = Ask {
+        client_id,
+        fresh_prefix: "herald-sse-",
+        resume: named,
+        expiry_interval: if named { cfg.session_expiry_secs } else { 0 },
+        filters,
+        protocol: crate::session::PROTOCOL_SSE,
+        peer,
+    };
+    // The reader is opened in its own task, which a client hanging up cannot cancel halfway.
+    let b = broker.clone();
+    let opened = tokio::spawn(async move {
+        let mut reader = Reader::open(&b, &req, ask).await?;
+        if let Some(id) = last_event_id {
+            reader.confirm(&id);
+        }
+        Ok::<_, Response>(reader)
+    })
+    .await
+    .map_err(|_| Response::error(500, "the stream could not be opened"))??;
+    let (tx, rx) = mpsc::channel(cfg.buffer_events);
+    let hello = format!(
+        "retry: {}\nevent: session\ndata: {}\n\n",
+        cfg.retry_ms,
+        serde_json::json!({ "client_id": opened.client_id, "session_present": opened.present })
+    );
+    let _ = tx.try_send(Bytes::from(hello));
+    tokio::spawn(drive(broker.clone(), opened, tx, cfg));
+    Ok(EventBody { rx })
+}
+
+/// Writes the reader's deliveries into the body until the client goes, the session is taken
+/// over, or the client stops reading for `stall_ms` (then it is dropped and counted).
+async fn drive(broker: Arc<Broker>, mut reader: Reader, tx: mpsc::Sender<Bytes>, cfg: crate::config::Readers) {
+    let heartbeat = Duration::from_secs(cfg.heartbeat_secs);
+    let stall = Duration::from_millis(cfg.stall_ms);
+    let why = loop {
+        let until = tokio::time::Instant::now() + heartbeat;
+        let next = tokio::select! {
+            next = reader.next(Some(until)) => next,
+            _ = tx.closed() => break "closed by the client",
+        };
+        match next {
+            Next::Delivery(d) => {
+                let event = super::reader::event(&d);
+                let sent = match tx.try_send(event) {
+                    Ok(()) => Ok(()),
+                    Err(mpsc::error::TrySendError::Closed(_)) => Err("closed by the client"),
+                    Err(mpsc::error::TrySendError::Full(event)) => {
+                        match tokio::time::timeout(stall, tx.send(event)).await {
+                            Ok(Ok(())) => Ok(()),
+                            Ok(Err(_)) => Err("closed by the client"),
+                            Err(_) => Err("too slow: its buffer stayed full for stall_ms"),
+                        }
+                    }
+                };
+                match sent {
+                    Ok(()) => reader.written(d),
+                    Err(why) => {
+                        reader.give_back(d);
+                        if why.starts_with("too slow") {
+                            broker.metrics().http_readers_dropped.fetch_add(1, Ordering::Relaxed);
+                        }
+                        break why;
+                    }
+                }
+            }
+            Next::Kicked(kick) if kick.reason == crate::codec::ReasonCode::SESSION_TAKEN_OVER && !kick.elsewhere => {
+                break "session taken over"
+            }
+            Next::Kicked(_) => break "asked to close",
+            Next::Idle => {
+                // A comment: EventSource ignores it, a proxy sees traffic. Skipped when full.
+                let _ = tx.try_send(Bytes::from_static(b": heartbeat\n\n"));
+            }
+        }
+    };
+    reader.close(why);
+}
