@@ -176,3 +176,37 @@ fn paho_mqtt_2_publish_and_subscribe_v311_and_v5() {
         assert!(String::from_utf8_lossy(&out.stdout).contains("paho ok 3"));
     }
 }
+
+/// Node's MQTT.js over TCP, ws and wss, 3.1.1 and 5.0: retained and live messages at every QoS
+/// in order, user properties and subscription identifiers on 5.0 (tests/js/interop.mjs).
+#[test]
+fn mqtt_js_over_tcp_ws_and_wss_v311_and_v5() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/certs/generate.sh");
+    assert!(Command::new("bash")
+        .args([script, "device-1", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let path = |f: &str| format!("{:?}", dir.path().join(f).display().to_string());
+    let b = start_toml(&format!(
+        "[[listeners]]\nprotocol = \"ws\"\nbind = \"127.0.0.1:0\"\n\
+         [[listeners]]\nprotocol = \"wss\"\nbind = \"127.0.0.1:0\"\ncert = {}\nkey = {}\n",
+        path("server.pem"),
+        path("server.key")
+    ));
+    let urls = [
+        format!("mqtt://127.0.0.1:{}", b.addrs[0].port()),
+        format!("ws://127.0.0.1:{}/mqtt", b.addrs[1].port()),
+        // The certificate names localhost; MQTT.js checks it.
+        format!("wss://localhost:{}/mqtt", b.addrs[2].port()),
+    ];
+    let ca = dir.path().join("ca.pem");
+    let out =
+        Command::new("node").arg("interop.mjs").arg(&ca).args(&urls).current_dir(js_dir()).output().expect("node");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "MQTT.js: {text}{}", String::from_utf8_lossy(&out.stderr));
+    let ok = text.lines().filter(|l| l.contains("\"ok\":true")).count();
+    assert_eq!(ok, 6, "three transports, two versions: {text}");
+}

@@ -417,3 +417,89 @@ pub fn ws_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
     f
 }
+
+/// The directory of the JavaScript clients (MQTT.js, playwright-core), installed by
+/// scripts/install-deps.sh with `npm ci`.
+pub fn js_dir() -> std::path::PathBuf {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/js");
+    assert!(
+        dir.join("node_modules/mqtt").exists() && dir.join("node_modules/playwright-core").exists(),
+        "tests/js/node_modules is missing: run scripts/install-deps.sh"
+    );
+    dir
+}
+
+/// A Node script of tests/js running, its JSON lines read with a deadline.
+pub struct NodeScript {
+    pub child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+    pub seen: Vec<String>,
+}
+
+impl NodeScript {
+    pub fn start(script: &str, args: &[&str]) -> NodeScript {
+        use std::io::BufRead;
+        let mut child = std::process::Command::new("node")
+            .arg(script)
+            .args(args)
+            .current_dir(js_dir())
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("node");
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in out.lines().map_while(Result::ok) {
+                let _ = tx.send(l);
+            }
+        });
+        NodeScript { child, lines, seen: Vec::new() }
+    }
+
+    /// The next line whose `step` is `step`, within a minute (a browser's start included);
+    /// fails the test on a `failed` step, an exit, or the deadline.
+    pub fn step(&mut self, step: &str) -> serde_json::Value {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let line =
+                self.lines.recv_timeout(left).unwrap_or_else(|_| panic!("no {step:?} step; saw {:#?}", self.seen));
+            self.seen.push(line.clone());
+            let v: serde_json::Value = serde_json::from_str(&line).unwrap_or(serde_json::Value::Null);
+            if v["step"] == step {
+                return v;
+            }
+            assert_ne!(v["step"], "failed", "the script failed: {:#?}", self.seen);
+        }
+    }
+
+    pub fn say(&mut self, line: &str) {
+        use std::io::Write;
+        let stdin = self.child.stdin.as_mut().unwrap();
+        writeln!(stdin, "{line}").unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// Waits for the script's exit and checks it succeeded.
+    pub fn finish(mut self) {
+        let status = self.child.wait().unwrap();
+        while let Ok(l) = self.lines.try_recv() {
+            self.seen.push(l);
+        }
+        assert!(status.success(), "exit {status}: {:#?}", self.seen);
+    }
+}
+
+impl Drop for NodeScript {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A port free on 127.0.0.1 now, for a configuration that must name it before the broker
+/// starts (an allowed origin, an address that must survive a restart).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
