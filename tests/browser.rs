@@ -141,7 +141,7 @@ fn mqtt_js_in_a_page_over_ws_and_wss_and_the_origin_check() {
         assert_eq!(
             got,
             [
-                format!("retained news/kept: a retained story"),
+                "retained news/kept: a retained story".to_string(),
                 format!("live news/live/{transport}: live over {transport}")
             ]
         );
