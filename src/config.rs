@@ -185,15 +185,31 @@ pub struct DeliveryConfig {
     /// Of a client's receive window, the in-flight messages kept for high-priority messages
     /// (at most half the window): normal ones stop short of it.
     pub high_priority_inflight: usize,
-    /// An http:// URL that gets a POST with each undelivered message (JSON).
+    /// An http:// or https:// URL that gets a POST with each undelivered message (JSON).
     pub webhook: Option<String>,
     /// Events waiting for the webhook at most; beyond it they are dropped and counted.
     pub webhook_queue: usize,
+    /// PEM CA certificates an https webhook's certificate may chain to, besides Mozilla's roots.
+    pub webhook_ca_file: Option<PathBuf>,
+    /// Times an event is posted again after a failure (a connection error, a timeout, a 5xx or
+    /// 429), waiting 0.5 s, 1 s, 2 s, ... in between; then it is counted as failed.
+    pub webhook_retries: u32,
+    /// Milliseconds one POST may take.
+    pub webhook_timeout_ms: u64,
 }
 
 impl Default for DeliveryConfig {
     fn default() -> Self {
-        Self { retry_after: 30, max_retries: 2, high_priority_inflight: 10, webhook: None, webhook_queue: 10_000 }
+        Self {
+            retry_after: 30,
+            max_retries: 2,
+            high_priority_inflight: 10,
+            webhook: None,
+            webhook_queue: 10_000,
+            webhook_ca_file: None,
+            webhook_retries: 3,
+            webhook_timeout_ms: 5000,
+        }
     }
 }
 
@@ -861,7 +877,15 @@ impl Config {
         }
         if let Some(url) = &self.delivery.webhook {
             if HttpEndpoint::parse(url).is_none() {
-                return invalid("delivery.webhook", "must be an http://host:port/path URL");
+                return invalid("delivery.webhook", "must be an http:// or https://host[:port]/path URL");
+            }
+        }
+        if let Some(path) = &self.delivery.webhook_ca_file {
+            use rustls::pki_types::pem::PemObject;
+            let certs =
+                rustls::pki_types::CertificateDer::pem_file_iter(path).map(|i| i.filter_map(Result::ok).count());
+            if !matches!(certs, Ok(n) if n > 0) {
+                return invalid("delivery.webhook_ca_file", &format!("{} holds no PEM certificate", path.display()));
             }
         }
         if !(0.0..1.0).contains(&self.degraded.recover_at) {
@@ -935,29 +959,21 @@ mod tests {
     }
 }
 
-/// An `http://host[:port][/path]` URL (the webhook's; no TLS).
+/// The webhook's URL: `http://` or `https://`, a host, an optional port and path.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HttpEndpoint {
-    pub host: String,
-    pub port: u16,
-    pub path: String,
+    pub uri: hyper::Uri,
 }
 
 impl HttpEndpoint {
-    /// `http://host[:port][/path]`.
     pub fn parse(url: &str) -> Option<HttpEndpoint> {
-        let rest = url.strip_prefix("http://")?;
-        let (authority, path) = match rest.find('/') {
-            Some(i) => (&rest[..i], &rest[i..]),
-            None => (rest, "/"),
-        };
-        let (host, port) = match authority.rsplit_once(':') {
-            Some((h, p)) => (h, p.parse().ok()?),
-            None => (authority, 80),
-        };
-        if host.is_empty() || path.contains(char::is_whitespace) {
-            return None;
+        let uri: hyper::Uri = url.parse().ok()?;
+        let scheme_ok = matches!(uri.scheme_str(), Some("http" | "https"));
+        let host_ok = uri.host().is_some_and(|h| !h.is_empty());
+        let authority = uri.authority()?.as_str();
+        if let Some((_, port)) = authority.rsplit_once(':').filter(|_| !authority.ends_with(']')) {
+            port.parse::<u16>().ok()?;
         }
-        Some(HttpEndpoint { host: host.to_owned(), port, path: path.to_owned() })
+        (scheme_ok && host_ok).then_some(HttpEndpoint { uri })
     }
 }

@@ -2,68 +2,119 @@
 //! `$SYS/broker/herald/undelivered` and, with `[delivery] webhook`, POSTed as JSON to a URL, so
 //! that a newsroom can fall back to app push notifications or SMS.
 //!
-//! A plain HTTP/1.1 client of our own (http:// only: a TLS client would need a root store and
-//! more crates; put a local relay in front of an https endpoint). Events go through a bounded
-//! queue to one task; when the endpoint is slower than the events, the excess is dropped and
-//! counted, never waited for on the message path.
+//! The client is hyper-util's, over rustls (ring) for `https://` with Mozilla's roots and an
+//! optional private CA (`delivery.webhook_ca_file`). Events go through a bounded queue
+//! (`delivery.webhook_queue`) to one task, which posts them in order and tries a failed one
+//! again `webhook_retries` times with a doubling wait; when the endpoint is slower than the
+//! events, the excess is dropped and counted where it is queued, never waited for on the
+//! message path.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
 use tracing::warn;
 
-use crate::config::HttpEndpoint as Endpoint;
+use crate::config::{DeliveryConfig, HttpEndpoint as Endpoint};
 
-/// Posts each event to the endpoint, one at a time, each with a 5 s timeout; failures are
-/// logged and counted, and the event is not retried (the `$SYS` copy is the durable record of
-/// the hand-off for anyone subscribed).
+type Https = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
+
+/// The rustls client configuration: Mozilla's roots, and the configured CA's certificates.
+pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    if let Some(path) = ca_file {
+        let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("{}: {e}", path.display()))?;
+        if certs.is_empty() {
+            return Err(format!("{}: no certificate in it", path.display()));
+        }
+        for c in certs {
+            roots.add(c).map_err(|e| format!("{}: {e}", path.display()))?;
+        }
+    }
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
+/// Posts each event to the endpoint, one at a time, trying a failed one again; failures are
+/// logged and counted (the `$SYS` copy is the durable record of the hand-off).
 pub async fn run(
     endpoint: Endpoint,
+    config: DeliveryConfig,
+    tls: rustls::ClientConfig,
     mut events: mpsc::Receiver<Vec<u8>>,
-    failures: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failures: Arc<AtomicU64>,
 ) {
+    let connector: Https =
+        hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build();
+    let client: Client<Https, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
+    let timeout = Duration::from_millis(config.webhook_timeout_ms);
     while let Some(body) = events.recv().await {
-        let result = tokio::time::timeout(Duration::from_secs(5), post(&endpoint, &body)).await;
-        let error = match result {
-            Ok(Ok(status)) if (200..300).contains(&status) => continue,
-            Ok(Ok(status)) => format!("status {status}"),
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "timed out".to_owned(),
-        };
-        failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        warn!(host = %endpoint.host, port = endpoint.port, error = %error, "undelivered webhook failed");
+        let body = Bytes::from(body);
+        let mut wait = Duration::from_millis(500);
+        let mut attempt = 0;
+        loop {
+            let error = match tokio::time::timeout(timeout, post(&client, &endpoint, body.clone())).await {
+                Ok(Ok(status)) if (200..300).contains(&status) => break,
+                Ok(Ok(status)) => format!("status {status}"),
+                Ok(Err(e)) => e,
+                Err(_) => "timed out".to_owned(),
+            };
+            let again = attempt < config.webhook_retries && retryable(&error);
+            warn!(
+                url = %endpoint.uri,
+                error = %error,
+                attempt = attempt + 1,
+                retrying = again,
+                "undelivered webhook failed"
+            );
+            if !again {
+                failures.fetch_add(1, Ordering::Relaxed);
+                break;
+            }
+            attempt += 1;
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(Duration::from_secs(30));
+        }
     }
 }
 
-async fn post(endpoint: &Endpoint, body: &[u8]) -> std::io::Result<u16> {
-    let mut stream = tokio::net::TcpStream::connect((endpoint.host.as_str(), endpoint.port)).await?;
-    let head = format!(
-        "POST {} HTTP/1.1\r\nhost: {}:{}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
-         connection: close\r\nuser-agent: herald/{}\r\n\r\n",
-        endpoint.path,
-        endpoint.host,
-        endpoint.port,
-        body.len(),
-        env!("CARGO_PKG_VERSION")
-    );
-    stream.write_all(head.as_bytes()).await?;
-    stream.write_all(body).await?;
-    let mut answer = Vec::new();
-    let mut chunk = [0u8; 1024];
-    // The status line is all we need.
-    while !answer.windows(2).any(|w| w == b"\r\n") && answer.len() < 4096 {
-        let n = stream.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        answer.extend_from_slice(&chunk[..n]);
+/// A client error (4xx but 429) will not get better by asking again.
+fn retryable(error: &str) -> bool {
+    match error.strip_prefix("status ").and_then(|s| s.parse::<u16>().ok()) {
+        Some(status) => status >= 500 || status == 429,
+        None => true,
     }
-    let line = String::from_utf8_lossy(&answer);
-    line.split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidData, "no HTTP status line"))
+}
+
+async fn post(client: &Client<Https, Full<Bytes>>, endpoint: &Endpoint, body: Bytes) -> Result<u16, String> {
+    let request = hyper::Request::post(endpoint.uri.clone())
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(hyper::header::USER_AGENT, concat!("herald/", env!("CARGO_PKG_VERSION")))
+        .body(Full::new(body))
+        .map_err(|e| e.to_string())?;
+    let response = client.request(request).await.map_err(|e| {
+        // The connector's error (DNS, refused, TLS) is the source: say it, not just "client error".
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            text = format!("{text}: {s}");
+            source = s.source();
+        }
+        text
+    })?;
+    Ok(response.status().as_u16())
 }
 
 #[cfg(test)]
@@ -71,15 +122,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn endpoints_parse_http_urls_only() {
+    fn endpoints_take_http_and_https_urls() {
+        let e = Endpoint::parse("http://push.internal:9000/herald/undelivered").unwrap();
         assert_eq!(
-            Endpoint::parse("http://push.internal:9000/herald/undelivered"),
-            Some(Endpoint { host: "push.internal".into(), port: 9000, path: "/herald/undelivered".into() })
+            (e.uri.host(), e.uri.port_u16(), e.uri.path()),
+            (Some("push.internal"), Some(9000), "/herald/undelivered")
         );
-        assert_eq!(Endpoint::parse("http://relay").unwrap().port, 80);
-        assert_eq!(Endpoint::parse("http://relay").unwrap().path, "/");
-        assert!(Endpoint::parse("https://relay/x").is_none());
+        assert!(Endpoint::parse("https://relay/x").is_some());
+        assert!(Endpoint::parse("ftp://relay/x").is_none());
         assert!(Endpoint::parse("http://:80/").is_none());
         assert!(Endpoint::parse("http://relay:notaport/").is_none());
+        assert!(Endpoint::parse("relay/x").is_none());
+    }
+
+    #[test]
+    fn client_errors_are_not_retried() {
+        assert!(retryable("status 503") && retryable("status 429") && retryable("timed out"));
+        assert!(!retryable("status 404") && !retryable("status 400"));
     }
 }

@@ -463,3 +463,79 @@ fn mosquitto_clients_see_a_repeated_story_once() {
     assert_eq!(b.broker.receipts().duplicates.load(std::sync::atomic::Ordering::Relaxed), 1);
     assert!(b.broker.receipts().find("s-mosq").is_some(), "the story has a receipt");
 }
+
+/// An https receiver (Python's http.server behind its ssl module, with a certificate from a
+/// private CA) that answers 503 to the first POST and 204 to the next, printing each body.
+const HTTPS_HOOK: &str = r#"
+import http.server, ssl, sys
+class Hook(http.server.BaseHTTPRequestHandler):
+    calls = 0
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers["content-length"]))
+        Hook.calls += 1
+        self.send_response(503 if Hook.calls == 1 else 204)
+        self.send_header("content-length", "0")
+        self.end_headers()
+        print(Hook.calls, self.path, body.decode(), flush=True)
+    def log_message(self, *args):
+        pass
+server = http.server.HTTPServer(("127.0.0.1", 0), Hook)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain(sys.argv[1], sys.argv[2])
+server.socket = context.wrap_socket(server.socket, server_side=True)
+print(server.server_address[1], flush=True)
+server.serve_forever()
+"#;
+
+/// The webhook speaks https (rustls, the CA from `webhook_ca_file`) and tries a failed POST
+/// again: the receiver's first answer is 503, the event arrives with the second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_posts_over_https_and_retries_a_failure() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/certs/generate.sh");
+    assert!(std::process::Command::new("bash")
+        .args([script, "device-1", dir.path().to_str().unwrap()])
+        .output()
+        .unwrap()
+        .status
+        .success());
+    let mut receiver = std::process::Command::new("python3")
+        .args(["-c", HTTPS_HOOK])
+        .arg(dir.path().join("server.pem"))
+        .arg(dir.path().join("server.key"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(receiver.stdout.take().unwrap()).lines();
+    let port = lines.next().unwrap().unwrap();
+    let url = format!("https://localhost:{port}/herald/undelivered");
+    let ca = dir.path().join("ca.pem");
+    let (b, _http) = broker(&format!(
+        "[delivery]\nretry_after = 1\nmax_retries = 0\nwebhook = {url:?}\nwebhook_ca_file = {:?}\n",
+        ca.display().to_string()
+    ));
+    // A 3.1.1 phone that never acknowledges: its story is handed off once its retry is spent.
+    let (mut phone, _) = RawClient::connect(b.addr, connect_packet(V311, "silent-phone", true)).await;
+    phone.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
+    expect_suback(&mut phone).await;
+    let (mut cms, _) = RawClient::connect(b.addr, connect_packet(V5, "cms", true)).await;
+    let id = msg_id(&publish_acked(&mut cms, story("news/breaking/q", "Quake", "s-https", 1)).await);
+    expect_publish(&mut phone).await;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in lines.map_while(Result::ok) {
+            let _ = tx.send(l);
+        }
+    });
+    let first = rx.recv_timeout(PATIENCE).expect("the first POST");
+    assert!(first.starts_with("1 /herald/undelivered "), "{first}");
+    let second = rx.recv_timeout(PATIENCE).expect("the POST tried again after the 503");
+    assert!(second.starts_with("2 /herald/undelivered "), "{second}");
+    let event: Value = serde_json::from_str(second.splitn(3, ' ').nth(2).unwrap()).unwrap();
+    assert_eq!((event["id"].as_str(), event["story_id"].as_str()), (Some(id.as_str()), Some("s-https")), "{event}");
+    assert!(rx.recv_timeout(Duration::from_millis(1500)).is_err(), "delivered once: not posted a third time");
+    assert_eq!(b.broker.webhook_failures().load(std::sync::atomic::Ordering::Relaxed), 0);
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+}

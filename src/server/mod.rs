@@ -131,8 +131,11 @@ pub async fn run(
     let webhook_events = broker.take_webhook_events();
     if let (Some(url), Some(events)) = (&broker.config().delivery.webhook, webhook_events) {
         let endpoint = crate::config::HttpEndpoint::parse(url).expect("validated with the configuration");
+        let delivery = broker.config().delivery.clone();
+        let tls =
+            crate::webhook::tls_config(delivery.webhook_ca_file.as_deref()).expect("validated with the configuration");
         // Not in `tasks`: it drains what is queued after shutdown begins too, until the broker goes.
-        tokio::spawn(crate::webhook::run(endpoint, events, broker.webhook_failures().clone()));
+        tokio::spawn(crate::webhook::run(endpoint, delivery, tls, events, broker.webhook_failures().clone()));
     }
     let failure = tokio::select! {
         _ = shutdown.wait_for(|s| *s) => None,
