@@ -7,7 +7,8 @@
 //! Scenarios: `fanin` (P publishers -> one `news/#` subscriber), `fanout` (one publisher -> N
 //! `news/tech` subscribers), `conns` (C idle connections, resident memory per connection),
 //! `retained` (R retained messages, then the time for a new `news/#` subscriber to get them),
-//! `fill` (S offline persistent sessions and M messages queued for each, for start-up timing).
+//! `fill` (S offline persistent sessions and M messages queued for each, for start-up timing),
+//! `sse` (one publisher -> N Server-Sent Events streams over HTTP).
 //! `fanin --persistent true` makes the subscriber a persistent session: the durable rate.
 //! Each payload carries its send time and a sequence number, so latency and loss are exact.
 
@@ -422,6 +423,7 @@ async fn fanout(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     r.num("qos", qos as u8 as f64).num("subscribers", subscribers as f64).num("target_rate", rate);
     r.num("published", sent as f64).num("delivered", got as f64).num("lost", expect.saturating_sub(got) as f64);
     r.num("deliveries_per_s", got as f64 / secs.min(elapsed));
+    r.num("deliveries_per_s_to_last", got as f64 / elapsed);
     latency_fields(&mut r, &received);
     if let (Some(a), Some(b)) = (cpu0, cpu1) {
         r.num("cpu_us_per_delivery", (b - a) as f64 / got.max(1) as f64);
@@ -922,6 +924,104 @@ async fn overload(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     r.print();
 }
 
+/// Server-Sent Events fan-out: `--streams` readers of `/api/v1/stream?filter=news/tech` on
+/// `--http-port`, one MQTT publisher as in `fanout` (QoS 0, `--rate` deliveries per second in
+/// all, or unthrottled). Events are counted in the raw bytes (every message event's data starts
+/// with `{"content_type"`); latency is read from the payload's send time (base64 in the event)
+/// of every 16th event of each stream.
+async fn sse(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
+    use base64::Engine;
+    let streams: u32 = o.get("streams", 1000);
+    let http_port: u16 = o.get("http-port", 8080);
+    let rate: f64 = o.get("rate", 0.0);
+    let secs: f64 = o.get("duration", 10.0);
+    let received = Arc::new(Received::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    const MARK: &[u8] = b"data: {\"content_type\"";
+    const PAYLOAD_AT: &[u8] = b"\"payload\":\"";
+    let mut readers = Vec::new();
+    for _ in 0..streams {
+        let mut s = TcpStream::connect(("127.0.0.1", http_port)).await.expect("the HTTP port");
+        s.write_all(b"GET /api/v1/stream?filter=news/tech HTTP/1.1\r\nhost: bench\r\naccept: text/event-stream\r\n\r\n")
+            .await
+            .unwrap();
+        // The head and the session event: the stream is subscribed once it is here.
+        let mut head = Vec::new();
+        let mut chunk = [0u8; 4096];
+        while !head.windows(15).any(|w| w == b"event: session\n") || !head.ends_with(b"\n\n\r\n") {
+            let n = s.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "stream refused: {}", String::from_utf8_lossy(&head));
+            head.extend_from_slice(&chunk[..n]);
+        }
+        let (received, stop) = (received.clone(), stop.clone());
+        readers.push(tokio::spawn(async move {
+            let mut buf = vec![0u8; 1 << 16];
+            let mut carry: Vec<u8> = Vec::new();
+            let mut seen = 0u64;
+            let mut local = Vec::new();
+            while !stop.load(Relaxed) {
+                let n = match tokio::time::timeout(Duration::from_millis(200), s.read(&mut buf)).await {
+                    Err(_) => continue,
+                    Ok(Ok(0)) | Ok(Err(_)) => break,
+                    Ok(Ok(n)) => n,
+                };
+                carry.extend_from_slice(&buf[..n]);
+                let mut at = 0;
+                let mut count = 0;
+                while let Some(p) = carry[at..].windows(MARK.len()).position(|w| w == MARK) {
+                    let start = at + p;
+                    // The whole event is needed for its payload; otherwise wait for more bytes.
+                    let Some(end) = carry[start..].windows(2).position(|w| w == b"\n\n") else { break };
+                    count += 1;
+                    seen += 1;
+                    if seen % 16 == 0 {
+                        let event = &carry[start..start + end];
+                        if let Some(q) = event.windows(PAYLOAD_AT.len()).position(|w| w == PAYLOAD_AT) {
+                            let b64 = &event[q + PAYLOAD_AT.len()..];
+                            if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(&b64[..12.min(b64.len())]) {
+                                if bytes.len() >= 8 {
+                                    let sent = u64::from_be_bytes(bytes[..8].try_into().unwrap());
+                                    local.push(((now_ns().saturating_sub(sent)) / 1000) as u32);
+                                }
+                            }
+                        }
+                    }
+                    at = start + end + 2;
+                }
+                received.count.fetch_add(count, Relaxed);
+                carry.drain(..at);
+            }
+            received.latencies_us.lock().unwrap().extend(local);
+        }));
+    }
+    let publisher = Conn::open(addr, "bench-sse-pub").await;
+    let cpu0 = pid.and_then(broker_cpu_us);
+    let start = Instant::now();
+    let until = start + Duration::from_secs_f64(secs);
+    let pub_rate = if rate > 0.0 { rate / streams as f64 } else { 0.0 };
+    let (sent, _) = publisher_loop(publisher, 0, "news/tech".into(), QoS::AtMostOnce, pub_rate, until).await;
+    let expect = streams as u64 * sent;
+    drain(&received, expect).await;
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu1 = pid.and_then(broker_cpu_us);
+    stop.store(true, Relaxed);
+    for r in readers {
+        let _ = r.await;
+    }
+    let got = received.count.load(Relaxed);
+    let mut r = Report::new("sse");
+    r.num("streams", streams as f64).num("target_rate", rate);
+    r.num("published", sent as f64).num("delivered", got as f64).num("lost", expect.saturating_sub(got) as f64);
+    r.num("deliveries_per_s", got as f64 / secs.min(elapsed));
+    // Until the last delivery arrived: unthrottled, readers finish well after the publisher.
+    r.num("deliveries_per_s_to_last", got as f64 / elapsed);
+    latency_fields(&mut r, &received);
+    if let (Some(a), Some(b)) = (cpu0, cpu1) {
+        r.num("cpu_us_per_delivery", (b - a) as f64 / got.max(1) as f64);
+    }
+    r.print();
+}
+
 fn main() {
     let mut args = std::env::args().skip(1);
     let scenario = args.next().unwrap_or_else(|| {
@@ -948,6 +1048,7 @@ fn main() {
             "fill" => fill(addr, &o).await,
             "drain" => drain_sessions(addr, &o, pid).await,
             "overload" => overload(addr, &o, pid).await,
+            "sse" => sse(addr, &o, pid).await,
             other => panic!("unknown scenario {other}"),
         }
     });
