@@ -942,9 +942,11 @@ async fn sse(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     let mut readers = Vec::new();
     for _ in 0..streams {
         let mut s = TcpStream::connect(("127.0.0.1", http_port)).await.expect("the HTTP port");
-        s.write_all(b"GET /api/v1/stream?filter=news/tech HTTP/1.1\r\nhost: bench\r\naccept: text/event-stream\r\n\r\n")
-            .await
-            .unwrap();
+        s.write_all(
+            b"GET /api/v1/stream?filter=news/tech HTTP/1.1\r\nhost: bench\r\naccept: text/event-stream\r\n\r\n",
+        )
+        .await
+        .unwrap();
         // The head and the session event: the stream is subscribed once it is here.
         let mut head = Vec::new();
         let mut chunk = [0u8; 4096];
@@ -978,7 +980,9 @@ async fn sse(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
                         let event = &carry[start..start + end];
                         if let Some(q) = event.windows(PAYLOAD_AT.len()).position(|w| w == PAYLOAD_AT) {
                             let b64 = &event[q + PAYLOAD_AT.len()..];
-                            if let Ok(bytes) = base64::engine::general_purpose::STANDARD.decode(&b64[..12.min(b64.len())]) {
+                            if let Ok(bytes) =
+                                base64::engine::general_purpose::STANDARD.decode(&b64[..12.min(b64.len())])
+                            {
                                 if bytes.len() >= 8 {
                                     let sent = u64::from_be_bytes(bytes[..8].try_into().unwrap());
                                     local.push(((now_ns().saturating_sub(sent)) / 1000) as u32);
