@@ -976,7 +976,7 @@ async fn sse(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
                     let Some(end) = carry[start..].windows(2).position(|w| w == b"\n\n") else { break };
                     count += 1;
                     seen += 1;
-                    if seen % 16 == 0 {
+                    if seen.is_multiple_of(16) {
                         let event = &carry[start..start + end];
                         if let Some(q) = event.windows(PAYLOAD_AT.len()).position(|w| w == PAYLOAD_AT) {
                             let b64 = &event[q + PAYLOAD_AT.len()..];
