@@ -101,6 +101,8 @@ impl Sse {
     /// The next event or comment within `wait`; None if none came.
     fn next_within(&mut self, wait: Duration) -> Option<Event> {
         let deadline = Instant::now() + wait;
+        // What arrived with the head (or an earlier read) may hold whole chunks already.
+        let mut open = self.dechunk();
         loop {
             if let Some(end) = self.text.windows(2).position(|w| w == b"\n\n") {
                 let block = String::from_utf8(self.text.drain(..end + 2).collect()).unwrap();
@@ -121,7 +123,7 @@ impl Sse {
                 }
                 return Some(e);
             }
-            if Instant::now() > deadline {
+            if Instant::now() > deadline || !open {
                 return None;
             }
             let mut buf = [0u8; 65536];
@@ -130,9 +132,7 @@ impl Sse {
                 Ok(n) => {
                     self.raw.extend_from_slice(&buf[..n]);
                     self.body_only.extend_from_slice(&buf[..n]);
-                    if !self.dechunk() {
-                        return None;
-                    }
+                    open = self.dechunk();
                 }
                 Err(_) => {}
             }
