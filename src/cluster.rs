@@ -486,6 +486,19 @@ impl Link {
         }
     }
 
+    /// `record_session` for a session a connection (or an HTTP reader) holds here now: no
+    /// disconnection time, the will it would leave, its subscriptions as they are.
+    pub fn record_connected(
+        &self,
+        client_id: &str,
+        expiry_interval: u32,
+        will: Option<crate::codec::Will>,
+        subscriptions: &HashMap<String, (crate::codec::SubscriptionOptions, Option<u32>)>,
+    ) {
+        let record = records::SessionRecord { expiry_interval, disconnected_at_ms: 0, will };
+        self.record_session(client_id, &record, sessions::entry_subscriptions(subscriptions));
+    }
+
     /// A session read back from the stream here starts above `since`.
     pub fn adopted(&self, client_id: &str, since: u64) {
         self.since.lock().expect("since lock").insert(client_id.to_owned(), since);

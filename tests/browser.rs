@@ -110,13 +110,7 @@ fn an_eventsource_page_resumes_after_the_broker_restarts() {
 #[test]
 fn mqtt_js_in_a_page_over_ws_and_wss_and_the_origin_check() {
     let dir = tempfile::tempdir().unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/certs/generate.sh");
-    assert!(Command::new("bash")
-        .args([script, "device-1", dir.path().to_str().unwrap()])
-        .output()
-        .unwrap()
-        .status
-        .success());
+    generate_certs(dir.path());
     let page_port = free_port();
     let origins = format!("allowed_origins = [\"http://localhost:{page_port}\"]");
     let b = start_toml(&format!(

@@ -182,13 +182,7 @@ fn paho_mqtt_2_publish_and_subscribe_v311_and_v5() {
 #[test]
 fn mqtt_js_over_tcp_ws_and_wss_v311_and_v5() {
     let dir = tempfile::tempdir().unwrap();
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/certs/generate.sh");
-    assert!(Command::new("bash")
-        .args([script, "device-1", dir.path().to_str().unwrap()])
-        .output()
-        .unwrap()
-        .status
-        .success());
+    generate_certs(dir.path());
     let path = |f: &str| format!("{:?}", dir.path().join(f).display().to_string());
     let b = start_toml(&format!(
         "[[listeners]]\nprotocol = \"ws\"\nbind = \"127.0.0.1:0\"\n\

@@ -257,13 +257,8 @@ impl Handshake {
         if let Some(link) = broker.cluster() {
             link.claimed(&client_id, c.clean_start);
             if session_expiry > 0 {
-                let record = crate::store::records::SessionRecord {
-                    expiry_interval: session_expiry,
-                    disconnected_at_ms: 0,
-                    will: self.client.will.as_deref().cloned(),
-                };
-                let subscriptions = crate::cluster::sessions::entry_subscriptions(&claimed.state.subscriptions);
-                link.record_session(&client_id, &record, subscriptions);
+                let will = self.client.will.as_deref().cloned();
+                link.record_connected(&client_id, session_expiry, will, &claimed.state.subscriptions);
             }
         }
         let held = Held { shared: claimed.shared, state: claimed.state };

@@ -436,13 +436,8 @@ impl Connection {
     fn record_in_cluster(&self) {
         let (shared, state) = (&self.session.shared, &self.session.state);
         if let (Some(link), true) = (self.broker.cluster(), shared.is_persistent()) {
-            let subscriptions = crate::cluster::sessions::entry_subscriptions(&state.subscriptions);
-            let record = crate::store::records::SessionRecord {
-                expiry_interval: state.expiry_interval,
-                disconnected_at_ms: 0,
-                will: self.client.will.as_deref().cloned(),
-            };
-            link.record_session(&self.client.client_id, &record, subscriptions);
+            let will = self.client.will.as_deref().cloned();
+            link.record_connected(&self.client.client_id, state.expiry_interval, will, &state.subscriptions);
         }
     }
 

@@ -341,13 +341,7 @@ impl Reader {
         }
         self.shared.set_subscription_count(self.state.subscriptions.len());
         if let (Some(link), true) = (self.broker.cluster(), persistent) {
-            let subscriptions = crate::cluster::sessions::entry_subscriptions(&self.state.subscriptions);
-            let record = crate::store::records::SessionRecord {
-                expiry_interval: self.expiry_interval,
-                disconnected_at_ms: 0,
-                will: None,
-            };
-            link.record_session(&self.client_id, &record, subscriptions);
+            link.record_connected(&self.client_id, self.expiry_interval, None, &self.state.subscriptions);
         }
         self.broker.store().commit(txn);
     }

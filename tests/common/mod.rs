@@ -503,3 +503,11 @@ impl Drop for NodeScript {
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
+
+/// A development CA, a server certificate for localhost and 127.0.0.1 and a client
+/// certificate (CN device-1) in `dir`, by certs/generate.sh.
+pub fn generate_certs(dir: &std::path::Path) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/certs/generate.sh");
+    let out = std::process::Command::new("bash").args([script, "device-1", dir.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "certs/generate.sh: {}", String::from_utf8_lossy(&out.stderr));
+}
