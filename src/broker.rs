@@ -504,6 +504,43 @@ impl Broker {
         message.count(count);
     }
 
+    /// What every deliverer (an MQTT connection, an HTTP reader) checks before it sends a
+    /// delivery: its message's expiry (`now` must be given when the message has one), degraded
+    /// mode's shedding of normal QoS 0 [issue 7], and the reader's ACL at delivery time (a
+    /// retained message or a resumed session's queue obeys the rules of this connection, which
+    /// may be newer than the subscription). A withheld delivery is counted here; the caller
+    /// takes it out of its session's stored queue.
+    pub fn withhold(
+        &self,
+        d: &Delivery,
+        now: Option<std::time::Instant>,
+        acl: Option<&crate::auth::acl::ClientAcl>,
+        client_id: &str,
+    ) -> Option<Outcome> {
+        if let (Some(now), Some(_)) = (now, d.message.expiry_interval) {
+            if d.message.is_expired(now) {
+                self.record(&d.message, Outcome::Expired);
+                if d.qos > QoS::AtMostOnce {
+                    self.undelivered(client_id, &d.message, "expired");
+                }
+                return Some(Outcome::Expired);
+            }
+        }
+        if d.qos == QoS::AtMostOnce
+            && !d.message.is_high()
+            && self.is_degraded()
+            && !crate::topic::is_sys(&d.message.topic)
+        {
+            self.record(&d.message, Outcome::Shed);
+            return Some(Outcome::Shed);
+        }
+        if acl.is_some_and(|acl| !acl.can_read(&d.message.topic)) {
+            self.record(&d.message, Outcome::NotAuthorized);
+            return Some(Outcome::NotAuthorized);
+        }
+        None
+    }
+
     /// Counts a delivery the client acknowledged (PUBACK, or PUBCOMP) at `read_at`: in the
     /// metrics, the acknowledgement latency histogram and on the message's receipt.
     pub fn record_acknowledged(&self, message: &Message, read_at: std::time::Instant) {

@@ -67,13 +67,7 @@ impl Sse {
                 Err(_) => {}
             }
         };
-        let head = String::from_utf8(raw[..split].to_vec()).unwrap();
-        let mut lines = head.split("\r\n");
-        let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-        let headers = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-            .collect();
+        let (status, headers) = parse_head(&raw[..split]);
         let rest = raw[split + 4..].to_vec();
         Sse { stream, status, headers, text: Vec::new(), raw: rest, body_only: Vec::new() }
     }

@@ -238,15 +238,12 @@ impl Handshake {
             will: self.client.will.as_deref().cloned(),
             conn_id: self.conn_id,
             kick,
-            client: crate::session::ClientInfo {
-                peer: Some(self.peer),
-                protocol: c.protocol as u8,
-                listener: self.listener,
-                username: username.clone(),
-                connected_at_ms: crate::clock::wall_ms_now(),
-                disconnected_at_ms: 0,
-                subscriptions: 0,
-            },
+            client: crate::session::ClientInfo::connecting(
+                self.peer,
+                c.protocol as u8,
+                self.listener,
+                username.clone(),
+            ),
         };
         let claimed = broker
             .registry()

@@ -892,35 +892,14 @@ impl Connection {
             (true, Some(now)) => Some(now.saturating_duration_since(d.message.received_at).as_micros() as u64),
             _ => None,
         };
-        let expiry = if let (Some(now), true) = (now, d.message.expiry_interval.is_some()) {
-            if d.message.is_expired(now) {
-                self.broker.record(&d.message, Outcome::Expired);
-                self.forget_stored(&d);
-                if d.qos > crate::codec::QoS::AtMostOnce {
-                    self.broker.undelivered(&self.client.client_id, &d.message, "expired");
-                }
-                return;
-            }
-            d.message.remaining_expiry(now)
-        } else {
-            None
-        };
-        if d.qos == crate::codec::QoS::AtMostOnce
-            && !d.message.is_high()
-            && self.broker.is_degraded()
-            && !crate::topic::is_sys(&d.message.topic)
-        {
-            // Degraded mode sheds normal QoS 0 first, the backlog included [issue 7].
-            self.broker.record(&d.message, Outcome::Shed);
-            return;
-        }
-        if self.client.acl.as_ref().is_some_and(|acl| !acl.can_read(&d.message.topic)) {
-            // Checked per message: a retained message or a resumed session's queue obeys the
-            // rules of this connection, which may be newer than the subscription.
-            self.broker.record(&d.message, Outcome::NotAuthorized);
+        if self.broker.withhold(&d, now, self.client.acl.as_deref(), &self.client.client_id).is_some() {
             self.forget_stored(&d);
             return;
         }
+        let expiry = match (now, d.message.expiry_interval) {
+            (Some(now), Some(_)) => d.message.remaining_expiry(now),
+            _ => None,
+        };
         let state = &mut self.session.state;
         if d.qos == crate::codec::QoS::AtMostOnce {
             if let Written::TooLarge = self.io.out.publish(&d, 0, false, expiry) {

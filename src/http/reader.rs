@@ -85,9 +85,7 @@ pub async fn identify(broker: &Broker, req: &Request) -> Result<Identity, Respon
         }
         crate::auth::Verdict::NotAuthorized(why) => {
             broker.metrics().auth_failures.fetch_add(1, Ordering::Relaxed);
-            let mut r = unauthorized(why);
-            r.status = 401;
-            Err(r)
+            Err(unauthorized(why))
         }
     }
 }
@@ -196,9 +194,11 @@ impl Reader {
             }
         }
         let counted_ip = broker.admit(ask.peer.ip(), &limits).map_err(refusal)?;
-        let opened = Reader::claim(broker, identity, client_id, acl, &ask).await;
-        match opened {
-            Ok(reader) => Ok(reader),
+        match Reader::claim(broker, identity, client_id, acl, &ask).await {
+            Ok(mut reader) => {
+                reader.counted_ip = counted_ip;
+                Ok(reader)
+            }
             Err(r) => {
                 if counted_ip {
                     broker.release_ip(ask.peer.ip());
@@ -206,10 +206,6 @@ impl Reader {
                 Err(r)
             }
         }
-        .map(|mut reader| {
-            reader.counted_ip = counted_ip;
-            reader
-        })
     }
 
     async fn claim(
@@ -235,15 +231,12 @@ impl Reader {
             will: None,
             conn_id,
             kick: kick_tx,
-            client: crate::session::ClientInfo {
-                peer: Some(ask.peer),
-                protocol: ask.protocol,
-                listener: crate::session::LISTENER_HTTP,
-                username: identity.username.clone(),
-                connected_at_ms: crate::clock::wall_ms_now(),
-                disconnected_at_ms: 0,
-                subscriptions: 0,
-            },
+            client: crate::session::ClientInfo::connecting(
+                ask.peer,
+                ask.protocol,
+                crate::session::LISTENER_HTTP,
+                identity.username.clone(),
+            ),
         };
         let claimed = broker
             .registry()
@@ -413,27 +406,10 @@ impl Reader {
         self.kicked
     }
 
-    /// What a connection checks before sending: expiry, degraded mode's shedding of QoS 0, and
-    /// the ACL at delivery time.
+    /// What a connection checks before sending (`Broker::withhold`).
     fn admit(&mut self, d: Delivery) -> Option<Delivery> {
-        if d.message.expiry_interval.is_some() && d.message.is_expired(Instant::now()) {
-            self.broker.record(&d.message, Outcome::Expired);
-            self.forget_stored(&d);
-            if d.qos > QoS::AtMostOnce {
-                self.broker.undelivered(&self.client_id, &d.message, "expired");
-            }
-            return None;
-        }
-        if d.qos == QoS::AtMostOnce
-            && !d.message.is_high()
-            && self.broker.is_degraded()
-            && !crate::topic::is_sys(&d.message.topic)
-        {
-            self.broker.record(&d.message, Outcome::Shed);
-            return None;
-        }
-        if self.acl.as_ref().is_some_and(|acl| !acl.can_read(&d.message.topic)) {
-            self.broker.record(&d.message, Outcome::NotAuthorized);
+        let now = d.message.expiry_interval.map(|_| Instant::now());
+        if self.broker.withhold(&d, now, self.acl.as_deref(), &self.client_id).is_some() {
             self.forget_stored(&d);
             return None;
         }

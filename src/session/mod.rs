@@ -377,6 +377,21 @@ pub struct ClientInfo {
     pub subscriptions: usize,
 }
 
+impl ClientInfo {
+    /// A client connecting now, with no subscriptions yet.
+    pub fn connecting(peer: std::net::SocketAddr, protocol: u8, listener: u8, username: Option<String>) -> ClientInfo {
+        ClientInfo {
+            peer: Some(peer),
+            protocol,
+            listener,
+            username,
+            connected_at_ms: crate::clock::wall_ms_now(),
+            disconnected_at_ms: 0,
+            subscriptions: 0,
+        }
+    }
+}
+
 /// `ClientInfo::protocol` of a Server-Sent Events stream and of a poller (`http::reader`).
 pub const PROTOCOL_SSE: u8 = 100;
 pub const PROTOCOL_POLL: u8 = 101;

@@ -309,6 +309,19 @@ pub fn spawn_herald_command(
     (child, ports, rx)
 }
 
+/// An HTTP/1.1 response head (without its blank line): the status and the headers, their
+/// names in lower case.
+pub fn parse_head(head: &[u8]) -> (u16, Vec<(String, String)>) {
+    let head = std::str::from_utf8(head).expect("an ASCII response head");
+    let mut lines = head.split("\r\n");
+    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
+        .collect();
+    (status, headers)
+}
+
 /// An HTTP/1.1 exchange over a real socket, one request per connection: (status, headers
 /// lower-cased, body).
 pub fn http_request(
@@ -334,13 +347,7 @@ pub fn http_request(
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).expect("read the response");
     let split = raw.windows(4).position(|w| w == b"\r\n\r\n").expect("a response head");
-    let head = String::from_utf8(raw[..split].to_vec()).unwrap();
-    let mut lines = head.split("\r\n");
-    let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse().unwrap();
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect::<Vec<_>>();
+    let (status, headers) = parse_head(&raw[..split]);
     let body = raw[split + 4..].to_vec();
     let length: usize = headers.iter().find(|(k, _)| k == "content-length").map(|(_, v)| v.parse().unwrap()).unwrap();
     assert_eq!(body.len(), length, "content-length matches the body");
