@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use crate::session::mailbox::TrySendError;
 use tokio::sync::watch;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use crate::auth::Auth;
 use crate::codec::{QoS, Will};
@@ -163,7 +163,8 @@ impl Broker {
     /// (retained messages and persistent sessions) for the server to restore; receipts are
     /// restored here, and queued messages read back keep counting on theirs.
     pub fn open(config: Config) -> Result<(Arc<Broker>, Recovered), BrokerError> {
-        let auth = Auth::load(&config.auth)?;
+        let metrics = Arc::new(Metrics::default());
+        let auth = Auth::load(&config.auth, metrics.clone())?;
         let tls = config
             .listeners
             .iter()
@@ -173,7 +174,6 @@ impl Broker {
         let store = Arc::new(store);
         let (shutdown, _) = watch::channel(false);
         let router = Arc::new(Router::new(config.mqtt.match_cache_size));
-        let metrics = Arc::new(Metrics::default());
         let registry = Arc::new(Registry::new(
             router.clone(),
             store.clone(),
@@ -333,6 +333,41 @@ impl Broker {
         self.auth.read().expect("auth lock").clone()
     }
 
+    /// Cluster mode: the owner of `client_id`'s session when another node holds it, by the
+    /// directory, so that a client moving between nodes is checked before the session moves.
+    pub fn owner_elsewhere(&self, client_id: &str) -> Option<String> {
+        let link = self.cluster()?;
+        if self.registry().get(client_id).is_some() {
+            return None;
+        }
+        link.holder(client_id)?.1.stored()?.owner
+    }
+
+    /// Whether `claimant` is refused `client_id`'s session held by another node (cluster mode);
+    /// the session on this node is checked by the claim itself.
+    pub fn owned_elsewhere_by_other(&self, client_id: &str, claimant: Option<&str>) -> Option<String> {
+        if !self.auth().session_owner {
+            return None;
+        }
+        let (owner, claimant) = (self.owner_elsewhere(client_id)?, claimant?);
+        (owner != claimant).then_some(owner)
+    }
+
+    /// A client refused a session another identity owns: counted, and one line (sampled like
+    /// every connection line) with both identities as string fields, so neither can forge it.
+    pub fn owner_refused(&self, client_id: &str, owner: &str, claimant: &str, peer: std::net::SocketAddr) {
+        self.metrics.session_owner_refused.fetch_add(1, Ordering::Relaxed);
+        if crate::logging::connection_line() {
+            warn!(
+                client_id,
+                owner = crate::auth::owner_name(owner),
+                identity = crate::auth::owner_name(claimant),
+                peer = %peer,
+                "refused: the session belongs to another identity"
+            );
+        }
+    }
+
     pub fn tls_acceptor(&self, listener: usize) -> Option<tokio_rustls::TlsAcceptor> {
         self.tls.get(listener)?.read().expect("tls lock").clone()
     }
@@ -357,7 +392,7 @@ impl Broker {
         if !same_listeners {
             return Err(BrokerError::Restart("the listeners changed"));
         }
-        let auth = Auth::load(&config.auth)?;
+        let auth = Auth::load(&config.auth, self.metrics.clone())?;
         let mut acceptors = Vec::new();
         for l in &config.listeners {
             acceptors.push(if l.is_tls() { Some(crate::tls::acceptor(l)?) } else { None });
@@ -1018,6 +1053,8 @@ mod tests {
             conn_id: 1,
             kick,
             client: Default::default(),
+            owner: None,
+            enforce_owner: false,
         };
         let mut claimed = broker.registry().claim(claim).await.unwrap();
         let options = SubscriptionOptions { qos: QoS::AtLeastOnce, ..Default::default() };

@@ -494,8 +494,9 @@ impl Link {
         expiry_interval: u32,
         will: Option<crate::codec::Will>,
         subscriptions: &HashMap<String, (crate::codec::SubscriptionOptions, Option<u32>)>,
+        owner: Option<String>,
     ) {
-        let record = records::SessionRecord { expiry_interval, disconnected_at_ms: 0, will };
+        let record = records::SessionRecord { expiry_interval, disconnected_at_ms: 0, will, owner };
         self.record_session(client_id, &record, sessions::entry_subscriptions(subscriptions));
     }
 

@@ -414,7 +414,7 @@ impl Default for Limits {
 }
 
 /// Who may connect and what they may do (docs/security.md). Reloaded on SIGHUP.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// Whether clients without credentials may connect. Unset: only on loopback listeners.
@@ -424,6 +424,80 @@ pub struct AuthConfig {
     /// A Mosquitto-format ACL file; once given, what it does not allow is denied.
     pub acl_file: Option<PathBuf>,
     pub jwt: Option<JwtConfig>,
+    /// The site's own auth service (`[auth.http]`), asked about credentials that neither the
+    /// password file nor the JWT settings take.
+    pub http: Option<AuthHttpConfig>,
+    /// Whether a persistent session belongs to the identity that made it: a CONNECT or HTTP
+    /// reader naming a session of another identity is refused (docs/security.md).
+    #[serde(default = "yes")]
+    pub session_owner: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for AuthConfig {
+    fn default() -> Self {
+        AuthConfig {
+            allow_anonymous: None,
+            password_file: None,
+            acl_file: None,
+            jwt: None,
+            http: None,
+            session_owner: true,
+        }
+    }
+}
+
+/// What `[auth.http]` does when the service cannot answer (timeout, 5xx, unreachable).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum OnError {
+    /// Refuse the client (CONNACK 0x86 / 0x04, HTTP 401).
+    #[default]
+    Deny,
+    /// Admit the client as anonymous (the ACL's anonymous rules; its sessions belong to
+    /// "anonymous"), never as the user it claims to be.
+    Allow,
+}
+
+/// The site's auth service: Herald POSTs a client's credentials as JSON and the service says
+/// who the client is (docs/security.md, "The site's auth service").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthHttpConfig {
+    /// `http://` or `https://` URL the credentials are POSTed to.
+    pub url: String,
+    /// The longest a CONNECT waits for the service, queueing for a call included.
+    #[serde(default = "default_auth_timeout_ms")]
+    pub timeout_ms: u64,
+    /// How long an answer (allowed or refused) is reused for the same credentials; 0: never.
+    #[serde(default = "default_auth_cache_secs")]
+    pub cache_secs: u64,
+    /// Answers kept at most in the cache.
+    #[serde(default = "default_auth_cache_entries")]
+    pub cache_entries: usize,
+    /// Calls to the service running at once at most; more CONNECTs wait (within `timeout_ms`).
+    #[serde(default = "default_auth_max_in_flight")]
+    pub max_in_flight: usize,
+    #[serde(default)]
+    pub on_error: OnError,
+    /// PEM certificates of a private CA for an `https://` service (Mozilla's roots otherwise).
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_auth_timeout_ms() -> u64 {
+    2000
+}
+fn default_auth_cache_secs() -> u64 {
+    60
+}
+fn default_auth_cache_entries() -> usize {
+    100_000
+}
+fn default_auth_max_in_flight() -> usize {
+    64
 }
 
 /// JSON Web Tokens accepted as the CONNECT password.
@@ -433,9 +507,28 @@ pub struct JwtConfig {
     pub hs256_secret: Option<String>,
     /// PEM file of the issuer's RSA public key.
     pub rs256_public_key: Option<PathBuf>,
+    /// An identity provider's published key set (`https://`): RS256, ES256 and EdDSA keys by
+    /// `kid`, fetched at start, every `jwks_refresh_secs`, and on a token with an unknown `kid`
+    /// (at most once per `jwks_refresh_secs`).
+    pub jwks_url: Option<String>,
+    #[serde(default = "default_jwks_refresh_secs")]
+    pub jwks_refresh_secs: u64,
+    /// PEM certificates of a private CA for `jwks_url` (Mozilla's roots otherwise).
+    pub ca_file: Option<PathBuf>,
+    /// Required `iss` claim, when set.
+    pub issuer: Option<String>,
+    /// Required `aud` claim (one of), when set.
+    pub audience: Option<String>,
+    /// Seconds of clock skew allowed on `exp` and `nbf`.
+    #[serde(default)]
+    pub leeway_secs: u64,
     /// The claim taken as the user name.
     #[serde(default = "default_username_claim")]
     pub username_claim: String,
+}
+
+fn default_jwks_refresh_secs() -> u64 {
+    300
 }
 
 fn default_username_claim() -> String {
@@ -787,9 +880,36 @@ impl Config {
             }
         }
         if let Some(j) = &self.auth.jwt {
-            if j.hs256_secret.is_some() == j.rs256_public_key.is_some() {
-                return invalid("auth.jwt", "needs exactly one of hs256_secret and rs256_public_key");
+            if j.hs256_secret.is_some() && j.rs256_public_key.is_some() {
+                return invalid("auth.jwt", "takes at most one of hs256_secret and rs256_public_key");
             }
+            if j.hs256_secret.is_none() && j.rs256_public_key.is_none() && j.jwks_url.is_none() {
+                return invalid("auth.jwt", "needs one of hs256_secret, rs256_public_key and jwks_url");
+            }
+            if let Some(url) = &j.jwks_url {
+                if HttpEndpoint::parse(url).is_none_or(|e| e.uri.scheme_str() != Some("https")) {
+                    return invalid("auth.jwt.jwks_url", "must be an https://host[:port]/path URL");
+                }
+            }
+            if j.jwks_refresh_secs == 0 {
+                return invalid("auth.jwt.jwks_refresh_secs", "must be at least 1");
+            }
+            check_ca_file("auth.jwt.ca_file", j.ca_file.as_deref())?;
+        }
+        if let Some(h) = &self.auth.http {
+            if HttpEndpoint::parse(&h.url).is_none() {
+                return invalid("auth.http.url", "must be an http:// or https://host[:port]/path URL");
+            }
+            for (key, value) in [
+                ("auth.http.timeout_ms", h.timeout_ms as usize),
+                ("auth.http.max_in_flight", h.max_in_flight),
+                ("auth.http.cache_entries", h.cache_entries),
+            ] {
+                if value == 0 {
+                    return invalid(key, "must be at least 1");
+                }
+            }
+            check_ca_file("auth.http.ca_file", h.ca_file.as_deref())?;
         }
         let m = &self.mqtt;
         if m.max_packet_size < 64 || m.max_packet_size > crate::codec::wire::VARINT_MAX + 5 {
@@ -880,14 +1000,7 @@ impl Config {
                 return invalid("delivery.webhook", "must be an http:// or https://host[:port]/path URL");
             }
         }
-        if let Some(path) = &self.delivery.webhook_ca_file {
-            use rustls::pki_types::pem::PemObject;
-            let certs =
-                rustls::pki_types::CertificateDer::pem_file_iter(path).map(|i| i.filter_map(Result::ok).count());
-            if !matches!(certs, Ok(n) if n > 0) {
-                return invalid("delivery.webhook_ca_file", &format!("{} holds no PEM certificate", path.display()));
-            }
-        }
+        check_ca_file("delivery.webhook_ca_file", self.delivery.webhook_ca_file.as_deref())?;
         if !(0.0..1.0).contains(&self.degraded.recover_at) {
             return invalid("degraded.recover_at", "must be between 0 and 1");
         }
@@ -957,6 +1070,17 @@ mod tests {
         let e = Config::parse("[storage]\ndurability = \"never\"\n").unwrap_err().to_string();
         assert!(e.contains("never"), "{e}");
     }
+}
+
+/// A private CA file, when given, must hold at least one PEM certificate.
+fn check_ca_file(key: &'static str, path: Option<&std::path::Path>) -> Result<(), ConfigError> {
+    use rustls::pki_types::pem::PemObject;
+    let Some(path) = path else { return Ok(()) };
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(path).map(|i| i.filter_map(Result::ok).count());
+    if !matches!(certs, Ok(n) if n > 0) {
+        return Err(ConfigError::Invalid { key, message: format!("{} holds no PEM certificate", path.display()) });
+    }
+    Ok(())
 }
 
 /// The webhook's URL: `http://` or `https://`, a host, an optional port and path.

@@ -36,6 +36,13 @@ pub struct Metrics {
     pub queue_superseded: AtomicU64,
     /// CONNECTs refused for their credentials (0x86 / 0x04) or as anonymous (0x87 / 0x05).
     pub auth_failures: AtomicU64,
+    /// CONNECTs and HTTP readers refused for naming a session another identity owns.
+    pub session_owner_refused: AtomicU64,
+    /// `[auth.http]`: calls made, answers taken from the cache, and calls that failed (timeout,
+    /// 5xx, unreachable; `on_error` decided).
+    pub auth_service_calls: AtomicU64,
+    pub auth_service_cached: AtomicU64,
+    pub auth_service_errors: AtomicU64,
     /// PUBLISHes, subscriptions and deliveries the ACL refused.
     pub acl_denied_publish: AtomicU64,
     pub acl_denied_subscribe: AtomicU64,

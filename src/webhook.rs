@@ -15,37 +15,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
 use tokio::sync::mpsc;
 use tracing::warn;
 
 use crate::config::{DeliveryConfig, HttpEndpoint as Endpoint};
-
-type Https = hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>;
-
-/// The rustls client configuration: Mozilla's roots, and the configured CA's certificates.
-pub fn tls_config(ca_file: Option<&std::path::Path>) -> Result<rustls::ClientConfig, String> {
-    use rustls::pki_types::pem::PemObject;
-    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
-    if let Some(path) = ca_file {
-        let certs = rustls::pki_types::CertificateDer::pem_file_iter(path)
-            .map_err(|e| format!("{}: {e}", path.display()))?
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("{}: {e}", path.display()))?;
-        if certs.is_empty() {
-            return Err(format!("{}: no certificate in it", path.display()));
-        }
-        for c in certs {
-            roots.add(c).map_err(|e| format!("{}: {e}", path.display()))?;
-        }
-    }
-    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
-}
 
 /// Posts each event to the endpoint, one at a time, trying a failed one again; failures are
 /// logged and counted (the `$SYS` copy is the durable record of the hand-off).
@@ -56,9 +29,7 @@ pub async fn run(
     mut events: mpsc::Receiver<Vec<u8>>,
     failures: Arc<AtomicU64>,
 ) {
-    let connector: Https =
-        hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().build();
-    let client: Client<Https, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
+    let client = crate::tls::https_client(tls);
     let timeout = Duration::from_millis(config.webhook_timeout_ms);
     while let Some(body) = events.recv().await {
         let body = Bytes::from(body);
@@ -98,22 +69,13 @@ fn retryable(error: &str) -> bool {
     }
 }
 
-async fn post(client: &Client<Https, Full<Bytes>>, endpoint: &Endpoint, body: Bytes) -> Result<u16, String> {
+async fn post(client: &crate::tls::HttpsClient, endpoint: &Endpoint, body: Bytes) -> Result<u16, String> {
     let request = hyper::Request::post(endpoint.uri.clone())
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .header(hyper::header::USER_AGENT, concat!("herald/", env!("CARGO_PKG_VERSION")))
         .body(Full::new(body))
         .map_err(|e| e.to_string())?;
-    let response = client.request(request).await.map_err(|e| {
-        // The connector's error (DNS, refused, TLS) is the source: say it, not just "client error".
-        let mut text = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            text = format!("{text}: {s}");
-            source = s.source();
-        }
-        text
-    })?;
+    let response = client.request(request).await.map_err(|e| crate::tls::error_text(&e))?;
     Ok(response.status().as_u16())
 }
 

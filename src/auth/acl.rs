@@ -40,10 +40,16 @@ enum Want {
     Write,
 }
 
-#[derive(Clone, Debug)]
-struct Rule {
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rule {
     access: Access,
     topic: String,
+}
+
+impl Rule {
+    pub fn new(access: Access, topic: String) -> Rule {
+        Rule { access, topic }
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -123,11 +129,13 @@ impl Acl {
         Ok(acl)
     }
 
-    /// The rules that apply to a client, patterns filled in.
-    fn rules_for(&self, username: Option<&str>, client_id: &str) -> Vec<Rule> {
-        let mut rules = match username {
-            None => self.anonymous.clone(),
-            Some(u) => self.users.get(u).cloned().unwrap_or_default(),
+    /// The rules that apply to a client, patterns filled in. `given`: the user's rules from the
+    /// auth service, in place of the file's `user` section.
+    fn rules_for(&self, username: Option<&str>, client_id: &str, given: Option<&[Rule]>) -> Vec<Rule> {
+        let mut rules = match (given, username) {
+            (Some(given), _) => given.to_vec(),
+            (None, None) => self.anonymous.clone(),
+            (None, Some(u)) => self.users.get(u).cloned().unwrap_or_default(),
         };
         for p in &self.patterns {
             let uses_user = p.topic.contains("%u");
@@ -146,7 +154,12 @@ impl Acl {
 
     /// The rules of one client, resolved once at CONNECT.
     pub fn for_client(&self, username: Option<&str>, client_id: &str) -> ClientAcl {
-        ClientAcl { rules: self.rules_for(username, client_id) }
+        ClientAcl { rules: self.rules_for(username, client_id, None) }
+    }
+
+    /// `for_client`, with the auth service's rules for the user in place of the file's.
+    pub fn for_client_with(&self, username: Option<&str>, client_id: &str, given: &[Rule]) -> ClientAcl {
+        ClientAcl { rules: self.rules_for(username, client_id, Some(given)) }
     }
 }
 
@@ -157,6 +170,11 @@ pub struct ClientAcl {
 }
 
 impl ClientAcl {
+    /// Only these rules (the auth service's, with no ACL file).
+    pub fn from_rules(rules: Vec<Rule>) -> ClientAcl {
+        ClientAcl { rules }
+    }
+
     fn decide(&self, want: Want, matches: impl Fn(&str) -> bool) -> bool {
         let mut allowed = false;
         for r in &self.rules {

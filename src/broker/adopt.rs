@@ -31,7 +31,8 @@ impl Broker {
         record: Option<&SessionRecord>,
     ) -> (Arc<crate::session::SessionShared>, u64) {
         let expiry = entry.expiry;
-        let made = self.registry().restore(client_id.to_owned(), |shared, state| {
+        let owner = record.and_then(|r| r.owner.clone()).or_else(|| entry.stored().and_then(|r| r.owner));
+        let made = self.registry().restore(client_id.to_owned(), owner.clone(), |shared, state| {
             state.expiry_interval = expiry;
             for sub in &entry.subscriptions {
                 let Ok(parsed) = parse_filter(&sub.filter) else { continue };
@@ -46,6 +47,7 @@ impl Broker {
             expiry_interval: expiry,
             disconnected_at_ms: now_ms,
             will: None,
+            owner,
         });
         txn.put_session(client_id, &record);
         for sub in &entry.subscriptions {
@@ -121,6 +123,7 @@ impl Broker {
                 expiry_interval: entry.expiry,
                 disconnected_at_ms: 0,
                 will: None,
+                owner: None,
             });
             // Connected when its node died: offline from now.
             if record.disconnected_at_ms == 0 {

@@ -10,7 +10,7 @@ use tracing::{info, warn};
 use super::{Client, Close, Held, Io, Retry};
 use crate::broker::Broker;
 use crate::codec::{ConnAck, Connect, ErrorKind, Packet, Properties, ProtocolVersion, ReasonCode};
-use crate::session::registry::Claim;
+use crate::session::registry::{Claim, ClaimError};
 use crate::session::Kick;
 
 /// A connection before its CONNECT is accepted: it has no session yet.
@@ -144,30 +144,29 @@ impl Handshake {
             u32::MAX
         };
         let auth = broker.auth();
-        let open = auth.passwords.is_none() && auth.jwt.is_none();
-        let (username, password) = (c.username.clone(), c.password.clone());
-        let certificate_name = self.certificate_name.take();
-        let loopback = self.loopback;
-        let check = move |auth: &crate::auth::Auth| {
-            auth.authenticate(username.as_deref(), password.as_deref(), certificate_name.as_deref(), loopback)
+        let credentials = crate::auth::Credentials {
+            client_id: client_id.clone(),
+            username: c.username.clone(),
+            password: c.password.as_ref().map(|p| p.to_vec()),
+            certificate_name: self.certificate_name.take().map(String::from),
+            peer: self.peer,
+            protocol: match c.protocol {
+                ProtocolVersion::V3_1 => "mqtt3",
+                ProtocolVersion::V3_1_1 => "mqtt4",
+                ProtocolVersion::V5 => "mqtt5",
+            },
+            loopback: self.loopback,
         };
-        let verdict = if open {
-            check(&auth)
-        } else {
-            // PBKDF2 and RSA take milliseconds: off the async workers.
-            let a = auth.clone();
-            tokio::task::spawn_blocking(move || check(&a)).await.map_err(|_| Close::Refused("authentication failed"))?
-        };
-        let (refusal, username) = match verdict {
-            crate::auth::Verdict::Allowed(user) => (None, user),
+        let (refusal, login) = match auth.login(credentials).await {
+            crate::auth::Verdict::Allowed(login) => (None, login),
             crate::auth::Verdict::BadCredentials(why) => {
                 let code =
                     if v5 { ReasonCode::BAD_USER_NAME_OR_PASSWORD } else { ReasonCode::V3_BAD_USER_NAME_OR_PASSWORD };
-                (Some((why, code)), None)
+                (Some((why, code)), crate::auth::Login::anonymous())
             }
             crate::auth::Verdict::NotAuthorized(why) => {
                 let code = if v5 { ReasonCode::NOT_AUTHORIZED } else { ReasonCode::V3_NOT_AUTHORIZED };
-                (Some((why, code)), None)
+                (Some((why, code)), crate::auth::Login::anonymous())
             }
         };
         if let Some((why, code)) = refusal {
@@ -178,7 +177,18 @@ impl Handshake {
             refuse(&mut self.io.out, code);
             return Err(Close::Refused("authentication failed"));
         }
-        self.client.acl = auth.client_acl(username.as_deref(), &client_id).map(Box::new);
+        let username = login.user.clone();
+        let owner = login.owner().to_owned();
+        let not_owner = |out: &mut super::Outbound, session_owner: &str| {
+            broker.owner_refused(&client_id, session_owner, &owner, self.peer);
+            let code = if v5 { ReasonCode::NOT_AUTHORIZED } else { ReasonCode::V3_NOT_AUTHORIZED };
+            refuse(out, code);
+            Err(Close::Refused("the session belongs to another identity"))
+        };
+        if let Some(session_owner) = broker.owned_elsewhere_by_other(&client_id, Some(&owner)) {
+            return not_owner(&mut self.io.out, &session_owner);
+        }
+        self.client.acl = auth.client_acl(&login, &client_id).map(Box::new);
         let mut server_keep_alive = None;
         let mut keep_alive = c.keep_alive;
         if v5 && config.max_keepalive > 0 && (keep_alive == 0 || keep_alive > config.max_keepalive) {
@@ -244,18 +254,28 @@ impl Handshake {
                 self.listener,
                 username.clone(),
             ),
+            owner: Some(owner.clone()),
+            enforce_owner: auth.session_owner,
         };
-        let claimed = broker
-            .registry()
-            .claim(claim)
-            .await
-            .map_err(|_| Close::Refused("the session's previous connection did not let go"))?;
+        let claimed = match broker.registry().claim(claim).await {
+            Ok(claimed) => claimed,
+            Err(ClaimError::NotOwner { owner: session_owner }) => return not_owner(&mut self.io.out, &session_owner),
+            Err(ClaimError::TakeoverTimeout) => {
+                return Err(Close::Refused("the session's previous connection did not let go"))
+            }
+        };
         let (shared, session_present) = (claimed.shared.clone(), claimed.present);
         if let Some(link) = broker.cluster() {
             link.claimed(&client_id, c.clean_start);
             if session_expiry > 0 {
                 let will = self.client.will.as_deref().cloned();
-                link.record_connected(&client_id, session_expiry, will, &claimed.state.subscriptions);
+                link.record_connected(
+                    &client_id,
+                    session_expiry,
+                    will,
+                    &claimed.state.subscriptions,
+                    claimed.shared.owner(),
+                );
             }
         }
         let held = Held { shared: claimed.shared, state: claimed.state };

@@ -437,7 +437,13 @@ impl Connection {
         let (shared, state) = (&self.session.shared, &self.session.state);
         if let (Some(link), true) = (self.broker.cluster(), shared.is_persistent()) {
             let will = self.client.will.as_deref().cloned();
-            link.record_connected(&self.client.client_id, state.expiry_interval, will, &state.subscriptions);
+            link.record_connected(
+                &self.client.client_id,
+                state.expiry_interval,
+                will,
+                &state.subscriptions,
+                shared.owner(),
+            );
         }
     }
 

@@ -23,27 +23,35 @@ use super::{Request, Response};
 use crate::broker::{Broker, ConnectionRefusal, Outcome};
 use crate::codec::{QoS, SubscriptionOptions};
 use crate::message::Delivery;
-use crate::session::registry::{Claim, Release};
+use crate::session::registry::{Claim, ClaimError, Release};
 use crate::session::{Kick, SessionShared, SessionState, Subscription};
 use crate::store::Txn;
 use crate::topic::parse_filter;
 
-/// Who a reader is: a user name for the ACL, or the operator (the API's token), who reads all.
+/// Who a reader is: a login as a CONNECT's, or the operator (the API's token), who reads all
+/// and owns no session.
 pub struct Identity {
-    pub username: Option<String>,
+    pub login: crate::auth::Login,
     pub operator: bool,
 }
 
 /// Checks a reader's credentials as a CONNECT's: `Authorization: Basic` (user name and password,
 /// or any name and a JWT), `Authorization: Bearer` (a JWT, or the API's token), or none
 /// (anonymous, where the configuration allows it).
-pub async fn identify(broker: &Broker, req: &Request) -> Result<Identity, Response> {
+pub async fn identify(
+    broker: &Broker,
+    req: &Request,
+    client_id: &str,
+    peer: SocketAddr,
+    protocol: &'static str,
+) -> Result<Identity, Response> {
+    let operator = Identity { login: crate::auth::Login::anonymous(), operator: true };
     let (mut username, mut password) = (None, None);
     match req.header("authorization") {
         Some(v) if v.len() > 7 && v[..7].eq_ignore_ascii_case("bearer ") => {
             let token = v[7..].trim();
             if super::api::is_api_token(broker, token) {
-                return Ok(Identity { username: None, operator: true });
+                return Ok(operator);
             }
             password = Some(token.as_bytes().to_vec());
         }
@@ -59,23 +67,21 @@ pub async fn identify(broker: &Broker, req: &Request) -> Result<Identity, Respon
             password = Some(pass.as_bytes().to_vec());
         }
         Some(_) => return Err(unauthorized("unsupported authorization scheme (Basic or Bearer)")),
-        None if super::api::has_api_cookie(broker, req) => return Ok(Identity { username: None, operator: true }),
+        None if super::api::has_api_cookie(broker, req) => return Ok(operator),
         None => {}
     }
-    let auth = broker.auth();
     let loopback = broker.config().http.as_ref().is_some_and(|h| h.is_loopback());
-    let open = auth.passwords.is_none() && auth.jwt.is_none();
-    let check =
-        move |auth: &crate::auth::Auth| auth.authenticate(username.as_deref(), password.as_deref(), None, loopback);
-    let verdict = if open {
-        check(&auth)
-    } else {
-        // PBKDF2 and RSA take milliseconds: off the async workers, as for CONNECT.
-        let a = auth.clone();
-        tokio::task::spawn_blocking(move || check(&a)).await.map_err(|_| unauthorized("authentication failed"))?
+    let credentials = crate::auth::Credentials {
+        client_id: client_id.to_owned(),
+        username,
+        password,
+        certificate_name: None,
+        peer,
+        protocol,
+        loopback,
     };
-    match verdict {
-        crate::auth::Verdict::Allowed(username) => Ok(Identity { username, operator: false }),
+    match broker.auth().login(credentials).await {
+        crate::auth::Verdict::Allowed(login) => Ok(Identity { login, operator: false }),
         crate::auth::Verdict::BadCredentials(why) => {
             broker.metrics().auth_failures.fetch_add(1, Ordering::Relaxed);
             if crate::logging::connection_line() {
@@ -154,7 +160,15 @@ impl Reader {
     /// Authenticates, checks the filters against the limits and the ACL, claims the session
     /// and subscribes. The answer to send instead when any of that refuses.
     pub async fn open(broker: &Arc<Broker>, req: &Request, ask: Ask) -> Result<Reader, Response> {
-        let identity = identify(broker, req).await?;
+        let client_id = match ask.client_id.clone() {
+            Some(id) if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) => {
+                return Err(Response::error(400, "client_id must be 1 to 256 bytes of text"));
+            }
+            Some(id) => id,
+            None => fresh_client_id(broker, ask.fresh_prefix),
+        };
+        let protocol = if ask.protocol == crate::session::PROTOCOL_SSE { "sse" } else { "poll" };
+        let identity = identify(broker, req, &client_id, ask.peer, protocol).await?;
         let limits = broker.limits();
         let config = &broker.config().mqtt;
         if ask.filters.is_empty() {
@@ -164,18 +178,8 @@ impl Reader {
             broker.metrics().limit_subscriptions.fetch_add(1, Ordering::Relaxed);
             return Err(Response::error(400, "more filters than limits.max_subscriptions_per_client"));
         }
-        let client_id = match ask.client_id.clone() {
-            Some(id) if id.is_empty() || id.len() > 256 || id.chars().any(char::is_control) => {
-                return Err(Response::error(400, "client_id must be 1 to 256 bytes of text"));
-            }
-            Some(id) => id,
-            None => fresh_client_id(broker, ask.fresh_prefix),
-        };
-        let acl = if identity.operator {
-            None
-        } else {
-            broker.auth().client_acl(identity.username.as_deref(), &client_id).map(Box::new)
-        };
+        let acl =
+            if identity.operator { None } else { broker.auth().client_acl(&identity.login, &client_id).map(Box::new) };
         for filter in &ask.filters {
             let parsed = match parse_filter(filter) {
                 Ok(p) if p.share.is_none() => p,
@@ -215,6 +219,17 @@ impl Reader {
         acl: Option<Box<crate::auth::acl::ClientAcl>>,
         ask: &Ask,
     ) -> Result<Reader, Response> {
+        let owner = (!identity.operator).then(|| identity.login.owner().to_owned());
+        let enforce_owner = broker.auth().session_owner && !identity.operator;
+        let not_owner = |session_owner: &str| {
+            broker.owner_refused(&client_id, session_owner, owner.as_deref().unwrap_or_default(), ask.peer);
+            Response::error(403, "this session belongs to another user")
+        };
+        if enforce_owner {
+            if let Some(session_owner) = broker.owned_elsewhere_by_other(&client_id, owner.as_deref()) {
+                return Err(not_owner(&session_owner));
+            }
+        }
         if ask.resume && ask.expiry_interval > 0 && broker.cluster().is_some() {
             // A session another node holds comes here first, as for CONNECT (docs/cluster.md).
             if let Err(why) = broker.adopt(&client_id).await {
@@ -235,14 +250,18 @@ impl Reader {
                 ask.peer,
                 ask.protocol,
                 crate::session::LISTENER_HTTP,
-                identity.username.clone(),
+                identity.login.user.clone(),
             ),
+            owner: owner.clone(),
+            enforce_owner,
         };
-        let claimed = broker
-            .registry()
-            .claim(claim)
-            .await
-            .map_err(|_| Response::error(503, "the session's previous reader did not let go"))?;
+        let claimed = match broker.registry().claim(claim).await {
+            Ok(claimed) => claimed,
+            Err(ClaimError::NotOwner { owner: session_owner }) => return Err(not_owner(&session_owner)),
+            Err(ClaimError::TakeoverTimeout) => {
+                return Err(Response::error(503, "the session's previous reader did not let go"))
+            }
+        };
         let metrics = broker.metrics();
         metrics.connections_total.fetch_add(1, Ordering::Relaxed);
         metrics.connections_open.fetch_add(1, Ordering::Relaxed);
@@ -334,7 +353,13 @@ impl Reader {
         }
         self.shared.set_subscription_count(self.state.subscriptions.len());
         if let (Some(link), true) = (self.broker.cluster(), persistent) {
-            link.record_connected(&self.client_id, self.expiry_interval, None, &self.state.subscriptions);
+            link.record_connected(
+                &self.client_id,
+                self.expiry_interval,
+                None,
+                &self.state.subscriptions,
+                self.shared.owner(),
+            );
         }
         self.broker.store().commit(txn);
     }

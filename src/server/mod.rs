@@ -133,7 +133,7 @@ pub async fn run(
         let endpoint = crate::config::HttpEndpoint::parse(url).expect("validated with the configuration");
         let delivery = broker.config().delivery.clone();
         let tls =
-            crate::webhook::tls_config(delivery.webhook_ca_file.as_deref()).expect("validated with the configuration");
+            crate::tls::client_config(delivery.webhook_ca_file.as_deref()).expect("validated with the configuration");
         // Not in `tasks`: it drains what is queued after shutdown begins too, until the broker goes.
         tokio::spawn(crate::webhook::run(endpoint, delivery, tls, events, broker.webhook_failures().clone()));
     }

@@ -35,7 +35,7 @@ pub fn restore(broker: &Broker, recovered: Recovered) -> Vec<Restored> {
     let mut restored = Vec::new();
     for s in recovered.sessions {
         let expiry_interval = s.record.expiry_interval;
-        let (shared, generation) = broker.registry().restore(s.client_id, |shared, state| {
+        let (shared, generation) = broker.registry().restore(s.client_id, s.record.owner.clone(), |shared, state| {
             state.expiry_interval = expiry_interval;
             for (filter, options, identifier) in s.subscriptions {
                 let Ok(parsed) = parse_filter(&filter) else { continue };

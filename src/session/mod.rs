@@ -347,6 +347,8 @@ struct Ownership {
     park_generation: u64,
     /// What the admin API shows of the client.
     client: ClientInfo,
+    /// The identity the session belongs to (see `registry::Claim::owner`).
+    owner: Option<String>,
 }
 
 impl Ownership {
@@ -519,6 +521,11 @@ impl SessionShared {
 
     pub fn client_info(&self) -> ClientInfo {
         self.ownership.lock().expect("ownership lock").client.clone()
+    }
+
+    /// The identity the session belongs to (None: made by the operator, or before owners).
+    pub fn owner(&self) -> Option<String> {
+        self.ownership.lock().expect("ownership lock").owner.clone()
     }
 
     pub fn set_subscription_count(&self, n: usize) {

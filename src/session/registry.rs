@@ -59,6 +59,11 @@ pub struct Claim {
     /// How the registry asks this connection to let go later.
     pub kick: oneshot::Sender<Kick>,
     pub client: ClientInfo,
+    /// The identity claiming the session (`auth::Login::owner`), recorded as the owner of a
+    /// session it makes (or of one with no owner yet); None for the operator, who owns nothing.
+    pub owner: Option<String>,
+    /// Whether a session of another owner is refused (`auth.session_owner`).
+    pub enforce_owner: bool,
 }
 
 /// A claimed session: the connection owns `state` until it releases it.
@@ -70,8 +75,13 @@ pub struct Claimed {
 }
 
 #[derive(Debug, thiserror::Error)]
-#[error("the session's previous connection did not let go")]
-pub struct TakeoverTimeout;
+pub enum ClaimError {
+    #[error("the session's previous connection did not let go")]
+    TakeoverTimeout,
+    /// The session belongs to another identity: nothing of it was changed.
+    #[error("the session belongs to another identity")]
+    NotOwner { owner: String },
+}
 
 /// How a connection lets go of its session.
 pub struct Release {
@@ -201,7 +211,10 @@ impl Registry {
     /// that was not persistent, ends the old session first [MQTT-3.1.2-4]. A delayed will of the
     /// previous connection is cancelled [MQTT-3.1.3-9]. Then the session's record is written
     /// (or, for a session no longer persistent, removed) before any SUBSCRIBE can be handled.
-    pub async fn claim(&self, claim: Claim) -> Result<Claimed, TakeoverTimeout> {
+    ///
+    /// A session that belongs to another identity is refused first, before anything of it (its
+    /// holder, its will, its queue) changes.
+    pub async fn claim(&self, claim: Claim) -> Result<Claimed, ClaimError> {
         let give_up = tokio::time::Instant::now() + TAKEOVER_WAIT;
         let mut kick = Some(claim.kick);
         let client_id = claim.client_id.as_str();
@@ -213,6 +226,7 @@ impl Registry {
                         let (shared, state) = self.new_session(client_id.to_owned());
                         {
                             let mut own = shared.ownership.lock().expect("ownership lock");
+                            own.owner = claim.owner.clone();
                             own.holder = Some((claim.conn_id, kick.take()));
                             shared.online.store(true, Ordering::SeqCst);
                         }
@@ -221,6 +235,16 @@ impl Registry {
                     }
                     Some(existing) => {
                         let mut own = existing.ownership.lock().expect("ownership lock");
+                        if let (true, Some(owner), Some(claimant)) =
+                            (claim.enforce_owner, own.owner.as_ref(), claim.owner.as_ref())
+                        {
+                            if owner != claimant {
+                                return Err(ClaimError::NotOwner { owner: owner.clone() });
+                            }
+                        }
+                        if own.owner.is_none() {
+                            own.owner = claim.owner.clone();
+                        }
                         if let Some(cancel) = own.pending_will.take() {
                             let _ = cancel.send(());
                         }
@@ -246,7 +270,7 @@ impl Registry {
             let notified = existing.parked_notify.notified();
             let _ = tokio::time::timeout(Duration::from_millis(200), notified).await;
             if tokio::time::Instant::now() > give_up {
-                return Err(TakeoverTimeout);
+                return Err(ClaimError::TakeoverTimeout);
             }
         };
         // A session restored at start comes back with its queue still in the store.
@@ -257,7 +281,8 @@ impl Registry {
         if expiry > 0 {
             // Written before any SUBSCRIBE of this connection, whose SUBACK waits for the store.
             let mut txn = Txn::default();
-            let record = SessionRecord { expiry_interval: expiry, disconnected_at_ms: 0, will: claim.will };
+            let owner = shared.owner();
+            let record = SessionRecord { expiry_interval: expiry, disconnected_at_ms: 0, will: claim.will, owner };
             txn.put_session(client_id, &record);
             self.store.commit(txn);
             shared.stored.store(true, Ordering::Release);
@@ -294,8 +319,12 @@ impl Registry {
         }
         if shared.is_persistent() && !r.taken_over {
             let mut txn = Txn::default();
-            let record =
-                SessionRecord { expiry_interval: r.expiry_interval, disconnected_at_ms: r.now_ms, will: r.will_due };
+            let record = SessionRecord {
+                expiry_interval: r.expiry_interval,
+                disconnected_at_ms: r.now_ms,
+                will: r.will_due,
+                owner: shared.owner(),
+            };
             txn.put_session(&shared.client_id, &record);
             self.store.commit(txn);
             shared.stored.store(true, Ordering::Release);
@@ -378,6 +407,7 @@ impl Registry {
                             expiry_interval: parked.expiry_interval,
                             disconnected_at_ms,
                             will: None,
+                            owner: own.owner.clone(),
                         };
                         txn.put_session(&shared.client_id, &record);
                         store.commit(txn);
@@ -505,6 +535,7 @@ impl Registry {
     pub fn restore(
         &self,
         client_id: String,
+        owner: Option<String>,
         fill: impl FnOnce(&Arc<SessionShared>, &mut SessionState),
     ) -> (Arc<SessionShared>, u64) {
         let (shared, mut state) = self.new_session(client_id.clone());
@@ -513,6 +544,7 @@ impl Registry {
         fill(&shared, &mut state);
         {
             let mut own = shared.ownership.lock().expect("ownership lock");
+            own.owner = owner;
             own.parked = Some(state);
             own.park_generation = 1;
         }
@@ -559,6 +591,8 @@ mod tests {
             conn_id,
             kick,
             client: ClientInfo::default(),
+            owner: Some("bob".into()),
+            enforce_owner: true,
         };
         (claim, kicked)
     }
@@ -585,6 +619,43 @@ mod tests {
         assert_eq!(resumed.shared.id, claimed.shared.id);
         assert!(resumed.state.subscriptions.contains_key("news/#"));
         assert!(resumed.shared.parked_figures().is_none(), "held, not parked");
+    }
+
+    #[tokio::test]
+    async fn a_session_of_another_owner_is_refused_and_left_as_it_was() {
+        let f = fixture();
+        let (c, _k) = claim("bob-phone", 1, 60, false);
+        let mut claimed = f.registry.claim(c).await.unwrap();
+        claimed.state.subscriptions.insert("users/bob/inbox".into(), (SubscriptionOptions::default(), None));
+        f.registry.release(claimed.shared.clone(), claimed.state, release(1, 60, false));
+        for clean in [false, true] {
+            let (mut c, _k) = claim("bob-phone", 2, 60, clean);
+            c.owner = Some("alice".into());
+            match f.registry.claim(c).await {
+                Err(ClaimError::NotOwner { owner }) => assert_eq!(owner, "bob"),
+                _ => panic!("alice took bob's session (clean start {clean})"),
+            }
+            let parked = claimed.shared.parked_figures().expect("still parked");
+            assert_eq!(parked.subscriptions, 1, "untouched");
+            assert!(f.registry.get("bob-phone").is_some_and(|s| s.id == claimed.shared.id));
+        }
+        // Without enforcement (auth.session_owner = false) anyone may take it, as before.
+        let (mut c, _k) = claim("bob-phone", 3, 60, false);
+        (c.owner, c.enforce_owner) = (Some("alice".into()), false);
+        assert!(f.registry.claim(c).await.unwrap().present);
+    }
+
+    #[tokio::test]
+    async fn a_session_without_an_owner_takes_its_next_claimant_as_owner() {
+        let f = fixture();
+        let (mut c, _k) = claim("old", 1, 60, false);
+        c.owner = None;
+        let claimed = f.registry.claim(c).await.unwrap();
+        assert_eq!(claimed.shared.owner(), None);
+        f.registry.release(claimed.shared.clone(), claimed.state, release(1, 60, false));
+        let (c, _k) = claim("old", 2, 60, false);
+        let claimed = f.registry.claim(c).await.unwrap();
+        assert_eq!(claimed.shared.owner().as_deref(), Some("bob"));
     }
 
     #[tokio::test]

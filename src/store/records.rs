@@ -293,21 +293,32 @@ pub struct SessionRecord {
     pub disconnected_at_ms: u64,
     /// The will of its last connection, while it may still be due [MQTT-3.1.2-8].
     pub will: Option<Will>,
+    /// The identity that made the session (`auth::Login::owner`); None in records written
+    /// before sessions had owners: the next client to claim it becomes its owner.
+    pub owner: Option<String>,
 }
+
+/// Flags bit of a session record that carries its owner, after the will.
+const SESSION_HAS_OWNER: u8 = 0x10;
 
 pub fn encode_session(s: &SessionRecord) -> Vec<u8> {
     let mut out = BytesMut::with_capacity(32);
     out.put_u8(FORMAT);
     out.put_u32(s.expiry_interval);
     out.put_u64(s.disconnected_at_ms);
+    let owned = if s.owner.is_some() { SESSION_HAS_OWNER } else { 0 };
     match &s.will {
-        None => out.put_u8(0),
+        None => out.put_u8(owned),
         Some(w) => {
-            out.put_u8(1 | ((w.qos as u8) << 1) | (u8::from(w.retain) << 3));
+            out.put_u8(owned | 1 | ((w.qos as u8) << 1) | (u8::from(w.retain) << 3));
             put_str(&mut out, &w.topic);
             w.properties.encode(&mut out);
             put_binary(&mut out, &w.payload);
         }
+    }
+    if let Some(owner) = &s.owner {
+        // As bytes: a token's subject may hold what an MQTT string may not (U+0000).
+        put_binary(&mut out, owner.as_bytes());
     }
     out.to_vec()
 }
@@ -327,7 +338,12 @@ pub fn decode_session(value: &[u8]) -> Result<SessionRecord, RecordError> {
         let payload = r.binary().map_err(e)?;
         Some(Will { topic, payload, qos: qos_of(W, (flags >> 1) & 0b11)?, retain: flags & 0b1000 != 0, properties })
     };
-    Ok(SessionRecord { expiry_interval, disconnected_at_ms, will })
+    let owner = if flags & SESSION_HAS_OWNER != 0 {
+        Some(String::from_utf8(r.binary().map_err(e)?.to_vec()).map_err(|_| bad(W, "owner is not UTF-8"))?)
+    } else {
+        None
+    };
+    Ok(SessionRecord { expiry_interval, disconnected_at_ms, will, owner })
 }
 
 pub fn encode_subscription(options: &SubscriptionOptions, identifier: Option<u32>) -> Vec<u8> {
@@ -430,8 +446,13 @@ mod tests {
                 retain: true,
                 properties: Properties { will_delay_interval: Some(5), ..Default::default() },
             }),
+            owner: Some("bob".into()),
         };
         assert_eq!(decode_session(&encode_session(&s)).unwrap(), s);
+        let unowned = SessionRecord { owner: None, will: None, ..s.clone() };
+        assert_eq!(decode_session(&encode_session(&unowned)).unwrap(), unowned);
+        let anonymous = SessionRecord { owner: Some(String::new()), ..s.clone() };
+        assert_eq!(decode_session(&encode_session(&anonymous)).unwrap(), anonymous);
         let o = SubscriptionOptions {
             qos: QoS::ExactlyOnce,
             no_local: true,
