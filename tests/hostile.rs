@@ -546,6 +546,37 @@ async fn http_request_smuggling_is_refused() {
     h.assert_healthy(rss0, 16 * MB, "HTTP smuggling").await;
 }
 
+/// Issue 24, item 5: a request pipelined behind one answered 400 (or answered before its body
+/// was read) must not run unanswered, so its client never has to guess whether a publish
+/// happened. Such an answer closes the connection; what followed in it is not read. A good
+/// request keeps the connection for the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nothing_runs_unanswered_behind_a_refused_http_request() {
+    let mut h = Herald::spawn("");
+    let rss0 = h.rss();
+    let addr = h.http;
+    let behind = "POST /api/v1/reload HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n";
+    for (first, responses) in [
+        ("GET /api/v1/%zz HTTP/1.1\r\nHost: x\r\n\r\n", 1),
+        ("POST /api/v1/%zz HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello", 1),
+        ("GET /api/v1/poll HTTP/1.1\r\nHost: x\r\n\r\n", 1),
+        ("POST /api/v1/publish HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}", 1),
+        ("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n", 2),
+    ] {
+        let reloads = h.metric("herald_reloads_total").await;
+        let request = format!("{first}{behind}").into_bytes();
+        let raw = bounded("a pipelined pair", PATIENCE, move || http_raw(addr, &request, Duration::from_secs(5))).await;
+        let text = String::from_utf8_lossy(&raw);
+        assert_eq!(text.matches("HTTP/1.1 ").count(), responses, "{first:?}: {text}");
+        let ran = h.metric("herald_reloads_total").await - reloads;
+        assert_eq!(ran as usize, responses - 1, "{first:?}: the request behind ran exactly when answered: {text}");
+        if responses == 1 {
+            assert!(text.to_ascii_lowercase().contains("connection: close"), "{first:?}: {text}");
+        }
+    }
+    h.assert_healthy(rss0, 16 * MB, "pipelined HTTP").await;
+}
+
 /// Slow HTTP requests: a head that never completes is closed after `header_timeout_ms`, a body
 /// that stops coming gets 408 after `body_timeout_ms`, and a keep-alive connection that sends
 /// nothing more is closed after `header_timeout_ms`.

@@ -183,21 +183,43 @@ where
 /// An answer's body: whole, or a stream of events.
 type Body = Either<Full<Bytes>, stream::EventBody>;
 
-/// Turns one hyper request into ours, reading its body only once the token allows it.
+/// Answers one request. A request answered 400 (its framing or its head may not be what the
+/// client meant), or answered without its announced body being read, closes the connection after
+/// the answer: hyper would otherwise go on to what follows in the same connection, which the
+/// client cannot tell apart from a body, and a pipelined publish behind it could run unanswered.
 async fn respond(
     broker: &Arc<Broker>,
     req: hyper::Request<Incoming>,
     peer: std::net::SocketAddr,
 ) -> hyper::Response<Body> {
+    let has_body = req.headers().contains_key(hyper::header::TRANSFER_ENCODING)
+        || req
+            .headers()
+            .get(hyper::header::CONTENT_LENGTH)
+            .is_some_and(|v| v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) != Some(0));
+    let (mut response, body_read) = answer(broker, req, peer).await;
+    if response.status() == hyper::StatusCode::BAD_REQUEST || (has_body && !body_read) {
+        response.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+    }
+    response
+}
+
+/// Turns one hyper request into ours, reading its body only once the token allows it; says
+/// whether the body was read.
+async fn answer(
+    broker: &Arc<Broker>,
+    req: hyper::Request<Incoming>,
+    peer: std::net::SocketAddr,
+) -> (hyper::Response<Body>, bool) {
     let (parts, body) = req.into_parts();
     let request = match Request::from_head(&parts) {
         Ok(r) => r,
-        Err(refusal) => return refusal.into_hyper(),
+        Err(refusal) => return (refusal.into_hyper(), false),
     };
     // Readers authenticate as MQTT clients do (reader.rs), not with the API's token.
     match (request.method.as_str(), request.path.trim_end_matches('/')) {
         ("GET", "/api/v1/stream") => {
-            return match stream::open(broker, request, peer).await {
+            let answer = match stream::open(broker, request, peer).await {
                 Ok(events) => {
                     let mut r = hyper::Response::new(Either::Right(events));
                     let h = r.headers_mut();
@@ -209,13 +231,14 @@ async fn respond(
                 }
                 Err(refusal) => refusal.into_hyper(),
             };
+            return (answer, false);
         }
-        ("GET", "/api/v1/poll") => return poll::poll(broker, request, peer).await.into_hyper(),
+        ("GET", "/api/v1/poll") => return (poll::poll(broker, request, peer).await.into_hyper(), false),
         _ => {}
     }
     let mut request = request;
     if let Some(refusal) = api::refuse_early(broker, &request) {
-        return refusal.into_hyper();
+        return (refusal.into_hyper(), false);
     }
     let (max_body, body_timeout) = match &broker.config().http {
         Some(http) => (http.max_body_bytes, Duration::from_millis(http.body_timeout_ms)),
@@ -224,18 +247,18 @@ async fn respond(
     let too_large = || Response::error(413, format!("request body larger than {max_body} bytes (max_body_bytes)"));
     let announced = parts.headers.get(hyper::header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
     if announced.is_some_and(|n| n > max_body as u64) {
-        return too_large().into_hyper();
+        return (too_large().into_hyper(), false);
     }
     let collected = tokio::time::timeout(body_timeout, Limited::new(body, max_body).collect()).await;
     request.body = match collected {
         Ok(Ok(b)) => b.to_bytes().to_vec(),
         Ok(Err(e)) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => {
-            return too_large().into_hyper();
+            return (too_large().into_hyper(), false);
         }
-        Ok(Err(_)) => return Response::error(400, "the request body could not be read").into_hyper(),
-        Err(_) => return Response::error(408, "the request body did not arrive in time").into_hyper(),
+        Ok(Err(_)) => return (Response::error(400, "the request body could not be read").into_hyper(), false),
+        Err(_) => return (Response::error(408, "the request body did not arrive in time").into_hyper(), false),
     };
-    api::handle(broker, request).await.into_hyper()
+    (api::handle(broker, request).await.into_hyper(), true)
 }
 
 impl Request {
