@@ -1193,3 +1193,62 @@ async fn rumqttc_resumes_its_session_on_another_node() {
 async fn next_event(rx: &mut tokio::sync::mpsc::UnboundedReceiver<String>) -> String {
     tokio::time::timeout(PATIENCE, rx.recv()).await.ok().flatten().expect("an event from rumqttc")
 }
+
+/// [issue 24] A session belongs to the identity that made it on every node: bob's session,
+/// parked on node a, is refused to alice connecting to node b (0x87) before it moves, and bob
+/// resumes it on node b with the story queued for him.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sessions_owner_is_checked_on_every_node() {
+    let nats = NatsCluster::start();
+    let dir = tempfile::tempdir().unwrap();
+    let passwd = dir.path().join("passwd");
+    for (user, pw) in [("alice", "alice-pw"), ("bob", "bob-pw")] {
+        let mut cmd = Command::new("mosquitto_passwd");
+        if !passwd.exists() {
+            cmd.arg("-c");
+        }
+        assert!(cmd.args(["-b", passwd.to_str().unwrap(), user, pw]).status().unwrap().success());
+    }
+    let extra = format!(
+        "[http]\nbind = \"127.0.0.1:0\"\n[auth]\nallow_anonymous = true\npassword_file = {:?}\n",
+        passwd.display().to_string()
+    );
+    let a = Node::start_with("herald-a", &nats, &extra);
+    let b = Node::start_with("herald-b", &nats, &extra);
+    let login = |user: &str, pw: &str, clean: bool| {
+        let mut c = persistent("bob-phone", clean);
+        c.username = Some(user.into());
+        c.password = Some(bytes::Bytes::copy_from_slice(pw.as_bytes()));
+        c
+    };
+
+    let (mut phone, _) = RawClient::connect(a.addr(), login("bob", "bob-pw", true)).await;
+    phone.send(&subscribe(1, "users/bob/inbox", QoS::AtLeastOnce)).await;
+    expect_suback(&mut phone).await;
+    drop(phone);
+    wait_until_blocking("bob's session is parked on node a", || {
+        http_json(http_addr(&a), "GET", "/api/v1/clients/bob-phone", "").1["connected"] == false
+    });
+    wait_for_holder(&b, "bob-phone", "herald-a").await;
+    mosquitto_pub(&b, "users/bob/inbox", "for bob", 1);
+    wait_until_blocking("node a queued it", || {
+        http_json(http_addr(&a), "GET", "/api/v1/clients/bob-phone", "").1["queued"] == 1
+    });
+
+    for clean in [false, true] {
+        let mut c = RawClient::connect_tcp(b.addr()).await;
+        c.send(&Packet::Connect(Box::new(login("alice", "alice-pw", clean)))).await;
+        match c.recv().await {
+            Some(Packet::ConnAck(ack)) => assert_eq!(ack.code, ReasonCode::NOT_AUTHORIZED, "clean start {clean}"),
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+    assert_eq!(metric(&b, "herald_session_owner_refused_total"), 2);
+    let (_, held) = http_json(http_addr(&a), "GET", "/api/v1/clients/bob-phone", "");
+    assert_eq!((held["node"].as_str(), held["queued"].as_u64()), (Some("herald-a"), Some(1)), "untouched: {held}");
+
+    let (mut phone, ack) = RawClient::connect(b.addr(), login("bob", "bob-pw", false)).await;
+    assert!(ack.session_present, "bob resumes on node b");
+    let p = expect_publish(&mut phone).await;
+    assert_eq!(&p.payload[..], b"for bob");
+}
