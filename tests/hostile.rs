@@ -577,6 +577,107 @@ async fn nothing_runs_unanswered_behind_a_refused_http_request() {
     h.assert_healthy(rss0, 16 * MB, "pipelined HTTP").await;
 }
 
+/// Issue 24: a stranger sending JWTs with made-up `kid`s. Each is refused 0x86 and the identity
+/// provider is asked for its key set once at start and not again for them (at most once per
+/// `jwks_refresh_secs`), however many arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwts_with_made_up_key_ids_cost_the_provider_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    generate_certs(dir.path());
+    let (key, jwk) = common::auth::keypair(dir.path(), "RSA", "real");
+    let jwks = dir.path().join("jwks.json");
+    common::auth::write_jwks(&jwks, &[&jwk]);
+    let (cert, tls_key) = (dir.path().join("server.pem"), dir.path().join("server.key"));
+    let provider = common::auth::Fixture::start(&[
+        "--cert",
+        cert.to_str().unwrap(),
+        "--key",
+        tls_key.to_str().unwrap(),
+        "--jwks",
+        jwks.to_str().unwrap(),
+    ]);
+    let mut h = Herald::spawn(&format!(
+        "[auth]\n[auth.jwt]\njwks_url = \"{}\"\nca_file = {}\njwks_refresh_secs = 300\n",
+        provider.url("/jwks.json"),
+        toml_path(&dir.path().join("ca.pem"))
+    ));
+    wait_until("the key set fetched at start", || provider.stats()["jwks"] == 1).await;
+    let rss0 = h.rss();
+    let mqtt = h.mqtt;
+    let sent = 1000;
+    let tasks: Vec<_> = (0..sent)
+        .map(|i| {
+            let t = common::auth::token(&key, jsonwebtoken::Algorithm::RS256, &format!("kid-{i}-{}", i * 7919), "x");
+            tokio::spawn(async move {
+                let mut c = RawClient::connect_tcp(mqtt).await;
+                let mut connect = connect_packet(V5, &format!("s{i}"), true);
+                connect.password = Some(bytes::Bytes::from(t));
+                c.send(&Packet::Connect(Box::new(connect))).await;
+                matches!(c.recv().await, Some(Packet::ConnAck(a)) if a.code == ReasonCode::BAD_USER_NAME_OR_PASSWORD)
+            })
+        })
+        .collect();
+    let mut refused = Vec::new();
+    for t in tasks {
+        refused.push(t.await.unwrap());
+    }
+    assert_eq!(refused.iter().filter(|r| **r).count(), sent, "every made-up kid refused 0x86");
+    assert_eq!(provider.stats()["jwks"], 1, "the provider was asked once, at start");
+    let real = common::auth::token(&key, jsonwebtoken::Algorithm::RS256, "real", "rita");
+    let mut connect = connect_packet(V5, "rita", true);
+    connect.password = Some(bytes::Bytes::from(real));
+    let (_c, ack) = RawClient::connect(mqtt, connect).await;
+    assert_eq!(ack.code, ReasonCode::SUCCESS, "the real key still works");
+    h.assert_healthy(rss0, 16 * MB, "made-up kids").await;
+}
+
+/// Issue 24: an auth service that answers in 10 s, then one that is not there, while 300
+/// strangers connect at once with made-up tokens. Every CONNECT is answered 0x87 within
+/// `timeout_ms` (500 ms) plus scheduling, never more than `max_in_flight` (4) calls are made
+/// per `timeout_ms`, and the broker stays responsive and small.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_or_dead_auth_service_never_holds_a_connect_past_its_timeout() {
+    let service = common::auth::Fixture::start(&[]);
+    service.control("slow", 10.0);
+    for (url, what) in [(service.url("/auth"), "slow"), (format!("http://127.0.0.1:{}/auth", free_port()), "dead")] {
+        let mut h = Herald::spawn(&format!(
+            "[auth]\n[auth.http]\nurl = \"{url}\"\ntimeout_ms = 500\nmax_in_flight = 4\ncache_secs = 0\n"
+        ));
+        let rss0 = h.rss();
+        let mqtt = h.mqtt;
+        let calls0 = service.stats()["auth"].as_u64().unwrap();
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..300)
+            .map(|i| {
+                tokio::spawn(async move {
+                    let mut c = RawClient::connect_tcp(mqtt).await;
+                    let mut connect = connect_packet(V5, &format!("s{i}"), true);
+                    connect.username = Some(format!("stranger-{i}"));
+                    connect.password = Some(bytes::Bytes::from(format!("tok-{i}")));
+                    let sent = Instant::now();
+                    c.send(&Packet::Connect(Box::new(connect))).await;
+                    match c.recv_within(PATIENCE).await {
+                        Ok(Some(Packet::ConnAck(a))) => (a.code, sent.elapsed()),
+                        other => panic!("{other:?}"),
+                    }
+                })
+            })
+            .collect();
+        let mut answered = Vec::new();
+        for t in tasks {
+            answered.push(t.await.unwrap());
+        }
+        let slowest = answered.iter().map(|(_, t)| *t).max().unwrap();
+        eprintln!("{what}: 300 CONNECTs answered in {:?}, the slowest in {slowest:?}", started.elapsed());
+        assert!(answered.iter().all(|(code, _)| *code == ReasonCode::NOT_AUTHORIZED), "{what}: on_error deny");
+        assert!(slowest < Duration::from_millis(500 + 1500), "{what}: a CONNECT waited {slowest:?}");
+        let calls = service.stats()["auth"].as_u64().unwrap() - calls0;
+        let windows = started.elapsed().as_millis() as u64 / 500 + 1;
+        assert!(calls <= 4 * windows, "{what}: {calls} calls in {windows} timeouts' time");
+        h.assert_healthy(rss0, 16 * MB, what).await;
+    }
+}
+
 /// Slow HTTP requests: a head that never completes is closed after `header_timeout_ms`, a body
 /// that stops coming gets 408 after `body_timeout_ms`, and a keep-alive connection that sends
 /// nothing more is closed after `header_timeout_ms`.

@@ -3,6 +3,8 @@
 //! codec in client role.
 #![allow(dead_code)]
 
+pub mod auth;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
