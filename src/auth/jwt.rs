@@ -287,6 +287,42 @@ pub fn looks_like_jwt(password: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    fn config(extra: &str) -> JwtConfig {
+        let text = format!("[auth.jwt]\nhs256_secret = \"s\"\n{extra}");
+        crate::config::Config::parse(&text).unwrap().auth.jwt.unwrap()
+    }
+
+    fn signed(claims: serde_json::Value) -> Vec<u8> {
+        let key = jsonwebtoken::EncodingKey::from_secret(b"s");
+        jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap().into_bytes()
+    }
+
+    #[test]
+    fn issuer_audience_not_before_and_leeway() {
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let v = JwtVerifier::new(&config("issuer = \"https://id\"\naudience = \"herald\"\nleeway_secs = 30\n")).unwrap();
+        let ok = serde_json::json!({"sub": "bob", "exp": now + 60, "iss": "https://id", "aud": "herald"});
+        assert_eq!(v.verify(&signed(ok.clone())), Ok("bob".into()));
+        let mut other = ok.clone();
+        other["aud"] = "other".into();
+        assert!(v.verify(&signed(other)).is_err(), "another audience");
+        let mut other = ok.clone();
+        other["iss"] = "https://evil".into();
+        assert!(v.verify(&signed(other)).is_err(), "another issuer");
+        let mut late = ok.clone();
+        late["exp"] = (now - 10).into();
+        assert_eq!(v.verify(&signed(late)), Ok("bob".into()), "expired 10 s ago, within the 30 s leeway");
+        let mut late = ok.clone();
+        late["exp"] = (now - 100).into();
+        assert!(v.verify(&signed(late)).is_err(), "expired beyond the leeway");
+        let mut early = ok.clone();
+        early["nbf"] = (now + 100).into();
+        assert!(v.verify(&signed(early)).is_err(), "not valid before nbf");
+        let mut no_exp = ok;
+        no_exp.as_object_mut().unwrap().remove("exp");
+        assert!(v.verify(&signed(no_exp)).is_err(), "exp is required");
+    }
+
     #[test]
     fn a_key_set_keeps_the_keys_it_can_use() {
         let set = br#"{"keys": [
