@@ -300,7 +300,8 @@ mod tests {
     #[test]
     fn issuer_audience_not_before_and_leeway() {
         let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
-        let v = JwtVerifier::new(&config("issuer = \"https://id\"\naudience = \"herald\"\nleeway_secs = 30\n")).unwrap();
+        let v =
+            JwtVerifier::new(&config("issuer = \"https://id\"\naudience = \"herald\"\nleeway_secs = 30\n")).unwrap();
         let ok = serde_json::json!({"sub": "bob", "exp": now + 60, "iss": "https://id", "aud": "herald"});
         assert_eq!(v.verify(&signed(ok.clone())), Ok("bob".into()));
         let mut other = ok.clone();
