@@ -6,17 +6,11 @@
 
 mod common;
 
-use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::auth::*;
 use common::*;
 use herald::codec::{Packet, ProtocolVersion, QoS};
-
-fn toml_path(p: &Path) -> String {
-    format!("{:?}", p.display().to_string())
-}
 
 fn connect(version: ProtocolVersion, client_id: &str, user: Option<&str>, password: Option<&str>) -> Packet {
     let mut c = connect_packet(version, client_id, true);
@@ -114,8 +108,7 @@ async fn the_sites_auth_service_says_who_a_client_is() {
 async fn a_slow_a_failing_and_a_dead_auth_service() {
     let dir = tempfile::tempdir().unwrap();
     let passwd = dir.path().join("passwd");
-    let out = Command::new("mosquitto_passwd").args(["-c", "-b", passwd.to_str().unwrap(), "editor", "pw"]).output();
-    assert!(out.unwrap().status.success());
+    mosquitto_passwd(&passwd, "editor", "pw");
     let acl = dir.path().join("acl");
     std::fs::write(&acl, "topic read news/#\nuser editor\ntopic readwrite #\npattern read users/%u/#\n").unwrap();
     let service = Fixture::start(&[]);

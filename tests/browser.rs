@@ -7,10 +7,6 @@ mod common;
 use common::*;
 use std::process::Command;
 
-fn toml_path(p: &std::path::Path) -> String {
-    format!("{:?}", p.display().to_string())
-}
-
 /// The dashboard signs in with the token, loads, and its figures change when a reader connects
 /// and a story is published: the clients table, the topics, and the story with its receipt
 /// (acknowledged by the MQTT reader, delivered to the dashboard's own stream). A screenshot is

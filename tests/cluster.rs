@@ -1203,11 +1203,7 @@ async fn a_sessions_owner_is_checked_on_every_node() {
     let dir = tempfile::tempdir().unwrap();
     let passwd = dir.path().join("passwd");
     for (user, pw) in [("alice", "alice-pw"), ("bob", "bob-pw")] {
-        let mut cmd = Command::new("mosquitto_passwd");
-        if !passwd.exists() {
-            cmd.arg("-c");
-        }
-        assert!(cmd.args(["-b", passwd.to_str().unwrap(), user, pw]).status().unwrap().success());
+        mosquitto_passwd(&passwd, user, pw);
     }
     let extra = format!(
         "[http]\nbind = \"127.0.0.1:0\"\n[auth]\nallow_anonymous = true\npassword_file = {:?}\n",

@@ -43,10 +43,6 @@ impl Drop for Herald {
     }
 }
 
-fn toml_path(p: &Path) -> String {
-    format!("{:?}", p.display().to_string())
-}
-
 impl Herald {
     fn spawn(extra: &str) -> Herald {
         Herald::spawn_with(extra, false, None)

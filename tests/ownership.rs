@@ -6,24 +6,10 @@
 
 mod common;
 
-use std::path::Path;
 use std::process::Command;
 
 use common::*;
 use herald::codec::{Packet, ProtocolVersion};
-
-fn toml_path(p: &Path) -> String {
-    format!("{:?}", p.display().to_string())
-}
-
-fn mosquitto_passwd(file: &Path, user: &str, password: &str) {
-    let mut cmd = Command::new("mosquitto_passwd");
-    if !file.exists() {
-        cmd.arg("-c");
-    }
-    let out = cmd.args(["-b", file.to_str().unwrap(), user, password]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-}
 
 /// The CONNACK code a raw CONNECT gets.
 async fn connack(port: u16, version: ProtocolVersion, client_id: &str, clean: bool, user: &str, pw: &str) -> u8 {

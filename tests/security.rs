@@ -36,25 +36,12 @@ async fn connack_code(addr: std::net::SocketAddr, connect: herald::codec::Connec
     }
 }
 
-fn mosquitto_passwd(file: &Path, user: &str, password: &str) {
-    let mut cmd = Command::new("mosquitto_passwd");
-    if !file.exists() {
-        cmd.arg("-c");
-    }
-    let out = cmd.args(["-b", file.to_str().unwrap(), user, password]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-}
-
 fn herald_passwd(file: &Path, user: &str, password: &str) {
     let out = Command::new(env!("CARGO_BIN_EXE_herald"))
         .args(["passwd", file.to_str().unwrap(), user, password])
         .output()
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-}
-
-fn toml_path(p: &Path) -> String {
-    format!("{:?}", p.display().to_string())
 }
 
 /// [MQTT-3.1.4-2] [MQTT-3.2.2-5] a password file written by `mosquitto_passwd` (and one by

@@ -6,17 +6,12 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::spawn_herald;
+use common::{spawn_herald, toml_path};
 
 const DEADLINE: Duration = Duration::from_secs(90);
-
-fn toml_path(p: &Path) -> String {
-    format!("{:?}", p.display().to_string())
-}
 
 fn open_descriptors(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).expect("the broker is running").count()

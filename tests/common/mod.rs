@@ -520,3 +520,18 @@ pub fn generate_certs(dir: &std::path::Path) {
     let out = std::process::Command::new("bash").args([script, "device-1", dir.to_str().unwrap()]).output().unwrap();
     assert!(out.status.success(), "certs/generate.sh: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A path as a TOML string.
+pub fn toml_path(p: &std::path::Path) -> String {
+    format!("{:?}", p.display().to_string())
+}
+
+/// Adds `user` to a password file with Mosquitto's own `mosquitto_passwd` (creating the file).
+pub fn mosquitto_passwd(file: &std::path::Path, user: &str, password: &str) {
+    let mut cmd = std::process::Command::new("mosquitto_passwd");
+    if !file.exists() {
+        cmd.arg("-c");
+    }
+    let out = cmd.args(["-b", file.to_str().unwrap(), user, password]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
