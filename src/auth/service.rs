@@ -110,13 +110,17 @@ impl AuthService {
             }
             Err(why) => {
                 self.metrics.auth_service_errors.fetch_add(1, Ordering::Relaxed);
-                warn!(
-                    url = %self.url,
-                    client_id = c.client_id.as_str(),
-                    error = why.as_str(),
-                    on_error = ?self.on_error,
-                    "the auth service did not answer"
-                );
+                // Sampled like every connection line: a dead service under a reconnect storm
+                // would otherwise write a line per phone; the counter has every one.
+                if crate::logging::connection_line() {
+                    warn!(
+                        url = %self.url,
+                        client_id = c.client_id.as_str(),
+                        error = why.as_str(),
+                        on_error = ?self.on_error,
+                        "the auth service did not answer"
+                    );
+                }
                 match self.on_error {
                     OnError::Deny => Verdict::NotAuthorized(format!("the auth service did not answer: {why}")),
                     OnError::Allow => Verdict::Allowed(Login::anonymous()),
