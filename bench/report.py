@@ -219,7 +219,7 @@ except OSError:
     clustered = []
 if clustered:
     out.append("\n## Cluster (issue 15)\n")
-    out.append("Written by `bash bench/cluster.sh`: three clustered `nats-server -js` (2.9) and three Herald nodes on "
+    out.append("Written by `bash bench/cluster.sh`: three clustered `nats-server -js` (2.15.1) and three Herald nodes on "
                "this 2-core machine, against one Herald without `[cluster]`. `fanout` with 100 subscribers; "
                "`cross`: publisher on node 1, subscribers on node 2; `local`: both on node 1 of the cluster; "
                "`3-nodes`: publisher on node 1, subscribers spread over the three nodes. "
