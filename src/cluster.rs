@@ -563,10 +563,10 @@ impl Link {
         1 + self.nodes.lock().expect("nodes lock").values().filter(|(at, _)| now.duration_since(*at) < within).count()
     }
 
-    /// Nodes silent for `after` and not taken for dead before, now taken for dead; and whether
-    /// this node is the lowest-named of those still alive (the one that takes over their
-    /// sessions).
-    pub fn newly_dead(&self, after: Duration) -> (Vec<String>, bool) {
+    /// Nodes silent for `after` and not taken for dead before, now taken for dead; and the
+    /// nodes still alive, this one included, among which their sessions are spread
+    /// (`sessions::heir`).
+    pub fn newly_dead(&self, after: Duration) -> (Vec<String>, Vec<String>) {
         let now = tokio::time::Instant::now();
         let mut nodes = self.nodes.lock().expect("nodes lock");
         let mut dead = Vec::new();
@@ -576,8 +576,9 @@ impl Link {
                 dead.push(node.clone());
             }
         }
-        let lowest = nodes.iter().filter(|(_, (_, taken))| !taken).all(|(n, _)| *n > self.node);
-        (dead, lowest)
+        let mut live: Vec<String> = nodes.iter().filter(|(_, (_, taken))| !taken).map(|(n, _)| n.clone()).collect();
+        live.push(self.node.clone());
+        (dead, live)
     }
 
     /// The sessions `node` holds, by the directory.

@@ -85,8 +85,8 @@ pub struct ClusterConfig {
     /// publisher is refused (5.0: 0x80; 3.1.1: disconnected without an acknowledgement).
     #[serde(default = "default_cluster_hold_secs")]
     pub hold_secs: u64,
-    /// A node not heard from for this long is taken for dead: the lowest-named live node takes
-    /// its sessions over (their expiry and wills).
+    /// A node not heard from for this long is taken for dead: its sessions are spread over the
+    /// live nodes, each taking over its share (their expiry and wills).
     #[serde(default = "default_cluster_dead_after_secs")]
     pub dead_after_secs: u64,
 }

@@ -1045,10 +1045,20 @@ async fn a_dead_nodes_sessions_are_taken_over_wills_and_expiry_included() {
         "[MQTT-3.1.3-9] the will waited for its delay after the takeover"
     );
     watcher.expect_silence(Duration::from_secs(1)).await;
-    wait_until_blocking("node b holds the laptop's session", || {
-        http_json(http_addr(&c), "GET", "/api/v1/clients/laptop", "").1["node"] == "herald-b"
+    // Each of the dead node's sessions goes to its heir among the live nodes.
+    let live = ["herald-b".to_owned(), "herald-c".to_owned()];
+    let heir = herald::cluster::sessions::heir("laptop", &live).unwrap();
+    wait_until_blocking("the heir holds the laptop's session", || {
+        http_json(http_addr(&c), "GET", "/api/v1/clients/laptop", "").1["node"] == heir
     });
-    assert_eq!(metric(&b, "herald_cluster_sessions_adopted_total"), 3);
+    wait_until_blocking("all three sessions taken over, each once", || {
+        metric(&b, "herald_cluster_sessions_adopted_total") + metric(&c, "herald_cluster_sessions_adopted_total") == 3
+    });
+    for (node, name) in [(&b, "herald-b"), (&c, "herald-c")] {
+        let share =
+            ["phone", "tablet", "laptop"].iter().filter(|id| herald::cluster::sessions::heir(id, &live) == Some(name));
+        assert_eq!(metric(node, "herald_cluster_sessions_adopted_total"), share.count() as u64, "{name}'s share");
+    }
     wait_until_blocking("node b counts two nodes up", || metric(&b, "herald_cluster_nodes_up") == 2);
     // The tablet's 4 s expiry runs out on node b, and its record goes everywhere.
     wait_until_blocking("the tablet's session expired", || {
@@ -1269,4 +1279,53 @@ async fn a_sessions_owner_is_checked_on_every_node() {
     assert!(ack.session_present, "bob resumes on node b");
     let p = expect_publish(&mut phone).await;
     assert_eq!(&p.payload[..], b"for bob");
+}
+
+/// [issue 25] A dead node's sessions are spread over the live nodes (rendezvous hashing on the
+/// client identifier), not all taken by one: 24 parked sessions on node a, node a killed; nodes
+/// b and c each take over their share, every session exactly once, and each client resumes
+/// with its queued story on the node that took it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_nodes_sessions_are_spread_over_the_live_nodes() {
+    let nats = NatsCluster::start();
+    let fast = "dead_after_secs = 3\n[http]\nbind = \"127.0.0.1:0\"\n";
+    let mut a = Node::start_with("herald-a", &nats, fast);
+    let b = Node::start_with("herald-b", &nats, fast);
+    let c = Node::start_with("herald-c", &nats, fast);
+    let ids: Vec<String> = (0..24).map(|i| format!("phone-{i}")).collect();
+    for id in &ids {
+        let (mut phone, _) = RawClient::connect(a.addr(), persistent(id, true)).await;
+        phone.send(&subscribe(1, &format!("users/{id}/inbox"), QoS::AtLeastOnce)).await;
+        expect_suback(&mut phone).await;
+    }
+    for id in &ids {
+        wait_for_holder(&b, id, "herald-a").await;
+        mosquitto_pub(&b, &format!("users/{id}/inbox"), &format!("for {id}"), 1);
+    }
+    wait_until_blocking("node a queued a story for each", || {
+        ids.iter().all(|id| http_json(http_addr(&a), "GET", &format!("/api/v1/clients/{id}"), "").1["queued"] == 1)
+    });
+    wait_until_blocking("every node hears the others", || {
+        [&a, &b, &c].iter().all(|n| metric(n, "herald_cluster_nodes_up") == 3)
+    });
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    let live = ["herald-b".to_owned(), "herald-c".to_owned()];
+    let share = |name: &str| ids.iter().filter(|id| herald::cluster::sessions::heir(id, &live) == Some(name)).count();
+    let (share_b, share_c) = (share("herald-b"), share("herald-c"));
+    assert!(share_b > 0 && share_c > 0, "the hash spreads 24 sessions over both: {share_b} and {share_c}");
+    wait_until_blocking("both live nodes took their share", || {
+        metric(&b, "herald_cluster_sessions_adopted_total") as usize == share_b
+            && metric(&c, "herald_cluster_sessions_adopted_total") as usize == share_c
+    });
+    for id in &ids {
+        let heir = herald::cluster::sessions::heir(id, &live).unwrap();
+        let node = if heir == "herald-b" { &b } else { &c };
+        let (mut phone, ack) = RawClient::connect(node.addr(), persistent(id, false)).await;
+        assert!(ack.session_present, "{id} resumes on {heir}");
+        let p = expect_publish(&mut phone).await;
+        assert_eq!(&p.payload[..], format!("for {id}").as_bytes());
+        phone.send(&Packet::PubAck(PubResponse::new(p.packet_id, ReasonCode::SUCCESS))).await;
+    }
+    eprintln!("24 sessions of the dead node: {share_b} taken over by herald-b, {share_c} by herald-c");
 }

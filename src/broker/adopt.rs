@@ -102,19 +102,24 @@ impl Broker {
         given
     }
 
-    /// Takes over every session a node that died held (the lowest-named live node does, when
-    /// the node has been silent for `cluster.dead_after_secs`): each is made here from its
+    /// Takes over the sessions a node that died held for which `mine` says this node is the heir
+    /// (each live node takes its share, when the node has been silent for
+    /// `cluster.dead_after_secs`): each is made here from its
     /// directory record, the stream is read once from the oldest `since` for all of them, their
     /// expiry runs from their disconnection (from now for those connected when the node died)
     /// and their wills are published when due, once [MQTT-3.1.2-8] [MQTT-3.1.3-9].
-    pub async fn adopt_all(self: &Arc<Self>, node: &str) -> Result<usize, String> {
+    pub async fn adopt_all(
+        self: &Arc<Self>,
+        node: &str,
+        mine: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<usize, String> {
         let Some(link) = self.cluster().cloned() else { return Ok(0) };
         let started = Instant::now();
         let checkpoint = link.checkpoint_of(node).unwrap_or(0);
         let mut made = Vec::new();
         let mut since_of = std::collections::HashMap::new();
         for (client_id, entry) in link.held_by(node) {
-            if self.registry().get(&client_id).is_some() {
+            if !mine(&client_id) || self.registry().get(&client_id).is_some() {
                 continue;
             }
             let since = checkpoint.max(entry.since);

@@ -33,6 +33,23 @@ pub const HANDOVER_PREFIX: &str = "herald.handover.";
 /// checkpoint older (more duplicates after a node's death, never a loss).
 const MAX_SAMPLES: usize = 100_000;
 
+/// The live node that takes over `client_id`'s session when its node dies: the one with the
+/// highest weight for it (rendezvous hashing), so a dead node's sessions spread evenly over the
+/// live nodes, every node that sees the same live nodes names the same heir without a word
+/// between them, and a node joining or leaving moves only the sessions it wins or held.
+pub fn heir<'a>(client_id: &str, live: &'a [String]) -> Option<&'a str> {
+    use sha2::{Digest, Sha256};
+    let weight = |node: &str| {
+        let mut h = Sha256::new();
+        h.update((node.len() as u64).to_be_bytes());
+        h.update(node.as_bytes());
+        h.update(client_id.as_bytes());
+        let d = h.finalize();
+        u64::from_be_bytes(d[..8].try_into().expect("8 bytes"))
+    };
+    live.iter().max_by_key(|n| (weight(n), n.as_str())).map(String::as_str)
+}
+
 /// A persistent session as the directory holds it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct SessionEntry {
@@ -342,6 +359,35 @@ impl Floors {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_dead_nodes_sessions_spread_over_the_live_nodes_and_every_node_agrees() {
+        let live = vec!["herald-b".to_owned(), "herald-c".to_owned(), "herald-d".to_owned()];
+        let mut shares = std::collections::HashMap::new();
+        for i in 0..3000 {
+            let id = format!("phone-{i}");
+            let heir = heir(&id, &live).unwrap();
+            let mut reordered = live.clone();
+            reordered.reverse();
+            assert_eq!(heir, super::heir(&id, &reordered).unwrap(), "the order of the list does not matter");
+            *shares.entry(heir.to_owned()).or_insert(0) += 1;
+        }
+        for node in &live {
+            let share = shares[node];
+            assert!((800..1200).contains(&share), "{node}: {share} of 3000");
+        }
+        // A node leaving moves only the sessions it would have taken.
+        let fewer = vec!["herald-b".to_owned(), "herald-c".to_owned()];
+        for i in 0..1000 {
+            let id = format!("phone-{i}");
+            let before = heir(&id, &live).unwrap();
+            if before != "herald-d" {
+                assert_eq!(heir(&id, &fewer).unwrap(), before);
+            }
+        }
+        assert_eq!(heir("x", &[]), None);
+    }
+
     use super::*;
 
     #[test]

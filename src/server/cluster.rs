@@ -289,7 +289,8 @@ async fn read_shared(broker: Arc<Broker>, link: Arc<Link>, group: String, filter
 }
 
 /// Says once a second that this node is alive, and takes for dead a node silent for
-/// `cluster.dead_after_secs`: the lowest-named live node takes its sessions over
+/// `cluster.dead_after_secs`: its sessions are spread over the live nodes by rendezvous hashing
+/// on the client identifier (`sessions::heir`), and each live node takes over its share
 /// (`Broker::adopt_all`). Nothing is decided while this node itself cannot reach NATS (every
 /// other node would look dead).
 async fn watch_nodes(broker: Arc<Broker>, link: Arc<Link>) {
@@ -309,14 +310,15 @@ async fn watch_nodes(broker: Arc<Broker>, link: Arc<Link>) {
         if since.elapsed() < dead_after {
             continue;
         }
-        let (dead, lowest) = link.newly_dead(dead_after);
+        let (dead, live) = link.newly_dead(dead_after);
         for node in dead {
-            if !lowest {
-                info!(node = node.as_str(), "node silent: taken for dead (a lower-named node takes its sessions over)");
-                continue;
-            }
-            warn!(node = node.as_str(), "node silent: taken for dead; taking its sessions over");
-            if let Err(e) = broker.adopt_all(&node).await {
+            warn!(
+                node = node.as_str(),
+                live = live.len(),
+                "node silent: taken for dead; taking over this node's share of its sessions"
+            );
+            let mine = |client_id: &str| cluster::sessions::heir(client_id, &live) == Some(link.node());
+            if let Err(e) = broker.adopt_all(&node, &mine).await {
                 warn!(node = node.as_str(), error = e.as_str(), "taking over a dead node's sessions failed");
             }
         }
