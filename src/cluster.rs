@@ -119,7 +119,14 @@ pub struct Link {
     since: Mutex<HashMap<String, u64>>,
     /// When each other node was last heard from (`alive`), and whether it was taken for dead.
     nodes: Mutex<HashMap<String, (tokio::time::Instant, bool)>>,
+    /// `cluster.advertise` of this node (said with every heartbeat) and of the others (heard).
+    advertise: Option<String>,
+    advertised: Mutex<HashMap<String, String>>,
+    dead_after: Duration,
 }
+
+/// An advertised address longer than this is ignored (it travels in every heartbeat).
+const MAX_ADVERTISE: usize = 256;
 
 struct Appends {
     next: u64,
@@ -263,6 +270,9 @@ impl Link {
             directory_out,
             since: Mutex::default(),
             nodes: Mutex::new(known),
+            advertise: config.advertise.clone(),
+            advertised: Mutex::default(),
+            dead_after: Duration::from_secs(config.dead_after_secs),
         });
         tokio::spawn(send_core(link.clone(), QOS0_SUBJECT, qos0_rx));
         tokio::spawn(send_core(link.clone(), CLAIM_SUBJECT, claims_rx));
@@ -546,15 +556,40 @@ impl Link {
 
     /// Says this node is alive.
     pub async fn say_alive(&self) {
-        let _ = self.client.publish(format!("{NODE_PREFIX}{}", self.node), Bytes::new()).await;
+        let said = self.advertise.clone().map(Bytes::from).unwrap_or_default();
+        let _ = self.client.publish(format!("{NODE_PREFIX}{}", self.node), said).await;
     }
 
-    /// A node said it is alive (this one's own word ignored).
-    pub fn heard(&self, subject: &str) {
+    /// A node said it is alive, with the address it advertises (this one's own word ignored).
+    pub fn heard(&self, subject: &str, said: &[u8]) {
         let Some(node) = subject.strip_prefix(NODE_PREFIX) else { return };
         if node != self.node {
             self.nodes.lock().expect("nodes lock").insert(node.to_owned(), (tokio::time::Instant::now(), false));
+            if let Ok(address) = std::str::from_utf8(said) {
+                if !address.is_empty() && address.len() <= MAX_ADVERTISE {
+                    self.advertised.lock().expect("advertised lock").insert(node.to_owned(), address.to_owned());
+                }
+            }
         }
+    }
+
+    /// Where `client_id` should go when this node shuts down: the advertised address of its heir
+    /// among the other nodes heard from within `dead_after_secs` that advertise one (the node
+    /// that would take its session over), so clients spread as sessions do.
+    pub fn server_reference(&self, client_id: &str) -> Option<String> {
+        let now = tokio::time::Instant::now();
+        let live: Vec<String> = {
+            let nodes = self.nodes.lock().expect("nodes lock");
+            nodes
+                .iter()
+                .filter(|(_, (at, taken))| !taken && now.duration_since(*at) < self.dead_after)
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        let advertised = self.advertised.lock().expect("advertised lock");
+        let candidates: Vec<String> = live.into_iter().filter(|n| advertised.contains_key(n)).collect();
+        let heir = sessions::heir(client_id, &candidates)?;
+        advertised.get(heir).cloned()
     }
 
     /// Nodes heard from within `within`, this one included.

@@ -89,6 +89,10 @@ pub struct ClusterConfig {
     /// live nodes, each taking over its share (their expiry and wills).
     #[serde(default = "default_cluster_dead_after_secs")]
     pub dead_after_secs: u64,
+    /// The address clients reach this node at (`host:port`), told to the other nodes: an MQTT 5
+    /// client of a node that shuts down gets another node's as the DISCONNECT's Server
+    /// Reference. Unset: none is given.
+    pub advertise: Option<String>,
 }
 
 fn default_cluster_dead_after_secs() -> u64 {

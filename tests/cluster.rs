@@ -1329,3 +1329,27 @@ async fn a_dead_nodes_sessions_are_spread_over_the_live_nodes() {
     }
     eprintln!("24 sessions of the dead node: {share_b} taken over by herald-b, {share_c} by herald-c");
 }
+
+/// [issue 25] A node shutting down (SIGTERM) tells its MQTT 5 clients why, DISCONNECT 0x8B
+/// [MQTT-3.14.2-1], with another live node's `cluster.advertise` as the Server Reference
+/// [MQTT-4.11], so a client can come back there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_shutting_down_names_another_node_to_its_clients() {
+    let nats = NatsCluster::start();
+    let fast = "dead_after_secs = 3\n[http]\nbind = \"127.0.0.1:0\"\n";
+    let a = Node::start_with("herald-a", &nats, &format!("advertise = \"mqtt-a.example:1883\"\n{fast}"));
+    let b = Node::start_with("herald-b", &nats, &format!("advertise = \"mqtt-b.example:1883\"\n{fast}"));
+    wait_until_blocking("node a hears node b", || metric(&a, "herald_cluster_nodes_up") == 2);
+    let (mut phone, _) = RawClient::connect(a.addr(), persistent("phone", true)).await;
+    let (mut old, _) = RawClient::connect(a.addr(), connect_packet(ProtocolVersion::V3_1_1, "old", true)).await;
+    assert!(Command::new("kill").args(["-TERM", &a.child.id().to_string()]).status().unwrap().success());
+    match phone.recv_within(PATIENCE).await {
+        Ok(Some(Packet::Disconnect(d))) => {
+            assert_eq!(d.reason, ReasonCode::SERVER_SHUTTING_DOWN);
+            assert_eq!(d.properties.server_reference.as_deref(), Some("mqtt-b.example:1883"), "node b, not itself");
+        }
+        other => panic!("expected DISCONNECT 0x8B, got {other:?}"),
+    }
+    assert!(matches!(old.recv_within(PATIENCE).await, Ok(None)), "a 3.1.1 client is closed without a packet");
+    drop(b);
+}

@@ -1057,7 +1057,12 @@ impl Connection {
         let Connection { broker, conn_id, peer, mut io, client, session, .. } = self;
         if v5 {
             if let Some(reason) = close.reason_code() {
-                io.out.packet(&Packet::Disconnect(Disconnect { reason, properties: Properties::default() }));
+                let mut properties = Properties::default();
+                if matches!(close, Close::ServerShutdown) {
+                    // Cluster mode: the node to come back to (`cluster.advertise`).
+                    properties.server_reference = broker.cluster().and_then(|l| l.server_reference(&client.client_id));
+                }
+                io.out.packet(&Packet::Disconnect(Disconnect { reason, properties }));
             }
         }
         if crate::logging::connection_line() {

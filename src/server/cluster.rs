@@ -59,7 +59,7 @@ pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound, gro
     loop {
         tokio::select! {
             Some(key) = joined.recv() => read_group(key),
-            Some(m) = alive.next() => link.heard(m.subject.as_str()),
+            Some(m) = alive.next() => link.heard(m.subject.as_str(), &m.payload),
             Some(m) = receipts.next() => {
                 // Another node's API asks for this node's receipt of a message or story.
                 if let (Some(reply), Ok(key)) = (m.reply.clone(), std::str::from_utf8(&m.payload)) {
