@@ -333,23 +333,15 @@ impl Broker {
         self.auth.read().expect("auth lock").clone()
     }
 
-    /// Cluster mode: the owner of `client_id`'s session when another node holds it, by the
-    /// directory, so that a client moving between nodes is checked before the session moves.
-    pub fn owner_elsewhere(&self, client_id: &str) -> Option<String> {
+    /// Cluster mode: the owner of `client_id`'s session when another node holds it and that
+    /// owner is not `claimant`, by the directory. Checked before the session moves here (and
+    /// before a clean start ends it there); a session on this node is checked by the claim.
+    pub fn owned_elsewhere_by_other(&self, client_id: &str, claimant: &str) -> Option<String> {
         let link = self.cluster()?;
         if self.registry().get(client_id).is_some() {
             return None;
         }
-        link.holder(client_id)?.1.stored()?.owner
-    }
-
-    /// Whether `claimant` is refused `client_id`'s session held by another node (cluster mode);
-    /// the session on this node is checked by the claim itself.
-    pub fn owned_elsewhere_by_other(&self, client_id: &str, claimant: Option<&str>) -> Option<String> {
-        if !self.auth().session_owner {
-            return None;
-        }
-        let (owner, claimant) = (self.owner_elsewhere(client_id)?, claimant?);
+        let owner = link.holder(client_id)?.1.stored()?.owner?;
         (owner != claimant).then_some(owner)
     }
 

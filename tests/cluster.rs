@@ -982,7 +982,7 @@ fn a_shared_group_gets_each_message_once_across_nodes() {
 }
 
 /// A node that dies (SIGKILL) with sessions: once it has been silent for `dead_after_secs`, the
-/// lowest-named live node takes them over. The will of a client connected to it is published
+/// live nodes take them over, each its share. The will of a client connected to it is published
 /// once, after its will delay [MQTT-3.1.2-8] [MQTT-3.1.3-9], a parked session's expiry runs out
 /// there [MQTT-3.1.2-23], and a parked
 /// session's client resumes it on a third node with what was queued.

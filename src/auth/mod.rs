@@ -60,7 +60,7 @@ pub struct Auth {
 pub struct Credentials {
     pub client_id: String,
     pub username: Option<String>,
-    pub password: Option<Vec<u8>>,
+    pub password: Option<bytes::Bytes>,
     /// The CN of a verified TLS client certificate on a listener that takes it as the user name.
     pub certificate_name: Option<String>,
     pub peer: std::net::SocketAddr,
@@ -251,7 +251,7 @@ mod tests {
         Credentials {
             client_id: "c".into(),
             username: user.map(Into::into),
-            password: pw.map(<[u8]>::to_vec),
+            password: pw.map(bytes::Bytes::copy_from_slice),
             certificate_name: cert.map(Into::into),
             peer: "127.0.0.1:1".parse().unwrap(),
             protocol: "mqtt5",

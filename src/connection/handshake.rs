@@ -147,7 +147,7 @@ impl Handshake {
         let credentials = crate::auth::Credentials {
             client_id: client_id.clone(),
             username: c.username.clone(),
-            password: c.password.as_ref().map(|p| p.to_vec()),
+            password: c.password.clone(),
             certificate_name: self.certificate_name.take().map(String::from),
             peer: self.peer,
             protocol: match c.protocol {
@@ -185,8 +185,10 @@ impl Handshake {
             refuse(out, code);
             Err(Close::Refused("the session belongs to another identity"))
         };
-        if let Some(session_owner) = broker.owned_elsewhere_by_other(&client_id, Some(&owner)) {
-            return not_owner(&mut self.io.out, &session_owner);
+        if auth.session_owner {
+            if let Some(session_owner) = broker.owned_elsewhere_by_other(&client_id, &owner) {
+                return not_owner(&mut self.io.out, &session_owner);
+            }
         }
         self.client.acl = auth.client_acl(&login, &client_id).map(Box::new);
         let mut server_keep_alive = None;

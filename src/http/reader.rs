@@ -53,7 +53,7 @@ pub async fn identify(
             if super::api::is_api_token(broker, token) {
                 return Ok(operator);
             }
-            password = Some(token.as_bytes().to_vec());
+            password = Some(bytes::Bytes::copy_from_slice(token.as_bytes()));
         }
         Some(v) if v.len() > 6 && v[..6].eq_ignore_ascii_case("basic ") => {
             let decoded = base64::engine::general_purpose::STANDARD.decode(v[6..].trim()).ok();
@@ -64,7 +64,7 @@ pub async fn identify(
             if !user.is_empty() {
                 username = Some(user.to_owned());
             }
-            password = Some(pass.as_bytes().to_vec());
+            password = Some(bytes::Bytes::copy_from_slice(pass.as_bytes()));
         }
         Some(_) => return Err(unauthorized("unsupported authorization scheme (Basic or Bearer)")),
         None if super::api::has_api_cookie(broker, req) => return Ok(operator),
@@ -225,8 +225,8 @@ impl Reader {
             broker.owner_refused(&client_id, session_owner, owner.as_deref().unwrap_or_default(), ask.peer);
             Response::error(403, "this session belongs to another user")
         };
-        if enforce_owner {
-            if let Some(session_owner) = broker.owned_elsewhere_by_other(&client_id, owner.as_deref()) {
+        if let (true, Some(claimant)) = (enforce_owner, owner.as_deref()) {
+            if let Some(session_owner) = broker.owned_elsewhere_by_other(&client_id, claimant) {
                 return Err(not_owner(&session_owner));
             }
         }
