@@ -1288,7 +1288,9 @@ async fn a_sessions_owner_is_checked_on_every_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_dead_nodes_sessions_are_spread_over_the_live_nodes() {
     let nats = NatsCluster::start();
-    let fast = "dead_after_secs = 3\n[http]\nbind = \"127.0.0.1:0\"\n";
+    // 6 s, not 3: the cluster tests share two cores, and a node must not take another live
+    // node for dead (a heartbeat late by 3 s) while the shares are decided.
+    let fast = "dead_after_secs = 6\n[http]\nbind = \"127.0.0.1:0\"\n";
     let mut a = Node::start_with("herald-a", &nats, fast);
     let b = Node::start_with("herald-b", &nats, fast);
     let c = Node::start_with("herald-c", &nats, fast);
@@ -1314,10 +1316,9 @@ async fn a_dead_nodes_sessions_are_spread_over_the_live_nodes() {
     let share = |name: &str| ids.iter().filter(|id| herald::cluster::sessions::heir(id, &live) == Some(name)).count();
     let (share_b, share_c) = (share("herald-b"), share("herald-c"));
     assert!(share_b > 0 && share_c > 0, "the hash spreads 24 sessions over both: {share_b} and {share_c}");
-    wait_until_blocking("both live nodes took their share", || {
-        metric(&b, "herald_cluster_sessions_adopted_total") as usize == share_b
-            && metric(&c, "herald_cluster_sessions_adopted_total") as usize == share_c
-    });
+    let adopted = |n: &Node| metric(n, "herald_cluster_sessions_adopted_total") as usize;
+    wait_until_blocking("all 24 taken over", || adopted(&b) + adopted(&c) >= ids.len());
+    assert_eq!((adopted(&b), adopted(&c)), (share_b, share_c), "each live node took its share, each session once");
     for id in &ids {
         let heir = herald::cluster::sessions::heir(id, &live).unwrap();
         let node = if heir == "herald-b" { &b } else { &c };
