@@ -289,13 +289,20 @@ pub fn spawn_herald_command(
         .env("RUST_LOG", "info")
         .env("NO_COLOR", "1")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
+        // Only a fatal error goes to standard error: read when the broker exits before listening.
+        .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     let mut ports = Vec::new();
+    let mut seen = Vec::new();
     while ports.len() < listeners {
-        let line = lines.next().expect("broker exited before listening").unwrap();
+        let Some(Ok(line)) = lines.next() else {
+            let mut error = String::new();
+            let _ = std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut error);
+            panic!("broker exited before listening: {error}\nits log:\n{}", seen.join("\n"));
+        };
+        seen.push(line.clone());
         // Text lines carry `addr=127.0.0.1:PORT`, JSON lines `"addr":"127.0.0.1:PORT"`.
         if let Some(rest) = line.split("addr=127.0.0.1:").nth(1).or_else(|| line.split("\"addr\":\"127.0.0.1:").nth(1))
         {
