@@ -9,6 +9,7 @@
 //! message carries its node's name, so a node skips what it published itself (routed locally
 //! already).
 
+pub mod fence;
 pub mod sessions;
 
 use std::collections::{HashMap, VecDeque};
@@ -26,6 +27,7 @@ use crate::codec::QoS;
 use crate::config::ClusterConfig;
 use crate::message::Message;
 use crate::store::records;
+use fence::FenceAnswer;
 use sessions::{Directory, EntrySubscription, Floors, HandoverReply, SessionEntry};
 
 /// Core NATS subject of QoS 0 messages.
@@ -49,6 +51,10 @@ const RECEIPTS_WAIT: Duration = Duration::from_millis(500);
 pub const NODE_PREFIX: &str = "herald.node.";
 /// Header naming the node a message was published on.
 pub const NODE_HEADER: &str = "Herald-Node";
+/// Core NATS subject on which a fenced node asks the others which of its sessions they took.
+pub const FENCE_SUBJECT: &str = "herald.fence";
+/// How long a fenced node waits for the other nodes' answers.
+const FENCE_WAIT: Duration = Duration::from_secs(3);
 /// How many appends wait for JetStream's acknowledgement at once.
 const APPEND_WINDOW: usize = 256;
 /// Before an append that failed is tried again.
@@ -82,12 +88,16 @@ pub struct LinkFigures {
     pub append_retries: AtomicU64,
     pub received: AtomicU64,
     pub dropped_retained: AtomicU64,
-    /// Checkpoints taken (one a second).
+    /// Checkpoints taken (four a second).
     pub checkpoints: AtomicU64,
     /// Sessions taken over from another node (`Broker::adopt`).
     pub adopted: AtomicU64,
     /// Stream messages not yet delivered to this node's consumer, as of the last one it got.
     pub log_lag: AtomicU64,
+    /// Times this node's lease lapsed and it was fenced (`fence`).
+    pub fenced: AtomicU64,
+    /// Sessions ended here on coming back because another node had taken them over.
+    pub fenced_sessions: AtomicU64,
 }
 
 pub struct Link {
@@ -123,6 +133,11 @@ pub struct Link {
     advertise: Option<String>,
     advertised: Mutex<HashMap<String, String>>,
     dead_after: Duration,
+    /// This node's lease and fence (one delivering holder per session).
+    pub fence: fence::Fence,
+    /// Sessions taken over from each node taken for dead, with when (wall-clock ms): what that
+    /// node must let go of if it comes back.
+    adopted_from: Mutex<HashMap<String, Vec<(u64, String)>>>,
 }
 
 /// An advertised address longer than this is ignored (it travels in every heartbeat).
@@ -154,6 +169,8 @@ pub struct Inbound {
     pub alive: async_nats::Subscriber,
     /// Receipt lookups of the other nodes' APIs.
     pub receipts: async_nats::Subscriber,
+    /// Fenced nodes asking which of their sessions this one took over.
+    pub fences: async_nats::Subscriber,
 }
 
 /// A message as another node published it.
@@ -241,6 +258,7 @@ impl Link {
         let (directory_out, directory_rx) = mpsc::channel(config.max_pending);
         let alive = client.subscribe(format!("{NODE_PREFIX}*")).await.map_err(|e| connect_error(e.to_string()))?;
         let receipts = client.subscribe(RECEIPTS_SUBJECT).await.map_err(|e| connect_error(e.to_string()))?;
+        let fences = client.subscribe(FENCE_SUBJECT).await.map_err(|e| connect_error(e.to_string()))?;
         // The nodes the directory names count as heard from now: one that died before this node
         // started is taken for dead once `dead_after_secs` pass without a word from it.
         let now = tokio::time::Instant::now();
@@ -273,6 +291,8 @@ impl Link {
             advertise: config.advertise.clone(),
             advertised: Mutex::default(),
             dead_after: Duration::from_secs(config.dead_after_secs),
+            fence: fence::Fence::new(Duration::from_secs(config.dead_after_secs)),
+            adopted_from: Mutex::default(),
         });
         tokio::spawn(send_core(link.clone(), QOS0_SUBJECT, qos0_rx));
         tokio::spawn(send_core(link.clone(), CLAIM_SUBJECT, claims_rx));
@@ -292,6 +312,7 @@ impl Link {
                 handovers,
                 alive,
                 receipts,
+                fences,
             },
         ))
     }
@@ -554,23 +575,122 @@ impl Link {
         let _ = self.client.publish(reply_to, payload).await;
     }
 
-    /// Says this node is alive.
+    /// Says this node is alive: the time on its lease's clock (read back by this node itself,
+    /// `fence`), then the address it advertises.
     pub async fn say_alive(&self) {
-        let said = self.advertise.clone().map(Bytes::from).unwrap_or_default();
-        let _ = self.client.publish(format!("{NODE_PREFIX}{}", self.node), said).await;
+        let mut said = Vec::with_capacity(8 + self.advertise.as_ref().map_or(0, String::len));
+        said.extend_from_slice(&self.fence.now_ms().to_be_bytes());
+        said.extend_from_slice(self.advertise.as_deref().unwrap_or_default().as_bytes());
+        let _ = self.client.publish(format!("{NODE_PREFIX}{}", self.node), Bytes::from(said)).await;
     }
 
-    /// A node said it is alive, with the address it advertises (this one's own word ignored).
+    /// A node said it is alive: another node, with the address it advertises; or this one, whose
+    /// word coming back renews its lease.
     pub fn heard(&self, subject: &str, said: &[u8]) {
         let Some(node) = subject.strip_prefix(NODE_PREFIX) else { return };
-        if node != self.node {
-            self.nodes.lock().expect("nodes lock").insert(node.to_owned(), (tokio::time::Instant::now(), false));
-            if let Ok(address) = std::str::from_utf8(said) {
-                if !address.is_empty() && address.len() <= MAX_ADVERTISE {
-                    self.advertised.lock().expect("advertised lock").insert(node.to_owned(), address.to_owned());
-                }
+        let Some((sent, address)) = said.split_first_chunk::<8>() else { return };
+        if node == self.node {
+            self.fence.renewed(u64::from_be_bytes(*sent));
+            return;
+        }
+        self.nodes.lock().expect("nodes lock").insert(node.to_owned(), (tokio::time::Instant::now(), false));
+        if let Ok(address) = std::str::from_utf8(address) {
+            if !address.is_empty() && address.len() <= MAX_ADVERTISE {
+                self.advertised.lock().expect("advertised lock").insert(node.to_owned(), address.to_owned());
             }
         }
+    }
+
+    /// Every other node counts as heard from now: after this node was out of touch, each gets
+    /// `dead_after_secs` to be heard again before it is taken for dead.
+    pub fn everyone_heard_now(&self) {
+        let now = tokio::time::Instant::now();
+        for (at, _) in self.nodes.lock().expect("nodes lock").values_mut() {
+            *at = now;
+        }
+    }
+
+    /// This node took over `sessions` of `node`, taken for dead.
+    pub fn record_adopted(&self, node: &str, sessions: impl IntoIterator<Item = String>) {
+        let now = crate::clock::wall_ms_now();
+        let mut adopted = self.adopted_from.lock().expect("adopted lock");
+        adopted.entry(node.to_owned()).or_default().extend(sessions.into_iter().map(|s| (now, s)));
+    }
+
+    /// Answers a fenced node: the sessions this node took over from it since `held_since`
+    /// (older ones it had let go of since, and forgets now). The node is heard from now: having
+    /// asked, it is alive, and is not taken for dead again unless it falls silent again.
+    pub fn answer_fence(&self, asker: &str, held_since: u64) -> FenceAnswer {
+        self.nodes.lock().expect("nodes lock").insert(asker.to_owned(), (tokio::time::Instant::now(), false));
+        let mut adopted = self.adopted_from.lock().expect("adopted lock");
+        let mut answer = FenceAnswer { node: self.node.clone(), adopted: Vec::new() };
+        if let Some(list) = adopted.get_mut(asker) {
+            list.retain(|(at, _)| *at >= held_since);
+            answer.adopted = list.iter().map(|(_, id)| id.clone()).collect();
+        }
+        answer
+    }
+
+    /// A fenced node asks every node heard from in the last two seconds which of its sessions
+    /// they took over; the union, once every one of them answered (Err: who did not).
+    pub async fn ask_fence(&self) -> Result<Vec<String>, String> {
+        use futures_util::StreamExt;
+        let now = tokio::time::Instant::now();
+        let mut waiting: std::collections::HashSet<String> = {
+            let nodes = self.nodes.lock().expect("nodes lock");
+            nodes
+                .iter()
+                .filter(|(_, (at, _))| now.duration_since(*at) < Duration::from_secs(2))
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        let inbox = self.client.new_inbox();
+        let mut answers = self.client.subscribe(inbox.clone()).await.map_err(|e| e.to_string())?;
+        let question = serde_json::json!({ "node": self.node, "held_since": self.fence.held_since() });
+        let payload = Bytes::from(serde_json::to_vec(&question).expect("a question serialises"));
+        self.client.publish_with_reply(FENCE_SUBJECT, inbox, payload).await.map_err(|e| e.to_string())?;
+        let _ = self.client.flush().await;
+        let deadline = now + FENCE_WAIT;
+        let mut adopted = Vec::new();
+        while !waiting.is_empty() {
+            match tokio::time::timeout_at(deadline, answers.next()).await {
+                Ok(Some(m)) => {
+                    if let Ok(answer) = serde_json::from_slice::<FenceAnswer>(&m.payload) {
+                        waiting.remove(&answer.node);
+                        adopted.extend(answer.adopted);
+                    }
+                }
+                _ => break,
+            }
+        }
+        if waiting.is_empty() {
+            Ok(adopted)
+        } else {
+            Err(format!("no answer from {:?}", waiting))
+        }
+    }
+
+    /// Answers a fenced node's question (`ask_fence`).
+    pub async fn reply_fence(&self, reply_to: async_nats::Subject, question: &[u8]) {
+        #[derive(serde::Deserialize)]
+        struct Question {
+            node: String,
+            held_since: u64,
+        }
+        let Ok(q) = serde_json::from_slice::<Question>(question) else { return };
+        if q.node == self.node {
+            return;
+        }
+        let answer = self.answer_fence(&q.node, q.held_since);
+        if !answer.adopted.is_empty() {
+            info!(
+                node = q.node.as_str(),
+                sessions = answer.adopted.len(),
+                "a node that was out of touch asks: told which of its sessions moved here"
+            );
+        }
+        let payload = Bytes::from(serde_json::to_vec(&answer).expect("an answer serialises"));
+        let _ = self.client.publish(reply_to, payload).await;
     }
 
     /// Where `client_id` should go when this node shuts down: the advertised address of its heir

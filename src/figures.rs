@@ -541,7 +541,7 @@ impl Snapshot {
                     "cluster/checkpoints",
                     "herald_cluster_checkpoints_total",
                     Counter,
-                    "Checkpoints taken (one a second).",
+                    "Checkpoints taken (four a second).",
                     c(&l.checkpoints),
                 ),
                 f(
@@ -550,6 +550,20 @@ impl Snapshot {
                     Counter,
                     "Sessions taken over from another node when their client connected here.",
                     c(&l.adopted),
+                ),
+                f(
+                    "cluster/fenced",
+                    "herald_cluster_fenced_total",
+                    Counter,
+                    "Times this node's lease lapsed (paused or cut off for dead_after_secs) and it was fenced.",
+                    c(&l.fenced),
+                ),
+                f(
+                    "cluster/fenced_sessions",
+                    "herald_cluster_fenced_sessions_total",
+                    Counter,
+                    "Sessions ended here on coming back because another node had taken them over meanwhile.",
+                    c(&l.fenced_sessions),
                 ),
                 f(
                     "cluster/nodes_up",

@@ -142,6 +142,8 @@ impl Broker {
         if made.is_empty() {
             return Ok(0);
         }
+        // Said to `node` if it comes back (`cluster::fence`): these are no longer its own.
+        link.record_adopted(node, made.iter().map(|m| m.0.clone()));
         let from = since_of.values().copied().min().unwrap_or(0);
         let pin = link.pin(from);
         let read = async {
@@ -186,6 +188,10 @@ impl Broker {
     /// and the directory keeps the holder's record for the next try).
     pub async fn adopt(&self, client_id: &str) -> Result<(), String> {
         let Some(link) = self.cluster().cloned() else { return Ok(()) };
+        if !link.fence.may_deliver() {
+            // Until the other nodes said which sessions they took over (`cluster::fence`).
+            return Err("this node is fenced: it was out of touch with the cluster".into());
+        }
         if self.registry().get(client_id).is_some() {
             return Ok(());
         }

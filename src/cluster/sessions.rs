@@ -12,7 +12,7 @@
 //! The checkpoint is a stream sequence number C with: every stream message that one of this
 //! node's persistent sessions still needs has a sequence above C. It comes from the oldest
 //! message body that a queue entry of this node still refers to: each body gets its number when
-//! routing stores it, and the node samples, once a second, the next body number together with
+//! routing stores it, and the node samples, four times a second, the next body number together with
 //! `processed` (the last stream message routed here). Every body numbered after a sample was
 //! routed after it, so its message is above the sample's `processed`. Sessions read back from
 //! the stream on this node are pinned at their own floor until their bodies are gone.
@@ -292,7 +292,7 @@ impl Directory {
 
 /// The samples and pins the checkpoint is computed from (see the module's comment).
 pub struct Floors {
-    /// (the next body number, `processed`) once a second, oldest first.
+    /// (the next body number, `processed`) four times a second, oldest first.
     samples: VecDeque<(u64, u64)>,
     /// Bodies numbered up to `end` may hold messages above `floor` only; by key.
     pins: HashMap<u64, (u64, u64)>,

@@ -229,6 +229,13 @@ impl Handshake {
             // any session is taken.
             return Err(Close::Refused("CONNACK exceeds the client's maximum packet size"));
         }
+        if session_expiry > 0 && broker.cluster().is_some_and(|l| !l.fence.may_deliver()) {
+            // Fenced (`cluster::fence`): no persistent session here until the other nodes said
+            // which ones they took over; the client tries again, here or elsewhere.
+            let code = if v5 { ReasonCode::SERVER_UNAVAILABLE } else { ReasonCode::V3_SERVER_UNAVAILABLE };
+            refuse(&mut self.io.out, code);
+            return Err(Close::Refused("this node is fenced (out of touch with the cluster)"));
+        }
         if !c.clean_start && broker.cluster().is_some() {
             // A session another node holds comes here first (docs/cluster.md).
             if let Err(why) = broker.adopt(&client_id).await {

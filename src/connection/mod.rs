@@ -48,6 +48,10 @@ pub enum Close {
     Refused(&'static str),
     /// The client read nothing for a whole keep-alive period while we had data for it.
     WriteStalled,
+    /// Cluster mode: this node's lease lapsed (`cluster::fence`); a persistent session's
+    /// connection closes with DISCONNECT 0x8E before it writes anything more, its session parks,
+    /// and no will is published here (the node that took the session over, if any, has it).
+    Fenced,
     /// A 3.1.1 client published normal traffic in degraded mode (5.0 gets PUBACK 0x97).
     Overloaded,
     /// Cluster mode: a 3.1.1 client's QoS 1/2 message that JetStream did not take within
@@ -62,7 +66,7 @@ impl Close {
             Close::Violation(code, _) => Some(*code),
             Close::KeepAliveTimeout => Some(ReasonCode::KEEP_ALIVE_TIMEOUT),
             Close::Kicked(code) => Some(*code),
-            Close::TakenOverElsewhere => Some(ReasonCode::SESSION_TAKEN_OVER),
+            Close::TakenOverElsewhere | Close::Fenced => Some(ReasonCode::SESSION_TAKEN_OVER),
             Close::ServerShutdown => Some(ReasonCode::SERVER_SHUTTING_DOWN),
             _ => None,
         }
@@ -80,6 +84,7 @@ impl Close {
             }
             Close::Kicked(code) => format!("disconnected by the server (0x{:02X})", code.0),
             Close::TakenOverElsewhere => "session taken over on another node [MQTT-3.1.4-3]".into(),
+            Close::Fenced => "this node's cluster lease lapsed: the session may live on another node now".into(),
             Close::ServerShutdown => "server shutting down".into(),
             Close::SocketClosed => "connection lost".into(),
             Close::Refused(why) => format!("refused: {why}"),
@@ -620,6 +625,16 @@ impl Connection {
             self.io.last_write_progress = None;
             return Ok(());
         }
+        // Cluster mode: a persistent session is written only under this node's lease, so that a
+        // node back from a pause sends nothing for a session another node took over meanwhile.
+        if self.client.session_expiry > 0 {
+            if let Some(link) = self.broker.cluster() {
+                if !link.fence.may_deliver() {
+                    self.io.out.discard_unsent();
+                    return Err(Close::Fenced);
+                }
+            }
+        }
         let flushed = self.io.out.try_flush(&mut self.io.stream);
         count_output(&self.broker, &mut self.io.out, flushed.as_ref().copied().unwrap_or(0));
         match flushed {
@@ -1069,7 +1084,7 @@ impl Connection {
             info!(client_id = client.client_id.as_str(), peer = %peer, reason = %close.describe(), "client disconnected");
         }
         broker.metrics().client_disconnected();
-        let publish_will = !matches!(close, Close::ClientDisconnect { with_will: false });
+        let publish_will = !matches!(close, Close::ClientDisconnect { with_will: false } | Close::Fenced);
         let taken_over = matches!(close, Close::Kicked(r) if *r == ReasonCode::SESSION_TAKEN_OVER);
         let ends_now = client.session_expiry == 0 && !taken_over;
         let now_ms = wall_ms_now();

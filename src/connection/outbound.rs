@@ -28,6 +28,8 @@ pub struct Outbound {
     aliases: std::collections::HashMap<String, u16>,
     /// Packets encoded since the connection last added them to the broker's counter.
     pub packets_encoded: u64,
+    /// The front frame is partly written: the client has its first bytes.
+    partial: bool,
 }
 
 pub enum Written {
@@ -46,6 +48,7 @@ impl Outbound {
             topic_alias_maximum: 0,
             aliases: Default::default(),
             packets_encoded: 0,
+            partial: false,
         }
     }
 
@@ -118,13 +121,28 @@ impl Outbound {
                 if written >= front.len() {
                     written -= front.len();
                     self.queue.pop_front();
+                    self.partial = false;
                 } else {
                     let _ = front.split_to(written);
+                    self.partial = true;
                     written = 0;
                 }
             }
         }
         Ok(total)
+    }
+
+    /// Drops every packet not yet begun (a fenced node sends nothing more for the session,
+    /// `cluster::fence`); a packet partly written stays, so the stream stays well framed.
+    pub fn discard_unsent(&mut self) {
+        let keep = if self.partial { self.queue.pop_front() } else { None };
+        self.queue.clear();
+        self.scratch.clear();
+        self.queued_bytes = 0;
+        if let Some(front) = keep {
+            self.queued_bytes = front.len();
+            self.queue.push_back(front);
+        }
     }
 
     /// Writes everything queued, waiting for the socket as needed.

@@ -21,7 +21,7 @@ const ACKS_WAITING: usize = 1024;
 /// How often a shared group's reader looks whether the group still has members here.
 const SHARED_IDLE_CHECK: Duration = Duration::from_secs(5);
 /// How often the node's checkpoint is taken (and written to the directory when it moved).
-const CHECKPOINT_EVERY: Duration = Duration::from_secs(1);
+const CHECKPOINT_EVERY: Duration = Duration::from_millis(250);
 
 /// Shared groups with members on this node: those at start, and those that get one later.
 pub struct SharedGroups {
@@ -37,14 +37,16 @@ pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound, gro
         mut retained,
         mut directory,
         mut handovers,
-        mut alive,
+        alive,
         mut receipts,
+        fences,
         ..
     } = inbound;
     let (acks, waiting) = mpsc::channel(ACKS_WAITING);
     tokio::spawn(acknowledge(broker.clone(), waiting));
     tokio::spawn(checkpoints(broker.clone(), link.clone()));
-    tokio::spawn(watch_nodes(broker.clone(), link.clone()));
+    tokio::spawn(heartbeats(link.clone(), alive));
+    tokio::spawn(watch_nodes(broker.clone(), link.clone(), fences));
     let SharedGroups { now, mut joined } = groups;
     let mut readers: HashMap<(String, String), tokio::task::JoinHandle<()>> = HashMap::new();
     let mut read_group = |key: (String, String)| {
@@ -59,7 +61,6 @@ pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound, gro
     loop {
         tokio::select! {
             Some(key) = joined.recv() => read_group(key),
-            Some(m) = alive.next() => link.heard(m.subject.as_str(), &m.payload),
             Some(m) = receipts.next() => {
                 // Another node's API asks for this node's receipt of a message or story.
                 if let (Some(reply), Ok(key)) = (m.reply.clone(), std::str::from_utf8(&m.payload)) {
@@ -191,7 +192,7 @@ async fn hand_over(broker: &Broker, link: &Link, request: async_nats::Message) {
     link.answer_handover(reply_to, &answer).await;
 }
 
-/// Once a second: the checkpoint below which this node's sessions need nothing more from the
+/// Four times a second: the checkpoint below which this node's sessions need nothing more from the
 /// stream, for another node to read a session back from if this one dies (`cluster::sessions`).
 async fn checkpoints(broker: Arc<Broker>, link: Arc<Link>) {
     let mut every = tokio::time::interval(CHECKPOINT_EVERY);
@@ -288,19 +289,90 @@ async fn read_shared(broker: Arc<Broker>, link: Arc<Link>, group: String, filter
     );
 }
 
-/// Says once a second that this node is alive, and takes for dead a node silent for
-/// `cluster.dead_after_secs`: its sessions are spread over the live nodes by rendezvous hashing
-/// on the client identifier (`sessions::heir`), and each live node takes over its share
-/// (`Broker::adopt_all`). Nothing is decided while this node itself cannot reach NATS (every
-/// other node would look dead).
-async fn watch_nodes(broker: Arc<Broker>, link: Arc<Link>) {
+/// Says once a second that this node is alive, and hears the others (and itself: its lease,
+/// `cluster::fence`). A task of its own, so that neither routing nor taking sessions over delays
+/// a heartbeat.
+async fn heartbeats(link: Arc<Link>, mut alive: async_nats::Subscriber) {
+    let mut every = tokio::time::interval(Duration::from_secs(1));
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = every.tick() => link.say_alive().await,
+            m = alive.next() => match m {
+                Some(m) => link.heard(m.subject.as_str(), &m.payload),
+                None => return,
+            },
+        }
+    }
+}
+
+/// Takes for dead a node silent for `cluster.dead_after_secs`: its sessions are spread over the
+/// live nodes by rendezvous hashing on the client identifier (`sessions::heir`), and each live
+/// node takes over its share (`Broker::adopt_all`). Nothing is decided while this node itself
+/// cannot reach NATS (every other node would look dead).
+///
+/// Fencing (`cluster::fence`): when this node's own lease lapses (it was paused, or cut off from
+/// NATS, for about `dead_after_secs`), it is fenced; once it hears itself again it asks every
+/// live node which of its sessions they took over meanwhile, ends those here (their
+/// connections close with 0x8E, their clients resume at the new holder), and lifts the fence.
+/// The other nodes' questions are answered here, between takeovers: an answer never misses a
+/// takeover under way.
+async fn watch_nodes(broker: Arc<Broker>, link: Arc<Link>, mut fences: async_nats::Subscriber) {
     let dead_after = Duration::from_secs(broker.config().cluster.as_ref().map_or(10, |c| c.dead_after_secs));
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut connected_since = None;
     loop {
-        every.tick().await;
-        link.say_alive().await;
+        tokio::select! {
+            biased;
+            _ = every.tick() => {}
+            m = fences.next() => match m {
+                Some(m) => {
+                    if let Some(reply) = m.reply {
+                        link.reply_fence(reply, &m.payload).await;
+                    }
+                    continue;
+                }
+                None => return,
+            },
+        }
+        if link.fence.lapsed() {
+            if link.fence.fence() {
+                link.figures.fenced.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                warn!(
+                    dead_after_secs = dead_after.as_secs(),
+                    "this node has not heard itself through NATS for dead_after_secs: fenced; its persistent \
+                     sessions write nothing until the other nodes say which of them they took over"
+                );
+            }
+            connected_since = None;
+            continue;
+        }
+        if link.fence.is_fenced() {
+            // Heard again: the others' heartbeats come within a second, then they are asked.
+            if link.fence.valid_for() < Duration::from_millis(1500) {
+                continue;
+            }
+            match link.ask_fence().await {
+                Ok(moved) => {
+                    let mut ended = 0;
+                    for client_id in &moved {
+                        if broker.registry().hand_over(client_id, |_| ()).await.is_some() {
+                            ended += 1;
+                        }
+                    }
+                    link.figures.fenced_sessions.fetch_add(ended, std::sync::atomic::Ordering::Relaxed);
+                    link.everyone_heard_now();
+                    link.fence.lift();
+                    warn!(
+                        taken_over_elsewhere = moved.len(),
+                        ended, "back in touch: the sessions other nodes took over meanwhile ended here; fence lifted"
+                    );
+                }
+                Err(why) => warn!(reason = why.as_str(), "fenced: the other nodes did not all answer; asking again"),
+            }
+            continue;
+        }
         if !link.is_connected() {
             connected_since = None;
             continue;

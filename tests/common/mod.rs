@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod auth;
+pub mod cluster;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,0 +1,177 @@
+//! Cluster mode under faults (issue 25, docs/cluster.md "Failures, as measured"): three
+//! clustered NATS servers and three Herald nodes started by each test and ended by their guards,
+//! a steady QoS 1 stream from a publisher on one node, and readers that count what they get:
+//! nothing acknowledged may be missing, and duplicates are measured and bounded.
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::cluster::*;
+use common::*;
+use herald::codec::{Packet, ProtocolVersion, PubResponse, QoS, ReasonCode};
+
+/// A publisher on `node` sending `news/stream` 1, 2, 3... at QoS 1, about `per_second`, each
+/// after the last one's PUBACK; the numbers acknowledged, until `stop`.
+fn steady_publisher(
+    node: &Node,
+    per_second: u32,
+    stop: Arc<AtomicBool>,
+) -> (Arc<Mutex<Vec<u32>>>, tokio::task::JoinHandle<()>) {
+    let acknowledged = Arc::new(Mutex::new(Vec::new()));
+    let (addr, acked) = (node.addr(), acknowledged.clone());
+    let task = tokio::spawn(async move {
+        let (mut publisher, _) = RawClient::connect(addr, connect_packet(ProtocolVersion::V5, "editor", true)).await;
+        let gap = Duration::from_secs(1) / per_second;
+        let mut n = 0u32;
+        while !stop.load(Ordering::Acquire) {
+            n += 1;
+            let packet_id = (n % 60_000 + 1) as u16;
+            publisher.send(&publish("news/stream", n.to_string().as_bytes(), QoS::AtLeastOnce, packet_id)).await;
+            match publisher.recv_within(PATIENCE).await {
+                Ok(Some(Packet::PubAck(a))) if a.reason == ReasonCode::SUCCESS => acked.lock().unwrap().push(n),
+                other => panic!("message {n}: {other:?}"),
+            }
+            tokio::time::sleep(gap).await;
+        }
+    });
+    (acknowledged, task)
+}
+
+/// How a reader's connection ended, if it did.
+#[derive(Debug, PartialEq)]
+enum Ended {
+    Open,
+    Disconnect(ReasonCode),
+    Closed,
+}
+
+/// Reads for `wait`, acknowledging every QoS 1 story and recording its number.
+async fn read_for(reader: &mut RawClient, wait: Duration, got: &mut Vec<u32>) -> Ended {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return Ended::Open;
+        }
+        match reader.recv_within(left).await {
+            Ok(Some(Packet::Publish(p))) => {
+                if p.qos == QoS::AtLeastOnce {
+                    reader.send(&Packet::PubAck(PubResponse::new(p.packet_id, ReasonCode::SUCCESS))).await;
+                }
+                got.extend(std::str::from_utf8(&p.payload).ok().and_then(|s| s.parse::<u32>().ok()));
+            }
+            Ok(Some(Packet::Disconnect(d))) => return Ended::Disconnect(d.reason),
+            Ok(Some(_)) => {}
+            Ok(None) => return Ended::Closed,
+            Err(()) => return Ended::Open,
+        }
+    }
+}
+
+/// Duplicates in `got`, and the acknowledged numbers missing from it.
+fn tally(acknowledged: &[u32], got: &[u32]) -> (usize, Vec<u32>) {
+    let set: std::collections::HashSet<u32> = got.iter().copied().collect();
+    let missing = acknowledged.iter().copied().filter(|n| !set.contains(n)).collect();
+    (got.len() - set.len(), missing)
+}
+
+fn signal(node: &Node, sig: &str) {
+    assert!(Command::new("kill").args([sig, &node.child.id().to_string()]).status().unwrap().success());
+}
+
+/// [issue 25, item 3] A node frozen (SIGSTOP, as a paused VM or a stalled host) past
+/// `dead_after_secs` while a persistent reader is connected to it: the other nodes take its
+/// session over; when the frozen node resumes it writes nothing more to the reader but
+/// DISCONNECT 0x8E [MQTT-3.1.4-3] (its lease lapsed, `cluster::fence`), learns from the others
+/// that the session moved, and ends its copy; the reader resumes on a third node with every
+/// acknowledged story, duplicates within about a second of traffic, and one holder afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_node_writes_nothing_more_for_a_session_taken_over_meanwhile() {
+    let nats = NatsCluster::start();
+    let fast = "dead_after_secs = 3\n[http]\nbind = \"127.0.0.1:0\"\n";
+    let a = Node::start_with("herald-a", &nats, fast);
+    let b = Node::start_with("herald-b", &nats, fast);
+    let c = Node::start_with("herald-c", &nats, fast);
+    wait_until("every node hears the others", || {
+        [&a, &b, &c].iter().all(|n| metric(n, "herald_cluster_nodes_up") == 3)
+    })
+    .await;
+    let (mut reader, _) = RawClient::connect(a.addr(), persistent("reader", true)).await;
+    reader.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
+    expect_suback(&mut reader).await;
+    wait_for_holder(&c, "reader", "herald-a").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    const RATE: u32 = 50;
+    let (acknowledged, publisher) = steady_publisher(&b, RATE, stop.clone());
+    let publishing = Instant::now();
+    let mut got = Vec::new();
+    assert_eq!(read_for(&mut reader, Duration::from_secs(2), &mut got).await, Ended::Open);
+    assert!(!got.is_empty(), "the reader gets the stream on node a");
+
+    signal(&a, "-STOP");
+    let frozen_at = Instant::now();
+    // Whatever node a wrote before it stopped is read now; nothing comes while it is stopped.
+    let _ = read_for(&mut reader, Duration::from_millis(500), &mut got).await;
+    let adopted = |n: &Node| metric(n, "herald_cluster_sessions_adopted_total");
+    wait_until("node b or c takes the reader's session over", || adopted(&b) + adopted(&c) >= 1).await;
+    let taken_after = frozen_at.elapsed();
+    // A little more of the stream goes to the new holder while node a is still stopped.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before_resume = got.len();
+    signal(&a, "-CONT");
+    let resumed_at = Instant::now();
+    let mut after_resume = Vec::new();
+    let ended = read_for(&mut reader, PATIENCE, &mut after_resume).await;
+    assert_eq!(ended, Ended::Disconnect(ReasonCode::SESSION_TAKEN_OVER), "node a closes the reader with 0x8E");
+    assert!(
+        after_resume.is_empty(),
+        "node a wrote {} stories after it resumed (its lease lapsed): {:?}",
+        after_resume.len(),
+        &after_resume[..after_resume.len().min(20)]
+    );
+    eprintln!(
+        "frozen node: session taken over {taken_after:?} after the freeze; DISCONNECT 0x8E {:?} after the resume, \
+         {before_resume} stories read before it",
+        resumed_at.elapsed()
+    );
+    wait_until("node a lets go of the session taken over", || metric(&a, "herald_cluster_fenced_sessions_total") == 1)
+        .await;
+    assert_eq!(metric(&a, "herald_cluster_fenced_total"), 1);
+
+    // The reader comes back on node c and gets everything acknowledged.
+    let (mut reader, ack) = RawClient::connect(c.addr(), persistent("reader", false)).await;
+    assert!(ack.session_present, "[MQTT-3.2.2-3] the session lives on");
+    assert_eq!(read_for(&mut reader, Duration::from_secs(2), &mut got).await, Ended::Open);
+    stop.store(true, Ordering::Release);
+    publisher.await.unwrap();
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    // One second of traffic, as it went (a PUBACK waits for JetStream: below RATE).
+    let per_second = acknowledged.len() as f64 / publishing.elapsed().as_secs_f64();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, missing) = tally(&acknowledged, &got);
+        if missing.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "acknowledged and never delivered: {missing:?}");
+        read_for(&mut reader, Duration::from_millis(200), &mut got).await;
+    }
+    let (duplicates, _) = tally(&acknowledged, &got);
+    eprintln!(
+        "frozen node: {} acknowledged ({per_second:.0}/s), {} received, {duplicates} duplicates",
+        acknowledged.len(),
+        got.len()
+    );
+    assert!(duplicates as f64 <= per_second, "duplicates at most one second of traffic: {duplicates}");
+    // One holder: every node's lookup names node c, node a's included (node a holds no copy).
+    wait_until("every node names node c as the reader's holder", || {
+        [&a, &b, &c].iter().all(|n| {
+            http_json(http_addr(n), "GET", "/api/v1/clients/reader", "").1["node"].as_str() == Some("herald-c")
+        })
+    })
+    .await;
+}
