@@ -138,6 +138,11 @@ pub struct Link {
     /// Sessions taken over from each node taken for dead, with when (wall-clock ms): what that
     /// node must let go of if it comes back.
     adopted_from: Mutex<HashMap<String, Vec<(u64, String)>>>,
+    /// One takeover of a client's session at a time (by hash of its identifier): the client's
+    /// own CONNECT and a leaving node's request may ask for the same session at once.
+    adopting: [tokio::sync::Mutex<()>; 64],
+    /// Sessions this node, shutting down, is handing to another node, and to which.
+    moving: Mutex<HashMap<String, String>>,
 }
 
 /// An advertised address longer than this is ignored (it travels in every heartbeat).
@@ -171,6 +176,8 @@ pub struct Inbound {
     pub receipts: async_nats::Subscriber,
     /// Fenced nodes asking which of their sessions this one took over.
     pub fences: async_nats::Subscriber,
+    /// Nodes shutting down asking this one to take a session over now.
+    pub takes: async_nats::Subscriber,
 }
 
 /// A message as another node published it.
@@ -259,6 +266,10 @@ impl Link {
         let alive = client.subscribe(format!("{NODE_PREFIX}*")).await.map_err(|e| connect_error(e.to_string()))?;
         let receipts = client.subscribe(RECEIPTS_SUBJECT).await.map_err(|e| connect_error(e.to_string()))?;
         let fences = client.subscribe(FENCE_SUBJECT).await.map_err(|e| connect_error(e.to_string()))?;
+        let takes = client
+            .subscribe(format!("{}{}", sessions::TAKE_PREFIX, config.node))
+            .await
+            .map_err(|e| connect_error(e.to_string()))?;
         // The nodes the directory names count as heard from now: one that died before this node
         // started is taken for dead once `dead_after_secs` pass without a word from it.
         let now = tokio::time::Instant::now();
@@ -293,6 +304,8 @@ impl Link {
             dead_after: Duration::from_secs(config.dead_after_secs),
             fence: fence::Fence::new(Duration::from_secs(config.dead_after_secs)),
             adopted_from: Mutex::default(),
+            adopting: std::array::from_fn(|_| tokio::sync::Mutex::new(())),
+            moving: Mutex::default(),
         });
         tokio::spawn(send_core(link.clone(), QOS0_SUBJECT, qos0_rx));
         tokio::spawn(send_core(link.clone(), CLAIM_SUBJECT, claims_rx));
@@ -313,6 +326,7 @@ impl Link {
                 alive,
                 receipts,
                 fences,
+                takes,
             },
         ))
     }
@@ -697,19 +711,64 @@ impl Link {
     /// among the other nodes heard from within `dead_after_secs` that advertise one (the node
     /// that would take its session over), so clients spread as sessions do.
     pub fn server_reference(&self, client_id: &str) -> Option<String> {
-        let now = tokio::time::Instant::now();
-        let live: Vec<String> = {
-            let nodes = self.nodes.lock().expect("nodes lock");
-            nodes
-                .iter()
-                .filter(|(_, (at, taken))| !taken && now.duration_since(*at) < self.dead_after)
-                .map(|(n, _)| n.clone())
-                .collect()
-        };
         let advertised = self.advertised.lock().expect("advertised lock");
-        let candidates: Vec<String> = live.into_iter().filter(|n| advertised.contains_key(n)).collect();
+        let candidates: Vec<String> = self.live_others().into_iter().filter(|n| advertised.contains_key(n)).collect();
         let heir = sessions::heir(client_id, &candidates)?;
         advertised.get(heir).cloned()
+    }
+
+    /// The other nodes heard from within `dead_after_secs` and not taken for dead.
+    pub fn live_others(&self) -> Vec<String> {
+        let now = tokio::time::Instant::now();
+        let nodes = self.nodes.lock().expect("nodes lock");
+        nodes
+            .iter()
+            .filter(|(_, (at, taken))| !taken && now.duration_since(*at) < self.dead_after)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// The persistent sessions this node has in the directory.
+    pub fn own_sessions(&self) -> Vec<String> {
+        self.since.lock().expect("since lock").keys().cloned().collect()
+    }
+
+    /// Waits until no other takeover of `client_id`'s session runs here.
+    pub async fn adopting(&self, client_id: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        let hash =
+            client_id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3));
+        self.adopting[(hash % 64) as usize].lock().await
+    }
+
+    /// Where this node, shutting down, handed `client_id`'s session (a node asking for it is
+    /// told to ask there).
+    pub fn moved_to(&self, client_id: &str) -> Option<String> {
+        self.moving.lock().expect("moving lock").get(client_id).cloned()
+    }
+
+    /// Asks `node` to take `client_id`'s session over from this node now (this node is shutting
+    /// down); Ok once it has it.
+    pub async fn ask_take(&self, node: &str, client_id: &str, wait: Duration) -> Result<(), String> {
+        self.moving.lock().expect("moving lock").insert(client_id.to_owned(), node.to_owned());
+        let subject = format!("{}{node}", sessions::TAKE_PREFIX);
+        let payload = Bytes::copy_from_slice(client_id.as_bytes());
+        let reply = tokio::time::timeout(wait, self.client.request(subject, payload))
+            .await
+            .map_err(|_| format!("no answer within {} ms", wait.as_millis()))?
+            .map_err(|e| e.to_string())?;
+        match &reply.payload[..] {
+            b"ok" => Ok(()),
+            why => Err(String::from_utf8_lossy(why).into_owned()),
+        }
+    }
+
+    /// Answers a `take` request.
+    pub async fn answer_take(&self, reply_to: async_nats::Subject, result: Result<(), String>) {
+        let payload = match result {
+            Ok(()) => Bytes::from_static(b"ok"),
+            Err(why) => Bytes::from(why.into_bytes()),
+        };
+        let _ = self.client.publish(reply_to, payload).await;
     }
 
     /// Nodes heard from within `within`, this one included.

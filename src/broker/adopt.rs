@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
 use super::Broker;
-use crate::cluster::sessions::SessionEntry;
+use crate::cluster::sessions::{HandoverReply, SessionEntry};
 use crate::session::Subscription;
 use crate::store::records::SessionRecord;
 use crate::store::Txn;
@@ -187,18 +187,37 @@ impl Broker {
     /// and this node holds none. Err when the stream cannot be read (the CONNECT is refused,
     /// and the directory keeps the holder's record for the next try).
     pub async fn adopt(&self, client_id: &str) -> Result<(), String> {
+        self.adopt_as(client_id, false).await
+    }
+
+    /// `adopt` for a session whose client is not connecting here: a node shutting down hands it
+    /// over (`leave`). It stays parked here, in the directory under this node, its expiry
+    /// running from now.
+    pub async fn take_over(&self, client_id: &str) -> Result<(), String> {
+        self.adopt_as(client_id, true).await
+    }
+
+    async fn adopt_as(&self, client_id: &str, offline: bool) -> Result<(), String> {
         let Some(link) = self.cluster().cloned() else { return Ok(()) };
         if !link.fence.may_deliver() {
             // Until the other nodes said which sessions they took over (`cluster::fence`).
             return Err("this node is fenced: it was out of touch with the cluster".into());
         }
+        let _one_at_a_time = link.adopting(client_id).await;
         if self.registry().get(client_id).is_some() {
             return Ok(());
         }
-        let Some((holder, entry)) = link.holder(client_id) else { return Ok(()) };
+        let Some((mut holder, entry)) = link.holder(client_id) else { return Ok(()) };
         let started = Instant::now();
-        let (floor, holder_alive, handed, processed) = match link.ask_handover(&holder, client_id, HANDOVER_WAIT).await
-        {
+        let mut asked = link.ask_handover(&holder, client_id, HANDOVER_WAIT).await;
+        if let Ok(HandoverReply { held: false, moved_to: Some(heir), .. }) = &asked {
+            // The holder, shutting down, handed it to another node just now: ask that one.
+            if heir.as_str() != link.node() {
+                holder = heir.clone();
+                asked = link.ask_handover(&holder, client_id, HANDOVER_WAIT).await;
+            }
+        }
+        let (floor, holder_alive, handed, processed) = match asked {
             Ok(reply) if !reply.held => {
                 // The holder's session ended meanwhile (its record's removal is on its way).
                 return Ok(());
@@ -223,7 +242,17 @@ impl Broker {
         if self.registry().get(client_id).is_some() {
             return Ok(());
         }
-        let (shared, _) = self.make_adopted(client_id, &entry, None);
+        let offline_record = offline.then(|| {
+            let mut record = entry.stored().unwrap_or(SessionRecord {
+                expiry_interval: entry.expiry,
+                disconnected_at_ms: 0,
+                will: None,
+                owner: None,
+            });
+            record.disconnected_at_ms = crate::clock::wall_ms_now();
+            record
+        });
+        let (shared, generation) = self.make_adopted(client_id, &entry, offline_record.as_ref());
         link.adopted(client_id, since);
         // Bodies numbered from here on (what the holder handed over, what the stream gives back)
         // may hold messages as old as `since`.
@@ -259,6 +288,13 @@ impl Broker {
                 if !holder_alive {
                     link.forget_record(client_id, &holder);
                 }
+                if let Some(record) = offline_record {
+                    // No CONNECT writes its record here: this does, and its expiry runs.
+                    link.record_session(client_id, &record, entry.subscriptions.clone());
+                    if record.expiry_interval != u32::MAX {
+                        self.registry().schedule_expiry(shared.clone(), u64::from(record.expiry_interval), generation);
+                    }
+                }
                 link.figures.adopted.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 info!(
                     client_id,
@@ -282,3 +318,64 @@ impl Broker {
         }
     }
 }
+
+impl Broker {
+    /// Cluster mode, shutting down (after the connections closed with 0x8B): hands every
+    /// persistent session this node holds to a live node, whole, as a live handover does. Each
+    /// goes to its heir among the live nodes (`sessions::heir`, the node its clients' Server
+    /// Reference names), which takes it over from here (`take_over`) while this node still
+    /// answers handovers. At most `LEAVE_AT_ONCE` at a time, within `within`; a session not
+    /// handed over in time stays here and moves when its client reconnects elsewhere, read back
+    /// from the stream (docs/cluster.md). Returns (handed over, left here).
+    pub async fn leave(&self, within: Duration) -> (usize, usize) {
+        use futures_util::StreamExt;
+        let Some(link) = self.cluster().cloned() else { return (0, 0) };
+        let sessions = link.own_sessions();
+        let live = link.live_others();
+        if sessions.is_empty() {
+            return (0, 0);
+        }
+        if live.is_empty() || !link.fence.may_deliver() {
+            warn!(sessions = sessions.len(), "no live node to hand the sessions to: they stay here");
+            return (0, sessions.len());
+        }
+        let started = Instant::now();
+        let deadline = tokio::time::Instant::now() + within;
+        // Owned futures, each with its own copies: a borrowed stream makes the server's future
+        // not `Send` (a higher-ranked lifetime the compiler cannot prove).
+        let asks: Vec<_> = sessions
+            .iter()
+            .map(|client_id| {
+                let heir = crate::cluster::sessions::heir(client_id, &live).expect("live is not empty").to_owned();
+                let (link, client_id) = (link.clone(), client_id.clone());
+                async move {
+                    let wait = deadline.saturating_duration_since(tokio::time::Instant::now());
+                    match link.ask_take(&heir, &client_id, wait).await {
+                        Ok(()) => true,
+                        Err(why) => {
+                            let (client_id, node) = (client_id.as_str(), heir.as_str());
+                            warn!(client_id, node, reason = why.as_str(), "session not handed over");
+                            false
+                        }
+                    }
+                }
+            })
+            .collect();
+        let mut running = futures_util::stream::iter(asks).buffer_unordered(LEAVE_AT_ONCE);
+        let mut handed = 0;
+        while let Some(ok) = running.next().await {
+            handed += usize::from(ok);
+        }
+        info!(
+            handed,
+            left = sessions.len() - handed,
+            nodes = live.len(),
+            ms = started.elapsed().as_millis() as u64,
+            "shutting down: persistent sessions handed to the live nodes"
+        );
+        (handed, sessions.len() - handed)
+    }
+}
+
+/// Sessions a node shutting down hands over at once.
+const LEAVE_AT_ONCE: usize = 32;

@@ -29,6 +29,9 @@ const SESSION_PREFIX: &str = "herald.dir.s.";
 const CHECKPOINT_PREFIX: &str = "herald.dir.c.";
 /// Requests to a node to let go of a session: `herald.handover.<node>`.
 pub const HANDOVER_PREFIX: &str = "herald.handover.";
+/// Core NATS subjects on which a node shutting down asks another to take a session over now:
+/// `herald.take.<node>`.
+pub const TAKE_PREFIX: &str = "herald.take.";
 /// Samples kept at most; beyond it the second oldest is dropped, which only makes the
 /// checkpoint older (more duplicates after a node's death, never a loss).
 const MAX_SAMPLES: usize = 100_000;
@@ -142,6 +145,9 @@ pub struct HandoverReply {
     /// Incoming QoS 2 packet identifiers between PUBREC and PUBREL [MQTT-4.3.3-9].
     #[serde(default)]
     pub incoming_qos2: Vec<u16>,
+    /// Not held: the node, shutting down, handed the session to this node (ask it instead).
+    #[serde(default)]
+    pub moved_to: Option<String>,
 }
 
 /// The most message bytes a handover answer carries (NATS's default payload limit is 1 MiB;

@@ -40,6 +40,7 @@ pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound, gro
         alive,
         mut receipts,
         fences,
+        mut takes,
         ..
     } = inbound;
     let (acks, waiting) = mpsc::channel(ACKS_WAITING);
@@ -71,6 +72,18 @@ pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound, gro
                     }
                 }
             }
+            m = takes.next() => match m {
+                Some(m) => {
+                    // A node shutting down hands a session over (`Broker::leave`).
+                    let (broker, link) = (broker.clone(), link.clone());
+                    tokio::spawn(async move {
+                        let (Some(reply), Ok(client_id)) = (m.reply, std::str::from_utf8(&m.payload)) else { return };
+                        let result = broker.take_over(client_id).await;
+                        link.answer_take(reply, result).await;
+                    });
+                }
+                None => break,
+            },
             m = handovers.next() => match m {
                 Some(m) => {
                     let (broker, link) = (broker.clone(), link.clone());
@@ -173,16 +186,18 @@ async fn acknowledge(broker: Arc<Broker>, mut waiting: mpsc::Receiver<(u64, asyn
 async fn hand_over(broker: &Broker, link: &Link, request: async_nats::Message) {
     let Some(reply_to) = request.reply else { return };
     let Ok(client_id) = std::str::from_utf8(&request.payload) else { return };
+    // A takeover of this session under way here finishes first: then there is a session to hand.
+    let _one_at_a_time = link.adopting(client_id).await;
     // Both read while the session's messages are still here: everything routed to it later is
     // above `processed`, and everything it holds above `checkpoint`.
     let checkpoint = link.checkpoint_now(broker.store().oldest_body());
     let processed = link.processed();
     let handed = broker.registry().hand_over(client_id, handed_entries).await;
     let answer = match handed {
-        None => HandoverReply { held: false, checkpoint, ..Default::default() },
+        None => HandoverReply { held: false, checkpoint, moved_to: link.moved_to(client_id), ..Default::default() },
         Some(None) => HandoverReply { held: true, checkpoint, ..Default::default() },
         Some(Some((entries, incoming_qos2))) => {
-            HandoverReply { held: true, checkpoint, processed, entries: Some(entries), incoming_qos2 }
+            HandoverReply { held: true, checkpoint, processed, entries: Some(entries), incoming_qos2, moved_to: None }
         }
     };
     if answer.held {

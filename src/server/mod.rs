@@ -124,9 +124,9 @@ pub async fn run(
         tasks.spawn(crate::sys::publish_loop(broker.clone()));
     }
     tasks.spawn(receipts::maintain(broker.clone()));
-    if let Some((link, inbound, groups)) = inbound {
-        tasks.spawn(cluster::receive(broker.clone(), link, inbound, groups));
-    }
+    // Not in `tasks`: a node shutting down answers handovers until its sessions are handed over.
+    let cluster_task =
+        inbound.map(|(link, inbound, groups)| tokio::spawn(cluster::receive(broker.clone(), link, inbound, groups)));
     tasks.spawn(crate::pressure::monitor(broker.clone()));
     let webhook_events = broker.take_webhook_events();
     if let (Some(url), Some(events)) = (&broker.config().delivery.webhook, webhook_events) {
@@ -156,6 +156,13 @@ pub async fn run(
     }
     if broker.metrics().connections_now() > 0 {
         warn!(open = broker.metrics().connections_now(), "connections still open when the grace period ran out");
+    }
+    if let Some(task) = cluster_task {
+        // Cluster mode: the persistent sessions, parked now, go whole to the live nodes.
+        if failure.is_none() {
+            broker.leave(grace.max(std::time::Duration::from_secs(5))).await;
+        }
+        task.abort();
     }
     receipts::flush(&broker);
     broker.store().close();

@@ -179,6 +179,31 @@ impl Node {
         Node { child, port: ports[0], http: ports.get(1).copied(), log, _dir: dir }
     }
 
+    /// SIGTERM, and waits for the node to exit (its shutdown hands its sessions over).
+    pub fn terminate(&mut self) -> Duration {
+        let started = Instant::now();
+        assert!(Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().unwrap().success());
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "the node exits cleanly: {status}");
+                return started.elapsed();
+            }
+            assert!(started.elapsed() < PATIENCE, "the node did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Starts the node again with its configuration and store (new ports).
+    pub fn restart(&mut self) {
+        let path = self._dir.path().join("herald.toml");
+        let listeners = if self.http.is_some() { 2 } else { 1 };
+        let (child, ports, log) = spawn_herald(&path, listeners);
+        self.child = child;
+        self.port = ports[0];
+        self.http = ports.get(1).copied();
+        self.log = log;
+    }
+
     pub fn addr(&self) -> std::net::SocketAddr {
         std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
     }

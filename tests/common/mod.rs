@@ -129,6 +129,29 @@ impl RawClient {
         }
     }
 
+    /// `connect` that may fail: None when the node is not there, refuses, or does not answer.
+    pub async fn try_connect(
+        addr: SocketAddr,
+        connect: herald::codec::Connect,
+    ) -> Option<(RawClient, herald::codec::ConnAck)> {
+        let stream = tokio::time::timeout(WAIT, TcpStream::connect(addr)).await.ok()?.ok()?;
+        stream.set_nodelay(true).ok()?;
+        let mut c = RawClient {
+            stream,
+            decoder: Decoder::new(Role::Client, u32::MAX),
+            buf: BytesMut::new(),
+            version: connect.protocol,
+        };
+        c.decoder.version = Some(connect.protocol);
+        if !c.try_send(&Packet::Connect(Box::new(connect))).await {
+            return None;
+        }
+        match c.recv_within(WAIT).await {
+            Ok(Some(Packet::ConnAck(ack))) if ack.code.0 == 0 => Some((c, ack)),
+            _ => None,
+        }
+    }
+
     pub async fn send(&mut self, packet: &Packet) {
         if let Packet::Connect(c) = packet {
             self.version = c.protocol;
