@@ -94,6 +94,8 @@ pub struct LinkFigures {
     pub adopted: AtomicU64,
     /// Stream messages not yet delivered to this node's consumer, as of the last one it got.
     pub log_lag: AtomicU64,
+    /// Appends acknowledged at a stream sequence below an earlier ticket's (order lost).
+    pub append_reordered: AtomicU64,
     /// Times this node's lease lapsed and it was fenced (`fence`).
     pub fenced: AtomicU64,
     /// Sessions ended here on coming back because another node had taken them over.
@@ -1161,12 +1163,14 @@ async fn send_core(link: Arc<Link>, subject: &'static str, mut rx: mpsc::Receive
     }
 }
 
-type AckFuture = Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+/// Resolves to the stream sequence JetStream stored the message at (the first copy's, for a
+/// duplicate).
+type AckFuture = Pin<Box<dyn std::future::Future<Output = Result<u64, String>> + Send>>;
 
 /// Hands one append to the client and returns the wait for JetStream's acknowledgement.
 async fn start_append(js: jetstream::Context, headers: async_nats::HeaderMap, payload: Bytes) -> AckFuture {
     match js.publish_with_headers(LOG_SUBJECT, headers, payload).await {
-        Ok(ack) => Box::pin(async move { ack.await.map(|_| ()).map_err(|e| e.to_string()) }),
+        Ok(ack) => Box::pin(async move { ack.await.map(|a| a.sequence).map_err(|e| e.to_string()) }),
         Err(e) => Box::pin(std::future::ready(Err(e.to_string()))),
     }
 }
@@ -1186,6 +1190,9 @@ async fn append(link: Arc<Link>, js: jetstream::Context, mut rx: mpsc::Receiver<
     };
     let mut waiting: VecDeque<(u64, Bytes, AckFuture)> = VecDeque::new();
     let mut open = true;
+    // The stream sequence of the last append acknowledged: in ticket order, each is above it,
+    // unless a resent append landed after a later one that had arrived the first time.
+    let mut last_sequence = 0;
     let mut check = tokio::time::interval(RETRY_AFTER);
     while open || !waiting.is_empty() {
         tokio::select! {
@@ -1193,8 +1200,13 @@ async fn append(link: Arc<Link>, js: jetstream::Context, mut rx: mpsc::Receiver<
             _ = check.tick(), if !waiting.is_empty() => link.give_up_on_old(),
             result = async { (&mut waiting.front_mut().expect("not empty").2).await }, if !waiting.is_empty() => {
                 match result {
-                    Ok(()) => {
+                    Ok(sequence) => {
                         let (ticket, _, _) = waiting.pop_front().expect("not empty");
+                        if sequence < last_sequence {
+                            link.figures.append_reordered.fetch_add(1, Ordering::Relaxed);
+                            warn!(ticket, sequence, after = last_sequence, "a resent append landed after a later one: the other nodes get these two out of order");
+                        }
+                        last_sequence = last_sequence.max(sequence);
                         link.figures.appended.fetch_add(1, Ordering::Relaxed);
                         link.acknowledge(ticket);
                     }

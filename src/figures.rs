@@ -552,6 +552,13 @@ impl Snapshot {
                     c(&l.adopted),
                 ),
                 f(
+                    "cluster/append_reordered",
+                    "herald_cluster_append_reordered_total",
+                    Counter,
+                    "QoS 1/2 appends JetStream stored after a later one of this node (a resend after a failure): order lost.",
+                    c(&l.append_reordered),
+                ),
+                f(
                     "cluster/fenced",
                     "herald_cluster_fenced_total",
                     Counter,

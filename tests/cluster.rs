@@ -192,15 +192,6 @@ fn mosquitto_pub_retained(node: &Node, topic: &str, payload: &str) {
     assert!(status.success(), "mosquitto_pub -r {topic}");
 }
 
-/// The name of the NATS server leading the stream of QoS 1/2 messages, asked of JetStream.
-async fn stream_leader(nats: &NatsCluster) -> String {
-    let client = async_nats::connect(nats.urls()[0].as_str()).await.unwrap();
-    let js = async_nats::jetstream::new(client);
-    let mut stream = js.get_stream("HERALD_MSGS").await.unwrap();
-    let info = stream.info().await.unwrap();
-    info.cluster.as_ref().and_then(|c| c.leader.clone()).expect("a replicated stream has a leader")
-}
-
 /// The death of the NATS server leading the stream, during a QoS 1 stream from one node to a
 /// subscriber on another: every acknowledged message arrives (duplicates allowed, counted),
 /// publishing pauses for the election and goes on; `/readyz` says the node is ready with NATS

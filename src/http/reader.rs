@@ -230,6 +230,10 @@ impl Reader {
                 return Err(not_owner(&session_owner));
             }
         }
+        if ask.expiry_interval > 0 && broker.cluster().is_some_and(|l| !l.fence.may_deliver()) {
+            // Fenced (`cluster::fence`), as for CONNECT: no persistent session here for now.
+            return Err(Response::error(503, "this node is fenced (out of touch with the cluster); try again"));
+        }
         if ask.resume && ask.expiry_interval > 0 && broker.cluster().is_some() {
             // A session another node holds comes here first, as for CONNECT (docs/cluster.md).
             if let Err(why) = broker.adopt(&client_id).await {
@@ -407,15 +411,31 @@ impl Reader {
                     }
                 }
             };
+            if self.fenced() {
+                self.give_back(d);
+                return Next::Kicked(Kick { reason: crate::codec::ReasonCode::SESSION_TAKEN_OVER, elsewhere: true });
+            }
             if let Some(d) = self.admit(d) {
                 return Next::Delivery(d);
             }
         }
     }
 
+    /// Cluster mode: a persistent reader is written to only under this node's lease
+    /// (`cluster::fence`); past it, the reader is closed as if taken over elsewhere.
+    fn fenced(&mut self) -> bool {
+        let fenced = self.expiry_interval > 0 && self.broker.cluster().is_some_and(|l| !l.fence.may_deliver());
+        self.kicked |= fenced;
+        fenced
+    }
+
     /// A delivery without waiting, or None.
     pub fn try_next(&mut self) -> Option<Delivery> {
         while let Some(d) = self.state.pop_pending().or_else(|| self.state.mailbox.try_recv()) {
+            if self.fenced() {
+                self.give_back(d);
+                return None;
+            }
             if let Some(d) = self.admit(d) {
                 return Some(d);
             }
