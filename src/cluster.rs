@@ -53,6 +53,8 @@ pub const NODE_PREFIX: &str = "herald.node.";
 pub const NODE_HEADER: &str = "Herald-Node";
 /// Core NATS subject on which a fenced node asks the others which of its sessions they took.
 pub const FENCE_SUBJECT: &str = "herald.fence";
+/// The longest wait between two attempts to reach NATS again.
+const RECONNECT_EVERY: Duration = Duration::from_millis(250);
 /// How long a fenced node waits for the other nodes' answers.
 const FENCE_WAIT: Duration = Duration::from_secs(3);
 /// How many appends wait for JetStream's acknowledgement at once.
@@ -140,6 +142,8 @@ pub struct Link {
     /// Sessions taken over from each node taken for dead, with when (wall-clock ms): what that
     /// node must let go of if it comes back.
     adopted_from: Mutex<HashMap<String, Vec<(u64, String)>>>,
+    /// This node's durable consumer of the stream, to follow it afresh after an error.
+    log_consumer: jetstream::consumer::PullConsumer,
     /// One takeover of a client's session at a time (by hash of its identifier): the client's
     /// own CONNECT and a leaving node's request may ask for the same session at once.
     adopting: [tokio::sync::Mutex<()>; 64],
@@ -204,6 +208,9 @@ impl Link {
             .name(format!("herald-{}", config.node))
             .retry_on_initial_connect()
             .max_reconnects(None)
+            // async-nats backs off up to 4 s between attempts: a node would then wait that long
+            // after NATS is back before it delivers again. A connection attempt costs little.
+            .reconnect_delay_callback(|attempts| RECONNECT_EVERY.min(Duration::from_millis(50) * attempts as u32))
             .connect(addrs)
             .await
             .map_err(|e| connect_error(e.to_string()))?;
@@ -306,6 +313,7 @@ impl Link {
             dead_after: Duration::from_secs(config.dead_after_secs),
             fence: fence::Fence::new(Duration::from_secs(config.dead_after_secs)),
             adopted_from: Mutex::default(),
+            log_consumer: consumer.clone(),
             adopting: std::array::from_fn(|_| tokio::sync::Mutex::new(())),
             moving: Mutex::default(),
         });
@@ -335,6 +343,12 @@ impl Link {
 
     pub fn node(&self) -> &str {
         &self.node
+    }
+
+    /// Follows this node's consumer afresh: after the pull stream failed (a NATS outage, an
+    /// election), the old one would ask JetStream again only when its pull expires.
+    pub async fn follow_log(&self) -> Result<jetstream::consumer::pull::Stream, String> {
+        follow(&self.log_consumer).await
     }
 
     /// Whether the client is connected to a NATS server now.

@@ -438,3 +438,93 @@ async fn the_stream_leader_killed_twice_loses_nothing_and_keeps_the_publishers_o
     }
     reading.abort();
 }
+
+/// [issue 25, items 3, 5 and 6] A node cut off from NATS (its only NATS connection goes through a
+/// TCP proxy the test cuts) for longer than `dead_after_secs`, with a persistent reader and a
+/// plain (clean) reader connected to it: the other nodes take the persistent session over; the
+/// cut-off node's lease lapses and it is fenced; when the proxy is restored it learns that the
+/// session moved, closes the reader with DISCONNECT 0x8E [MQTT-3.1.4-3], and the reader resumes on
+/// a third node with every acknowledged story. The clean reader stays, and stories reach it again
+/// soon after NATS is back (the time is printed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_cut_off_from_nats_is_fenced_and_its_reader_resumes_elsewhere() {
+    let nats = NatsCluster::start();
+    let proxy = Proxy::start(nats.servers[0].client_port).await;
+    let fast = "dead_after_secs = 3\n[http]\nbind = \"127.0.0.1:0\"\n";
+    let a = Node::start_with_urls("herald-a", &[proxy.url()], fast);
+    let b = Node::start_with("herald-b", &nats, fast);
+    let c = Node::start_with("herald-c", &nats, fast);
+    wait_until("every node hears the others", || {
+        [&a, &b, &c].iter().all(|n| metric(n, "herald_cluster_nodes_up") == 3)
+    })
+    .await;
+    let (mut reader, _) = RawClient::connect(a.addr(), persistent("reader", true)).await;
+    reader.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
+    expect_suback(&mut reader).await;
+    let (mut plain, _) = RawClient::connect(a.addr(), connect_packet(ProtocolVersion::V5, "plain", true)).await;
+    plain.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
+    expect_suback(&mut plain).await;
+    wait_for_holder(&c, "reader", "herald-a").await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (acknowledged, publisher) = steady_publisher(&b, 50, stop.clone());
+    let publishing = Instant::now();
+    let mut got = Vec::new();
+    assert_eq!(read_for(&mut reader, Duration::from_secs(2), &mut got).await, Ended::Open);
+    assert!(!got.is_empty(), "the reader gets the stream on node a");
+
+    proxy.cut();
+    let cut_at = Instant::now();
+    let adopted = |n: &Node| metric(n, "herald_cluster_sessions_adopted_total");
+    wait_until("node b or c takes the reader's session over", || adopted(&b) + adopted(&c) >= 1).await;
+    wait_until("node a is fenced", || metric(&a, "herald_cluster_fenced_total") == 1).await;
+    eprintln!("cut off: session taken over and node a fenced {:?} after the cut", cut_at.elapsed());
+    assert_eq!(read_for(&mut reader, Duration::from_millis(500), &mut got).await, Ended::Open);
+    let mut plain_got = Vec::new();
+    read_for(&mut plain, Duration::ZERO, &mut plain_got).await;
+
+    proxy.restore();
+    let restored_at = Instant::now();
+    let mut after = Vec::new();
+    let ended = read_for(&mut reader, PATIENCE, &mut after).await;
+    assert_eq!(ended, Ended::Disconnect(ReasonCode::SESSION_TAKEN_OVER), "node a closes the reader with 0x8E");
+    assert!(after.is_empty(), "node a wrote {} stories to a session another node holds", after.len());
+    let closed_after = restored_at.elapsed();
+    // The clean reader stayed on node a: stories from node b reach it again.
+    let before = plain_got.len();
+    while plain_got.len() == before {
+        assert!(restored_at.elapsed() < PATIENCE, "node a receives nothing after NATS came back");
+        assert_eq!(read_for(&mut plain, Duration::from_millis(20), &mut plain_got).await, Ended::Open);
+    }
+    eprintln!(
+        "cut off: reader closed with 0x8E {closed_after:?} after NATS was back; the plain reader's next story {:?} after",
+        restored_at.elapsed()
+    );
+    wait_until("node a lets go of the session taken over", || metric(&a, "herald_cluster_fenced_sessions_total") == 1)
+        .await;
+
+    let (mut reader, ack) = RawClient::connect(c.addr(), persistent("reader", false)).await;
+    assert!(ack.session_present, "[MQTT-3.2.2-3] the session lives on");
+    assert_eq!(read_for(&mut reader, Duration::from_secs(1), &mut got).await, Ended::Open);
+    stop.store(true, Ordering::Release);
+    publisher.await.unwrap();
+    let acknowledged = acknowledged.lock().unwrap().clone();
+    let per_second = acknowledged.len() as f64 / publishing.elapsed().as_secs_f64();
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let (_, missing) = tally(&acknowledged, &got);
+        if missing.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "acknowledged and never delivered: {missing:?}");
+        read_for(&mut reader, Duration::from_millis(200), &mut got).await;
+    }
+    let (duplicates, _) = tally(&acknowledged, &got);
+    eprintln!("cut off: {} acknowledged ({per_second:.0}/s), {duplicates} duplicates", acknowledged.len());
+    assert!(duplicates as f64 <= per_second, "duplicates at most one second of traffic: {duplicates}");
+    wait_until("every node names node c as the reader's holder", || {
+        [&a, &b, &c].iter().all(|n| {
+            http_json(http_addr(n), "GET", "/api/v1/clients/reader", "").1["node"].as_str() == Some("herald-c")
+        })
+    })
+    .await;
+}

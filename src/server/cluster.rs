@@ -156,8 +156,14 @@ pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound, gro
                     }
                 }
                 Some(Err(e)) => {
-                    warn!(error = %e, "reading the cluster's stream failed; trying again");
+                    warn!(error = %e, "reading the cluster's stream failed; following it afresh");
                     tokio::time::sleep(Duration::from_millis(200)).await;
+                    // The failed pull would be asked again only when it expires (10 s): a new
+                    // one asks at once, so delivery resumes as soon as JetStream answers.
+                    match link.follow_log().await {
+                        Ok(fresh) => log = fresh,
+                        Err(e) => warn!(error = e.as_str(), "following the cluster's stream afresh failed; trying again"),
+                    }
                 }
                 None => break,
             },
@@ -275,8 +281,11 @@ async fn read_shared(broker: Arc<Broker>, link: Arc<Link>, group: String, filter
                     }
                 }
                 Some(Err(e)) => {
-                    warn!(error = %e, "reading a shared group from the cluster failed; trying again");
+                    warn!(error = %e, "reading a shared group from the cluster failed; following it afresh");
                     tokio::time::sleep(Duration::from_millis(200)).await;
+                    if let Ok((fresh, _)) = link.shared_inbound(&group, &filter, max_pending).await {
+                        log = fresh;
+                    }
                 }
                 None => break,
             },

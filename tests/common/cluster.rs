@@ -78,6 +78,9 @@ pub fn spawn_nats(
             &format!("nats://127.0.0.1:{cluster_port}"),
             "--routes",
             routes,
+            // Clients reach the servers they are given, nothing more: a node whose NATS
+            // connection goes through a test's proxy must not find the other servers by itself.
+            "--no_advertise",
         ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -164,8 +167,13 @@ impl Node {
 
     /// With `extra` appended to the configuration; an `[http]` section's port becomes `http`.
     pub fn start_with(name: &str, nats: &NatsCluster, extra: &str) -> Node {
+        Node::start_with_urls(name, &nats.urls(), extra)
+    }
+
+    /// `start_with`, reaching NATS at `urls` (a proxy, say).
+    pub fn start_with_urls(name: &str, urls: &[String], extra: &str) -> Node {
         let dir = tempfile::tempdir().unwrap();
-        let urls = nats.urls().iter().map(|u| format!("{u:?}")).collect::<Vec<_>>().join(", ");
+        let urls = urls.iter().map(|u| format!("{u:?}")).collect::<Vec<_>>().join(", ");
         let config = format!(
             "[[listeners]]\nprotocol = \"mqtt\"\nbind = \"127.0.0.1:0\"\n\
              [storage]\npath = {:?}\ndurability = \"wal\"\n\
@@ -380,4 +388,65 @@ pub async fn stream_replicas_current(nats: &NatsCluster) -> bool {
         }
     }
     false
+}
+
+/// A TCP proxy on 127.0.0.1 in front of one NATS server, which the test can cut (every
+/// connection through it closed, new ones closed at once) and restore.
+pub struct Proxy {
+    pub port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    pipes: std::sync::Arc<std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>>,
+    accept: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.accept.abort();
+        for p in self.pipes.lock().unwrap().drain(..) {
+            p.abort();
+        }
+    }
+}
+
+impl Proxy {
+    pub async fn start(target: u16) -> Proxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let pipes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let accept = {
+            let (cut, pipes) = (cut.clone(), pipes.clone());
+            tokio::spawn(async move {
+                while let Ok((mut inbound, _)) = listener.accept().await {
+                    if cut.load(Ordering::Acquire) {
+                        continue;
+                    }
+                    let pipe = tokio::spawn(async move {
+                        if let Ok(mut outbound) = tokio::net::TcpStream::connect(("127.0.0.1", target)).await {
+                            let _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    });
+                    pipes.lock().unwrap().push(pipe);
+                }
+            })
+        };
+        Proxy { port, cut, pipes, accept }
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// Closes every connection through the proxy and refuses new ones.
+    pub fn cut(&self) {
+        self.cut.store(true, std::sync::atomic::Ordering::Release);
+        for p in self.pipes.lock().unwrap().drain(..) {
+            p.abort();
+        }
+    }
+
+    pub fn restore(&self) {
+        self.cut.store(false, std::sync::atomic::Ordering::Release);
+    }
 }
