@@ -413,6 +413,17 @@ impl Broker {
 
     /// A message id unique across restarts: the store's boot count in the high 24 bits, a
     /// counter of this run in the low 40. Shown as 16 hex digits (`message_id_text`).
+    /// Where message ids given from now on start (`routed_here_since`).
+    pub fn message_id_mark(&self) -> u64 {
+        self.message_ids.load(Ordering::Relaxed) & ((1 << 40) - 1)
+    }
+
+    /// Whether message `id` was accepted on this node at or after `mark` (`message_id_mark`):
+    /// routed here from the start, so a session made before `mark` already has it.
+    pub fn accepted_here_since(&self, id: u64, mark: u64) -> bool {
+        id >> 40 == self.id_high && (id & ((1 << 40) - 1)) >= mark
+    }
+
     pub fn next_message_id(&self) -> u64 {
         (self.id_high << 40) | (self.message_ids.fetch_add(1, Ordering::Relaxed) & ((1 << 40) - 1))
     }
@@ -742,6 +753,19 @@ impl Broker {
         self.route_to(message, can_wait, None, None)
     }
 
+    /// Cluster mode: routes stream message `seq` from another node as `route` does, except to a
+    /// session taken over here that already had it read back from the stream
+    /// (`Link::read_up_to`): a consumer behind the stream's end would give it a second time.
+    pub fn route_remote(&self, message: Arc<Message>, seq: u64) -> RouteOutcome {
+        match self.cluster() {
+            Some(link) if link.has_floors() => {
+                let only = |session: u64| link.wants(session, seq);
+                self.route_to(message, true, Some(&only), None)
+            }
+            _ => self.route_to(message, true, None, None),
+        }
+    }
+
     /// Cluster mode: delivers a message taken from shared group `group` of `filter` to one member
     /// of the group on this node; None when the group has no member here (any more).
     pub fn deliver_shared(&self, message: Arc<Message>, group: &str, filter: &str) -> Option<RouteOutcome> {
@@ -955,11 +979,21 @@ impl Broker {
                 );
             }
         }
-        self.router.subscribe(filter, sub)
+        let existed = self.router.subscribe(filter, sub);
+        if let (false, Some(link)) = (existed, self.cluster()) {
+            // Cluster mode: the other nodes learn that this node wants these topics
+            // (`cluster::interest`); a SUBACK waits for `link.own.issued()`.
+            link.interest_add(filter.share.is_some(), filter.filter);
+        }
+        existed
     }
 
     pub fn unsubscribe(&self, session_id: u64, filter: &ParsedFilter<'_>) -> bool {
-        self.router.unsubscribe(filter, session_id)
+        let removed = self.router.unsubscribe(filter, session_id);
+        if let (true, Some(link)) = (removed, self.cluster()) {
+            link.interest_remove(filter.share.is_some(), filter.filter);
+        }
+        removed
     }
 
     /// The PUBLISH of a will, from the session that left it.

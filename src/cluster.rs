@@ -10,6 +10,7 @@
 //! already).
 
 pub mod fence;
+pub mod interest;
 pub mod sessions;
 
 use std::collections::{HashMap, VecDeque};
@@ -53,6 +54,8 @@ pub const NODE_PREFIX: &str = "herald.node.";
 pub const NODE_HEADER: &str = "Herald-Node";
 /// Core NATS subject on which a fenced node asks the others which of its sessions they took.
 pub const FENCE_SUBJECT: &str = "herald.fence";
+/// How long a JetStream request for a takeover is tried again (`retrying`).
+const API_PATIENCE: Duration = Duration::from_secs(10);
 /// The longest wait between two attempts to reach NATS again.
 const RECONNECT_EVERY: Duration = Duration::from_millis(250);
 /// How long a fenced node waits for the other nodes' answers.
@@ -96,6 +99,8 @@ pub struct LinkFigures {
     pub adopted: AtomicU64,
     /// Stream messages not yet delivered to this node's consumer, as of the last one it got.
     pub log_lag: AtomicU64,
+    /// Messages no other node wanted (interest): QoS 0 not sent, QoS 1/2 appended for no one.
+    pub not_sent: AtomicU64,
     /// Appends acknowledged at a stream sequence below an earlier ticket's (order lost).
     pub append_reordered: AtomicU64,
     /// Times this node's lease lapsed and it was fenced (`fence`).
@@ -107,9 +112,9 @@ pub struct LinkFigures {
 pub struct Link {
     node: String,
     client: async_nats::Client,
-    qos0: mpsc::Sender<Bytes>,
+    qos0: mpsc::Sender<(String, Bytes)>,
     /// Claims for the other nodes (`claimed`), on core NATS.
-    claims: mpsc::Sender<Bytes>,
+    claims: mpsc::Sender<(String, Bytes)>,
     /// Retained messages (an empty payload: removed) for the bucket, in order.
     retained: mpsc::Sender<(String, Option<Bytes>)>,
     appends: Mutex<Appends>,
@@ -144,6 +149,17 @@ pub struct Link {
     adopted_from: Mutex<HashMap<String, Vec<(u64, String)>>>,
     /// This node's durable consumer of the stream, to follow it afresh after an error.
     log_consumer: jetstream::consumer::PullConsumer,
+    /// Every node's interest (`interest`), and this node's own.
+    table: Arc<interest::Table>,
+    pub own: Arc<interest::Own>,
+    interest_kv: jetstream::kv::Store,
+    /// Sessions taken over here, with the stream sequence from which this node's consumer
+    /// gives them messages (`Broker::route_remote`): `u64::MAX` while they are read back from
+    /// the stream, then what the reading covered (`open_to_consumer`).
+    read_up_to: Mutex<HashMap<u64, u64>>,
+    /// Asks the receiving task to open sessions to the consumer between two messages.
+    opens: mpsc::Sender<Open>,
+    has_floors: std::sync::atomic::AtomicBool,
     /// One takeover of a client's session at a time (by hash of its identifier): the client's
     /// own CONNECT and a leaving node's request may ask for the same session at once.
     adopting: [tokio::sync::Mutex<()>; 64],
@@ -156,7 +172,7 @@ const MAX_ADVERTISE: usize = 256;
 
 struct Appends {
     next: u64,
-    tx: mpsc::Sender<(u64, Bytes)>,
+    tx: mpsc::Sender<(u64, String, Bytes)>,
     /// When each unsettled ticket was handed over, oldest first: what `cluster.hold_secs`
     /// counts from.
     since: VecDeque<(u64, tokio::time::Instant)>,
@@ -184,6 +200,16 @@ pub struct Inbound {
     pub fences: async_nats::Subscriber,
     /// Nodes shutting down asking this one to take a session over now.
     pub takes: async_nats::Subscriber,
+    /// Sessions taken over here to open to the consumer (`Link::open_to_consumer`).
+    pub opens: mpsc::Receiver<Open>,
+}
+
+/// Sessions read back from the stream up to `upto`, to be given what the consumer routes from
+/// now on above max(`upto`, what it routed so far); the answer is what it routed so far.
+pub struct Open {
+    pub sessions: Vec<u64>,
+    pub upto: u64,
+    pub answer: tokio::sync::oneshot::Sender<u64>,
 }
 
 /// A message as another node published it.
@@ -222,14 +248,22 @@ impl Link {
         let stream = loop {
             let wanted = jetstream::stream::Config {
                 name: config.stream.clone(),
-                subjects: vec![LOG_SUBJECT.into()],
+                // `herald.log` alone: what nodes before interest-based routing appended.
+                subjects: vec![LOG_SUBJECT.into(), format!("{LOG_SUBJECT}.>")],
                 num_replicas: config.replicas,
                 max_age: Duration::from_secs(config.max_age_secs),
                 storage: jetstream::stream::StorageType::File,
                 duplicate_window: Duration::from_secs(120),
                 ..Default::default()
             };
-            match js.get_or_create_stream(wanted).await {
+            match js.get_or_create_stream(wanted.clone()).await {
+                Ok(s) if s.cached_info().config.subjects != wanted.subjects => {
+                    // Made by an older node: it takes the per-slot subjects too.
+                    match js.update_stream(&wanted).await {
+                        Ok(_) => break js.get_stream(&config.stream).await.map_err(|e| stream_error(e.to_string()))?,
+                        Err(e) => return Err(stream_error(e.to_string())),
+                    }
+                }
                 Ok(s) => break s,
                 Err(e) if tokio::time::Instant::now() < deadline => {
                     warn!(error = %e, "JetStream not ready; trying again");
@@ -238,26 +272,30 @@ impl Link {
                 Err(e) => return Err(stream_error(e.to_string())),
             }
         };
-        let consumer = stream
-            .get_or_create_consumer(
-                &format!("herald-{}", config.node),
-                jetstream::consumer::pull::Config {
-                    durable_name: Some(format!("herald-{}", config.node)),
-                    deliver_policy: jetstream::consumer::DeliverPolicy::New,
-                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                    ack_wait: Duration::from_secs(30),
-                    max_ack_pending: config.max_pending as i64,
-                    filter_subject: LOG_SUBJECT.into(),
-                    ..Default::default()
-                },
-            )
+        let slot = interest::claim_slot(&js, &config.node, config.replicas).await.map_err(stream_error)?;
+        // Made, or updated from an older node's filter: only what this node's slot wants.
+        let consumer: jetstream::consumer::PullConsumer = stream
+            .create_consumer(jetstream::consumer::pull::Config {
+                durable_name: Some(format!("herald-{}", config.node)),
+                deliver_policy: jetstream::consumer::DeliverPolicy::New,
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: Duration::from_secs(30),
+                max_ack_pending: config.max_pending as i64,
+                filter_subject: interest::node_filter(LOG_SUBJECT, slot),
+                ..Default::default()
+            })
             .await
             .map_err(|e| stream_error(e.to_string()))?;
+        let (interest_kv, table, interest_watch) = follow_interest(&js, config).await.map_err(stream_error)?;
         // What this node's consumer acknowledged before (or, made just now, the stream's end):
         // routed here already.
         let processed = consumer.cached_info().ack_floor.stream_sequence;
         let log = follow(&consumer).await.map_err(stream_error)?;
-        let qos0_in = client.subscribe(QOS0_SUBJECT).await.map_err(|e| connect_error(e.to_string()))?;
+        let qos0_in = client
+            .subscribe(interest::node_filter(QOS0_SUBJECT, slot))
+            .await
+            .map_err(|e| connect_error(e.to_string()))?;
+        let syncs = client.subscribe(interest::SYNC_SUBJECT).await.map_err(|e| connect_error(e.to_string()))?;
         let claims_in = client.subscribe(CLAIM_SUBJECT).await.map_err(|e| connect_error(e.to_string()))?;
         let mut retained_now = Vec::new();
         let retained_in = read_last_per_subject(&js, config, "RETAINED", RETAINED_SUBJECTS, |m| {
@@ -283,6 +321,7 @@ impl Link {
         // started is taken for dead once `dead_after_secs` pass without a word from it.
         let now = tokio::time::Instant::now();
         let known = directory.nodes().into_iter().filter(|n| *n != config.node).map(|n| (n, (now, false))).collect();
+        let (opens, opens_rx) = mpsc::channel(64);
         let (qos0, qos0_rx) = mpsc::channel(config.max_pending);
         let (claims, claims_rx) = mpsc::channel(config.max_pending);
         let (retained, retained_rx) = mpsc::channel(config.max_pending);
@@ -314,11 +353,29 @@ impl Link {
             fence: fence::Fence::new(Duration::from_secs(config.dead_after_secs)),
             adopted_from: Mutex::default(),
             log_consumer: consumer.clone(),
+            table: table.clone(),
+            own: Arc::new(interest::Own::new(slot)),
+            interest_kv: interest_kv.clone(),
+            read_up_to: Mutex::default(),
+            opens,
+            has_floors: std::sync::atomic::AtomicBool::new(false),
             adopting: std::array::from_fn(|_| tokio::sync::Mutex::new(())),
             moving: Mutex::default(),
         });
-        tokio::spawn(send_core(link.clone(), QOS0_SUBJECT, qos0_rx));
-        tokio::spawn(send_core(link.clone(), CLAIM_SUBJECT, claims_rx));
+        tokio::spawn(send_core(link.clone(), true, qos0_rx));
+        tokio::spawn(send_core(link.clone(), false, claims_rx));
+        tokio::spawn(apply_interest(table, interest_watch));
+        tokio::spawn(answer_syncs(link.clone(), syncs));
+        {
+            let confirming = link.clone();
+            let confirm = move |revision: u64| {
+                let link = confirming.clone();
+                Box::pin(async move { link.confirm_interest(revision).await })
+                    as futures_util::future::BoxFuture<'static, ()>
+            };
+            let hold = Duration::from_secs(config.hold_secs);
+            tokio::spawn(interest::announce(link.own.clone(), interest_kv, confirm, hold));
+        }
         tokio::spawn(put_last(link.clone(), js.clone(), retained_rx));
         tokio::spawn(put_last(link.clone(), js.clone(), directory_rx));
         tokio::spawn(append(link.clone(), js, rx, boot));
@@ -337,6 +394,7 @@ impl Link {
                 receipts,
                 fences,
                 takes,
+                opens: opens_rx,
             },
         ))
     }
@@ -345,10 +403,17 @@ impl Link {
         &self.node
     }
 
-    /// Follows this node's consumer afresh: after the pull stream failed (a NATS outage, an
-    /// election), the old one would ask JetStream again only when its pull expires.
+    /// Follows this node's consumer afresh: after the connection to NATS was lost and made
+    /// again, the old pull stream would ask JetStream again only when its pull expires (10 s).
+    /// While the connection stayed up the old one is kept: what it holds undelivered would
+    /// come again only after `ack_wait`, behind newer messages.
     pub async fn follow_log(&self) -> Result<jetstream::consumer::pull::Stream, String> {
         follow(&self.log_consumer).await
+    }
+
+    /// Times the connection to NATS was made (the first included).
+    pub fn connects(&self) -> u64 {
+        self.client.statistics().connects.load(Ordering::Relaxed)
     }
 
     /// Whether the client is connected to a NATS server now.
@@ -362,21 +427,141 @@ impl Link {
         if message.retain {
             self.retain(message, &payload);
         }
+        let (mask, shared) = self.wanted(message);
         if message.qos == QoS::AtMostOnce {
-            if self.qos0.try_send(payload).is_err() {
+            let mask = mask & !(1 << self.own.slot);
+            if mask == 0 && !shared {
+                // No other node wants it: nothing crosses.
+                self.figures.not_sent.fetch_add(1, Ordering::Relaxed);
+                return Forward::Sent;
+            }
+            if self.qos0.try_send((interest::subject(QOS0_SUBJECT, mask), payload)).is_err() {
                 self.figures.dropped_qos0.fetch_add(1, Ordering::Relaxed);
             }
             return Forward::Sent;
         }
+        // Appended even when no other node wants it: a node taking this one's sessions over
+        // reads it back from the stream. And for this node too, which skips it but so knows it
+        // routed everything up to it (`processed`, what a session handed over is read above).
+        if mask & !(1 << self.own.slot) == 0 {
+            self.figures.not_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        let mask = mask | (1 << self.own.slot);
         let mut appends = self.appends.lock().expect("appends lock");
         let ticket = appends.next;
-        match appends.tx.try_send((ticket, payload)) {
+        match appends.tx.try_send((ticket, interest::subject(LOG_SUBJECT, mask), payload)) {
             Ok(()) => {
                 appends.next += 1;
                 appends.since.push_back((ticket, tokio::time::Instant::now()));
                 Forward::Ticket(ticket)
             }
             Err(_) => Forward::Full,
+        }
+    }
+
+    /// The nodes that want `message` (bit i: slot i), and whether a shared group's filter
+    /// somewhere matches it. A story id goes to every node: each keeps the story ids it saw, so
+    /// that a retry on any node is recognised (`receipts`).
+    fn wanted(&self, message: &Message) -> (u32, bool) {
+        if message.properties.user_properties.iter().any(|(k, _)| k == crate::receipt::STORY_ID) {
+            return (u32::MAX, true);
+        }
+        self.table.wanted(&message.topic)
+    }
+
+    /// This node's slot (`interest`).
+    pub fn slot(&self) -> u8 {
+        self.own.slot
+    }
+
+    /// A session here subscribed to `filter` (a shared group's, with `shared`): the ticket its
+    /// SUBACK waits for (`interest_synced`) when the node did not want it before.
+    pub fn interest_add(&self, shared: bool, filter: &str) -> Option<u64> {
+        self.own.add(shared, filter)
+    }
+
+    pub fn interest_remove(&self, shared: bool, filter: &str) {
+        self.own.remove(shared, filter)
+    }
+
+    /// Every session's filters here, those of sessions restored from the store before the node
+    /// joined, as the router lists them (`$share/<group>/<filter>` for shared groups).
+    pub fn seed_interest(&self, filters: Vec<(String, usize)>) {
+        for (filter, n) in filters {
+            let (shared, f) = match crate::topic::parse_filter(&filter) {
+                Ok(p) => (p.share.is_some(), p.filter.to_owned()),
+                Err(_) => continue,
+            };
+            for _ in 0..n {
+                self.own.add(shared, &f);
+            }
+        }
+    }
+
+    /// Removes what the bucket still says this node wants from an earlier run and it no longer
+    /// does (called once at start, after `seed_interest`).
+    pub async fn prune_interest(&self) -> Result<usize, String> {
+        use futures_util::StreamExt;
+        let mut keys = self.interest_kv.keys().await.map_err(|e| e.to_string())?;
+        let mut stale = Vec::new();
+        let present = self.own.present();
+        while let Some(key) = keys.next().await {
+            let key = key.map_err(|e| e.to_string())?;
+            if let Some((slot, shared, filter)) = interest::parse_key_pub(&key) {
+                if slot == self.own.slot
+                    && !present.iter().any(|(s, f)| *s == shared && interest::key_filter(f) == filter)
+                {
+                    stale.push((shared, filter));
+                }
+            }
+        }
+        let n = stale.len();
+        self.own.forget(stale);
+        Ok(n)
+    }
+
+    /// Waits until every interest change of this node up to now is confirmed by the live nodes.
+    pub async fn interest_settled(&self) {
+        let ticket = self.own.issued();
+        let mut synced = self.own.synced();
+        let _ = synced.wait_for(|s| *s >= ticket).await;
+    }
+
+    /// Asks every node heard from in the last two seconds to confirm that it applied the
+    /// interest table up to `revision`; returns when all did, or after `interest::sync_wait`.
+    async fn confirm_interest(&self, revision: u64) {
+        use futures_util::StreamExt;
+        let now = tokio::time::Instant::now();
+        let mut waiting: std::collections::HashSet<String> = {
+            let nodes = self.nodes.lock().expect("nodes lock");
+            nodes
+                .iter()
+                .filter(|(_, (at, _))| now.duration_since(*at) < Duration::from_secs(2))
+                .map(|(n, _)| n.clone())
+                .collect()
+        };
+        if waiting.is_empty() {
+            return;
+        }
+        let inbox = self.client.new_inbox();
+        let Ok(mut answers) = self.client.subscribe(inbox.clone()).await else { return };
+        let payload = Bytes::copy_from_slice(&revision.to_be_bytes());
+        if self.client.publish_with_reply(interest::SYNC_SUBJECT, inbox, payload).await.is_err() {
+            return;
+        }
+        let deadline = now + interest::sync_wait();
+        while !waiting.is_empty() {
+            match tokio::time::timeout_at(deadline, answers.next()).await {
+                Ok(Some(m)) => {
+                    if let Ok(node) = std::str::from_utf8(&m.payload) {
+                        waiting.remove(node);
+                    }
+                }
+                _ => {
+                    warn!(revision, missing = ?waiting, "nodes did not confirm this node's new interest in time");
+                    return;
+                }
+            }
         }
     }
 
@@ -408,7 +593,7 @@ impl Link {
         let mut payload = Vec::with_capacity(1 + client_id.len());
         payload.push(u8::from(clean_start));
         payload.extend_from_slice(client_id.as_bytes());
-        let _ = self.claims.try_send(Bytes::from(payload));
+        let _ = self.claims.try_send((CLAIM_SUBJECT.to_owned(), Bytes::from(payload)));
     }
 
     /// Follows the highest settled ticket: JetStream acknowledged its message and every one
@@ -469,6 +654,65 @@ impl Link {
     /// The stream message `seq` is routed here (this node's own, skipped, included).
     pub fn processed_up_to(&self, seq: u64) {
         self.processed.fetch_max(seq, Ordering::AcqRel);
+        if self.has_floors.load(Ordering::Acquire) {
+            let mut floors = self.read_up_to.lock().expect("floors lock");
+            floors.retain(|_, upto| *upto > seq);
+            self.has_floors.store(!floors.is_empty(), Ordering::Release);
+        }
+    }
+
+    /// A session about to be read back from the stream here: this node's consumer gives it
+    /// nothing until `open_to_consumer`.
+    pub fn hold_from_consumer(&self, session: u64) {
+        self.read_up_to.lock().expect("floors lock").insert(session, u64::MAX);
+        self.has_floors.store(true, Ordering::Release);
+    }
+
+    /// The sessions were read back from the stream up to `upto`: from now on this node's
+    /// consumer gives them what it routes above max(`upto`, what it routed so far), decided by
+    /// the receiving task between two messages. Returns what it had routed so far: the caller
+    /// reads the stream above `upto` up to there itself (messages the consumer routed while
+    /// the sessions were held). None if the receiving task is gone.
+    pub async fn open_to_consumer(&self, sessions: Vec<u64>, upto: u64) -> Option<u64> {
+        let (answer, routed) = tokio::sync::oneshot::channel();
+        self.opens.send(Open { sessions, upto, answer }).await.ok()?;
+        routed.await.ok()
+    }
+
+    /// The receiving task's side of `open_to_consumer`.
+    pub fn open(&self, open: Open) {
+        let routed = self.processed();
+        let from = routed.max(open.upto);
+        {
+            let mut floors = self.read_up_to.lock().expect("floors lock");
+            for session in open.sessions {
+                floors.insert(session, from);
+            }
+        }
+        let _ = open.answer.send(routed);
+    }
+
+    /// A session that was held from the consumer and is gone (its takeover failed).
+    pub fn forget_floor(&self, session: u64) {
+        self.read_up_to.lock().expect("floors lock").remove(&session);
+    }
+
+    /// The stream sequence up to which `session` has everything it wants: what this node's
+    /// consumer routed, or what the session was read back up to when it came here, whichever is
+    /// further (a node's consumer sees only what was sent to it, so `processed` can trail a
+    /// session taken over just now).
+    pub fn complete_up_to(&self, session: u64) -> u64 {
+        let floor = self.read_up_to.lock().expect("floors lock").get(&session).copied().unwrap_or(0);
+        self.processed().max(if floor == u64::MAX { 0 } else { floor })
+    }
+
+    pub fn has_floors(&self) -> bool {
+        self.has_floors.load(Ordering::Acquire)
+    }
+
+    /// Whether stream message `seq` is still to be given to `session` by this node's consumer.
+    pub fn wants(&self, session: u64, seq: u64) -> bool {
+        self.read_up_to.lock().expect("floors lock").get(&session).is_none_or(|upto| seq > *upto)
     }
 
     /// The second's checkpoint (`sessions`), given the store's next body number and oldest live
@@ -873,7 +1117,8 @@ impl Link {
                     ack_policy: jetstream::consumer::AckPolicy::Explicit,
                     ack_wait: Duration::from_secs(30),
                     max_ack_pending: max_pending as i64,
-                    filter_subject: LOG_SUBJECT.into(),
+                    // Every message, whichever nodes it was for: the group is not in the table.
+                    filter_subjects: vec![LOG_SUBJECT.into(), format!("{LOG_SUBJECT}.>")],
                     // A group whose members all left goes away with its consumer.
                     inactive_threshold: Duration::from_secs(3600),
                     ..Default::default()
@@ -882,7 +1127,7 @@ impl Link {
             .await
             .map_err(|e| format!("{name}: {e}"))?;
         let log = follow(&consumer).await?;
-        let qos0 = self.client.queue_subscribe(QOS0_SUBJECT, name).await.map_err(|e| e.to_string())?;
+        let qos0 = self.client.queue_subscribe(format!("{QOS0_SUBJECT}.>"), name).await.map_err(|e| e.to_string())?;
         Ok((log, qos0))
     }
 
@@ -906,9 +1151,12 @@ impl Link {
             .await
             .map_err(|_| "appends not acknowledged in time".to_string())?
             .map_err(|e| e.to_string())?;
-        let mut stream = self.js.get_stream(&self.stream).await.map_err(|e| e.to_string())?;
-        let info = stream.info().await.map_err(|e| e.to_string())?;
-        Ok(info.state.last_sequence)
+        retrying(|| async {
+            let mut stream = self.js.get_stream(&self.stream).await.map_err(|e| e.to_string())?;
+            let info = stream.info().await.map_err(|e| e.to_string())?;
+            Ok(info.state.last_sequence)
+        })
+        .await
     }
 
     /// Reads the stream's messages after `after` up to `upto`, in order, through a consumer of
@@ -918,17 +1166,22 @@ impl Link {
         if upto <= after {
             return Ok(0);
         }
-        let stream = self.js.get_stream(&self.stream).await.map_err(|e| e.to_string())?;
-        let consumer = stream
-            .create_consumer(jetstream::consumer::pull::Config {
-                deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: after + 1 },
-                ack_policy: jetstream::consumer::AckPolicy::None,
-                filter_subject: LOG_SUBJECT.into(),
-                inactive_threshold: Duration::from_secs(30),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| e.to_string())?;
+        let (stream, consumer) = retrying(|| async {
+            let stream = self.js.get_stream(&self.stream).await.map_err(|e| e.to_string())?;
+            let consumer = stream
+                .create_consumer(jetstream::consumer::pull::Config {
+                    deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: after + 1 },
+                    ack_policy: jetstream::consumer::AckPolicy::None,
+                    // Every message, whichever nodes it was for.
+                    filter_subjects: vec![LOG_SUBJECT.into(), format!("{LOG_SUBJECT}.>")],
+                    inactive_threshold: Duration::from_secs(30),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            Ok((stream, consumer))
+        })
+        .await?;
         let name = consumer.cached_info().name.clone();
         let mut messages = follow(&consumer).await?;
         let mut read = 0;
@@ -1167,10 +1420,10 @@ async fn put_last(link: Arc<Link>, js: jetstream::Context, mut rx: mpsc::Receive
 }
 
 /// Publishes what `rx` gives on core NATS (at most once: QoS 0 messages, claims).
-async fn send_core(link: Arc<Link>, subject: &'static str, mut rx: mpsc::Receiver<Bytes>) {
-    while let Some(payload) = rx.recv().await {
+async fn send_core(link: Arc<Link>, qos0: bool, mut rx: mpsc::Receiver<(String, Bytes)>) {
+    while let Some((subject, payload)) = rx.recv().await {
         let sent = link.client.publish_with_headers(subject, link.headers(), payload).await.is_ok();
-        if subject == QOS0_SUBJECT {
+        if qos0 {
             let counter = if sent { &link.figures.sent_qos0 } else { &link.figures.dropped_qos0 };
             counter.fetch_add(1, Ordering::Relaxed);
         }
@@ -1182,8 +1435,13 @@ async fn send_core(link: Arc<Link>, subject: &'static str, mut rx: mpsc::Receive
 type AckFuture = Pin<Box<dyn std::future::Future<Output = Result<u64, String>> + Send>>;
 
 /// Hands one append to the client and returns the wait for JetStream's acknowledgement.
-async fn start_append(js: jetstream::Context, headers: async_nats::HeaderMap, payload: Bytes) -> AckFuture {
-    match js.publish_with_headers(LOG_SUBJECT, headers, payload).await {
+async fn start_append(
+    js: jetstream::Context,
+    subject: String,
+    headers: async_nats::HeaderMap,
+    payload: Bytes,
+) -> AckFuture {
+    match js.publish_with_headers(subject, headers, payload).await {
         Ok(ack) => Box::pin(async move { ack.await.map(|a| a.sequence).map_err(|e| e.to_string()) }),
         Err(e) => Box::pin(std::future::ready(Err(e.to_string()))),
     }
@@ -1194,15 +1452,15 @@ async fn start_append(js: jetstream::Context, headers: async_nats::HeaderMap, pa
 /// append that fails is sent again with the same message id (JetStream drops the copy if the
 /// first one arrived after all), so the publisher's acknowledgement waits while NATS is away
 /// instead of being sent for a message that is not in the stream.
-async fn append(link: Arc<Link>, js: jetstream::Context, mut rx: mpsc::Receiver<(u64, Bytes)>, boot: u64) {
+async fn append(link: Arc<Link>, js: jetstream::Context, mut rx: mpsc::Receiver<(u64, String, Bytes)>, boot: u64) {
     // The publish is handed to the client at once (so appends are pipelined); only the
     // acknowledgement is waited for in order.
-    let send = |ticket: u64, payload: Bytes| {
+    let send = |ticket: u64, (subject, payload): (String, Bytes)| {
         let mut headers = link.headers();
         headers.insert("Nats-Msg-Id", format!("{}.{boot}.{ticket}", link.node).as_str());
-        start_append(js.clone(), headers, payload)
+        start_append(js.clone(), subject, headers, payload)
     };
-    let mut waiting: VecDeque<(u64, Bytes, AckFuture)> = VecDeque::new();
+    let mut waiting: VecDeque<(u64, (String, Bytes), AckFuture)> = VecDeque::new();
     let mut open = true;
     // The stream sequence of the last append acknowledged: in ticket order, each is above it,
     // unless a resent append landed after a later one that had arrived the first time.
@@ -1240,12 +1498,95 @@ async fn append(link: Arc<Link>, js: jetstream::Context, mut rx: mpsc::Receiver<
                 }
             }
             next = rx.recv(), if open && waiting.len() < APPEND_WINDOW => match next {
-                Some((ticket, payload)) => {
-                    let future = send(ticket, payload.clone()).await;
-                    waiting.push_back((ticket, payload, future));
+                Some((ticket, subject, payload)) => {
+                    let future = send(ticket, (subject.clone(), payload.clone())).await;
+                    waiting.push_back((ticket, (subject, payload), future));
                 }
                 None => open = false,
             },
+        }
+    }
+}
+
+/// Opens (or makes) the interest bucket and reads it whole into a table before the node
+/// listens; returns the bucket, the table, and the watch that goes on from there.
+async fn follow_interest(
+    js: &jetstream::Context,
+    config: &ClusterConfig,
+) -> Result<(jetstream::kv::Store, Arc<interest::Table>, jetstream::kv::Watch), String> {
+    use futures_util::StreamExt;
+    let kv = match js.get_key_value(interest::INTEREST_BUCKET).await {
+        Ok(kv) => kv,
+        Err(_) => js
+            .create_key_value(jetstream::kv::Config {
+                bucket: interest::INTEREST_BUCKET.into(),
+                history: 1,
+                num_replicas: config.replicas,
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| e.to_string())?,
+    };
+    let mut stream = js.get_stream(format!("KV_{}", interest::INTEREST_BUCKET)).await.map_err(|e| e.to_string())?;
+    let last = stream.info().await.map_err(|e| e.to_string())?.state.last_sequence;
+    let table = Arc::new(interest::Table::new());
+    let mut watch = kv.watch_with_history(">").await.map_err(|e| e.to_string())?;
+    while table.applied() < last {
+        match tokio::time::timeout(Duration::from_secs(10), watch.next()).await {
+            Ok(Some(Ok(entry))) => table.apply(&entry),
+            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Ok(None) => return Err("the interest bucket's watch ended".into()),
+            // Everything up to `last` was deleted and purged: nothing more to read.
+            Err(_) => break,
+        }
+    }
+    Ok((kv, table, watch))
+}
+
+/// Follows the interest bucket into the table.
+async fn apply_interest(table: Arc<interest::Table>, mut watch: jetstream::kv::Watch) {
+    use futures_util::StreamExt;
+    while let Some(entry) = watch.next().await {
+        match entry {
+            Ok(entry) => table.apply(&entry),
+            Err(e) => warn!(error = %e, "following the cluster's interest table failed"),
+        }
+    }
+    warn!("the cluster's interest table is no longer followed");
+}
+
+/// Confirms to a node that asks (`Link::confirm_interest`) that this node's table has applied
+/// the interest bucket up to the revision it names.
+async fn answer_syncs(link: Arc<Link>, mut syncs: async_nats::Subscriber) {
+    use futures_util::StreamExt;
+    while let Some(m) = syncs.next().await {
+        let (Some(reply), Ok(revision)) = (m.reply.clone(), <[u8; 8]>::try_from(&m.payload[..])) else { continue };
+        let link = link.clone();
+        tokio::spawn(async move {
+            if link.table.wait_applied(u64::from_be_bytes(revision)).await {
+                let _ = link.client.publish(reply, Bytes::from(link.node.clone())).await;
+            }
+        });
+    }
+}
+
+/// Tries a JetStream API call again for up to `API_PATIENCE` while it fails: on a loaded or
+/// electing cluster its requests meet "no responders" or time out now and then, and a session
+/// being taken over must not be given up for that.
+async fn retrying<T, F, Fut>(mut call: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, String>>,
+{
+    let deadline = tokio::time::Instant::now() + API_PATIENCE;
+    loop {
+        match call().await {
+            Ok(v) => return Ok(v),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                warn!(error = e.as_str(), "a JetStream request failed; trying again");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => return Err(e),
         }
     }
 }

@@ -552,6 +552,13 @@ impl Snapshot {
                     c(&l.adopted),
                 ),
                 f(
+                    "cluster/not_sent",
+                    "herald_cluster_not_sent_total",
+                    Counter,
+                    "Messages published here that no other node wanted (interest): QoS 0 not sent, QoS 1/2 appended for no one.",
+                    c(&l.not_sent),
+                ),
+                f(
                     "cluster/append_reordered",
                     "herald_cluster_append_reordered_total",
                     Counter,

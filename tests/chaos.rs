@@ -315,12 +315,29 @@ async fn a_rolling_restart_loses_nothing_and_duplicates_nothing_beyond_in_flight
     let acknowledged = publisher.await.unwrap();
     assert!(acknowledged.len() > 100, "the stream went on: {}", acknowledged.len());
     for (i, reader) in readers.into_iter().enumerate() {
-        let (got, _) = reader.await.unwrap();
+        let (got, _) = match reader.await {
+            Ok(r) => r,
+            Err(e) => {
+                for (n, node) in nodes.iter().enumerate() {
+                    for l in node.log_lines(&format!("reader-{i}")) {
+                        eprintln!("node {n}: {l}");
+                    }
+                }
+                panic!("reader-{i}: {e}");
+            }
+        };
         let (duplicates, missing) = tally(&acknowledged, &got);
         eprintln!("reader-{i}: {} acknowledged, {} received, {duplicates} duplicates", acknowledged.len(), got.len());
         assert!(missing.is_empty(), "reader-{i}: acknowledged and never delivered: {missing:?}");
         // In flight at a restart: a story sent and not yet acknowledged by the reader when its
         // node let go, and the publisher's message whose PUBACK its node did not send.
+        if duplicates > 6 {
+            for (n, node) in nodes.iter().enumerate() {
+                for l in node.log_lines(&format!("reader-{i}")) {
+                    eprintln!("node {n}: {l}");
+                }
+            }
+        }
         assert!(duplicates <= 6, "reader-{i}: {duplicates} duplicates, more than was in flight");
     }
     // The parked sessions went from node to node whole: everything, once, in order.
@@ -336,6 +353,13 @@ async fn a_rolling_restart_loses_nothing_and_duplicates_nothing_beyond_in_flight
         read_for(&mut phone, Duration::from_millis(500), &mut got).await;
         let (duplicates, missing) = tally(&acknowledged, &got);
         eprintln!("offline-{i}: {} acknowledged, {} received, {duplicates} duplicates", acknowledged.len(), got.len());
+        if duplicates > 0 || !missing.is_empty() {
+            for (n, node) in nodes.iter().enumerate() {
+                for l in node.log_lines(&format!("offline-{i}")) {
+                    eprintln!("node {n}: {l}");
+                }
+            }
+        }
         assert!(missing.is_empty(), "offline-{i}: acknowledged and never delivered: {missing:?}");
         assert_eq!(duplicates, 0, "offline-{i}: nothing was in flight");
         assert!(got.windows(2).all(|w| w[0] < w[1]), "offline-{i}: [MQTT-4.6.0-2] in order");
@@ -475,7 +499,19 @@ async fn a_node_cut_off_from_nats_is_fenced_and_its_reader_resumes_elsewhere() {
     proxy.cut();
     let cut_at = Instant::now();
     let adopted = |n: &Node| metric(n, "herald_cluster_sessions_adopted_total");
-    wait_until("node b or c takes the reader's session over", || adopted(&b) + adopted(&c) >= 1).await;
+    while adopted(&b) + adopted(&c) == 0 {
+        if cut_at.elapsed() > PATIENCE {
+            for (name, node) in [("a", &a), ("b", &b), ("c", &c)] {
+                for l in node.log_lines("") {
+                    if !l.contains("client connected") && !l.contains("client disconnected") {
+                        eprintln!("{name}: {l}");
+                    }
+                }
+            }
+            panic!("node b or c takes the reader's session over");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     wait_until("node a is fenced", || metric(&a, "herald_cluster_fenced_total") == 1).await;
     eprintln!("cut off: session taken over and node a fenced {:?} after the cut", cut_at.elapsed());
     assert_eq!(read_for(&mut reader, Duration::from_millis(500), &mut got).await, Ended::Open);

@@ -1041,3 +1041,65 @@ async fn a_node_shutting_down_names_another_node_to_its_clients() {
     assert!(matches!(old.recv_within(PATIENCE).await, Ok(None)), "a 3.1.1 client is closed without a packet");
     drop(b);
 }
+
+/// [issue 25, items 2 and 6] Interest-based routing: a private story published on node a for
+/// a reader on node b crosses to node b alone (node c's counter of messages received from the
+/// other nodes does not move, while a broadcast story does reach it), at QoS 0 and 1; and a
+/// subscription takes effect across the cluster before its SUBACK [MQTT-3.8.4-1]: twenty readers
+/// each subscribe to a filter no node wanted before and get the story published on another node
+/// right after their SUBACK.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_story_crosses_only_to_the_node_of_its_reader() {
+    let nats = NatsCluster::start();
+    let config = "[http]\nbind = \"127.0.0.1:0\"\n";
+    let a = Node::start_with("herald-a", &nats, config);
+    let b = Node::start_with("herald-b", &nats, config);
+    let c = Node::start_with("herald-c", &nats, config);
+    wait_until("every node hears the others", || {
+        [&a, &b, &c].iter().all(|n| metric(n, "herald_cluster_nodes_up") == 3)
+    })
+    .await;
+    let (mut bob, _) = RawClient::connect(b.addr(), connect_packet(ProtocolVersion::V5, "bob", true)).await;
+    bob.send(&subscribe(1, "users/bob/inbox", QoS::AtLeastOnce)).await;
+    expect_suback(&mut bob).await;
+    let (mut carol, _) = RawClient::connect(c.addr(), connect_packet(ProtocolVersion::V5, "carol", true)).await;
+    carol.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
+    expect_suback(&mut carol).await;
+    let received = |n: &Node| metric(n, "herald_cluster_received_total");
+    let (c_before, b_before) = (received(&c), received(&b));
+    let (mut editor, _) = RawClient::connect(a.addr(), connect_packet(ProtocolVersion::V5, "editor", true)).await;
+    for n in 1..=20u16 {
+        let qos = if n % 2 == 0 { QoS::AtLeastOnce } else { QoS::AtMostOnce };
+        editor.send(&publish("users/bob/inbox", format!("private {n}").as_bytes(), qos, n)).await;
+        if qos == QoS::AtLeastOnce {
+            assert!(matches!(editor.recv_within(PATIENCE).await, Ok(Some(Packet::PubAck(_)))));
+        }
+        let p = expect_publish(&mut bob).await;
+        assert_eq!(&p.payload[..], format!("private {n}").as_bytes());
+        if p.qos == QoS::AtLeastOnce {
+            bob.send(&Packet::PubAck(PubResponse::new(p.packet_id, ReasonCode::SUCCESS))).await;
+        }
+    }
+    // A broadcast story after them: once node c has it, it would have had the private ones.
+    editor.send(&publish("news/world", b"broadcast", QoS::AtLeastOnce, 100)).await;
+    assert!(matches!(editor.recv_within(PATIENCE).await, Ok(Some(Packet::PubAck(_)))));
+    let p = expect_publish(&mut carol).await;
+    assert_eq!(&p.payload[..], b"broadcast");
+    assert_eq!(received(&b) - b_before, 20, "node b received the 20 private stories");
+    assert_eq!(received(&c) - c_before, 1, "node c received the broadcast story only");
+    eprintln!(
+        "private stories: node b received {}, node c {} (the broadcast); node a sent {} to no other node",
+        received(&b) - b_before,
+        received(&c) - c_before,
+        metric(&a, "herald_cluster_not_sent_total")
+    );
+    // Before the SUBACK: each new filter is known on node a when its SUBACK arrives.
+    for n in 1..=20u16 {
+        let filter = format!("users/reader-{n}/inbox");
+        carol.send(&subscribe(n + 1, &filter, QoS::AtLeastOnce)).await;
+        expect_suback(&mut carol).await;
+        editor.send(&publish(&filter, b"right after the SUBACK", QoS::AtMostOnce, 0)).await;
+        let p = expect_publish(&mut carol).await;
+        assert_eq!(p.topic, filter, "the story published right after the SUBACK arrives");
+    }
+}

@@ -34,6 +34,10 @@ impl Broker {
         let owner = record.and_then(|r| r.owner.clone()).or_else(|| entry.stored().and_then(|r| r.owner));
         let made = self.registry().restore(client_id.to_owned(), owner.clone(), |shared, state| {
             state.expiry_interval = expiry;
+            if let Some(link) = self.cluster() {
+                // Read back from the stream first; the consumer gives it nothing until then.
+                link.hold_from_consumer(shared.id);
+            }
             for sub in &entry.subscriptions {
                 let Ok(parsed) = parse_filter(&sub.filter) else { continue };
                 let options = sub.options();
@@ -144,19 +148,45 @@ impl Broker {
         }
         // Said to `node` if it comes back (`cluster::fence`): these are no longer its own.
         link.record_adopted(node, made.iter().map(|m| m.0.clone()));
+        // The other nodes send what these sessions want here from now on; what came before is
+        // read from the stream below.
+        link.interest_settled().await;
+        // Messages this node accepts from now on reach the sessions as they are routed: the
+        // stream's copies of them are not routed to them again.
+        let mark = self.message_id_mark();
         let from = since_of.values().copied().min().unwrap_or(0);
         let pin = link.pin(from);
         let read = async {
             let upto = link.settled_end(SETTLE_WAIT).await?;
-            link.replay(from, upto, |seq, message| {
+            let mut route = |seq: u64, message: crate::message::Message| {
+                if self.accepted_here_since(message.id, mark) {
+                    return;
+                }
                 let wanted = |id: u64| since_of.get(&id).is_some_and(|since| *since < seq);
                 self.route_to(Arc::new(message), false, Some(&wanted), None);
-            })
-            .await
+            };
+            let mut read = link.replay(from, upto, &mut route).await?;
+            // The consumer takes over where this reading ends; what it routed meanwhile
+            // (held from these sessions) is read here.
+            let sessions = made.iter().map(|m| m.3.id).collect();
+            if let Some(routed) = link.open_to_consumer(sessions, upto).await {
+                if routed > upto {
+                    read += link.replay(upto, routed, &mut route).await?;
+                }
+            }
+            Ok::<_, String>(read)
         }
         .await;
         link.unpin(pin, self.store().peek_next_seq());
-        let read = read?;
+        let read = match read {
+            Ok(read) => read,
+            Err(e) => {
+                for m in &made {
+                    link.forget_floor(m.3.id);
+                }
+                return Err(e);
+            }
+        };
         let now_ms = crate::clock::wall_ms_now();
         for (client_id, entry, record, shared, generation) in &made {
             link.record_session(client_id, record, entry.subscriptions.clone());
@@ -253,6 +283,8 @@ impl Broker {
             record
         });
         let (shared, generation) = self.make_adopted(client_id, &entry, offline_record.as_ref());
+        // Routed to it as they are accepted from now on: not read back from the stream too.
+        let mark = self.message_id_mark();
         link.adopted(client_id, since);
         // Bodies numbered from here on (what the holder handed over, what the stream gives back)
         // may hold messages as old as `since`.
@@ -266,19 +298,27 @@ impl Broker {
             }
             None => (since, std::collections::HashSet::new()),
         };
-        // Its subscriptions are in the router: what is routed from now on reaches it. What came
-        // before, back to `from`, is read from the stream, up to an end that includes every
-        // append this node started before now.
+        // Its subscriptions are in the router, and the other nodes know this node wants them
+        // (`cluster::interest`): what is routed from now on reaches it. What came before, back
+        // to `from`, is read from the stream, up to an end that includes every append this node
+        // started before now.
+        link.interest_settled().await;
         let read = async {
             let upto = link.settled_end(SETTLE_WAIT).await?;
             let session = shared.id;
-            let read = link
-                .replay(from, upto, |_, message| {
-                    if message.id == 0 || !given.contains(&message.id) {
-                        self.route_to(Arc::new(message), false, Some(&|id| id == session), None);
-                    }
-                })
-                .await?;
+            let mut route = |_: u64, message: crate::message::Message| {
+                if (message.id == 0 || !given.contains(&message.id)) && !self.accepted_here_since(message.id, mark) {
+                    self.route_to(Arc::new(message), false, Some(&|id| id == session), None);
+                }
+            };
+            let mut read = link.replay(from, upto, &mut route).await?;
+            // The consumer takes over where this reading ends; what it routed meanwhile (held
+            // from this session) is read here.
+            if let Some(routed) = link.open_to_consumer(vec![session], upto).await {
+                if routed > upto {
+                    read += link.replay(upto, routed, &mut route).await?;
+                }
+            }
             Ok::<_, String>((upto, read))
         }
         .await;
@@ -311,6 +351,7 @@ impl Broker {
             }
             Err(why) => {
                 // Not half made: the session goes, the holder's record stays for the next try.
+                link.forget_floor(shared.id);
                 drop(shared);
                 self.registry().disconnect(client_id, crate::codec::ReasonCode::SERVER_UNAVAILABLE, true).await;
                 Err(why)

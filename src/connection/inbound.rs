@@ -388,17 +388,26 @@ impl Connection {
                 .fetch_add(dropped as u64, std::sync::atomic::Ordering::Relaxed);
             retained.truncate(room);
         }
-        for d in retained {
-            state.push_pending(d);
-        }
         self.note_subscription_count();
         self.record_in_cluster();
-        // The SUBACK promises the subscription, so it waits for the store like a PUBACK.
+        // The SUBACK promises the subscription, so it waits for the store like a PUBACK, and in
+        // cluster mode for the other nodes to know this node now wants those topics.
         let ticket = self.broker.store().commit(txn);
-        self.send_ack(
+        let interest = self.broker.cluster().map_or(0, |l| l.own.issued());
+        self.send_suback(
             ticket,
+            interest,
             Packet::SubAck(SubAck { packet_id: s.packet_id, properties: Properties::default(), reasons }),
         );
+        // The retained messages follow their SUBACK, also when it waits.
+        let waits = matches!(self.flow.acks.back(), Some((_, _, _, Packet::SubAck(a))) if a.packet_id == s.packet_id);
+        if waits && !retained.is_empty() {
+            self.flow.after_suback.get_or_insert_with(Default::default).push_back((s.packet_id, retained));
+        } else {
+            for d in retained {
+                self.session.state.push_pending(d);
+            }
+        }
         Ok(())
     }
 

@@ -280,6 +280,9 @@ struct Client {
 }
 
 /// Flow control of this client's publishes: waiting for subscribers' room and for the store.
+/// Retained messages waiting for their SUBACK, by its packet identifier.
+type RetainedAfterSuback = std::collections::VecDeque<(u16, Vec<Delivery>)>;
+
 #[derive(Default)]
 struct Flow {
     /// Deliveries of the last PUBLISH still waiting for room in a subscriber's queue; input is
@@ -289,13 +292,19 @@ struct Flow {
     /// The acknowledgement of the PUBLISH in `blocked`, with its store ticket.
     held_ack: Option<Box<(u64, u64, Packet)>>,
     /// Acknowledgements waiting, in order [MQTT-4.6.0-2], for their store ticket to commit and,
-    /// in cluster mode, their cluster ticket to be replicated (0: nothing to wait for).
-    acks: std::collections::VecDeque<(u64, u64, Packet)>,
+    /// in cluster mode, their cluster ticket to be replicated and their interest ticket to be
+    /// confirmed by the other nodes (`cluster::interest`; 0: nothing to wait for).
+    acks: std::collections::VecDeque<(u64, u64, u64, Packet)>,
     /// Follows the store's committed ticket while `acks` is not empty; None otherwise, so that
     /// an idle connection carries no receiver.
     committed: Option<tokio::sync::watch::Receiver<u64>>,
     /// Follows the cluster's replicated ticket while an acknowledgement waits for it.
     replicated: Option<tokio::sync::watch::Receiver<u64>>,
+    /// Follows the cluster's confirmed interest while a SUBACK waits for it.
+    interest: Option<tokio::sync::watch::Receiver<u64>>,
+    /// Retained messages of SUBSCRIBEs whose SUBACK waits, by packet identifier: queued once
+    /// their SUBACK is written, so that they follow it.
+    after_suback: Option<Box<RetainedAfterSuback>>,
     /// Input is not read until then: a publisher of refused normal traffic in degraded mode.
     paused_until: Option<Instant>,
 }
@@ -567,6 +576,7 @@ impl Connection {
                 k = &mut self.kick_rx => Event::Kick(k.ok()),
                 _ = committed_changed(&mut self.flow.committed) => Event::Committed,
                 _ = committed_changed(&mut self.flow.replicated) => Event::Committed,
+                _ = committed_changed(&mut self.flow.interest) => Event::Committed,
                 r = self.io.stream.writable(), if writing => Event::Writable(r),
                 r = self.io.stream.readable(), if reading => Event::Readable(r),
                 _ = urgent_notified(urgent), if high_window_open => Event::Urgent,
@@ -775,10 +785,21 @@ impl Connection {
     /// `send_ack`, and in cluster mode once JetStream has the message too (`replicated`, a
     /// ticket of `cluster::Link`; 0 for none).
     fn send_ack_after(&mut self, ticket: u64, replicated: u64, ack: Packet) {
+        self.send_ack_when(ticket, replicated, 0, ack);
+    }
+
+    /// `send_ack`, and in cluster mode once the other nodes confirmed this node's interest up
+    /// to `interest` (a SUBACK: the subscription holds across the cluster, `cluster::interest`).
+    fn send_suback(&mut self, ticket: u64, interest: u64, ack: Packet) {
+        self.send_ack_when(ticket, 0, interest, ack);
+    }
+
+    fn send_ack_when(&mut self, ticket: u64, replicated: u64, interest: u64, ack: Packet) {
         let link = self.broker.cluster();
         let stored = ticket == 0 || self.broker.store().is_committed(ticket);
         let copied = replicated == 0 || link.is_some_and(|l| l.is_replicated(replicated));
-        if self.flow.acks.is_empty() && stored && copied {
+        let known = interest == 0 || link.is_some_and(|l| l.own.is_synced(interest));
+        if self.flow.acks.is_empty() && stored && copied && known {
             self.io.out.packet(&ack);
             return;
         }
@@ -788,7 +809,10 @@ impl Connection {
         if replicated > 0 && self.flow.replicated.is_none() {
             self.flow.replicated = link.map(|l| l.replicated());
         }
-        self.flow.acks.push_back((ticket, replicated, ack));
+        if interest > 0 && self.flow.interest.is_none() {
+            self.flow.interest = link.map(|l| l.own.synced());
+        }
+        self.flow.acks.push_back((ticket, replicated, interest, ack));
     }
 
     fn release_acks(&mut self) -> Step {
@@ -797,8 +821,9 @@ impl Connection {
         // Entries wait for a cluster ticket only once `replicated` follows it: the ticket is
         // settled, JetStream acknowledged it or the node gave up on it (`cluster.hold_secs`).
         let settled = self.flow.replicated.as_mut().map_or(0, |r| *r.borrow_and_update());
-        while self.flow.acks.front().is_some_and(|(t, r, _)| *t <= upto && *r <= settled) {
-            let (_, replicated, mut ack) = self.flow.acks.pop_front().expect("front exists");
+        let known = self.flow.interest.as_mut().map_or(0, |r| *r.borrow_and_update());
+        while self.flow.acks.front().is_some_and(|(t, r, i, _)| *t <= upto && *r <= settled && *i <= known) {
+            let (_, replicated, _, mut ack) = self.flow.acks.pop_front().expect("front exists");
             if replicated > 0 && !self.broker.cluster().is_some_and(|l| l.is_replicated(replicated)) {
                 // Never acknowledged as if the cluster had it: 5.0 hears why, 3.1.1 is closed
                 // without an acknowledgement and sends the message again when it reconnects.
@@ -817,10 +842,22 @@ impl Connection {
                 }
             }
             self.io.out.packet(&ack);
+            if let (Packet::SubAck(a), Some(after)) = (&ack, self.flow.after_suback.as_mut()) {
+                if after.front().is_some_and(|(id, _)| *id == a.packet_id) {
+                    let (_, retained) = after.pop_front().expect("front exists");
+                    for d in retained {
+                        self.session.state.push_pending(d);
+                    }
+                }
+                if after.is_empty() {
+                    self.flow.after_suback = None;
+                }
+            }
         }
         if self.flow.acks.is_empty() {
             self.flow.committed = None;
             self.flow.replicated = None;
+            self.flow.interest = None;
         }
         Ok(())
     }

@@ -292,6 +292,10 @@ impl Reader {
             present: claimed.present,
         };
         reader.subscribe(&ask.filters);
+        if let Some(link) = broker.cluster() {
+            // As a SUBACK does: nothing published after the answer starts is missed.
+            link.interest_settled().await;
+        }
         if crate::logging::connection_line() {
             tracing::info!(
                 client_id = reader.client_id.as_str(),

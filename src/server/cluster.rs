@@ -41,9 +41,14 @@ pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound, gro
         mut receipts,
         fences,
         mut takes,
+        mut opens,
         ..
     } = inbound;
     let (acks, waiting) = mpsc::channel(ACKS_WAITING);
+    // The connection the stream is followed on (`Link::connects`).
+    let mut followed_at = link.connects();
+    // No message came through the pull stream since it was made.
+    let mut untouched = true;
     tokio::spawn(acknowledge(broker.clone(), waiting));
     tokio::spawn(checkpoints(broker.clone(), link.clone()));
     tokio::spawn(heartbeats(link.clone(), alive));
@@ -72,6 +77,9 @@ pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound, gro
                     }
                 }
             }
+            // Between two stream messages: sessions taken over here start taking from the
+            // consumer exactly where reading them back ended.
+            Some(open) = opens.recv() => link.open(open),
             m = takes.next() => match m {
                 Some(m) => {
                     // A node shutting down hands a session over (`Broker::leave`).
@@ -136,12 +144,14 @@ pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound, gro
             },
             m = log.next() => match m {
                 Some(Ok(m)) => {
+                    untouched = false;
                     let ticket = match cluster::receive(&link, m.headers.as_ref(), &m.payload) {
                         Some(r) => {
                             // As a publisher's connection does: a subscriber whose queue is full
                             // is waited for (up to `max_publish_wait_ms`), and meanwhile this
                             // node reads no further in the stream; JetStream keeps the rest.
-                            let outcome = broker.route(broker.remote_message(r.message), true);
+                            let seq = m.info().map_or(0, |i| i.stream_sequence);
+                            let outcome = broker.route_remote(broker.remote_message(r.message), seq);
                             wait_for_room(&broker, outcome.blocked).await;
                             outcome.ticket
                         }
@@ -156,13 +166,22 @@ pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound, gro
                     }
                 }
                 Some(Err(e)) => {
-                    warn!(error = %e, "reading the cluster's stream failed; following it afresh");
+                    warn!(error = %e, "reading the cluster's stream failed; trying again");
                     tokio::time::sleep(Duration::from_millis(200)).await;
-                    // The failed pull would be asked again only when it expires (10 s): a new
-                    // one asks at once, so delivery resumes as soon as JetStream answers.
-                    match link.follow_log().await {
-                        Ok(fresh) => log = fresh,
-                        Err(e) => warn!(error = e.as_str(), "following the cluster's stream afresh failed; trying again"),
+                    // After a reconnection the failed pull would be asked again only when it
+                    // expires (10 s): a new one asks at once, so delivery resumes as soon as
+                    // JetStream answers. (What the old one held was lost with the connection.)
+                    // Also when the stream made afresh fails before it gave anything: it holds
+                    // nothing to lose, and JetStream may not have answered it yet.
+                    if link.connects() != followed_at || untouched {
+                        match link.follow_log().await {
+                            Ok(fresh) => {
+                                log = fresh;
+                                followed_at = link.connects();
+                                untouched = true;
+                            }
+                            Err(e) => warn!(error = e.as_str(), "following the cluster's stream afresh failed; trying again"),
+                        }
                     }
                 }
                 None => break,
@@ -197,7 +216,7 @@ async fn hand_over(broker: &Broker, link: &Link, request: async_nats::Message) {
     // Both read while the session's messages are still here: everything routed to it later is
     // above `processed`, and everything it holds above `checkpoint`.
     let checkpoint = link.checkpoint_now(broker.store().oldest_body());
-    let processed = link.processed();
+    let processed = broker.registry().get(client_id).map_or_else(|| link.processed(), |s| link.complete_up_to(s.id));
     let handed = broker.registry().hand_over(client_id, handed_entries).await;
     let answer = match handed {
         None => HandoverReply { held: false, checkpoint, moved_to: link.moved_to(client_id), ..Default::default() },
@@ -255,6 +274,7 @@ async fn read_shared(broker: Arc<Broker>, link: Arc<Link>, group: String, filter
         }
     };
     info!(group = group.as_str(), filter = filter.as_str(), "reading a shared group from the cluster");
+    let mut followed_at = link.connects();
     let (acks, waiting) = mpsc::channel(ACKS_WAITING);
     tokio::spawn(acknowledge(broker.clone(), waiting));
     let mut idle = tokio::time::interval(SHARED_IDLE_CHECK);
@@ -281,10 +301,13 @@ async fn read_shared(broker: Arc<Broker>, link: Arc<Link>, group: String, filter
                     }
                 }
                 Some(Err(e)) => {
-                    warn!(error = %e, "reading a shared group from the cluster failed; following it afresh");
+                    warn!(error = %e, "reading a shared group from the cluster failed; trying again");
                     tokio::time::sleep(Duration::from_millis(200)).await;
-                    if let Ok((fresh, _)) = link.shared_inbound(&group, &filter, max_pending).await {
-                        log = fresh;
+                    if link.connects() != followed_at {
+                        if let Ok((fresh, _)) = link.shared_inbound(&group, &filter, max_pending).await {
+                            log = fresh;
+                            followed_at = link.connects();
+                        }
                     }
                 }
                 None => break,

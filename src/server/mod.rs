@@ -89,6 +89,15 @@ pub async fn run(
                 broker.restore_retained(Arc::new(m));
             }
             broker.set_cluster(link.clone());
+            // What the sessions restored from the store want, known to every node before any
+            // client connects here; and what an earlier run wanted and nobody does now, removed.
+            link.seed_interest(broker.subscribed_filters());
+            match link.prune_interest().await {
+                Ok(n) if n > 0 => info!(filters = n, "stale interest of an earlier run removed"),
+                Ok(_) => {}
+                Err(e) => warn!(error = e.as_str(), "reading the cluster's interest table failed"),
+            }
+            link.interest_settled().await;
             // Shared groups with members here (restored sessions' now, new ones as they come).
             let (joins, joined) = tokio::sync::mpsc::channel(SHARED_JOINS);
             let groups = broker.follow_shared_groups(joins);

@@ -442,6 +442,11 @@ impl Registry {
         }
         let filters = state.subscriptions.keys().filter_map(|f| crate::topic::parse_filter(f).ok());
         self.router.unsubscribe_all(filters, shared.id);
+        if let Some(link) = self.cluster.get() {
+            for parsed in state.subscriptions.keys().filter_map(|f| crate::topic::parse_filter(f).ok()) {
+                link.interest_remove(parsed.share.is_some(), parsed.filter);
+            }
+        }
         let mut sessions = self.sessions.lock().expect("sessions lock");
         if sessions.get(&shared.client_id).is_some_and(|s| s.id == shared.id) {
             sessions.remove(&shared.client_id);
