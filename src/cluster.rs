@@ -272,25 +272,32 @@ impl Link {
                 Err(e) => return Err(stream_error(e.to_string())),
             }
         };
-        let slot = interest::claim_slot(&js, &config.node, config.replicas).await.map_err(stream_error)?;
+        // JetStream answers "no responders" now and then while it settles: each step is tried
+        // again for a while (`retrying`) rather than failing the start.
+        let slot = retrying(|| interest::claim_slot(&js, &config.node, config.replicas)).await.map_err(stream_error)?;
         // Made, or updated from an older node's filter: only what this node's slot wants.
-        let consumer: jetstream::consumer::PullConsumer = stream
-            .create_consumer(jetstream::consumer::pull::Config {
-                durable_name: Some(format!("herald-{}", config.node)),
-                deliver_policy: jetstream::consumer::DeliverPolicy::New,
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: Duration::from_secs(30),
-                max_ack_pending: config.max_pending as i64,
-                filter_subject: interest::node_filter(LOG_SUBJECT, slot),
-                ..Default::default()
-            })
-            .await
-            .map_err(|e| stream_error(e.to_string()))?;
-        let (interest_kv, table, interest_watch) = follow_interest(&js, config).await.map_err(stream_error)?;
+        let consumer: jetstream::consumer::PullConsumer = retrying(|| async {
+            stream
+                .create_consumer(jetstream::consumer::pull::Config {
+                    durable_name: Some(format!("herald-{}", config.node)),
+                    deliver_policy: jetstream::consumer::DeliverPolicy::New,
+                    ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                    ack_wait: Duration::from_secs(30),
+                    max_ack_pending: config.max_pending as i64,
+                    filter_subject: interest::node_filter(LOG_SUBJECT, slot),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())
+        })
+        .await
+        .map_err(stream_error)?;
+        let (interest_kv, table, interest_watch) =
+            retrying(|| follow_interest(&js, config)).await.map_err(stream_error)?;
         // What this node's consumer acknowledged before (or, made just now, the stream's end):
         // routed here already.
         let processed = consumer.cached_info().ack_floor.stream_sequence;
-        let log = follow(&consumer).await.map_err(stream_error)?;
+        let log = retrying(|| follow(&consumer)).await.map_err(stream_error)?;
         let qos0_in = client
             .subscribe(interest::node_filter(QOS0_SUBJECT, slot))
             .await
@@ -303,7 +310,7 @@ impl Link {
         })
         .await
         .map_err(stream_error)?;
-        let (directory, directory_in) = read_directory(&js, config).await.map_err(stream_error)?;
+        let (directory, directory_in) = retrying(|| read_directory(&js, config)).await.map_err(stream_error)?;
         let base = directory.checkpoint(&config.node).unwrap_or(0);
         let handovers = client
             .subscribe(format!("{}{}", sessions::HANDOVER_PREFIX, config.node))
@@ -540,7 +547,10 @@ impl Link {
                 .map(|(n, _)| n.clone())
                 .collect()
         };
-        if waiting.is_empty() {
+        // A node that joined moments ago may not have heard every other node yet: it waits the
+        // whole round for whoever answers.
+        let young = self.fence.now_ms() < 2_500;
+        if waiting.is_empty() && !young {
             return;
         }
         let inbox = self.client.new_inbox();
@@ -550,13 +560,14 @@ impl Link {
             return;
         }
         let deadline = now + interest::sync_wait();
-        while !waiting.is_empty() {
+        while !waiting.is_empty() || young {
             match tokio::time::timeout_at(deadline, answers.next()).await {
                 Ok(Some(m)) => {
                     if let Ok(node) = std::str::from_utf8(&m.payload) {
                         waiting.remove(node);
                     }
                 }
+                _ if waiting.is_empty() => return,
                 _ => {
                     warn!(revision, missing = ?waiting, "nodes did not confirm this node's new interest in time");
                     return;
