@@ -539,14 +539,7 @@ impl Link {
     async fn confirm_interest(&self, revision: u64) {
         use futures_util::StreamExt;
         let now = tokio::time::Instant::now();
-        let mut waiting: std::collections::HashSet<String> = {
-            let nodes = self.nodes.lock().expect("nodes lock");
-            nodes
-                .iter()
-                .filter(|(_, (at, _))| now.duration_since(*at) < Duration::from_secs(2))
-                .map(|(n, _)| n.clone())
-                .collect()
-        };
+        let mut waiting = self.heard_within(Duration::from_secs(2));
         // A node that joined moments ago may not have heard every other node yet: it waits the
         // whole round for whoever answers.
         let young = self.fence.now_ms() < 2_500;
@@ -921,14 +914,7 @@ impl Link {
     pub async fn ask_fence(&self) -> Result<Vec<String>, String> {
         use futures_util::StreamExt;
         let now = tokio::time::Instant::now();
-        let mut waiting: std::collections::HashSet<String> = {
-            let nodes = self.nodes.lock().expect("nodes lock");
-            nodes
-                .iter()
-                .filter(|(_, (at, _))| now.duration_since(*at) < Duration::from_secs(2))
-                .map(|(n, _)| n.clone())
-                .collect()
-        };
+        let mut waiting = self.heard_within(Duration::from_secs(2));
         let inbox = self.client.new_inbox();
         let mut answers = self.client.subscribe(inbox.clone()).await.map_err(|e| e.to_string())?;
         let question = serde_json::json!({ "node": self.node, "held_since": self.fence.held_since() });
@@ -986,6 +972,13 @@ impl Link {
         let candidates: Vec<String> = self.live_others().into_iter().filter(|n| advertised.contains_key(n)).collect();
         let heir = sessions::heir(client_id, &candidates)?;
         advertised.get(heir).cloned()
+    }
+
+    /// The other nodes heard from within `within`: those a question to every node waits for.
+    fn heard_within(&self, within: Duration) -> std::collections::HashSet<String> {
+        let now = tokio::time::Instant::now();
+        let nodes = self.nodes.lock().expect("nodes lock");
+        nodes.iter().filter(|(_, (at, _))| now.duration_since(*at) < within).map(|(n, _)| n.clone()).collect()
     }
 
     /// The other nodes heard from within `dead_after_secs` and not taken for dead.
@@ -1177,7 +1170,7 @@ impl Link {
         if upto <= after {
             return Ok(0);
         }
-        let (stream, consumer) = retrying(|| async {
+        let (stream, consumer, mut messages) = retrying(|| async {
             let stream = self.js.get_stream(&self.stream).await.map_err(|e| e.to_string())?;
             let consumer = stream
                 .create_consumer(jetstream::consumer::pull::Config {
@@ -1190,11 +1183,11 @@ impl Link {
                 })
                 .await
                 .map_err(|e| e.to_string())?;
-            Ok((stream, consumer))
+            let messages = follow(&consumer).await?;
+            Ok((stream, consumer, messages))
         })
         .await?;
         let name = consumer.cached_info().name.clone();
-        let mut messages = follow(&consumer).await?;
         let mut read = 0;
         let result = loop {
             let Some(m) = messages.next().await else { break Err("the stream ended".to_string()) };

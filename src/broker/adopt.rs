@@ -16,8 +16,11 @@ use crate::store::records::SessionRecord;
 use crate::store::Txn;
 use crate::topic::parse_filter;
 
-/// How long the holder has to answer a handover request before it is taken for dead.
-const HANDOVER_WAIT: Duration = Duration::from_secs(3);
+/// How long the holder has to answer a handover request before it is taken for dead: a
+/// holder that is itself taking the session over (from a node shutting down) answers once it
+/// has it, which on a loaded machine takes seconds. A holder that is gone answers at once
+/// ("no responders").
+const HANDOVER_WAIT: Duration = Duration::from_secs(10);
 /// How long this node's own appends may take before the stream's end is read.
 const SETTLE_WAIT: Duration = Duration::from_secs(10);
 
@@ -346,6 +349,19 @@ impl Broker {
                     read,
                     ms = started.elapsed().as_millis() as u64,
                     "session taken over from another node"
+                );
+                Ok(())
+            }
+            Err(why) if holder_alive => {
+                // The holder ended its copy when it handed the session over: this one is all
+                // there is, so it stays, with what was handed; what reached the old holder after
+                // it let go may be missing.
+                link.forget_floor(shared.id);
+                tracing::error!(
+                    client_id,
+                    from = holder.as_str(),
+                    reason = why.as_str(),
+                    "a session handed over could not be read up from the stream: kept with what was handed"
                 );
                 Ok(())
             }

@@ -348,31 +348,8 @@ pub async fn wait_for_holder(node: &Node, client_id: &str, holder: &str) {
     .await;
 }
 
-/// The name of the NATS server leading the stream `HERALD_MSGS`, asked of the first server that
-/// answers, once the stream has a leader again (an election may be under way).
-pub async fn stream_leader(nats: &NatsCluster) -> String {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        for url in nats.urls() {
-            let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(2), async_nats::connect(url.as_str())).await
-            else {
-                continue;
-            };
-            let js = async_nats::jetstream::new(client);
-            let Ok(mut stream) = js.get_stream("HERALD_MSGS").await else { continue };
-            if let Ok(info) = stream.info().await {
-                if let Some(leader) = info.cluster.as_ref().and_then(|c| c.leader.clone()) {
-                    return leader;
-                }
-            }
-        }
-        assert!(Instant::now() < deadline, "the stream has no leader");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Whether every replica of `HERALD_MSGS` is current (a restarted server caught up).
-pub async fn stream_replicas_current(nats: &NatsCluster) -> bool {
+/// `HERALD_MSGS` as the first NATS server that answers sees it.
+async fn stream_info(nats: &NatsCluster) -> Option<async_nats::jetstream::stream::Info> {
     for url in nats.urls() {
         let Ok(Ok(client)) = tokio::time::timeout(Duration::from_secs(2), async_nats::connect(url.as_str())).await
         else {
@@ -381,13 +358,31 @@ pub async fn stream_replicas_current(nats: &NatsCluster) -> bool {
         let js = async_nats::jetstream::new(client);
         let Ok(mut stream) = js.get_stream("HERALD_MSGS").await else { continue };
         if let Ok(info) = stream.info().await {
-            return info
-                .cluster
-                .as_ref()
-                .is_some_and(|c| c.leader.is_some() && c.replicas.len() == 2 && c.replicas.iter().all(|r| r.current));
+            return Some(info.clone());
         }
     }
-    false
+    None
+}
+
+/// The name of the NATS server leading the stream `HERALD_MSGS`, once it has a leader again
+/// (an election may be under way).
+pub async fn stream_leader(nats: &NatsCluster) -> String {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Some(leader) = stream_info(nats).await.and_then(|i| i.cluster.and_then(|c| c.leader)) {
+            return leader;
+        }
+        assert!(Instant::now() < deadline, "the stream has no leader");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Whether every replica of `HERALD_MSGS` is current (a restarted server caught up).
+pub async fn stream_replicas_current(nats: &NatsCluster) -> bool {
+    stream_info(nats)
+        .await
+        .and_then(|i| i.cluster)
+        .is_some_and(|c| c.leader.is_some() && c.replicas.len() == 2 && c.replicas.iter().all(|r| r.current))
 }
 
 /// A TCP proxy on 127.0.0.1 in front of one NATS server, which the test can cut (every
