@@ -121,10 +121,7 @@ async fn a_frozen_node_writes_nothing_more_for_a_session_taken_over_meanwhile() 
     let a = Node::start_with("herald-a", &nats, fast);
     let b = Node::start_with("herald-b", &nats, fast);
     let c = Node::start_with("herald-c", &nats, fast);
-    wait_until("every node hears the others", || {
-        [&a, &b, &c].iter().all(|n| metric(n, "herald_cluster_nodes_up") == 3)
-    })
-    .await;
+    wait_until_every_node_hears_the_others(&[&a, &b, &c]).await;
     let (mut reader, _) = RawClient::connect(a.addr(), persistent("reader", true)).await;
     reader.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
     expect_suback(&mut reader).await;
@@ -494,10 +491,7 @@ async fn a_node_cut_off_from_nats_is_fenced_and_its_reader_resumes_elsewhere() {
     let a = Node::start_with_urls("herald-a", &[proxy.url()], fast);
     let b = Node::start_with("herald-b", &nats, fast);
     let c = Node::start_with("herald-c", &nats, fast);
-    wait_until("every node hears the others", || {
-        [&a, &b, &c].iter().all(|n| metric(n, "herald_cluster_nodes_up") == 3)
-    })
-    .await;
+    wait_until_every_node_hears_the_others(&[&a, &b, &c]).await;
     let (mut reader, _) = RawClient::connect(a.addr(), persistent("reader", true)).await;
     reader.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
     expect_suback(&mut reader).await;

@@ -1055,10 +1055,7 @@ async fn a_private_story_crosses_only_to_the_node_of_its_reader() {
     let a = Node::start_with("herald-a", &nats, config);
     let b = Node::start_with("herald-b", &nats, config);
     let c = Node::start_with("herald-c", &nats, config);
-    wait_until("every node hears the others", || {
-        [&a, &b, &c].iter().all(|n| metric(n, "herald_cluster_nodes_up") == 3)
-    })
-    .await;
+    wait_until_every_node_hears_the_others(&[&a, &b, &c]).await;
     let (mut bob, _) = RawClient::connect(b.addr(), connect_packet(ProtocolVersion::V5, "bob", true)).await;
     bob.send(&subscribe(1, "users/bob/inbox", QoS::AtLeastOnce)).await;
     expect_suback(&mut bob).await;

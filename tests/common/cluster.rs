@@ -338,6 +338,14 @@ pub fn http_addr(node: &Node) -> std::net::SocketAddr {
     std::net::SocketAddr::from(([127, 0, 0, 1], node.http.expect("the node has [http]")))
 }
 
+/// Waits until each of `nodes` hears all of them (`herald_cluster_nodes_up`).
+pub async fn wait_until_every_node_hears_the_others(nodes: &[&Node]) {
+    wait_until("every node hears the others", || {
+        nodes.iter().all(|n| metric(n, "herald_cluster_nodes_up") == nodes.len() as u64)
+    })
+    .await;
+}
+
 /// Waits until `node`'s client lookup names `holder` for `client_id` (the directory reached it).
 pub async fn wait_for_holder(node: &Node, client_id: &str, holder: &str) {
     let path = format!("/api/v1/clients/{client_id}");
