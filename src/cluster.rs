@@ -1164,17 +1164,50 @@ impl Link {
     }
 
     /// Reads the stream's messages after `after` up to `upto`, in order, through a consumer of
-    /// its own that goes when done.
+    /// its own that goes when done. A reading that fails part way (a missed heartbeat on a
+    /// loaded machine, a server restarting) goes on from the last message read, with a new
+    /// consumer, for up to `API_PATIENCE` without progress.
     pub async fn replay(&self, after: u64, upto: u64, mut each: impl FnMut(u64, Message)) -> Result<u64, String> {
-        use futures_util::StreamExt;
-        if upto <= after {
-            return Ok(0);
+        let mut cursor = after;
+        let mut read = 0;
+        let mut stalled_since = None;
+        loop {
+            let before = cursor;
+            match self.replay_from(&mut cursor, upto, &mut read, &mut each).await {
+                Ok(()) => return Ok(read),
+                Err(e) => {
+                    if cursor > before {
+                        stalled_since = None;
+                    }
+                    let stalled = *stalled_since.get_or_insert_with(tokio::time::Instant::now);
+                    if stalled.elapsed() >= API_PATIENCE {
+                        return Err(e);
+                    }
+                    warn!(error = e.as_str(), cursor, upto, "reading the stream back failed part way; going on");
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+            }
         }
+    }
+
+    /// One consumer's part of `replay`: from `cursor` on, which it moves past each message read.
+    async fn replay_from(
+        &self,
+        cursor: &mut u64,
+        upto: u64,
+        read: &mut u64,
+        each: &mut impl FnMut(u64, Message),
+    ) -> Result<(), String> {
+        use futures_util::StreamExt;
+        if upto <= *cursor {
+            return Ok(());
+        }
+        let start_sequence = *cursor + 1;
         let (stream, consumer, mut messages) = retrying(|| async {
             let stream = self.js.get_stream(&self.stream).await.map_err(|e| e.to_string())?;
             let consumer = stream
                 .create_consumer(jetstream::consumer::pull::Config {
-                    deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence: after + 1 },
+                    deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence { start_sequence },
                     ack_policy: jetstream::consumer::AckPolicy::None,
                     // Every message, whichever nodes it was for.
                     filter_subjects: vec![LOG_SUBJECT.into(), format!("{LOG_SUBJECT}.>")],
@@ -1188,7 +1221,6 @@ impl Link {
         })
         .await?;
         let name = consumer.cached_info().name.clone();
-        let mut read = 0;
         let result = loop {
             let Some(m) = messages.next().await else { break Err("the stream ended".to_string()) };
             let m = match m {
@@ -1200,17 +1232,18 @@ impl Link {
                 Err(e) => break Err(e.to_string()),
             };
             if seq > upto {
-                break Ok(read);
+                break Ok(());
             }
             match records::decode_message(&m.payload) {
                 Ok(message) => {
-                    read += 1;
+                    *read += 1;
                     each(seq, message);
                 }
                 Err(e) => warn!(seq, error = %e, "undecodable message in the stream; skipped"),
             }
+            *cursor = seq;
             if seq == upto || pending == 0 {
-                break Ok(read);
+                break Ok(());
             }
         };
         let _ = stream.delete_consumer(&name).await;

@@ -184,8 +184,12 @@ impl Broker {
         let read = match read {
             Ok(read) => read,
             Err(e) => {
-                for m in &made {
-                    link.forget_floor(m.3.id);
+                // Not half made: the sessions go, the dead node's records stay, and the caller
+                // tries again.
+                for (client_id, _, _, shared, _) in made {
+                    link.forget_floor(shared.id);
+                    drop(shared);
+                    self.registry().disconnect(&client_id, crate::codec::ReasonCode::SERVER_UNAVAILABLE, true).await;
                 }
                 return Err(e);
             }

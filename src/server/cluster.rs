@@ -369,6 +369,9 @@ async fn watch_nodes(broker: Arc<Broker>, link: Arc<Link>, mut fences: async_nat
     let mut every = tokio::time::interval(Duration::from_secs(1));
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut connected_since = None;
+    // Dead nodes whose share of sessions is still to be taken over here, with the live nodes
+    // it was shared among.
+    let mut unadopted: Vec<(String, Vec<String>)> = Vec::new();
     loop {
         tokio::select! {
             biased;
@@ -436,11 +439,23 @@ async fn watch_nodes(broker: Arc<Broker>, link: Arc<Link>, mut fences: async_nat
                 live = live.len(),
                 "node silent: taken for dead; taking over this node's share of its sessions"
             );
+            unadopted.push((node, live.clone()));
+        }
+        // A takeover that failed (the stream could not be read) is tried again every second:
+        // nobody else takes this node's share.
+        let mut failed = Vec::new();
+        for (node, live) in unadopted.drain(..) {
             let mine = |client_id: &str| cluster::sessions::heir(client_id, &live) == Some(link.node());
             if let Err(e) = broker.adopt_all(&node, &mine).await {
-                warn!(node = node.as_str(), error = e.as_str(), "taking over a dead node's sessions failed");
+                warn!(
+                    node = node.as_str(),
+                    error = e.as_str(),
+                    "taking over a dead node's sessions failed; trying again"
+                );
+                failed.push((node, live));
             }
         }
+        unadopted = failed;
     }
 }
 

@@ -157,6 +157,19 @@ impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if std::thread::panicking() {
+            // A failed test says what its nodes complained of (CI keeps no other trace of them).
+            let said: Vec<String> = self
+                .log
+                .try_iter()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("taken over"))
+                .collect();
+            let skip = said.len().saturating_sub(80);
+            eprintln!("--- node on port {}: its last warnings and takeovers ---", self.port);
+            for line in &said[skip..] {
+                eprintln!("{line}");
+            }
+        }
     }
 }
 
