@@ -37,6 +37,13 @@ pub const QOS0_SUBJECT: &str = "herald.q0";
 pub const CLAIM_SUBJECT: &str = "herald.claim";
 /// The stream's subject: QoS 1 and 2 messages.
 pub const LOG_SUBJECT: &str = "herald.log";
+/// `herald.qos2.<client id in hex>`, in the stream beside the log: the QoS 2 messages a
+/// session's client has received (PUBREC), by message id, with their packet identifiers; the
+/// last one per session counts. A node taking the session over from a node that died does not
+/// deliver those again [MQTT-4.3.3-1] (docs/cluster.md, "Exactly once across a node's death").
+pub const QOS2_SUBJECT: &str = "herald.qos2";
+/// How many received QoS 2 messages a session's ledger names at most: the newest.
+pub const QOS2_LEDGER: usize = 256;
 /// Subjects of retained messages, one per topic (`retained_subject`); the stream keeps the
 /// last message of each: what a node that starts later reads. (A JetStream key-value bucket
 /// would do the same, but async-nats 0.50 cannot read NATS 2.9's answer about one.)
@@ -103,6 +110,8 @@ pub struct LinkFigures {
     pub not_sent: AtomicU64,
     /// Appends acknowledged at a stream sequence below an earlier ticket's (order lost).
     pub append_reordered: AtomicU64,
+    /// QoS 2 receptions not written to the ledger (the append queue was full).
+    pub qos2_unrecorded: AtomicU64,
     /// Times this node's lease lapsed and it was fenced (`fence`).
     pub fenced: AtomicU64,
     /// Sessions ended here on coming back because another node had taken them over.
@@ -249,7 +258,7 @@ impl Link {
             let wanted = jetstream::stream::Config {
                 name: config.stream.clone(),
                 // `herald.log` alone: what nodes before interest-based routing appended.
-                subjects: vec![LOG_SUBJECT.into(), format!("{LOG_SUBJECT}.>")],
+                subjects: vec![LOG_SUBJECT.into(), format!("{LOG_SUBJECT}.>"), format!("{QOS2_SUBJECT}.>")],
                 num_replicas: config.replicas,
                 max_age: Duration::from_secs(config.max_age_secs),
                 storage: jetstream::stream::StorageType::File,
@@ -454,16 +463,57 @@ impl Link {
             self.figures.not_sent.fetch_add(1, Ordering::Relaxed);
         }
         let mask = mask | (1 << self.own.slot);
+        match self.append(interest::subject(LOG_SUBJECT, mask), payload) {
+            Some(ticket) => Forward::Ticket(ticket),
+            None => Forward::Full,
+        }
+    }
+
+    /// Hands `payload` to the append task, in order with the messages; the ticket `replicated`
+    /// reaches once JetStream has it. None when the append queue is full.
+    fn append(&self, subject: String, payload: Bytes) -> Option<u64> {
         let mut appends = self.appends.lock().expect("appends lock");
         let ticket = appends.next;
-        match appends.tx.try_send((ticket, interest::subject(LOG_SUBJECT, mask), payload)) {
-            Ok(()) => {
-                appends.next += 1;
-                appends.since.push_back((ticket, tokio::time::Instant::now()));
-                Forward::Ticket(ticket)
-            }
-            Err(_) => Forward::Full,
+        appends.tx.try_send((ticket, subject, payload)).ok()?;
+        appends.next += 1;
+        appends.since.push_back((ticket, tokio::time::Instant::now()));
+        Some(ticket)
+    }
+
+    /// Writes `client_id`'s ledger of received QoS 2 messages (message id, packet identifier;
+    /// `QOS2_SUBJECT`): the ticket its PUBRELs wait for, so that a message whose exchange the
+    /// client completed is in the ledger. None when the append queue is full.
+    pub fn record_qos2_received(&self, client_id: &str, ledger: &VecDeque<(u64, u16)>) -> Option<u64> {
+        let mut payload = Vec::with_capacity(ledger.len() * 10);
+        for (id, packet_id) in ledger {
+            payload.extend_from_slice(&id.to_be_bytes());
+            payload.extend_from_slice(&packet_id.to_be_bytes());
         }
+        self.append(format!("{QOS2_SUBJECT}.{}", hex(client_id.as_bytes())), Bytes::from(payload))
+    }
+
+    /// The last ledger of received QoS 2 messages written for `client_id`, message id to
+    /// packet identifier; empty when none was. Err when JetStream cannot be asked.
+    pub async fn qos2_received(&self, client_id: &str) -> Result<HashMap<u64, u16>, String> {
+        use jetstream::stream::LastRawMessageErrorKind;
+        let subject = format!("{QOS2_SUBJECT}.{}", hex(client_id.as_bytes()));
+        let last = retrying(|| async {
+            let stream = self.js.get_stream(&self.stream).await.map_err(|e| e.to_string())?;
+            match stream.get_last_raw_message_by_subject(&subject).await {
+                Ok(m) => Ok(Some(m.payload)),
+                Err(e) if e.kind() == LastRawMessageErrorKind::NoMessageFound => Ok(None),
+                Err(e) => Err(e.to_string()),
+            }
+        })
+        .await?;
+        let Some(payload) = last else { return Ok(HashMap::new()) };
+        Ok(payload
+            .chunks_exact(10)
+            .map(|c| {
+                let id = u64::from_be_bytes(c[..8].try_into().expect("8 bytes"));
+                (id, u16::from_be_bytes([c[8], c[9]]))
+            })
+            .collect())
     }
 
     /// The nodes that want `message` (bit i: slot i), and whether a shared group's filter

@@ -566,6 +566,13 @@ impl Snapshot {
                     c(&l.append_reordered),
                 ),
                 f(
+                    "cluster/qos2_unrecorded",
+                    "herald_cluster_qos2_unrecorded_total",
+                    Counter,
+                    "QoS 2 messages a client received whose record for a takeover could not be written (append queue full): they may come again if this node dies.",
+                    c(&l.qos2_unrecorded),
+                ),
+                f(
                     "cluster/fenced",
                     "herald_cluster_fenced_total",
                     Counter,

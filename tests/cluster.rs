@@ -1100,3 +1100,71 @@ async fn a_private_story_crosses_only_to_the_node_of_its_reader() {
         assert_eq!(p.topic, filter, "the story published right after the SUBACK arrives");
     }
 }
+
+/// [issue 25, item 5] Exactly once across a node's death: the sender "MUST NOT re-send the
+/// PUBLISH once it has sent the corresponding PUBREL" [MQTT-4.3.3-1]. A reader on node a gets
+/// 21 QoS 2 messages and completes 20 of them; the first it never acknowledges, which holds
+/// node a's checkpoint below all of them. Node a is killed; node b takes the session over and
+/// reads it back from the stream from that checkpoint. The reader resumed on node b gets the
+/// first message again (never received) and none of the 20 it completed: their PUBRELs at
+/// most, answered with PUBCOMP [MQTT-4.4.0-1]. A message published afterwards comes once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_qos2_message_the_client_completed_is_not_delivered_again_after_its_node_dies() {
+    let nats = NatsCluster::start();
+    let fast = "dead_after_secs = 3\n[http]\nbind = \"127.0.0.1:0\"\n";
+    let mut a = Node::start_with("herald-a", &nats, fast);
+    let b = Node::start_with("herald-b", &nats, fast);
+    wait_until_every_node_hears_the_others(&[&a, &b]).await;
+    let (mut reader, _) = RawClient::connect(a.addr(), persistent("reader", true)).await;
+    reader.send(&subscribe(1, "news/#", QoS::ExactlyOnce)).await;
+    expect_suback(&mut reader).await;
+    let (mut editor, _) = RawClient::connect(b.addr(), connect_packet(ProtocolVersion::V5, "editor", true)).await;
+    let send = |n: u16| publish("news/stream", n.to_string().as_bytes(), QoS::ExactlyOnce, n);
+    for n in 1..=21u16 {
+        editor.send(&send(n)).await;
+        assert!(matches!(editor.recv_within(PATIENCE).await, Ok(Some(Packet::PubRec(_)))), "message {n} accepted");
+        editor.send(&Packet::PubRel(PubResponse::new(n, ReasonCode::SUCCESS))).await;
+        assert!(matches!(editor.recv_within(PATIENCE).await, Ok(Some(Packet::PubComp(_)))), "message {n} released");
+        let p = expect_publish(&mut reader).await;
+        assert_eq!(p.qos, QoS::ExactlyOnce);
+        assert_eq!(&p.payload[..], n.to_string().as_bytes());
+        if n == 1 {
+            continue;
+        }
+        reader.send(&Packet::PubRec(PubResponse::new(p.packet_id, ReasonCode::SUCCESS))).await;
+        match reader.recv_within(PATIENCE).await {
+            Ok(Some(Packet::PubRel(r))) if r.packet_id == p.packet_id => {}
+            other => panic!("message {n}: expected PUBREL, got {other:?}"),
+        }
+        reader.send(&Packet::PubComp(PubResponse::new(p.packet_id, ReasonCode::SUCCESS))).await;
+    }
+    let _ = a.child.kill();
+    let _ = a.child.wait();
+    drop(reader);
+    wait_until("node b took the reader's session over", || metric(&b, "herald_cluster_sessions_adopted_total") == 1)
+        .await;
+    let (mut reader, ack) = RawClient::connect(b.addr(), persistent("reader", false)).await;
+    assert!(ack.session_present, "[MQTT-3.2.2-3] the session lives on at node b");
+    editor.send(&send(22)).await;
+    assert!(matches!(editor.recv_within(PATIENCE).await, Ok(Some(Packet::PubRec(_)))));
+    editor.send(&Packet::PubRel(PubResponse::new(22, ReasonCode::SUCCESS))).await;
+    // Everything read back comes before the message published after the resume.
+    let mut published = Vec::new();
+    let mut released = 0;
+    while !published.contains(&"22".to_owned()) {
+        match reader.recv_within(PATIENCE).await {
+            Ok(Some(Packet::Publish(p))) => {
+                published.push(String::from_utf8_lossy(&p.payload).into_owned());
+                reader.send(&Packet::PubRec(PubResponse::new(p.packet_id, ReasonCode::SUCCESS))).await;
+            }
+            Ok(Some(Packet::PubRel(r))) => {
+                released += 1;
+                reader.send(&Packet::PubComp(PubResponse::new(r.packet_id, ReasonCode::SUCCESS))).await;
+            }
+            Ok(Some(Packet::PubComp(_))) => {}
+            other => panic!("after {published:?}: {other:?}"),
+        }
+    }
+    eprintln!("resumed on node b: PUBLISH {published:?}, {released} PUBRELs sent again");
+    assert_eq!(published, ["1", "22"], "only the message never received, and the new one");
+}

@@ -4,6 +4,7 @@
 //! made here from its directory record and its messages are read back from the stream, so that
 //! no acknowledged message is missing (some may come twice).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -25,6 +26,47 @@ const HANDOVER_WAIT: Duration = Duration::from_secs(10);
 const SETTLE_WAIT: Duration = Duration::from_secs(10);
 
 impl Broker {
+    /// The QoS 2 messages `client_id`'s client received (message id to packet identifier), by
+    /// the ledger its holder wrote (`cluster::QOS2_SUBJECT`); empty when it has no QoS 2
+    /// subscription, or when the ledger cannot be read (logged: such messages may come again).
+    async fn qos2_received(&self, client_id: &str, entry: &SessionEntry) -> HashMap<u64, u16> {
+        let Some(link) = self.cluster() else { return HashMap::new() };
+        if !entry.subscriptions.iter().any(|s| s.qos == 2) {
+            return HashMap::new();
+        }
+        link.qos2_received(client_id).await.unwrap_or_else(|e| {
+            warn!(client_id, error = e.as_str(), "reading a session's received QoS 2 messages failed");
+            HashMap::new()
+        })
+    }
+
+    /// Messages read back from the stream that the client had received at QoS 2: not delivered
+    /// again [MQTT-4.3.3-1], but in flight awaiting PUBCOMP with the packet identifier the client
+    /// knows, so the PUBREL is sent again on resume [MQTT-4.4.0-1].
+    fn install_received(
+        &self,
+        client_id: &str,
+        shared: &Arc<crate::session::SessionShared>,
+        received: Vec<(Arc<crate::message::Message>, u16)>,
+    ) {
+        if received.is_empty() {
+            return;
+        }
+        let n = received.len();
+        let entries = received
+            .into_iter()
+            .map(|(message, packet_id)| crate::cluster::sessions::HandedEntry {
+                message: crate::cluster::hex(&crate::store::records::encode_message(&message)),
+                qos: 2,
+                retain: false,
+                subscription_ids: Vec::new(),
+                inflight: Some((packet_id, 3)),
+            })
+            .collect();
+        self.install_handed(client_id, shared, entries, Vec::new());
+        info!(client_id, messages = n, "QoS 2 messages the client had received: not delivered again");
+    }
+
     /// A session from its directory record, parked here with its subscriptions in the router
     /// and its record in the store; returns it with its park generation.
     fn make_adopted(
@@ -159,14 +201,29 @@ impl Broker {
         let mark = self.message_id_mark();
         let from = since_of.values().copied().min().unwrap_or(0);
         let pin = link.pin(from);
+        let mut ledgers: HashMap<u64, HashMap<u64, u16>> = HashMap::new();
+        for m in &made {
+            let ledger = self.qos2_received(&m.0, &m.1).await;
+            if !ledger.is_empty() {
+                ledgers.insert(m.3.id, ledger);
+            }
+        }
+        let mut received: HashMap<u64, Vec<(Arc<crate::message::Message>, u16)>> = HashMap::new();
         let read = async {
             let upto = link.settled_end(SETTLE_WAIT).await?;
             let mut route = |seq: u64, message: crate::message::Message| {
                 if self.accepted_here_since(message.id, mark) {
                     return;
                 }
-                let wanted = |id: u64| since_of.get(&id).is_some_and(|since| *since < seq);
-                self.route_to(Arc::new(message), false, Some(&wanted), None);
+                let message = Arc::new(message);
+                let received_by = |id: u64| ledgers.get(&id).and_then(|l| l.get(&message.id)).copied();
+                for (session, since) in &since_of {
+                    if let Some(packet_id) = received_by(*session).filter(|_| *since < seq) {
+                        received.entry(*session).or_default().push((message.clone(), packet_id));
+                    }
+                }
+                let wanted = |id: u64| since_of.get(&id).is_some_and(|since| *since < seq) && received_by(id).is_none();
+                self.route_to(message.clone(), false, Some(&wanted), None);
             };
             let mut read = link.replay(from, upto, &mut route).await?;
             // The consumer takes over where this reading ends; what it routed meanwhile
@@ -196,6 +253,7 @@ impl Broker {
         };
         let now_ms = crate::clock::wall_ms_now();
         for (client_id, entry, record, shared, generation) in &made {
+            self.install_received(client_id, shared, received.remove(&shared.id).unwrap_or_default());
             link.record_session(client_id, record, entry.subscriptions.clone());
             link.forget_record(client_id, node);
             let elapsed = now_ms.saturating_sub(record.disconnected_at_ms) / 1000;
@@ -310,12 +368,19 @@ impl Broker {
         // to `from`, is read from the stream, up to an end that includes every append this node
         // started before now.
         link.interest_settled().await;
+        let ledger = self.qos2_received(client_id, &entry).await;
+        let mut received = Vec::new();
         let read = async {
             let upto = link.settled_end(SETTLE_WAIT).await?;
             let session = shared.id;
             let mut route = |_: u64, message: crate::message::Message| {
                 if (message.id == 0 || !given.contains(&message.id)) && !self.accepted_here_since(message.id, mark) {
-                    self.route_to(Arc::new(message), false, Some(&|id| id == session), None);
+                    match ledger.get(&message.id) {
+                        Some(packet_id) => received.push((Arc::new(message), *packet_id)),
+                        None => {
+                            self.route_to(Arc::new(message), false, Some(&|id| id == session), None);
+                        }
+                    }
                 }
             };
             let mut read = link.replay(from, upto, &mut route).await?;
@@ -330,6 +395,7 @@ impl Broker {
         }
         .await;
         link.unpin(pin, self.store().peek_next_seq());
+        self.install_received(client_id, &shared, received);
         match read {
             Ok((upto, read)) => {
                 if !holder_alive {

@@ -265,8 +265,10 @@ impl Connection {
             Some(OutState::AwaitPubRec) if r.reason.is_error() => self.complete(r.packet_id),
             Some(OutState::AwaitPubRec) => {
                 let state = &mut self.session.state;
+                let mut received = None;
                 if let Some(m) = state.inflight.iter_mut().find(|m| m.packet_id == r.packet_id) {
                     m.state = OutState::AwaitPubComp;
+                    received = Some(m.delivery.message.id);
                     if let Some(at) = m.delivery.queue_ref() {
                         let mut txn = Txn::default();
                         let entry = crate::store::records::QueueEntry::of(
@@ -277,17 +279,48 @@ impl Connection {
                         self.broker.store().commit(txn);
                     }
                 }
-                self.io.out.packet(&Packet::PubRel(PubResponse::new(r.packet_id, ReasonCode::SUCCESS)));
+                if let Some(id) = received {
+                    self.note_qos2_received(id, r.packet_id);
+                }
+                self.send_pubrel(r.packet_id);
             }
-            Some(OutState::AwaitPubComp) => {
-                self.io.out.packet(&Packet::PubRel(PubResponse::new(r.packet_id, ReasonCode::SUCCESS)));
-            }
+            Some(OutState::AwaitPubComp) => self.send_pubrel(r.packet_id),
             None if !r.reason.is_error() => {
                 self.io.out.packet(&Packet::PubRel(PubResponse::new(r.packet_id, ReasonCode::SUCCESS)));
             }
             None => {}
         }
         Ok(())
+    }
+
+    /// Cluster mode: message `id` of a persistent session was received at QoS 2; the ledger
+    /// that says so is written before the PUBREL goes (`send_pubrel`), so that a message the
+    /// client completed is never delivered again by a node taking the session over from this
+    /// one if it dies [MQTT-4.3.3-1].
+    fn note_qos2_received(&mut self, id: u64, packet_id: u16) {
+        let Some(link) = self.broker.cluster() else { return };
+        if id == 0 || !self.session.shared.is_persistent() {
+            return;
+        }
+        let ledger = self.session.state.qos2_received.get_or_insert_with(Default::default);
+        if ledger.received.len() >= crate::cluster::QOS2_LEDGER {
+            ledger.received.pop_front();
+        }
+        ledger.received.push_back((id, packet_id));
+        match link.record_qos2_received(&self.client.client_id, &ledger.received) {
+            Some(ticket) => ledger.ticket = ticket,
+            // The append queue is full: this exchange goes on without its record (a node
+            // taking the session over could deliver this message again).
+            None => {
+                link.figures.qos2_unrecorded.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// PUBREL, once the ledger of received QoS 2 messages is in JetStream (cluster mode).
+    fn send_pubrel(&mut self, packet_id: u16) {
+        let ticket = self.session.state.qos2_received.as_ref().map_or(0, |l| l.ticket);
+        self.send_ack_after(0, ticket, Packet::PubRel(PubResponse::new(packet_id, ReasonCode::SUCCESS)));
     }
 
     fn on_pubcomp(&mut self, r: PubResponse) -> Step {

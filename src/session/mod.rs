@@ -103,6 +103,18 @@ pub struct SessionState {
     /// counted in the queue's bounds and figures, read by `warm` when the session comes back (or
     /// a full queue's policy must look at it).
     cold: Option<Box<ColdQueue>>,
+    /// Cluster mode: the QoS 2 messages the client received (PUBREC), for the node that takes
+    /// the session over if this one dies (`cluster::QOS2_SUBJECT`). Boxed: most sessions never
+    /// receive at QoS 2.
+    pub qos2_received: Option<Box<Qos2Ledger>>,
+}
+
+/// A session's newest received QoS 2 messages (message id, packet identifier), at most
+/// `cluster::QOS2_LEDGER`, and the append ticket of the last time they were written.
+#[derive(Debug, Default)]
+pub struct Qos2Ledger {
+    pub received: VecDeque<(u64, u16)>,
+    pub ticket: u64,
 }
 
 impl SessionState {
@@ -118,6 +130,7 @@ impl SessionState {
             subscriptions: HashMap::new(),
             expiry_interval: 0,
             cold: None,
+            qos2_received: None,
         }
     }
 

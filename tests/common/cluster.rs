@@ -150,6 +150,8 @@ pub struct Node {
     pub port: u16,
     pub http: Option<u16>,
     pub log: std::sync::mpsc::Receiver<String>,
+    /// Every line the node printed that `log_lines` has read, across restarts.
+    pub seen: std::sync::Mutex<Vec<String>>,
     pub _dir: tempfile::TempDir,
 }
 
@@ -160,8 +162,8 @@ impl Drop for Node {
         if std::thread::panicking() {
             // A failed test says what its nodes complained of (CI keeps no other trace of them).
             let said: Vec<String> = self
-                .log
-                .try_iter()
+                .log_lines("")
+                .into_iter()
                 .filter(|l| l.contains("WARN") || l.contains("ERROR") || l.contains("taken over"))
                 .collect();
             let skip = said.len().saturating_sub(80);
@@ -197,7 +199,7 @@ impl Node {
         std::fs::write(&path, config).unwrap();
         let listeners = if extra.contains("[http]") { 2 } else { 1 };
         let (child, ports, log) = spawn_herald(&path, listeners);
-        Node { child, port: ports[0], http: ports.get(1).copied(), log, _dir: dir }
+        Node { child, port: ports[0], http: ports.get(1).copied(), log, seen: Default::default(), _dir: dir }
     }
 
     /// SIGTERM, and waits for the node to exit (its shutdown hands its sessions over).
@@ -222,6 +224,7 @@ impl Node {
         self.child = child;
         self.port = ports[0];
         self.http = ports.get(1).copied();
+        self.seen.lock().unwrap().extend(self.log.try_iter());
         self.log = log;
     }
 
@@ -230,8 +233,12 @@ impl Node {
     }
 
     /// The log lines printed so far that contain `text`.
+    /// Every line so far, also those of its runs before a restart and those an earlier call
+    /// returned.
     pub fn log_lines(&self, text: &str) -> Vec<String> {
-        self.log.try_iter().filter(|l| l.contains(text)).collect()
+        let mut seen = self.seen.lock().unwrap();
+        seen.extend(self.log.try_iter());
+        seen.iter().filter(|l| l.contains(text)).cloned().collect()
     }
 }
 
