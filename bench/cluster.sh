@@ -9,6 +9,9 @@
 #  - unthrottled fan-out throughput, cluster (cross node, and subscribers spread over the three
 #    nodes) against one node;
 #  - CPU per delivery of every process involved (Herald nodes and NATS servers), from /proc;
+#  - private stories: READERS readers of `users/<i>/inbox` spread over the three nodes, each
+#    story to one of them, against the same on one node: Herald's CPU per delivery summed over
+#    the nodes (issue 25: at most 1.3x one node's);
 #  - the failover pause: a QoS 1 fan-out at 2,000 deliveries/s from node 1 to node 2 while the
 #    NATS server leading the stream is killed (SIGKILL); the longest publish-to-delivery time
 #    is the pause, and nothing acknowledged may be lost.
@@ -82,6 +85,24 @@ run() { # name "pids" loadgen-args...
   record "$name" "$*" "$line" $(( c1 - c0 ))
 }
 
+# Private stories (issue 25, item 7): each story to one of READERS inboxes, at INBOX_RATE
+# stories a second. CPU per delivery is Herald's alone (summed over the nodes), and NATS's
+# beside it: with interest-based routing a story crosses only to its reader's node.
+READERS=${READERS:-3000}
+INBOX_RATE=${INBOX_RATE:-2000}
+run_inbox() { # name "herald pids" "nats pids" loadgen-args...
+  local name=$1 herald=$2 nats=$3; shift 3
+  local h0 h1 n0 n1 line us nus
+  h0=$(cpu_ticks $herald); n0=$(cpu_ticks $nats)
+  line=$(timeout 300 target/release/herald-loadgen inbox --readers "$READERS" --rate "$INBOX_RATE" --duration "$DURATION" "$@" || echo '{"scenario":"failed"}')
+  h1=$(cpu_ticks $herald); n1=$(cpu_ticks $nats)
+  us=$(python3 -c "import json,sys; d=json.loads(sys.argv[1]).get('delivered',0); print(round((int(sys.argv[2]))*1e6/100/d,3) if d else 0)" "$line" $(( h1 - h0 )))
+  nus=$(python3 -c "import json,sys; d=json.loads(sys.argv[1]).get('delivered',0); print(round((int(sys.argv[2]))*1e6/100/d,3) if d else 0)" "$line" $(( n1 - n0 )))
+  line="${line%\}},\"cpu_us_per_delivery_herald\":$us,\"cpu_us_per_delivery_nats\":$nus}"
+  echo "$line" >&2
+  echo "{\"broker\":\"$name\",\"args\":\"inbox $*\",${line#\{}" >> "$results"
+}
+
 # One node, no cluster.
 p1=$(free_port)
 herald_conf "$work/single.toml" "$p1" ""
@@ -92,6 +113,9 @@ for qos in 0 1; do
   run "herald-single" "$single" fanout --qos $qos --subscribers "$SUBSCRIBERS" --rate "$RATE" --duration "$DURATION" --port "$p1"
 done
 run "herald-single" "$single" fanout --qos 1 --subscribers "$SUBSCRIBERS" --duration "$DURATION" --port "$p1"
+for qos in 0 1; do
+  run_inbox "herald-single" "$single" "" --qos $qos --port "$p1" --sub-port "$p1"
+done
 kill "$single"; wait "$single" 2>/dev/null || true
 
 # Three NATS servers, two Herald nodes.
@@ -129,6 +153,9 @@ done
 run "herald-cluster-cross" "$all" fanout --qos 1 --subscribers "$SUBSCRIBERS" --duration "$DURATION" --port "$h1" --sub-port "$h2"
 for qos in 0 1; do
   run "herald-cluster-3-nodes" "$all" fanout --qos $qos --subscribers "$SUBSCRIBERS" --duration "$DURATION" --port "$h1" --sub-port "$h1,$h2,$h3"
+done
+for qos in 0 1; do
+  run_inbox "herald-cluster-inbox" "$node1 $node2 $node3" "${nats_pids[*]}" --qos $qos --port "$h1" --sub-port "$h1,$h2,$h3"
 done
 
 # The failover pause: the stream's leader killed 5 s into a 20 s QoS 1 fan-out.

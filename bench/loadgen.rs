@@ -209,7 +209,18 @@ async fn subscriber_loop(mut c: Conn, received: Arc<Received>, stop: Arc<AtomicB
 
 /// One publisher: QoS 0 written in batches, or QoS 1 within a window of unacknowledged messages.
 /// `rate` is messages per second for this publisher; 0 means as fast as possible.
-async fn publisher_loop(c: Conn, id: u32, topic: String, qos: QoS, rate: f64, until: Instant) -> (u64, u64) {
+/// Publishes `topic` at `rate` messages a second (0: as fast as acknowledgements allow) until
+/// `until`. With `spread` > 0, `{}` in `topic` is replaced by 0, 1, ... `spread` - 1 in turn
+/// (`users/{}/inbox`: one reader's inbox per message).
+async fn publisher_loop(
+    c: Conn,
+    id: u32,
+    topic: String,
+    qos: QoS,
+    rate: f64,
+    until: Instant,
+    spread: u64,
+) -> (u64, u64) {
     let window = Arc::new(Semaphore::new(if qos == QoS::AtMostOnce { 0 } else { 100 }));
     let acked = Arc::new(AtomicU64::new(0));
     let Conn { mut reader, mut writer, mut decoder, mut buf } = c;
@@ -255,6 +266,7 @@ async fn publisher_loop(c: Conn, id: u32, topic: String, qos: QoS, rate: f64, un
         for _ in 0..n {
             seq += 1;
             let packet_id = if qos == QoS::AtMostOnce { 0 } else { (seq % 65535 + 1) as u16 };
+            let topic = if spread > 0 { topic.replace("{}", &((seq - 1) % spread).to_string()) } else { topic.clone() };
             publish(&topic, qos, packet_id, false, payload(id, seq)).encode(ProtocolVersion::V3_1_1, &mut out);
         }
         if writer.write_all(&out).await.is_err() {
@@ -355,7 +367,7 @@ async fn fanin(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
         .into_iter()
         .enumerate()
         .map(|(i, c)| {
-            tokio::spawn(publisher_loop(c, i as u32, format!("news/desk{i}"), qos, rate / publishers as f64, until))
+            tokio::spawn(publisher_loop(c, i as u32, format!("news/desk{i}"), qos, rate / publishers as f64, until, 0))
         })
         .collect();
     let (mut sent, mut acked) = (0, 0);
@@ -409,7 +421,7 @@ async fn fanout(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     let start = Instant::now();
     let until = start + Duration::from_secs_f64(secs);
     let pub_rate = if rate > 0.0 { rate / subscribers as f64 } else { 0.0 };
-    let (sent, acked) = publisher_loop(publisher, 0, "news/tech".into(), qos, pub_rate, until).await;
+    let (sent, acked) = publisher_loop(publisher, 0, "news/tech".into(), qos, pub_rate, until, 0).await;
     let expect = subscribers as u64 * if qos == QoS::AtMostOnce { sent } else { acked };
     drain(&received, expect).await;
     let elapsed = start.elapsed().as_secs_f64();
@@ -424,6 +436,55 @@ async fn fanout(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     r.num("published", sent as f64).num("delivered", got as f64).num("lost", expect.saturating_sub(got) as f64);
     r.num("deliveries_per_s", got as f64 / secs.min(elapsed));
     r.num("deliveries_per_s_to_last", got as f64 / elapsed);
+    latency_fields(&mut r, &received);
+    if let (Some(a), Some(b)) = (cpu0, cpu1) {
+        r.num("cpu_us_per_delivery", (b - a) as f64 / got.max(1) as f64);
+    }
+    r.print();
+}
+
+/// Private stories (issue 25): `--readers` clients, each subscribed to its own
+/// `users/<i>/inbox` at `--qos`, spread over the `--sub-port` nodes in turn; one publisher on
+/// `--port` sends each story to the next reader's inbox at `--rate` stories a second for
+/// `--duration` seconds. Every story has one reader: deliveries equal stories.
+async fn inbox(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
+    let readers: u32 = o.get("readers", 3000);
+    let qos = QoS::from_u8(o.get("qos", 1)).unwrap();
+    let rate: f64 = o.get("rate", 2000.0);
+    let secs: f64 = o.get("duration", 10.0);
+    let received = Arc::new(Received::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let sub_ports: Vec<u16> = o
+        .get("sub-port", addr.port().to_string())
+        .split(',')
+        .map(|p| p.parse().unwrap_or_else(|_| panic!("bad --sub-port")))
+        .collect();
+    let mut subs = Vec::new();
+    for i in 0..readers {
+        let sub_addr = SocketAddr::from(([127, 0, 0, 1], sub_ports[i as usize % sub_ports.len()]));
+        let mut c = Conn::open(sub_addr, &format!("bench-inbox-{i}")).await;
+        c.subscribe(&format!("users/{i}/inbox"), qos).await;
+        subs.push(tokio::spawn(subscriber_loop(c, received.clone(), stop.clone())));
+    }
+    let publisher = Conn::open(addr, "bench-inbox-pub").await;
+    let cpu0 = pid.and_then(broker_cpu_us);
+    let start = Instant::now();
+    let until = start + Duration::from_secs_f64(secs);
+    let (sent, acked) =
+        publisher_loop(publisher, 0, "users/{}/inbox".into(), qos, rate, until, u64::from(readers)).await;
+    let expect = if qos == QoS::AtMostOnce { sent } else { acked };
+    drain(&received, expect).await;
+    let elapsed = start.elapsed().as_secs_f64();
+    let cpu1 = pid.and_then(broker_cpu_us);
+    stop.store(true, Relaxed);
+    for s in subs {
+        let _ = s.await;
+    }
+    let got = received.count.load(Relaxed);
+    let mut r = Report::new("inbox");
+    r.num("qos", qos as u8 as f64).num("readers", readers as f64).num("target_rate", rate);
+    r.num("published", sent as f64).num("delivered", got as f64).num("lost", expect.saturating_sub(got) as f64);
+    r.num("deliveries_per_s", got as f64 / secs.min(elapsed));
     latency_fields(&mut r, &received);
     if let (Some(a), Some(b)) = (cpu0, cpu1) {
         r.num("cpu_us_per_delivery", (b - a) as f64 / got.max(1) as f64);
@@ -888,11 +949,11 @@ async fn overload(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     let mut pubs = Vec::new();
     for p in 0..8u32 {
         let c = Conn::open(addr, &format!("bench-overload-features-{p}")).await;
-        pubs.push(tokio::spawn(publisher_loop(c, p, "news/features/x".into(), QoS::AtMostOnce, 0.0, until)));
+        pubs.push(tokio::spawn(publisher_loop(c, p, "news/features/x".into(), QoS::AtMostOnce, 0.0, until, 0)));
     }
     let newsroom = Conn::open(addr, "bench-overload-newsroom").await;
     let (sent, _) =
-        publisher_loop(newsroom, 99, "news/breaking/x".into(), QoS::AtLeastOnce, breaking_rate, until).await;
+        publisher_loop(newsroom, 99, "news/breaking/x".into(), QoS::AtLeastOnce, breaking_rate, until, 0).await;
     let mut features_sent = 0;
     for p in pubs {
         features_sent += p.await.map(|(s, _)| s).unwrap_or(0);
@@ -1003,7 +1064,7 @@ async fn sse(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     let start = Instant::now();
     let until = start + Duration::from_secs_f64(secs);
     let pub_rate = if rate > 0.0 { rate / streams as f64 } else { 0.0 };
-    let (sent, _) = publisher_loop(publisher, 0, "news/tech".into(), QoS::AtMostOnce, pub_rate, until).await;
+    let (sent, _) = publisher_loop(publisher, 0, "news/tech".into(), QoS::AtMostOnce, pub_rate, until, 0).await;
     let expect = streams as u64 * sent;
     drain(&received, expect).await;
     let elapsed = start.elapsed().as_secs_f64();
@@ -1029,7 +1090,9 @@ async fn sse(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
 fn main() {
     let mut args = std::env::args().skip(1);
     let scenario = args.next().unwrap_or_else(|| {
-        eprintln!("usage: herald-loadgen fanin|fanout|conns|retained --port N [--broker-pid PID] [--key value ...]");
+        eprintln!(
+            "usage: herald-loadgen fanin|fanout|inbox|conns|retained --port N [--broker-pid PID] [--key value ...]"
+        );
         std::process::exit(2);
     });
     let mut map = HashMap::new();
@@ -1047,6 +1110,7 @@ fn main() {
         match scenario.as_str() {
             "fanin" => fanin(addr, &o, pid).await,
             "fanout" => fanout(addr, &o, pid).await,
+            "inbox" => inbox(addr, &o, pid).await,
             "conns" => conns(addr, &o, pid).await,
             "retained" => retained(addr, &o).await,
             "fill" => fill(addr, &o).await,

@@ -279,7 +279,6 @@ async fn roaming_publisher(roster: Roster, per_second: u32, stop: Arc<AtomicBool
 /// DISCONNECT 0x8B [MQTT-3.14.2-1] and resume elsewhere with their session [MQTT-3.2.2-3];
 /// nothing acknowledged is lost and nothing is delivered twice beyond what was in flight.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "lost one acknowledged story (a reader's, at the first restart) in about one combined run in five since interest-based routing: a defect of issue 25 under investigation, see docs/cluster.md; run with --ignored"]
 async fn a_rolling_restart_loses_nothing_and_duplicates_nothing_beyond_in_flight() {
     let nats = NatsCluster::start();
     let config = "dead_after_secs = 6\n[http]\nbind = \"127.0.0.1:0\"\n";
