@@ -467,6 +467,15 @@ async fn inbox(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
         subs.push(tokio::spawn(subscriber_loop(c, received.clone(), stop.clone())));
     }
     let publisher = Conn::open(addr, "bench-inbox-pub").await;
+    // `--node-pids P,P,P` and `--nats-pids P,P,P`: every Herald node's and NATS server's CPU,
+    // summed, from here on (the readers' connections made).
+    let pids = |key: &str| -> Vec<u32> {
+        let list: String = o.get(key, String::new());
+        list.split(',').filter(|p| !p.is_empty()).map(|p| p.parse().expect("a pid")).collect()
+    };
+    let (nodes, nats) = (pids("node-pids"), pids("nats-pids"));
+    let summed = |pids: &[u32]| pids.iter().filter_map(|p| broker_cpu_us(*p)).sum::<u64>();
+    let (nodes0, nats0) = (summed(&nodes), summed(&nats));
     let cpu0 = pid.and_then(broker_cpu_us);
     let start = Instant::now();
     let until = start + Duration::from_secs_f64(secs);
@@ -481,6 +490,7 @@ async fn inbox(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
         let _ = s.await;
     }
     let got = received.count.load(Relaxed);
+    let (nodes1, nats1) = (summed(&nodes), summed(&nats));
     let mut r = Report::new("inbox");
     r.num("qos", qos as u8 as f64).num("readers", readers as f64).num("target_rate", rate);
     r.num("published", sent as f64).num("delivered", got as f64).num("lost", expect.saturating_sub(got) as f64);
@@ -488,6 +498,10 @@ async fn inbox(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     latency_fields(&mut r, &received);
     if let (Some(a), Some(b)) = (cpu0, cpu1) {
         r.num("cpu_us_per_delivery", (b - a) as f64 / got.max(1) as f64);
+    }
+    if !nodes.is_empty() {
+        r.num("cpu_us_per_delivery_herald", (nodes1 - nodes0) as f64 / got.max(1) as f64);
+        r.num("cpu_us_per_delivery_nats", (nats1 - nats0) as f64 / got.max(1) as f64);
     }
     r.print();
 }

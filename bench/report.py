@@ -230,7 +230,7 @@ if clustered:
     out.append("| broker | QoS | target deliveries/s | deliveries/s | lost | p50 ms | p99 ms | max ms | CPU us per delivery (all processes) |")
     out.append("|---|---|---|---|---|---|---|---|---|")
     for r in clustered:
-        if r.get("scenario") == "inbox":
+        if r.get("scenario") == "inbox" or r.get("args", "").startswith("inbox"):
             continue
         if r.get("scenario") != "fanout":
             out.append(f"| {r['broker']} | failed: `{r['args']}` | | | | | | | |")
@@ -239,7 +239,7 @@ if clustered:
         out.append(f"| {r['broker']} | {int(r['qos'])} | {target} | {fmt(r['deliveries_per_s'])} | {fmt(r['lost'])} | "
                    f"{fmt(r.get('p50_ms'))} | {fmt(r.get('p99_ms'))} | {fmt(r.get('max_ms'))} | "
                    f"{fmt(r.get('cpu_us_per_delivery_all'))} |")
-inboxes = [r for r in clustered if r.get("scenario") == "inbox"]
+inboxes = [r for r in clustered if r.get("scenario") == "inbox" or r.get("args", "").startswith("inbox")]
 if inboxes:
     out.append("\n### Private stories across nodes (issue 25)\n")
     out.append("Each story goes to one of 3,000 readers of `users/<i>/inbox` (spread over the three nodes in turn; "
@@ -249,11 +249,16 @@ if inboxes:
                "node).\n")
     out.append("| broker | QoS | target stories/s | delivered/s | lost | p50 ms | p99 ms | Herald CPU us per delivery | NATS CPU us per delivery | Herald ratio to one node |")
     out.append("|---|---|---|---|---|---|---|---|---|---|")
-    single = {int(r["qos"]): r.get("cpu_us_per_delivery_herald") for r in inboxes if r["broker"] == "herald-single"}
+    single = {(int(r["qos"]), r["target_rate"]): r.get("cpu_us_per_delivery_herald") for r in inboxes
+              if r["broker"] == "herald-single" and "qos" in r}
     for r in inboxes:
-        base = single.get(int(r["qos"]))
+        base = single.get((int(r.get("qos", -1)), r.get("target_rate")))
         ratio = f"{r['cpu_us_per_delivery_herald'] / base:.2f}x" if base else ""
-        out.append(f"| {r['broker']} | {int(r['qos'])} | {fmt(r['target_rate'])} | {fmt(r['deliveries_per_s'])} | "
+        if r.get("scenario") != "inbox" or "cpu_us_per_delivery_herald" not in r:
+            out.append(f"| {r['broker']} | failed: `{r['args']}` | | | | | | | | |")
+            continue
+        target = fmt(r["target_rate"]) if r.get("target_rate") else "unthrottled"
+        out.append(f"| {r['broker']} | {int(r['qos'])} | {target} | {fmt(r['deliveries_per_s'])} | "
                    f"{fmt(r['lost'])} | {fmt(r.get('p50_ms'))} | {fmt(r.get('p99_ms'))} | "
                    f"{fmt(r.get('cpu_us_per_delivery_herald'))} | {fmt(r.get('cpu_us_per_delivery_nats'))} | {ratio} |")
 overload_path = __file__.replace("report.py", "overload.jsonl")

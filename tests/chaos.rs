@@ -221,16 +221,27 @@ impl Roster {
 /// A persistent QoS 1 reader of `news/#` that starts on node `start` and, whenever its node
 /// closes the connection, resumes its session on the next node; what it received, and how often
 /// it moved, once `stop` is set and it has read for a last second.
-async fn roaming_reader(id: String, start: usize, roster: Roster, stop: Arc<AtomicBool>) -> (Vec<u32>, usize) {
+/// Returns the numbers received and the longest time without a new one (the pause a reader
+/// sees, to 200 ms).
+async fn roaming_reader(id: String, start: usize, roster: Roster, stop: Arc<AtomicBool>) -> (Vec<u32>, Duration) {
     let (mut at, mut reader, _) = roster.connect(start + 2, persistent(&id, true)).await;
     assert_eq!(at, start);
     reader.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
     let mut got = Vec::new();
+    let (mut last_new, mut longest) = (None::<Instant>, Duration::ZERO);
     loop {
-        match read_for(&mut reader, Duration::from_millis(200), &mut got).await {
+        let before = got.len();
+        let ended = read_for(&mut reader, Duration::from_millis(200), &mut got).await;
+        if got.len() > before {
+            if let Some(last) = last_new {
+                longest = longest.max(last.elapsed());
+            }
+            last_new = Some(Instant::now());
+        }
+        match ended {
             Ended::Open if stop.load(Ordering::Acquire) => {
                 read_for(&mut reader, Duration::from_secs(1), &mut got).await;
-                return (got, 0);
+                return (got, longest);
             }
             Ended::Open => {}
             Ended::Disconnect(_) | Ended::Closed => {
@@ -325,7 +336,7 @@ async fn a_rolling_restart_loses_nothing_and_duplicates_nothing_beyond_in_flight
     let acknowledged = publisher.await.unwrap();
     assert!(acknowledged.len() > 100, "the stream went on: {}", acknowledged.len());
     for (i, reader) in readers.into_iter().enumerate() {
-        let (got, _) = match reader.await {
+        let (got, pause) = match reader.await {
             Ok(r) => r,
             Err(e) => {
                 for (n, node) in nodes.iter().enumerate() {
@@ -337,7 +348,11 @@ async fn a_rolling_restart_loses_nothing_and_duplicates_nothing_beyond_in_flight
             }
         };
         let (duplicates, missing) = tally(&acknowledged, &got);
-        eprintln!("reader-{i}: {} acknowledged, {} received, {duplicates} duplicates", acknowledged.len(), got.len());
+        eprintln!(
+            "reader-{i}: {} acknowledged, {} received, {duplicates} duplicates, longest pause {pause:?}",
+            acknowledged.len(),
+            got.len()
+        );
         assert!(missing.is_empty(), "reader-{i}: acknowledged and never delivered: {missing:?}");
         // In flight at a restart: a story sent and not yet acknowledged by the reader when its
         // node let go, and the publisher's message whose PUBACK its node did not send.
