@@ -67,6 +67,16 @@ impl Broker {
         info!(client_id, messages = n, "QoS 2 messages the client had received: not delivered again");
     }
 
+    /// Whether `session`, parked, already holds message `id`: one this node accepted while the
+    /// session was being made here, routed to it then and read back from the stream now.
+    fn holds(session: &crate::session::SessionShared, id: u64) -> bool {
+        session
+            .with_parked(|s| {
+                s.pending.iter().any(|d| d.message.id == id) || s.inflight.iter().any(|m| m.delivery.message.id == id)
+            })
+            .unwrap_or(false)
+    }
+
     /// A session from its directory record, parked here with its subscriptions in the router
     /// and its record in the store; returns it with its park generation.
     fn make_adopted(
@@ -165,6 +175,9 @@ impl Broker {
         let Some(link) = self.cluster().cloned() else { return Ok(0) };
         let started = Instant::now();
         let checkpoint = link.checkpoint_of(node).unwrap_or(0);
+        // Messages accepted here from now on may reach the sessions as they are made (below)
+        // and again from the stream: `holds` tells.
+        let making = self.message_id_mark();
         let mut made = Vec::new();
         let mut since_of = std::collections::HashMap::new();
         for (client_id, entry) in link.held_by(node) {
@@ -209,6 +222,8 @@ impl Broker {
             }
         }
         let mut received: HashMap<u64, Vec<(Arc<crate::message::Message>, u16)>> = HashMap::new();
+        let shared_of: HashMap<u64, Arc<crate::session::SessionShared>> =
+            made.iter().map(|m| (m.3.id, m.3.clone())).collect();
         let read = async {
             let upto = link.settled_end(SETTLE_WAIT).await?;
             let mut route = |seq: u64, message: crate::message::Message| {
@@ -222,7 +237,12 @@ impl Broker {
                         received.entry(*session).or_default().push((message.clone(), packet_id));
                     }
                 }
-                let wanted = |id: u64| since_of.get(&id).is_some_and(|since| *since < seq) && received_by(id).is_none();
+                let raced = self.accepted_here_since(message.id, making);
+                let wanted = |id: u64| {
+                    since_of.get(&id).is_some_and(|since| *since < seq)
+                        && received_by(id).is_none()
+                        && !(raced && shared_of.get(&id).is_some_and(|s| Self::holds(s, message.id)))
+                };
                 self.route_to(message.clone(), false, Some(&wanted), None);
             };
             let mut read = link.replay(from, upto, &mut route).await?;
@@ -347,6 +367,9 @@ impl Broker {
             record.disconnected_at_ms = crate::clock::wall_ms_now();
             record
         });
+        // Messages accepted here from now on may reach the session as it is made and again from
+        // the stream: `holds` tells.
+        let making = self.message_id_mark();
         let (shared, generation) = self.make_adopted(client_id, &entry, offline_record.as_ref());
         // Routed to it as they are accepted from now on: not read back from the stream too.
         let mark = self.message_id_mark();
@@ -374,7 +397,10 @@ impl Broker {
             let upto = link.settled_end(SETTLE_WAIT).await?;
             let session = shared.id;
             let mut route = |_: u64, message: crate::message::Message| {
-                if (message.id == 0 || !given.contains(&message.id)) && !self.accepted_here_since(message.id, mark) {
+                if (message.id == 0 || !given.contains(&message.id))
+                    && !self.accepted_here_since(message.id, mark)
+                    && !(self.accepted_here_since(message.id, making) && Self::holds(&shared, message.id))
+                {
                     match ledger.get(&message.id) {
                         Some(packet_id) => received.push((Arc::new(message), *packet_id)),
                         None => {
