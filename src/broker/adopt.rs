@@ -77,6 +77,14 @@ impl Broker {
             .unwrap_or(false)
     }
 
+    /// After a session taken over here was read back from the stream: what this node accepted
+    /// since `mark` (taken before the session was made) and routed to it meanwhile goes behind
+    /// what was read back, which is older [MQTT-4.6.0-2]. (The store keeps the order the messages were queued in: after a restart
+    /// of this node before they are sent, they go in that order.)
+    fn put_routed_last(&self, session: &crate::session::SessionShared, mark: u64) {
+        session.with_parked(|s| s.move_to_back(|d| self.accepted_here_since(d.message.id, mark)));
+    }
+
     /// A session from its directory record, parked here with its subscriptions in the router
     /// and its record in the store; returns it with its park generation.
     fn make_adopted(
@@ -274,6 +282,7 @@ impl Broker {
         let now_ms = crate::clock::wall_ms_now();
         for (client_id, entry, record, shared, generation) in &made {
             self.install_received(client_id, shared, received.remove(&shared.id).unwrap_or_default());
+            self.put_routed_last(shared, making);
             link.record_session(client_id, record, entry.subscriptions.clone());
             link.forget_record(client_id, node);
             let elapsed = now_ms.saturating_sub(record.disconnected_at_ms) / 1000;
@@ -397,15 +406,16 @@ impl Broker {
             let upto = link.settled_end(SETTLE_WAIT).await?;
             let session = shared.id;
             let mut route = |_: u64, message: crate::message::Message| {
-                if (message.id == 0 || !given.contains(&message.id))
-                    && !self.accepted_here_since(message.id, mark)
-                    && !(self.accepted_here_since(message.id, making) && Self::holds(&shared, message.id))
-                {
-                    match ledger.get(&message.id) {
-                        Some(packet_id) => received.push((Arc::new(message), *packet_id)),
-                        None => {
-                            self.route_to(Arc::new(message), false, Some(&|id| id == session), None);
-                        }
+                let handed = message.id != 0 && given.contains(&message.id);
+                let routed_here = self.accepted_here_since(message.id, mark)
+                    || (self.accepted_here_since(message.id, making) && Self::holds(&shared, message.id));
+                if handed || routed_here {
+                    return;
+                }
+                match ledger.get(&message.id) {
+                    Some(packet_id) => received.push((Arc::new(message), *packet_id)),
+                    None => {
+                        self.route_to(Arc::new(message), false, Some(&|id| id == session), None);
                     }
                 }
             };
@@ -424,6 +434,7 @@ impl Broker {
         self.install_received(client_id, &shared, received);
         match read {
             Ok((upto, read)) => {
+                self.put_routed_last(&shared, making);
                 if !holder_alive {
                     link.forget_record(client_id, &holder);
                 }

@@ -200,6 +200,18 @@ impl SessionState {
         }
     }
 
+    /// Moves the queued deliveries `last` picks behind the others, each group in its order: a
+    /// session taken over from another node gets what was read back from the stream (older)
+    /// ahead of what this node routed to it meanwhile (newer) [MQTT-4.6.0-2].
+    pub fn move_to_back(&mut self, last: impl Fn(&Delivery) -> bool) {
+        if !self.pending.iter().any(&last) {
+            return;
+        }
+        let (back, front): (VecDeque<Delivery>, VecDeque<Delivery>) = self.pending.drain(..).partition(&last);
+        self.pending = front;
+        self.pending.extend(back);
+    }
+
     /// Whether offering a message of `size` bytes needs the queue's entries rather than its
     /// counts: a cold queue that is full and drops its oldest, or that keeps the latest per topic.
     pub fn needs_entries(&self, policy: OverflowPolicy, max_messages: usize, max_bytes: usize, size: usize) -> bool {
@@ -609,6 +621,19 @@ mod tests {
         // Every message waiting in a mailbox or a pending queue is one Delivery; a session that
         // received a burst keeps up to 32 slots (mailbox::KEEP_CAPACITY).
         assert!(std::mem::size_of::<Delivery>() <= 40, "{}", std::mem::size_of::<Delivery>());
+    }
+
+    #[test]
+    fn what_was_routed_during_a_takeover_goes_behind_what_was_read_back_each_in_order() {
+        // MQTT-4.6.0-2: handed "h", routed here meanwhile "n1" "n2", read back "r1" "r2".
+        let (_, mut s) = SessionShared::new(1, "c".into(), 8);
+        for p in [&b"h"[..], b"n1", b"r1", b"n2", b"r2"] {
+            s.push_pending(on("t", p));
+        }
+        s.move_to_back(|d| d.message.payload.starts_with(b"n"));
+        let order: Vec<Bytes> = queued(&s).into_iter().map(|(_, p)| p).collect();
+        assert_eq!(order, ["h", "r1", "r2", "n1", "n2"].map(|p| Bytes::from_static(p.as_bytes())));
+        assert_eq!(s.pending_bytes, 7);
     }
 
     #[test]
