@@ -633,7 +633,7 @@ mod tests {
         s.move_to_back(|d| d.message.payload.starts_with(b"n"));
         let order: Vec<Bytes> = queued(&s).into_iter().map(|(_, p)| p).collect();
         assert_eq!(order, ["h", "r1", "r2", "n1", "n2"].map(|p| Bytes::from_static(p.as_bytes())));
-        assert_eq!(s.pending_bytes, 7);
+        assert_eq!(s.pending_bytes, 9);
     }
 
     #[test]
