@@ -395,6 +395,34 @@ async fn fanin(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     r.print();
 }
 
+/// `count` subscribers, subscriber `i` as `client_and_filter(i)`, each reading in a task of its
+/// own. `--sub-port P[,P...]`: on other nodes of a cluster than the publisher, spread over the
+/// ports in turn (default: the publisher's).
+async fn spread_subscribers(
+    addr: SocketAddr,
+    o: &Opts,
+    count: u32,
+    qos: QoS,
+    received: &Arc<Received>,
+    stop: &Arc<AtomicBool>,
+    client_and_filter: impl Fn(u32) -> (String, String),
+) -> Vec<tokio::task::JoinHandle<()>> {
+    let sub_ports: Vec<u16> = o
+        .get("sub-port", addr.port().to_string())
+        .split(',')
+        .map(|p| p.parse().unwrap_or_else(|_| panic!("bad --sub-port")))
+        .collect();
+    let mut subs = Vec::new();
+    for i in 0..count {
+        let sub_addr = SocketAddr::from(([127, 0, 0, 1], sub_ports[i as usize % sub_ports.len()]));
+        let (client_id, filter) = client_and_filter(i);
+        let mut c = Conn::open(sub_addr, &client_id).await;
+        c.subscribe(&filter, qos).await;
+        subs.push(tokio::spawn(subscriber_loop(c, received.clone(), stop.clone())));
+    }
+    subs
+}
+
 async fn fanout(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     let subscribers: u32 = o.get("subscribers", 1000);
     let qos = QoS::from_u8(o.get("qos", 0)).unwrap();
@@ -402,20 +430,10 @@ async fn fanout(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     let secs: f64 = o.get("duration", 10.0);
     let received = Arc::new(Received::default());
     let stop = Arc::new(AtomicBool::new(false));
-    // `--sub-port P[,P...]`: the subscribers on other nodes of a cluster than the publisher,
-    // spread over the ports in turn.
-    let sub_ports: Vec<u16> = o
-        .get("sub-port", addr.port().to_string())
-        .split(',')
-        .map(|p| p.parse().unwrap_or_else(|_| panic!("bad --sub-port")))
-        .collect();
-    let mut subs = Vec::new();
-    for i in 0..subscribers {
-        let sub_addr = SocketAddr::from(([127, 0, 0, 1], sub_ports[i as usize % sub_ports.len()]));
-        let mut c = Conn::open(sub_addr, &format!("bench-fanout-sub-{i}")).await;
-        c.subscribe("news/tech", qos).await;
-        subs.push(tokio::spawn(subscriber_loop(c, received.clone(), stop.clone())));
-    }
+    let subs = spread_subscribers(addr, o, subscribers, qos, &received, &stop, |i| {
+        (format!("bench-fanout-sub-{i}"), "news/tech".to_owned())
+    })
+    .await;
     let publisher = Conn::open(addr, "bench-fanout-pub").await;
     let cpu0 = pid.and_then(broker_cpu_us);
     let start = Instant::now();
@@ -454,18 +472,10 @@ async fn inbox(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     let secs: f64 = o.get("duration", 10.0);
     let received = Arc::new(Received::default());
     let stop = Arc::new(AtomicBool::new(false));
-    let sub_ports: Vec<u16> = o
-        .get("sub-port", addr.port().to_string())
-        .split(',')
-        .map(|p| p.parse().unwrap_or_else(|_| panic!("bad --sub-port")))
-        .collect();
-    let mut subs = Vec::new();
-    for i in 0..readers {
-        let sub_addr = SocketAddr::from(([127, 0, 0, 1], sub_ports[i as usize % sub_ports.len()]));
-        let mut c = Conn::open(sub_addr, &format!("bench-inbox-{i}")).await;
-        c.subscribe(&format!("users/{i}/inbox"), qos).await;
-        subs.push(tokio::spawn(subscriber_loop(c, received.clone(), stop.clone())));
-    }
+    let subs = spread_subscribers(addr, o, readers, qos, &received, &stop, |i| {
+        (format!("bench-inbox-{i}"), format!("users/{i}/inbox"))
+    })
+    .await;
     let publisher = Conn::open(addr, "bench-inbox-pub").await;
     // `--node-pids P,P,P` and `--nats-pids P,P,P`: every Herald node's and NATS server's CPU,
     // summed, from here on (the readers' connections made).

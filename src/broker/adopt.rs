@@ -240,9 +240,11 @@ impl Broker {
                 }
                 let message = Arc::new(message);
                 let received_by = |id: u64| ledgers.get(&id).and_then(|l| l.get(&message.id)).copied();
-                for (session, since) in &since_of {
-                    if let Some(packet_id) = received_by(*session).filter(|_| *since < seq) {
-                        received.entry(*session).or_default().push((message.clone(), packet_id));
+                // Only the sessions with a ledger (a QoS 2 subscription): not every session per message.
+                for (session, ledger) in &ledgers {
+                    let Some(packet_id) = ledger.get(&message.id) else { continue };
+                    if since_of.get(session).is_some_and(|since| *since < seq) {
+                        received.entry(*session).or_default().push((message.clone(), *packet_id));
                     }
                 }
                 let raced = self.accepted_here_since(message.id, making);
