@@ -495,12 +495,18 @@ async fn inbox(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     drain(&received, expect).await;
     let elapsed = start.elapsed().as_secs_f64();
     let cpu1 = pid.and_then(broker_cpu_us);
+    // Sampled before the readers leave: the stories are what is measured, as connecting is not
+    // (leaving costs a cluster node more than one node alone: reported beside, per reader).
+    let (nodes1, nats1) = (summed(&nodes), summed(&nats));
     stop.store(true, Relaxed);
     for s in subs {
         let _ = s.await;
     }
     let got = received.count.load(Relaxed);
-    let (nodes1, nats1) = (summed(&nodes), summed(&nats));
+    // The nodes' CPU while the readers leave and in the 2 s after (a cluster node tells the
+    // others that their sessions and interests are gone).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let nodes2 = summed(&nodes);
     let mut r = Report::new("inbox");
     r.num("qos", qos as u8 as f64).num("readers", readers as f64).num("target_rate", rate);
     r.num("published", sent as f64).num("delivered", got as f64).num("lost", expect.saturating_sub(got) as f64);
@@ -512,6 +518,7 @@ async fn inbox(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     if !nodes.is_empty() {
         r.num("cpu_us_per_delivery_herald", (nodes1 - nodes0) as f64 / got.max(1) as f64);
         r.num("cpu_us_per_delivery_nats", (nats1 - nats0) as f64 / got.max(1) as f64);
+        r.num("cpu_us_per_reader_leaving_herald", (nodes2 - nodes1) as f64 / f64::from(readers.max(1)));
     }
     r.print();
 }

@@ -13,6 +13,7 @@ pub mod fence;
 pub mod interest;
 pub mod sessions;
 
+use futures_util::FutureExt;
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -98,6 +99,8 @@ pub struct LinkFigures {
     pub dropped_qos0: AtomicU64,
     pub appended: AtomicU64,
     pub append_retries: AtomicU64,
+    /// Bursts of QoS 0 copies and of appends handed to the NATS client (`cluster.linger_ms`).
+    pub bursts: AtomicU64,
     pub received: AtomicU64,
     pub dropped_retained: AtomicU64,
     /// Checkpoints taken (four a second).
@@ -378,8 +381,9 @@ impl Link {
             adopting: std::array::from_fn(|_| tokio::sync::Mutex::new(())),
             moving: Mutex::default(),
         });
-        tokio::spawn(send_core(link.clone(), true, qos0_rx));
-        tokio::spawn(send_core(link.clone(), false, claims_rx));
+        let linger = Duration::from_millis(config.linger_ms);
+        tokio::spawn(send_core(link.clone(), Some(linger), qos0_rx));
+        tokio::spawn(send_core(link.clone(), None, claims_rx));
         tokio::spawn(apply_interest(table, interest_watch));
         tokio::spawn(answer_syncs(link.clone(), syncs));
         {
@@ -394,7 +398,7 @@ impl Link {
         }
         tokio::spawn(put_last(link.clone(), js.clone(), retained_rx));
         tokio::spawn(put_last(link.clone(), js.clone(), directory_rx));
-        tokio::spawn(append(link.clone(), js, rx, boot));
+        tokio::spawn(append(link.clone(), js, rx, boot, linger));
         info!(node = config.node.as_str(), nats = servers.as_str(), stream = config.stream.as_str(), "cluster joined");
         Ok((
             link,
@@ -1506,13 +1510,29 @@ async fn put_last(link: Arc<Link>, js: jetstream::Context, mut rx: mpsc::Receive
     }
 }
 
-/// Publishes what `rx` gives on core NATS (at most once: QoS 0 messages, claims).
-async fn send_core(link: Arc<Link>, qos0: bool, mut rx: mpsc::Receiver<(String, Bytes)>) {
-    while let Some((subject, payload)) = rx.recv().await {
-        let sent = link.client.publish_with_headers(subject, link.headers(), payload).await.is_ok();
-        if qos0 {
-            let counter = if sent { &link.figures.sent_qos0 } else { &link.figures.dropped_qos0 };
-            counter.fetch_add(1, Ordering::Relaxed);
+/// At most this many messages go to the client in one burst.
+const BURST: usize = 1024;
+
+/// Publishes what `rx` gives on core NATS (at most once): QoS 0 messages, gathered for
+/// `linger` (`cluster.linger_ms`) and handed to the client in one burst, which it writes in one
+/// go; claims (`linger` None) at once.
+async fn send_core(link: Arc<Link>, linger: Option<Duration>, mut rx: mpsc::Receiver<(String, Bytes)>) {
+    let mut burst = Vec::with_capacity(BURST);
+    while rx.recv_many(&mut burst, BURST).await > 0 {
+        if let Some(linger) = linger.filter(|l| !l.is_zero()) {
+            tokio::time::sleep(linger).await;
+            let room = BURST.saturating_sub(burst.len());
+            rx.recv_many(&mut burst, room).now_or_never();
+        }
+        if linger.is_some() {
+            link.figures.bursts.fetch_add(1, Ordering::Relaxed);
+        }
+        for (subject, payload) in burst.drain(..) {
+            let sent = link.client.publish_with_headers(subject, link.headers(), payload).await.is_ok();
+            if linger.is_some() {
+                let counter = if sent { &link.figures.sent_qos0 } else { &link.figures.dropped_qos0 };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -1538,8 +1558,15 @@ async fn start_append(
 /// for their acknowledgement at once, and moves `replicated` as the oldest is acknowledged. An
 /// append that fails is sent again with the same message id (JetStream drops the copy if the
 /// first one arrived after all), so the publisher's acknowledgement waits while NATS is away
-/// instead of being sent for a message that is not in the stream.
-async fn append(link: Arc<Link>, js: jetstream::Context, mut rx: mpsc::Receiver<(u64, String, Bytes)>, boot: u64) {
+/// instead of being sent for a message that is not in the stream. With `linger`
+/// (`cluster.linger_ms`), what comes within it of the first goes to the client together.
+async fn append(
+    link: Arc<Link>,
+    js: jetstream::Context,
+    mut rx: mpsc::Receiver<(u64, String, Bytes)>,
+    boot: u64,
+    linger: Duration,
+) {
     // The publish is handed to the client at once (so appends are pipelined); only the
     // acknowledgement is waited for in order.
     let send = |ticket: u64, (subject, payload): (String, Bytes)| {
@@ -1553,10 +1580,21 @@ async fn append(link: Arc<Link>, js: jetstream::Context, mut rx: mpsc::Receiver<
     // unless a resent append landed after a later one that had arrived the first time.
     let mut last_sequence = 0;
     let mut check = tokio::time::interval(RETRY_AFTER);
-    while open || !waiting.is_empty() {
+    // Appends received and not yet sent, while `linger` runs from the first of them.
+    let mut gathered: Vec<(u64, String, Bytes)> = Vec::new();
+    let gathering = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(gathering);
+    while open || !waiting.is_empty() || !gathered.is_empty() {
         tokio::select! {
             biased;
             _ = check.tick(), if !waiting.is_empty() => link.give_up_on_old(),
+            _ = &mut gathering, if !gathered.is_empty() => {
+                link.figures.bursts.fetch_add(1, Ordering::Relaxed);
+                for (ticket, subject, payload) in gathered.drain(..) {
+                    let future = send(ticket, (subject.clone(), payload.clone())).await;
+                    waiting.push_back((ticket, (subject, payload), future));
+                }
+            }
             result = async { (&mut waiting.front_mut().expect("not empty").2).await }, if !waiting.is_empty() => {
                 match result {
                     Ok(sequence) => {
@@ -1584,12 +1622,22 @@ async fn append(link: Arc<Link>, js: jetstream::Context, mut rx: mpsc::Receiver<
                     }
                 }
             }
-            next = rx.recv(), if open && waiting.len() < APPEND_WINDOW => match next {
-                Some((ticket, subject, payload)) => {
+            next = rx.recv(), if open && waiting.len() + gathered.len() < APPEND_WINDOW => match next {
+                Some((ticket, subject, payload)) if linger.is_zero() => {
+                    link.figures.bursts.fetch_add(1, Ordering::Relaxed);
                     let future = send(ticket, (subject.clone(), payload.clone())).await;
                     waiting.push_back((ticket, (subject, payload), future));
                 }
-                None => open = false,
+                Some(append) => {
+                    if gathered.is_empty() {
+                        gathering.as_mut().reset(tokio::time::Instant::now() + linger);
+                    }
+                    gathered.push(append);
+                }
+                None => {
+                    open = false;
+                    gathering.as_mut().reset(tokio::time::Instant::now());
+                }
             },
         }
     }

@@ -81,6 +81,12 @@ pub struct ClusterConfig {
     /// finds this many waiting is refused (5.0: 0x97) rather than queued without bound.
     #[serde(default = "default_cluster_max_pending")]
     pub max_pending: usize,
+    /// How long a story for the other nodes waits for others to go with it, in milliseconds:
+    /// a QoS 0 copy, or a QoS 1/2 append (its PUBACK waits that much longer). 0: each goes at
+    /// once. At a few thousand stories a second, each crossing alone costs both nodes their
+    /// threads' wake-ups; gathered, a burst costs them once (docs/cluster.md, "What it costs").
+    #[serde(default = "default_cluster_linger_ms")]
+    pub linger_ms: u64,
     /// How long a QoS 1 or 2 PUBLISH waits for JetStream while NATS is unreachable before its
     /// publisher is refused (5.0: 0x80; 3.1.1: disconnected without an acknowledgement).
     #[serde(default = "default_cluster_hold_secs")]
@@ -93,6 +99,10 @@ pub struct ClusterConfig {
     /// client of a node that shuts down gets another node's as the DISCONNECT's Server
     /// Reference. Unset: none is given.
     pub advertise: Option<String>,
+}
+
+fn default_cluster_linger_ms() -> u64 {
+    5
 }
 
 fn default_cluster_dead_after_secs() -> u64 {
@@ -858,6 +868,9 @@ impl Config {
             }
             if c.max_pending == 0 {
                 return invalid("cluster.max_pending", "must be at least 1");
+            }
+            if c.linger_ms > 1000 {
+                return invalid("cluster.linger_ms", "must be at most 1000 (a PUBACK waits for it)");
             }
         }
         if self.listeners.is_empty() {

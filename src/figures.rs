@@ -482,6 +482,13 @@ impl Snapshot {
                     c(&l.append_retries),
                 ),
                 f(
+                    "cluster/bursts",
+                    "herald_cluster_bursts_total",
+                    Counter,
+                    "Bursts of QoS 0 copies and of appends handed to NATS together (cluster.linger_ms).",
+                    c(&l.bursts),
+                ),
+                f(
                     "cluster/refused",
                     "herald_cluster_refused_total",
                     Counter,

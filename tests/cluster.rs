@@ -1168,3 +1168,61 @@ async fn a_qos2_message_the_client_completed_is_not_delivered_again_after_its_no
     eprintln!("resumed on node b: PUBLISH {published:?}, {released} PUBRELs sent again");
     assert_eq!(published, ["1", "22"], "only the message never received, and the new one");
 }
+
+/// `cluster.linger_ms` (docs/cluster.md, "What it costs"): what a node sends to the others
+/// within `linger_ms` of the first goes to NATS in one burst. Node a lingers 300 ms: 40 QoS 1
+/// and 40 QoS 0 stories published at once go in a few bursts, and the first PUBACK comes no
+/// sooner than the linger (it waits for JetStream, which the append waited for). Node b does not
+/// linger: each of its appends is a burst of its own. Every story arrives once, in order
+/// [MQTT-4.6.0-2].
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stories_for_other_nodes_go_in_bursts_within_linger_ms() {
+    let nats = NatsCluster::start();
+    let a = Node::start_with("herald-a", &nats, "linger_ms = 300\n[http]\nbind = \"127.0.0.1:0\"\n");
+    let b = Node::start_with("herald-b", &nats, "linger_ms = 0\n[http]\nbind = \"127.0.0.1:0\"\n");
+    wait_until_every_node_hears_the_others(&[&a, &b]).await;
+    let bursts = |n: &Node| metric(n, "herald_cluster_bursts_total");
+    for (from, to, lingers) in [(&a, &b, true), (&b, &a, false)] {
+        let (mut reader, _) = RawClient::connect(to.addr(), connect_packet(ProtocolVersion::V5, "reader", true)).await;
+        reader.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
+        expect_suback(&mut reader).await;
+        let (mut editor, _) =
+            RawClient::connect(from.addr(), connect_packet(ProtocolVersion::V5, "editor", true)).await;
+        let before = bursts(from);
+        let sent = Instant::now();
+        for n in 1..=40u16 {
+            editor.send(&publish("news/q1", format!("{n}").as_bytes(), QoS::AtLeastOnce, n)).await;
+            editor.send(&publish("news/q0", format!("{n}").as_bytes(), QoS::AtMostOnce, 0)).await;
+        }
+        let mut first_puback = None;
+        for _ in 1..=40 {
+            let ack = editor.recv_within(PATIENCE).await;
+            assert!(matches!(ack, Ok(Some(Packet::PubAck(ref a))) if a.reason == ReasonCode::SUCCESS), "{ack:?}");
+            first_puback.get_or_insert(sent.elapsed());
+        }
+        let mut got: std::collections::HashMap<String, Vec<u16>> = Default::default();
+        for _ in 0..80 {
+            let p = expect_publish(&mut reader).await;
+            if p.qos == QoS::AtLeastOnce {
+                reader.send(&Packet::PubAck(PubResponse::new(p.packet_id, ReasonCode::SUCCESS))).await;
+            }
+            let n = std::str::from_utf8(&p.payload).unwrap().parse().unwrap();
+            got.entry(p.topic.to_string()).or_default().push(n);
+        }
+        let in_order: Vec<u16> = (1..=40).collect();
+        assert_eq!(got["news/q1"], in_order, "QoS 1 stories once each, in order");
+        assert_eq!(got["news/q0"], in_order, "QoS 0 stories once each, in order");
+        reader.expect_silence(Duration::from_millis(300)).await;
+        let used = bursts(from) - before;
+        let first = first_puback.unwrap();
+        eprintln!("lingering {lingers}: 40 appends and 40 QoS 0 copies in {used} bursts, first PUBACK after {first:?}");
+        if lingers {
+            assert!(used <= 8, "40 appends and 40 QoS 0 copies within 300 ms took {used} bursts");
+            assert!(first >= Duration::from_millis(300), "the first PUBACK came {first:?} after the publish");
+        } else {
+            assert!(used >= 40, "without linger each append is a burst of its own: {used} bursts");
+        }
+        drop(editor);
+        drop(reader);
+    }
+}
