@@ -1510,8 +1510,12 @@ async fn put_last(link: Arc<Link>, js: jetstream::Context, mut rx: mpsc::Receive
     }
 }
 
-/// At most this many messages go to the client in one burst.
+/// At most this many QoS 0 copies go to the client in one burst; a burst this full goes
+/// without lingering.
 const BURST: usize = 1024;
+/// A burst of appends this full goes without lingering (under load, bursts fill faster than
+/// `linger_ms`: the linger would only slow them).
+const APPEND_BURST: usize = 32;
 
 /// Publishes what `rx` gives on core NATS (at most once): QoS 0 messages, gathered for
 /// `linger` (`cluster.linger_ms`) and handed to the client in one burst, which it writes in one
@@ -1519,7 +1523,7 @@ const BURST: usize = 1024;
 async fn send_core(link: Arc<Link>, linger: Option<Duration>, mut rx: mpsc::Receiver<(String, Bytes)>) {
     let mut burst = Vec::with_capacity(BURST);
     while rx.recv_many(&mut burst, BURST).await > 0 {
-        if let Some(linger) = linger.filter(|l| !l.is_zero()) {
+        if let Some(linger) = linger.filter(|l| !l.is_zero() && burst.len() < BURST) {
             tokio::time::sleep(linger).await;
             let room = BURST.saturating_sub(burst.len());
             rx.recv_many(&mut burst, room).now_or_never();
@@ -1606,6 +1610,11 @@ async fn append(
                         last_sequence = last_sequence.max(sequence);
                         link.figures.appended.fetch_add(1, Ordering::Relaxed);
                         link.acknowledge(ticket);
+                        if waiting.is_empty() && !gathered.is_empty() {
+                            // Nothing in flight any more: what was gathered meanwhile goes now
+                            // (its publishers may be waiting for these PUBACKs to send more).
+                            gathering.as_mut().reset(tokio::time::Instant::now());
+                        }
                     }
                     Err(e) => {
                         // Every waiting append is sent again, in order, not only the first:
@@ -1633,6 +1642,9 @@ async fn append(
                         gathering.as_mut().reset(tokio::time::Instant::now() + linger);
                     }
                     gathered.push(append);
+                    if gathered.len() >= APPEND_BURST {
+                        gathering.as_mut().reset(tokio::time::Instant::now());
+                    }
                 }
                 None => {
                     open = false;
