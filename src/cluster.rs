@@ -190,6 +190,17 @@ struct Appends {
     since: VecDeque<(u64, tokio::time::Instant)>,
 }
 
+impl Appends {
+    /// Hands `payload` to the append task; its ticket, or None when the queue is full.
+    fn issue(&mut self, subject: String, payload: Bytes) -> Option<u64> {
+        let ticket = self.next;
+        self.tx.try_send((ticket, subject, payload)).ok()?;
+        self.next += 1;
+        self.since.push_back((ticket, tokio::time::Instant::now()));
+        Some(ticket)
+    }
+}
+
 /// What the other nodes send this one, for `server::cluster` to route.
 pub struct Inbound {
     pub qos0: async_nats::Subscriber,
@@ -447,8 +458,8 @@ impl Link {
         if message.retain {
             self.retain(message, &payload);
         }
-        let (mask, shared) = self.wanted(message);
         if message.qos == QoS::AtMostOnce {
+            let (mask, shared) = self.wanted(message);
             let mask = mask & !(1 << self.own.slot);
             if mask == 0 && !shared {
                 // No other node wants it: nothing crosses.
@@ -460,6 +471,12 @@ impl Link {
             }
             return Forward::Sent;
         }
+        // The nodes that want it are looked up again under the appends lock: a node confirming
+        // another's new interest (`answer_syncs`) takes that lock after applying it, so every
+        // append addressed without the new interest has its ticket by then, and is in the
+        // stream before the confirmation goes (`cluster.linger_ms` holds appends a while).
+        let mut appends = self.appends.lock().expect("appends lock");
+        let (mask, _) = self.wanted(message);
         // Appended even when no other node wants it: a node taking this one's sessions over
         // reads it back from the stream. And for this node too, which skips it but so knows it
         // routed everything up to it (`processed`, what a session handed over is read above).
@@ -467,21 +484,21 @@ impl Link {
             self.figures.not_sent.fetch_add(1, Ordering::Relaxed);
         }
         let mask = mask | (1 << self.own.slot);
-        match self.append(interest::subject(LOG_SUBJECT, mask), payload) {
+        match appends.issue(interest::subject(LOG_SUBJECT, mask), payload) {
             Some(ticket) => Forward::Ticket(ticket),
             None => Forward::Full,
         }
     }
 
+    /// The last append ticket issued.
+    fn appends_started(&self) -> u64 {
+        self.appends.lock().expect("appends lock").next - 1
+    }
+
     /// Hands `payload` to the append task, in order with the messages; the ticket `replicated`
     /// reaches once JetStream has it. None when the append queue is full.
     fn append(&self, subject: String, payload: Bytes) -> Option<u64> {
-        let mut appends = self.appends.lock().expect("appends lock");
-        let ticket = appends.next;
-        appends.tx.try_send((ticket, subject, payload)).ok()?;
-        appends.next += 1;
-        appends.since.push_back((ticket, tokio::time::Instant::now()));
-        Some(ticket)
+        self.appends.lock().expect("appends lock").issue(subject, payload)
     }
 
     /// Writes `client_id`'s ledger of received QoS 2 messages (message id, packet identifier;
@@ -1203,7 +1220,7 @@ impl Link {
     /// (waiting up to `wait` for them): what a session read back from the stream must read up
     /// to, so that nothing routed here before its subscriptions were in the router is missed.
     pub async fn settled_end(&self, wait: Duration) -> Result<u64, String> {
-        let started = self.appends.lock().expect("appends lock").next - 1;
+        let started = self.appends_started();
         let mut replicated = self.replicated();
         tokio::time::timeout(wait, replicated.wait_for(|r| *r >= started))
             .await
@@ -1711,6 +1728,13 @@ async fn answer_syncs(link: Arc<Link>, mut syncs: async_nats::Subscriber) {
         let link = link.clone();
         tokio::spawn(async move {
             if link.table.wait_applied(u64::from_be_bytes(revision)).await {
+                // What this node appended before it knew of the new interest was addressed
+                // without it: it is in the stream before the asking node reads the stream's end
+                // (taking a session over), or that node would miss it. A chaos test lost a story
+                // so once appends lingered (`cluster.linger_ms`).
+                let started = link.appends_started();
+                let mut replicated = link.replicated();
+                let _ = tokio::time::timeout(interest::sync_wait(), replicated.wait_for(|r| *r >= started)).await;
                 let _ = link.client.publish(reply, Bytes::from(link.node.clone())).await;
             }
         });
