@@ -1086,6 +1086,10 @@ mod tests {
         assert!(e.contains("queue_policy") && e.contains("exactly one"), "{e}");
         let e = Config::parse("[storage]\ndurability = \"never\"\n").unwrap_err().to_string();
         assert!(e.contains("never"), "{e}");
+        let cluster = "[cluster]\nnode = \"n1\"\nnats = [\"nats://127.0.0.1:4222\"]\n";
+        let e = Config::parse(&format!("{cluster}linger_ms = 1001\n")).unwrap_err().to_string();
+        assert!(e.contains("cluster.linger_ms"), "{e}");
+        assert_eq!(Config::parse(cluster).unwrap().cluster.unwrap().linger_ms, 5);
     }
 }
 
