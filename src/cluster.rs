@@ -9,13 +9,13 @@
 //! message carries its node's name, so a node skips what it published itself (routed locally
 //! already).
 
+pub mod bundle;
 pub mod fence;
 pub mod interest;
+mod outbound;
 pub mod sessions;
 
-use futures_util::FutureExt;
 use std::collections::{HashMap, VecDeque};
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -29,6 +29,7 @@ use crate::codec::QoS;
 use crate::config::ClusterConfig;
 use crate::message::Message;
 use crate::store::records;
+use bundle::Outgoing;
 use fence::FenceAnswer;
 use sessions::{Directory, EntrySubscription, Floors, HandoverReply, SessionEntry};
 
@@ -68,8 +69,6 @@ const API_PATIENCE: Duration = Duration::from_secs(10);
 const RECONNECT_EVERY: Duration = Duration::from_millis(250);
 /// How long a fenced node waits for the other nodes' answers.
 const FENCE_WAIT: Duration = Duration::from_secs(3);
-/// How many appends wait for JetStream's acknowledgement at once.
-const APPEND_WINDOW: usize = 256;
 /// Before an append that failed is tried again.
 const RETRY_AFTER: Duration = Duration::from_millis(200);
 
@@ -101,6 +100,8 @@ pub struct LinkFigures {
     pub append_retries: AtomicU64,
     /// Bursts of QoS 0 copies and of appends handed to the NATS client (`cluster.linger_ms`).
     pub bursts: AtomicU64,
+    /// Stories that went to NATS in one message with others (`bundle`).
+    pub bundled: AtomicU64,
     pub received: AtomicU64,
     pub dropped_retained: AtomicU64,
     /// Checkpoints taken (four a second).
@@ -124,9 +125,9 @@ pub struct LinkFigures {
 pub struct Link {
     node: String,
     client: async_nats::Client,
-    qos0: mpsc::Sender<(String, Bytes)>,
+    qos0: mpsc::Sender<Outgoing<()>>,
     /// Claims for the other nodes (`claimed`), on core NATS.
-    claims: mpsc::Sender<(String, Bytes)>,
+    claims: mpsc::Sender<Outgoing<()>>,
     /// Retained messages (an empty payload: removed) for the bucket, in order.
     retained: mpsc::Sender<(String, Option<Bytes>)>,
     appends: Mutex<Appends>,
@@ -184,17 +185,18 @@ const MAX_ADVERTISE: usize = 256;
 
 struct Appends {
     next: u64,
-    tx: mpsc::Sender<(u64, String, Bytes)>,
+    tx: mpsc::Sender<Outgoing<u64>>,
     /// When each unsettled ticket was handed over, oldest first: what `cluster.hold_secs`
     /// counts from.
     since: VecDeque<(u64, tokio::time::Instant)>,
 }
 
 impl Appends {
-    /// Hands `payload` to the append task; its ticket, or None when the queue is full.
-    fn issue(&mut self, subject: String, payload: Bytes) -> Option<u64> {
+    /// Hands `payload` to the append task; its ticket, or None when the queue is full. `topic`
+    /// (its hash) lets it share a message with others (`bundle`).
+    fn issue(&mut self, subject: String, topic: Option<u64>, payload: Bytes) -> Option<u64> {
         let ticket = self.next;
-        self.tx.try_send((ticket, subject, payload)).ok()?;
+        self.tx.try_send(Outgoing { subject, topic, payload, tag: ticket }).ok()?;
         self.next += 1;
         self.since.push_back((ticket, tokio::time::Instant::now()));
         Some(ticket)
@@ -233,12 +235,6 @@ pub struct Open {
     pub sessions: Vec<u64>,
     pub upto: u64,
     pub answer: tokio::sync::oneshot::Sender<u64>,
-}
-
-/// A message as another node published it.
-pub struct Received {
-    pub node: String,
-    pub message: Message,
 }
 
 impl Link {
@@ -406,8 +402,8 @@ impl Link {
             moving: Mutex::default(),
         });
         let linger = Duration::from_millis(config.linger_ms);
-        tokio::spawn(send_core(link.clone(), Some(linger), qos0_rx));
-        tokio::spawn(send_core(link.clone(), None, claims_rx));
+        tokio::spawn(outbound::send_core(link.clone(), Some(linger), qos0_rx));
+        tokio::spawn(outbound::send_core(link.clone(), None, claims_rx));
         tokio::spawn(apply_interest(table, interest_watch));
         tokio::spawn(answer_syncs(link.clone(), syncs));
         {
@@ -422,7 +418,7 @@ impl Link {
         }
         tokio::spawn(put_last(link.clone(), js.clone(), retained_rx));
         tokio::spawn(put_last(link.clone(), js.clone(), directory_rx));
-        tokio::spawn(append(link.clone(), js, rx, boot, linger));
+        tokio::spawn(outbound::append(link.clone(), js, rx, boot, linger));
         info!(node = config.node.as_str(), nats = servers.as_str(), stream = config.stream.as_str(), "cluster joined");
         Ok((
             link,
@@ -479,7 +475,9 @@ impl Link {
                 self.figures.not_sent.fetch_add(1, Ordering::Relaxed);
                 return Forward::Sent;
             }
-            if self.qos0.try_send((interest::subject(QOS0_SUBJECT, mask), payload)).is_err() {
+            let subject = interest::subject(QOS0_SUBJECT, mask);
+            let topic = Some(bundle::topic_hash(&message.topic));
+            if self.qos0.try_send(Outgoing { subject, topic, payload, tag: () }).is_err() {
                 self.figures.dropped_qos0.fetch_add(1, Ordering::Relaxed);
             }
             return Forward::Sent;
@@ -497,7 +495,8 @@ impl Link {
             self.figures.not_sent.fetch_add(1, Ordering::Relaxed);
         }
         let mask = mask | (1 << self.own.slot);
-        match appends.issue(interest::subject(LOG_SUBJECT, mask), payload) {
+        let topic = Some(bundle::topic_hash(&message.topic));
+        match appends.issue(interest::subject(LOG_SUBJECT, mask), topic, payload) {
             Some(ticket) => Forward::Ticket(ticket),
             None => Forward::Full,
         }
@@ -511,7 +510,7 @@ impl Link {
     /// Hands `payload` to the append task, in order with the messages; the ticket `replicated`
     /// reaches once JetStream has it. None when the append queue is full.
     fn append(&self, subject: String, payload: Bytes) -> Option<u64> {
-        self.appends.lock().expect("appends lock").issue(subject, payload)
+        self.appends.lock().expect("appends lock").issue(subject, None, payload)
     }
 
     /// Writes `client_id`'s ledger of received QoS 2 messages (message id, packet identifier;
@@ -681,7 +680,8 @@ impl Link {
         let mut payload = Vec::with_capacity(1 + client_id.len());
         payload.push(u8::from(clean_start));
         payload.extend_from_slice(client_id.as_bytes());
-        let _ = self.claims.try_send((CLAIM_SUBJECT.to_owned(), Bytes::from(payload)));
+        let claim = Outgoing { subject: CLAIM_SUBJECT.to_owned(), topic: None, payload: Bytes::from(payload), tag: () };
+        let _ = self.claims.try_send(claim);
     }
 
     /// Follows the highest settled ticket: JetStream acknowledged its message and every one
@@ -1318,12 +1318,15 @@ impl Link {
             if seq > upto {
                 break Ok(());
             }
-            match records::decode_message(&m.payload) {
-                Ok(message) => {
-                    *read += 1;
-                    each(seq, message);
+            // A bundle's stories all stand at its sequence (`bundle`).
+            for story in bundle::stories(&m.payload) {
+                match story {
+                    Ok(message) => {
+                        *read += 1;
+                        each(seq, message);
+                    }
+                    Err(e) => warn!(seq, error = %e, "undecodable message in the stream; skipped"),
                 }
-                Err(e) => warn!(seq, error = %e, "undecodable message in the stream; skipped"),
             }
             *cursor = seq;
             if seq == upto || pending == 0 {
@@ -1365,23 +1368,22 @@ pub fn receive_claim(link: &Link, headers: Option<&async_nats::HeaderMap>, paylo
     (node != link.node).then(|| Some((std::str::from_utf8(id).ok()?.to_owned(), clean == 1))).flatten()
 }
 
-/// Decodes what another node sent; None for this node's own messages (routed here already) and
-/// for what cannot be decoded (logged).
-pub fn receive(link: &Link, headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Option<Received> {
+/// Decodes what another node sent: its stories, one or a bundle's (`bundle`); none for this
+/// node's own messages (routed here already), and none for what cannot be decoded (logged).
+pub fn receive(link: &Link, headers: Option<&async_nats::HeaderMap>, payload: &[u8]) -> Vec<Message> {
     let node = origin(headers);
     if node == link.node {
-        return None;
+        return Vec::new();
     }
-    match records::decode_message(payload) {
-        Ok(message) => {
-            link.figures.received.fetch_add(1, Ordering::Relaxed);
-            Some(Received { node, message })
-        }
-        Err(e) => {
-            warn!(node = node.as_str(), error = %e, "undecodable message from another node; skipped");
-            None
+    let mut stories = Vec::new();
+    for story in bundle::stories(payload) {
+        match story {
+            Ok(message) => stories.push(message),
+            Err(e) => warn!(node = node.as_str(), error = %e, "undecodable message from another node; skipped"),
         }
     }
+    link.figures.received.fetch_add(stories.len() as u64, Ordering::Relaxed);
+    stories
 }
 
 /// The subject of a topic's retained message: the topic's bytes in hex (subjects allow no
@@ -1536,151 +1538,6 @@ async fn put_last(link: Arc<Link>, js: jetstream::Context, mut rx: mpsc::Receive
                     tokio::time::sleep(RETRY_AFTER).await;
                 }
             }
-        }
-    }
-}
-
-/// At most this many QoS 0 copies go to the client in one burst; a burst this full goes
-/// without lingering.
-const BURST: usize = 1024;
-/// A burst of appends this full goes without lingering (under load, bursts fill faster than
-/// `linger_ms`: the linger would only slow them).
-const APPEND_BURST: usize = 32;
-
-/// Publishes what `rx` gives on core NATS (at most once): QoS 0 messages, gathered for
-/// `linger` (`cluster.linger_ms`) and handed to the client in one burst, which it writes in one
-/// go; claims (`linger` None) at once.
-async fn send_core(link: Arc<Link>, linger: Option<Duration>, mut rx: mpsc::Receiver<(String, Bytes)>) {
-    let mut burst = Vec::with_capacity(BURST);
-    while rx.recv_many(&mut burst, BURST).await > 0 {
-        if let Some(linger) = linger.filter(|l| !l.is_zero() && burst.len() < BURST) {
-            tokio::time::sleep(linger).await;
-            let room = BURST.saturating_sub(burst.len());
-            rx.recv_many(&mut burst, room).now_or_never();
-        }
-        if linger.is_some() {
-            link.figures.bursts.fetch_add(1, Ordering::Relaxed);
-        }
-        for (subject, payload) in burst.drain(..) {
-            let sent = link.client.publish_with_headers(subject, link.headers(), payload).await.is_ok();
-            if linger.is_some() {
-                let counter = if sent { &link.figures.sent_qos0 } else { &link.figures.dropped_qos0 };
-                counter.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-    }
-}
-
-/// Resolves to the stream sequence JetStream stored the message at (the first copy's, for a
-/// duplicate).
-type AckFuture = Pin<Box<dyn std::future::Future<Output = Result<u64, String>> + Send>>;
-
-/// Hands one append to the client and returns the wait for JetStream's acknowledgement.
-async fn start_append(
-    js: jetstream::Context,
-    subject: String,
-    headers: async_nats::HeaderMap,
-    payload: Bytes,
-) -> AckFuture {
-    match js.publish_with_headers(subject, headers, payload).await {
-        Ok(ack) => Box::pin(async move { ack.await.map(|a| a.sequence).map_err(|e| e.to_string()) }),
-        Err(e) => Box::pin(std::future::ready(Err(e.to_string()))),
-    }
-}
-
-/// Appends QoS 1 and 2 messages to the stream in ticket order, up to `APPEND_WINDOW` waiting
-/// for their acknowledgement at once, and moves `replicated` as the oldest is acknowledged. An
-/// append that fails is sent again with the same message id (JetStream drops the copy if the
-/// first one arrived after all), so the publisher's acknowledgement waits while NATS is away
-/// instead of being sent for a message that is not in the stream. With `linger`
-/// (`cluster.linger_ms`), what comes within it of the first goes to the client together.
-async fn append(
-    link: Arc<Link>,
-    js: jetstream::Context,
-    mut rx: mpsc::Receiver<(u64, String, Bytes)>,
-    boot: u64,
-    linger: Duration,
-) {
-    // The publish is handed to the client at once (so appends are pipelined); only the
-    // acknowledgement is waited for in order.
-    let send = |ticket: u64, (subject, payload): (String, Bytes)| {
-        let mut headers = link.headers();
-        headers.insert("Nats-Msg-Id", format!("{}.{boot}.{ticket}", link.node).as_str());
-        start_append(js.clone(), subject, headers, payload)
-    };
-    let mut waiting: VecDeque<(u64, (String, Bytes), AckFuture)> = VecDeque::new();
-    let mut open = true;
-    // The stream sequence of the last append acknowledged: in ticket order, each is above it,
-    // unless a resent append landed after a later one that had arrived the first time.
-    let mut last_sequence = 0;
-    let mut check = tokio::time::interval(RETRY_AFTER);
-    // Appends received and not yet sent, while `linger` runs from the first of them.
-    let mut gathered: Vec<(u64, String, Bytes)> = Vec::new();
-    let gathering = tokio::time::sleep(Duration::ZERO);
-    tokio::pin!(gathering);
-    while open || !waiting.is_empty() || !gathered.is_empty() {
-        tokio::select! {
-            biased;
-            _ = check.tick(), if !waiting.is_empty() => link.give_up_on_old(),
-            _ = &mut gathering, if !gathered.is_empty() => {
-                link.figures.bursts.fetch_add(1, Ordering::Relaxed);
-                for (ticket, subject, payload) in gathered.drain(..) {
-                    let future = send(ticket, (subject.clone(), payload.clone())).await;
-                    waiting.push_back((ticket, (subject, payload), future));
-                }
-            }
-            result = async { (&mut waiting.front_mut().expect("not empty").2).await }, if !waiting.is_empty() => {
-                match result {
-                    Ok(sequence) => {
-                        let (ticket, _, _) = waiting.pop_front().expect("not empty");
-                        if sequence < last_sequence {
-                            link.figures.append_reordered.fetch_add(1, Ordering::Relaxed);
-                            warn!(ticket, sequence, after = last_sequence, "a resent append landed after a later one: the other nodes get these two out of order");
-                        }
-                        last_sequence = last_sequence.max(sequence);
-                        link.figures.appended.fetch_add(1, Ordering::Relaxed);
-                        link.acknowledge(ticket);
-                        if waiting.is_empty() && !gathered.is_empty() {
-                            // Nothing in flight any more: what was gathered meanwhile goes now
-                            // (its publishers may be waiting for these PUBACKs to send more).
-                            gathering.as_mut().reset(tokio::time::Instant::now());
-                        }
-                    }
-                    Err(e) => {
-                        // Every waiting append is sent again, in order, not only the first:
-                        // after a failover each would otherwise wait for its own timeout in
-                        // turn (measured: a 22 s pause at 200 messages/s, instead of the
-                        // election's few seconds). JetStream drops the copies of those that
-                        // had arrived (same message id).
-                        link.figures.append_retries.fetch_add(waiting.len() as u64, Ordering::Relaxed);
-                        warn!(error = e.as_str(), waiting = waiting.len(), "appending to JetStream failed; sending again");
-                        tokio::time::sleep(RETRY_AFTER).await;
-                        for entry in waiting.iter_mut() {
-                            entry.2 = send(entry.0, entry.1.clone()).await;
-                        }
-                    }
-                }
-            }
-            next = rx.recv(), if open && waiting.len() + gathered.len() < APPEND_WINDOW => match next {
-                Some((ticket, subject, payload)) if linger.is_zero() => {
-                    link.figures.bursts.fetch_add(1, Ordering::Relaxed);
-                    let future = send(ticket, (subject.clone(), payload.clone())).await;
-                    waiting.push_back((ticket, (subject, payload), future));
-                }
-                Some(append) => {
-                    if gathered.is_empty() {
-                        gathering.as_mut().reset(tokio::time::Instant::now() + linger);
-                    }
-                    gathered.push(append);
-                    if gathered.len() >= APPEND_BURST {
-                        gathering.as_mut().reset(tokio::time::Instant::now());
-                    }
-                }
-                None => {
-                    open = false;
-                    gathering.as_mut().reset(tokio::time::Instant::now());
-                }
-            },
         }
     }
 }

@@ -489,6 +489,13 @@ impl Snapshot {
                     c(&l.bursts),
                 ),
                 f(
+                    "cluster/bundled",
+                    "herald_cluster_bundled_total",
+                    Counter,
+                    "Stories that went to NATS in one message with others for the same nodes.",
+                    c(&l.bundled),
+                ),
+                f(
                     "cluster/refused",
                     "herald_cluster_refused_total",
                     Counter,

@@ -1182,13 +1182,14 @@ async fn stories_for_other_nodes_go_in_bursts_within_linger_ms() {
     let b = Node::start_with("herald-b", &nats, "linger_ms = 0\n[http]\nbind = \"127.0.0.1:0\"\n");
     wait_until_every_node_hears_the_others(&[&a, &b]).await;
     let bursts = |n: &Node| metric(n, "herald_cluster_bursts_total");
+    let bundled = |n: &Node| metric(n, "herald_cluster_bundled_total");
     for (from, to, lingers) in [(&a, &b, true), (&b, &a, false)] {
         let (mut reader, _) = RawClient::connect(to.addr(), connect_packet(ProtocolVersion::V5, "reader", true)).await;
         reader.send(&subscribe(1, "news/#", QoS::AtLeastOnce)).await;
         expect_suback(&mut reader).await;
         let (mut editor, _) =
             RawClient::connect(from.addr(), connect_packet(ProtocolVersion::V5, "editor", true)).await;
-        let before = bursts(from);
+        let (before, bundled_before) = (bursts(from), bundled(from));
         let sent = Instant::now();
         for n in 1..=20u16 {
             editor.send(&publish("news/q1", format!("{n}").as_bytes(), QoS::AtLeastOnce, n)).await;
@@ -1214,10 +1215,16 @@ async fn stories_for_other_nodes_go_in_bursts_within_linger_ms() {
         assert_eq!(got["news/q0"], in_order, "QoS 0 stories once each, in order");
         reader.expect_silence(Duration::from_millis(300)).await;
         let used = bursts(from) - before;
+        let shared = bundled(from) - bundled_before;
         let first = first_puback.unwrap();
-        eprintln!("lingering {lingers}: 20 appends and 20 QoS 0 copies in {used} bursts, first PUBACK after {first:?}");
+        eprintln!(
+            "lingering {lingers}: 20 appends and 20 QoS 0 copies in {used} bursts, {shared} stories bundled, first PUBACK after {first:?}"
+        );
         if lingers {
             assert!(used <= 6, "20 appends and 20 QoS 0 copies within 300 ms took {used} bursts");
+            // Each burst's stories for node b travel as one NATS message (`cluster::bundle`), and
+            // still arrive once each and in order (above).
+            assert!(shared >= 30, "of 40 stories in at most 6 bursts only {shared} shared a message");
             assert!(first >= Duration::from_millis(300), "the first PUBACK came {first:?} after the publish");
         } else {
             assert!(used >= 20, "without linger each append is a burst of its own: {used} bursts");

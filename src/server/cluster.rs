@@ -124,8 +124,8 @@ pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound, gro
             },
             m = qos0.next() => match m {
                 Some(m) => {
-                    if let Some(r) = cluster::receive(&link, m.headers.as_ref(), &m.payload) {
-                        broker.publish(broker.remote_message(r.message));
+                    for message in cluster::receive(&link, m.headers.as_ref(), &m.payload) {
+                        broker.publish(broker.remote_message(message));
                     }
                 }
                 None => break,
@@ -145,18 +145,18 @@ pub async fn receive(broker: Arc<Broker>, link: Arc<Link>, inbound: Inbound, gro
             m = log.next() => match m {
                 Some(Ok(m)) => {
                     untouched = false;
-                    let ticket = match cluster::receive(&link, m.headers.as_ref(), &m.payload) {
-                        Some(r) => {
-                            // As a publisher's connection does: a subscriber whose queue is full
-                            // is waited for (up to `max_publish_wait_ms`), and meanwhile this
-                            // node reads no further in the stream; JetStream keeps the rest.
-                            let seq = m.info().map_or(0, |i| i.stream_sequence);
-                            let outcome = broker.route_remote(broker.remote_message(r.message), seq);
-                            wait_for_room(&broker, outcome.blocked).await;
-                            outcome.ticket
-                        }
-                        None => 0,
-                    };
+                    // A bundle's stories all stand at its sequence, and are routed before it
+                    // counts as processed (`cluster::bundle`).
+                    let seq = m.info().map_or(0, |i| i.stream_sequence);
+                    let mut ticket = 0;
+                    for message in cluster::receive(&link, m.headers.as_ref(), &m.payload) {
+                        // As a publisher's connection does: a subscriber whose queue is full
+                        // is waited for (up to `max_publish_wait_ms`), and meanwhile this
+                        // node reads no further in the stream; JetStream keeps the rest.
+                        let outcome = broker.route_remote(broker.remote_message(message), seq);
+                        wait_for_room(&broker, outcome.blocked).await;
+                        ticket = ticket.max(outcome.ticket);
+                    }
                     if let Ok(info) = m.info() {
                         link.processed_up_to(info.stream_sequence);
                         link.figures.log_lag.store(info.pending, std::sync::atomic::Ordering::Relaxed);
@@ -278,23 +278,34 @@ async fn read_shared(broker: Arc<Broker>, link: Arc<Link>, group: String, filter
     let (acks, waiting) = mpsc::channel(ACKS_WAITING);
     tokio::spawn(acknowledge(broker.clone(), waiting));
     let mut idle = tokio::time::interval(SHARED_IDLE_CHECK);
+    // The group's stories in a message: one, or a bundle's (`cluster::bundle`).
     let decode = |payload: &[u8]| {
-        crate::store::records::decode_message(payload).ok().filter(|m| crate::topic::filter_matches(&filter, &m.topic))
+        cluster::bundle::stories(payload)
+            .filter_map(Result::ok)
+            .filter(|m| crate::topic::filter_matches(&filter, &m.topic))
+            .collect::<Vec<_>>()
     };
     loop {
         tokio::select! {
             m = log.next() => match m {
                 Some(Ok(m)) => {
-                    let ticket = match decode(&m.payload) {
-                        Some(message) => match broker.deliver_shared(broker.remote_message(message), &group, &filter) {
-                            Some(outcome) => outcome.ticket,
+                    // Not for this group's filter: nothing to do but let it go (ticket 0).
+                    let mut ticket = Some(0);
+                    for message in decode(&m.payload) {
+                        match broker.deliver_shared(broker.remote_message(message), &group, &filter) {
+                            Some(outcome) => ticket = ticket.map(|t| t.max(outcome.ticket)),
                             None => {
-                                let _ = m.ack_with(AckKind::Nak(None)).await;
+                                // The last member here left: JetStream gives the message to
+                                // another node's. Of a bundle, the stories delivered here
+                                // before go again (a duplicate, not a loss).
+                                ticket = None;
                                 break;
                             }
-                        },
-                        // Not for this group's filter: nothing to do but let it go.
-                        None => 0,
+                        }
+                    }
+                    let Some(ticket) = ticket else {
+                        let _ = m.ack_with(AckKind::Nak(None)).await;
+                        break;
                     };
                     if acks.send((ticket, m)).await.is_err() {
                         break;
@@ -314,10 +325,11 @@ async fn read_shared(broker: Arc<Broker>, link: Arc<Link>, group: String, filter
             },
             m = qos0.next() => match m {
                 Some(m) => {
-                    if let Some(message) = decode(&m.payload) {
-                        if broker.deliver_shared(broker.remote_message(message), &group, &filter).is_none() {
-                            break;
-                        }
+                    let delivered = decode(&m.payload)
+                        .into_iter()
+                        .all(|message| broker.deliver_shared(broker.remote_message(message), &group, &filter).is_some());
+                    if !delivered {
+                        break;
                     }
                 }
                 None => break,

@@ -69,11 +69,17 @@ pub fn spawn_nats(
     dir: &std::path::Path,
 ) -> Option<Nats> {
     let store = dir.join(name);
+    // A cluster name of its own (its directory's): the chaos tests kill and restart servers on
+    // their ports, and a test running beside them may have been given such a port meanwhile;
+    // with one name for all, that test's server would join this cluster (a JetStream that
+    // never came up in one run). Servers of different names refuse each other's routes.
+    let cluster_name =
+        format!("herald-{}", dir.file_name().and_then(|n| n.to_str()).unwrap_or("tests").replace('.', ""));
     let mut child = Command::new(nats_server())
         .args(["-js", "-sd", store.to_str().unwrap(), "-a", "127.0.0.1", "-p", &client_port.to_string(), "-n", name])
         .args([
             "--cluster_name",
-            "herald",
+            &cluster_name,
             "--cluster",
             &format!("nats://127.0.0.1:{cluster_port}"),
             "--routes",
