@@ -113,6 +113,11 @@ cases = [
     ("10k retained, new news/# subscriber QoS1, time", "retained", dict(qos=1), "ms", "ms", True, "< 50 ms",
      lambda r: r["ms"] < 50 and r["delivered"] >= 10000),
     ("10k retained, new news/# subscriber QoS0, delivered", "retained", dict(qos=0), "delivered", "msgs", False, "", None),
+    ("12 rounds of 100k SUBSCRIBE then UNSUBSCRIBE: resident growth after round 1, MB", "churn", dict(same=0),
+     "growth_after_first_round_mb", "MB", True, "within one round's size",
+     lambda r: r["growth_after_first_round_mb"] <= r["rss_after_subscribe_mb"][0] - r["rss_before_mb"]),
+    ("12 rounds of 100k SUBSCRIBE then UNSUBSCRIBE: resident 12 s after, MB", "churn", dict(same=0),
+     "rss_settled_mb", "MB", True, "measured", None),
 ]
 
 out = []

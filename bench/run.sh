@@ -80,6 +80,7 @@ scenarios=(
   "conns --connections $HELD --tls true --ca CA --keepalive 10 --hold 30 --port $TLSPORT"
   "retained --qos 0 --messages 10000"
   "retained --qos 1 --messages 10000"
+  "churn --rounds 12 --filters 100000"
 )
 
 for broker in $BROKERS; do

@@ -8,6 +8,27 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use herald::config::Config;
 
+/// jemalloc rather than glibc's malloc: glibc gives each thread that allocates an arena of its
+/// own and keeps what was freed there, so resident memory after subscription churn or a drained
+/// backlog stayed near the highest any worker thread had reached, and rose with each round of
+/// churn (bench/notes.md, issue 26; mimalloc was measured too).
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read at its first allocation: a background thread gives memory freed and
+/// unused for a second back to the system (the default 10 s decay happens only when the
+/// process allocates again, so a broker gone quiet after a peak never gave it back).
+/// `_RJEM_MALLOC_CONF` in the environment still overrides these.
+#[unsafe(export_name = "_rjem_malloc_conf")]
+static MALLOC_CONF: JemallocConf =
+    JemallocConf(c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
+
+/// A C string pointer jemalloc reads (`const char *malloc_conf`).
+#[repr(transparent)]
+struct JemallocConf(*const std::ffi::c_char);
+// SAFETY: it points at a string literal, never written.
+unsafe impl Sync for JemallocConf {}
+
 /// The Herald MQTT broker. SIGHUP (or POST /api/v1/reload) reloads the password file, ACL, JWT
 /// key, limits and TLS certificates; SIGTERM or SIGINT shuts down within [shutdown]
 /// grace_period.
