@@ -18,8 +18,8 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 /// jemalloc's options, read at its first allocation: a background thread gives memory freed and
 /// unused for a second back to the system (the default 10 s decay happens only when the
 /// process allocates again, so a broker gone quiet after a peak never gave it back).
-/// `_RJEM_MALLOC_CONF` in the environment still overrides these.
-#[unsafe(export_name = "_rjem_malloc_conf")]
+/// `MALLOC_CONF` in the environment still overrides these.
+#[unsafe(export_name = "malloc_conf")]
 static MALLOC_CONF: JemallocConf =
     JemallocConf(c"background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0".as_ptr());
 
