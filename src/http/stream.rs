@@ -12,13 +12,18 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use hyper::body::Frame;
 use tokio::sync::mpsc;
 
 use super::reader::{Ask, Next, Reader};
 use super::{Request, Response};
 use crate::broker::Broker;
+
+/// A piece of the body (events sent together) grows to about this many bytes, or
+/// `BURST_EVENTS` events, before it is handed on.
+const BATCH_BYTES: usize = 64 * 1024;
+const BURST_EVENTS: usize = 256;
 
 /// The body of a stream: events as the driver task writes them; dropped by hyper when the
 /// client goes, which the driver sees as a closed channel.
@@ -30,8 +35,25 @@ impl hyper::body::Body for EventBody {
     type Data = Bytes;
     type Error = Infallible;
 
+    /// Every event waiting goes out in one frame (one chunk, one write), up to `BATCH_BYTES`:
+    /// a burst of stories costs the stream one write rather than one per story.
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        self.rx.poll_recv(cx).map(|event| event.map(|b| Ok(Frame::data(b))))
+        let first = match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(first)) => first,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        let Ok(second) = self.rx.try_recv() else { return Poll::Ready(Some(Ok(Frame::data(first)))) };
+        let mut batch = BytesMut::with_capacity((first.len() + second.len()) * 4);
+        batch.extend_from_slice(&first);
+        batch.extend_from_slice(&second);
+        while batch.len() < BATCH_BYTES {
+            match self.rx.try_recv() {
+                Ok(next) => batch.extend_from_slice(&next),
+                Err(_) => break,
+            }
+        }
+        Poll::Ready(Some(Ok(Frame::data(batch.freeze()))))
     }
 }
 
@@ -89,7 +111,22 @@ async fn drive(broker: Arc<Broker>, mut reader: Reader, tx: mpsc::Sender<Bytes>,
         };
         match next {
             Next::Delivery(d) => {
-                let event = super::reader::event(&d);
+                // What else is waiting goes with it, as one piece of the body: a burst of
+                // stories costs one send to the body and one write, not one per story.
+                let mut event = super::reader::event(&d);
+                let mut burst = vec![d];
+                if let Some(second) = reader.try_next() {
+                    let mut joined = BytesMut::with_capacity(event.len() * 8);
+                    joined.extend_from_slice(&event);
+                    joined.extend_from_slice(&super::reader::event(&second));
+                    burst.push(second);
+                    while joined.len() < BATCH_BYTES && burst.len() < BURST_EVENTS {
+                        let Some(next) = reader.try_next() else { break };
+                        joined.extend_from_slice(&super::reader::event(&next));
+                        burst.push(next);
+                    }
+                    event = joined.freeze();
+                }
                 let sent = match tx.try_send(event) {
                     Ok(()) => Ok(()),
                     Err(mpsc::error::TrySendError::Closed(_)) => Err("closed by the client"),
@@ -102,9 +139,10 @@ async fn drive(broker: Arc<Broker>, mut reader: Reader, tx: mpsc::Sender<Bytes>,
                     }
                 };
                 match sent {
-                    Ok(()) => reader.written(d),
+                    Ok(()) => burst.into_iter().for_each(|d| reader.written(d)),
                     Err(why) => {
-                        reader.give_back(d);
+                        // Back in front of the queue, in their order.
+                        burst.into_iter().rev().for_each(|d| reader.give_back(d));
                         if why.starts_with("too slow") {
                             broker.metrics().http_readers_dropped.fetch_add(1, Ordering::Relaxed);
                         }
