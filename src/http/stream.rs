@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use hyper::body::Frame;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 
 use super::reader::{Ask, Next, Reader};
 use super::{Request, Response};
@@ -28,8 +28,14 @@ const BURST_EVENTS: usize = 256;
 /// The body of a stream: events as the driver task writes them; dropped by hyper when the
 /// client goes, which the driver sees as a closed channel.
 pub struct EventBody {
-    rx: mpsc::Receiver<Bytes>,
+    rx: mpsc::Receiver<Piece>,
+    /// `buffer_events`, counted in events however they are joined: what the body takes from
+    /// `rx` it gives back here (`Piece`).
+    room: Arc<Semaphore>,
 }
+
+/// Events sent to the body together, and how many.
+type Piece = (Bytes, u32);
 
 impl hyper::body::Body for EventBody {
     type Data = Bytes;
@@ -38,18 +44,23 @@ impl hyper::body::Body for EventBody {
     /// Every event waiting goes out in one frame (one chunk, one write), up to `BATCH_BYTES`:
     /// a burst of stories costs the stream one write rather than one per story.
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
-        let first = match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(first)) => first,
+        let (first, n) = match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(piece)) => piece,
             Poll::Ready(None) => return Poll::Ready(None),
             Poll::Pending => return Poll::Pending,
         };
-        let Ok(second) = self.rx.try_recv() else { return Poll::Ready(Some(Ok(Frame::data(first)))) };
+        self.room.add_permits(n as usize);
+        let Ok((second, n)) = self.rx.try_recv() else { return Poll::Ready(Some(Ok(Frame::data(first)))) };
+        self.room.add_permits(n as usize);
         let mut batch = BytesMut::with_capacity((first.len() + second.len()) * 4);
         batch.extend_from_slice(&first);
         batch.extend_from_slice(&second);
         while batch.len() < BATCH_BYTES {
             match self.rx.try_recv() {
-                Ok(next) => batch.extend_from_slice(&next),
+                Ok((next, n)) => {
+                    self.room.add_permits(n as usize);
+                    batch.extend_from_slice(&next);
+                }
                 Err(_) => break,
             }
         }
@@ -87,20 +98,29 @@ pub async fn open(broker: &Arc<Broker>, req: Request, peer: SocketAddr) -> Resul
     })
     .await
     .map_err(|_| Response::error(500, "the stream could not be opened"))??;
+    // The channel holds at most as many pieces as events; `room` is what bounds the events.
     let (tx, rx) = mpsc::channel(cfg.buffer_events);
+    let room = Arc::new(Semaphore::new(cfg.buffer_events));
     let hello = format!(
         "retry: {}\nevent: session\ndata: {}\n\n",
         cfg.retry_ms,
         serde_json::json!({ "client_id": opened.client_id, "session_present": opened.present })
     );
-    let _ = tx.try_send(Bytes::from(hello));
-    tokio::spawn(drive(broker.clone(), opened, tx, cfg));
-    Ok(EventBody { rx })
+    let _ = tx.try_send((Bytes::from(hello), 0));
+    tokio::spawn(drive(broker.clone(), opened, tx, room.clone(), cfg));
+    Ok(EventBody { rx, room })
 }
 
 /// Writes the reader's deliveries into the body until the client goes, the session is taken
 /// over, or the client stops reading for `stall_ms` (then it is dropped and counted).
-async fn drive(broker: Arc<Broker>, mut reader: Reader, tx: mpsc::Sender<Bytes>, cfg: crate::config::Readers) {
+async fn drive(
+    broker: Arc<Broker>,
+    mut reader: Reader,
+    tx: mpsc::Sender<Piece>,
+    room: Arc<Semaphore>,
+    cfg: crate::config::Readers,
+) {
+    let most = BURST_EVENTS.min(cfg.buffer_events.max(1));
     let heartbeat = Duration::from_secs(cfg.heartbeat_secs);
     let stall = Duration::from_millis(cfg.stall_ms);
     let why = loop {
@@ -120,24 +140,35 @@ async fn drive(broker: Arc<Broker>, mut reader: Reader, tx: mpsc::Sender<Bytes>,
                     joined.extend_from_slice(&event);
                     joined.extend_from_slice(&super::reader::event(&second));
                     burst.push(second);
-                    while joined.len() < BATCH_BYTES && burst.len() < BURST_EVENTS {
+                    while joined.len() < BATCH_BYTES && burst.len() < most {
                         let Some(next) = reader.try_next() else { break };
                         joined.extend_from_slice(&super::reader::event(&next));
                         burst.push(next);
                     }
                     event = joined.freeze();
                 }
-                let sent = match tx.try_send(event) {
-                    Ok(()) => Ok(()),
-                    Err(mpsc::error::TrySendError::Closed(_)) => Err("closed by the client"),
-                    Err(mpsc::error::TrySendError::Full(event)) => {
-                        match tokio::time::timeout(stall, tx.send(event)).await {
-                            Ok(Ok(())) => Ok(()),
+                // Room for this many events in the stream's buffer, waited for up to `stall_ms`.
+                let n = burst.len() as u32;
+                let roomy = match room.try_acquire_many(n) {
+                    Ok(permit) => Ok(permit),
+                    Err(_) => tokio::select! {
+                        got = tokio::time::timeout(stall, room.acquire_many(n)) => match got {
+                            Ok(Ok(permit)) => Ok(permit),
                             Ok(Err(_)) => Err("closed by the client"),
                             Err(_) => Err("too slow: its buffer stayed full for stall_ms"),
-                        }
-                    }
+                        },
+                        _ = tx.closed() => Err("closed by the client"),
+                    },
                 };
+                let sent = roomy.and_then(|permit| {
+                    // The body gives the room back as it takes the piece.
+                    permit.forget();
+                    tx.try_send((event, n)).map_err(|e| match e {
+                        // Full of heartbeats only: a client that has read nothing for that long.
+                        mpsc::error::TrySendError::Full(_) => "too slow: its buffer stayed full for stall_ms",
+                        mpsc::error::TrySendError::Closed(_) => "closed by the client",
+                    })
+                });
                 match sent {
                     Ok(()) => burst.into_iter().for_each(|d| reader.written(d)),
                     Err(why) => {
@@ -156,7 +187,7 @@ async fn drive(broker: Arc<Broker>, mut reader: Reader, tx: mpsc::Sender<Bytes>,
             Next::Kicked(_) => break "asked to close",
             Next::Idle => {
                 // A comment: EventSource ignores it, a proxy sees traffic. Skipped when full.
-                let _ = tx.try_send(Bytes::from_static(b": heartbeat\n\n"));
+                let _ = tx.try_send((Bytes::from_static(b": heartbeat\n\n"), 0));
             }
         }
     };
