@@ -323,25 +323,18 @@ impl Link {
             .map_err(|e| connect_error(e.to_string()))?;
         let syncs = client.subscribe(interest::SYNC_SUBJECT).await.map_err(|e| connect_error(e.to_string()))?;
         let claims_in = client.subscribe(CLAIM_SUBJECT).await.map_err(|e| connect_error(e.to_string()))?;
-        let mut retained_now = Vec::new();
-        // Tried again as `retrying` does (it cannot lend `retained_now` to each attempt): a
-        // stress run saw "no responders" here while JetStream settled, and the node exit.
-        let deadline = tokio::time::Instant::now() + API_PATIENCE;
-        let retained_in = loop {
-            retained_now.clear();
-            let read = read_last_per_subject(&js, config, "RETAINED", RETAINED_SUBJECTS, |m| {
-                retained_now.extend(retained_entry(m.subject.as_str(), &m.payload).filter(|r| !r.payload.is_empty()));
+        // Tried again like the other JetStream steps: a stress run saw "no responders" here
+        // while JetStream settled, and the node exit.
+        let (retained_now, retained_in) = retrying(|| async {
+            let mut now = Vec::new();
+            let stream = read_last_per_subject(&js, config, "RETAINED", RETAINED_SUBJECTS, |m| {
+                now.extend(retained_entry(m.subject.as_str(), &m.payload).filter(|r| !r.payload.is_empty()));
             })
-            .await;
-            match read {
-                Ok(stream) => break stream,
-                Err(e) if tokio::time::Instant::now() < deadline => {
-                    warn!(error = e.as_str(), "reading the retained messages failed; trying again");
-                    tokio::time::sleep(Duration::from_millis(250)).await;
-                }
-                Err(e) => return Err(stream_error(e)),
-            }
-        };
+            .await?;
+            Ok((now, stream))
+        })
+        .await
+        .map_err(stream_error)?;
         let (directory, directory_in) = retrying(|| read_directory(&js, config)).await.map_err(stream_error)?;
         let base = directory.checkpoint(&config.node).unwrap_or(0);
         let handovers = client
