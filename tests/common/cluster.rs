@@ -16,6 +16,10 @@ pub struct Nats {
     pub cluster_port: u16,
     pub name: String,
     pub dir: std::path::PathBuf,
+    /// Set once the server has logged a JetStream metadata leader (itself or another).
+    pub meta_leader: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// Its last lines, printed when the cluster does not come up.
+    pub tail: std::sync::Arc<std::sync::Mutex<std::collections::VecDeque<String>>>,
 }
 
 impl Drop for Nats {
@@ -59,8 +63,9 @@ pub fn nats_server() -> String {
     .clone()
 }
 
-/// Starts one NATS server and waits until it listens for clients; None when it exits first
-/// (a port taken between `free_port` and its bind).
+/// Starts one NATS server and waits until it listens for clients and for routes; None when it
+/// exits first (a port taken between `free_port` and its bind: nats-server binds its route port
+/// after its client port, so listening for clients alone does not mean it stays up).
 pub fn spawn_nats(
     name: &str,
     client_port: u16,
@@ -93,16 +98,34 @@ pub fn spawn_nats(
         .spawn()
         .expect("nats-server (scripts/install-deps.sh installs it)");
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let tail = std::sync::Arc::new(std::sync::Mutex::new(std::collections::VecDeque::new()));
+    let meta_leader = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let keep = {
+        let (tail, meta_leader) = (tail.clone(), meta_leader.clone());
+        move |line: String| {
+            // "Self is new JetStream cluster metadata leader" or "... new metadata leader: n2/x".
+            if line.contains("new JetStream cluster metadata leader") || line.contains("new metadata leader:") {
+                meta_leader.store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            let mut tail = tail.lock().unwrap();
+            if tail.len() == 200 {
+                tail.pop_front();
+            }
+            tail.push_back(line);
+        }
+    };
     let mut listening = false;
     for line in lines.by_ref() {
         let Ok(line) = line else { break };
-        if line.contains("Listening for client connections") {
+        let routes_up = line.contains("Listening for route connections");
+        keep(line);
+        if routes_up {
             listening = true;
             break;
         }
     }
-    std::thread::spawn(move || for _ in lines.map_while(Result::ok) {});
-    let nats = Nats { child, client_port, cluster_port, name: name.into(), dir: dir.into() };
+    std::thread::spawn(move || lines.map_while(Result::ok).for_each(keep));
+    let nats = Nats { child, client_port, cluster_port, name: name.into(), dir: dir.into(), meta_leader, tail };
     listening.then_some(nats)
 }
 
@@ -117,11 +140,27 @@ impl NatsCluster {
                 .enumerate()
                 .filter_map(|(i, (p, c))| spawn_nats(&format!("n{}", i + 1), *p, *c, &routes, dir.path()))
                 .collect();
-            if servers.len() == 3 {
+            if servers.len() < 3 {
+                continue;
+            }
+            // Herald nodes are started once JetStream has its metadata leader on every server: a
+            // node gives up after 30 s without JetStream, and a cluster that never elects one
+            // (seen once in CI on a loaded machine) is NATS's trouble, not the test's subject.
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline
+                && !servers.iter().all(|s| s.meta_leader.load(std::sync::atomic::Ordering::SeqCst))
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if servers.iter().all(|s| s.meta_leader.load(std::sync::atomic::Ordering::SeqCst)) {
                 return NatsCluster { servers, routes, _dir: dir };
             }
+            for s in &servers {
+                eprintln!("--- NATS server {} elected no JetStream metadata leader in 20 s; its log: ---", s.name);
+                s.tail.lock().unwrap().iter().for_each(|l| eprintln!("{l}"));
+            }
         }
-        panic!("could not start three NATS servers");
+        panic!("could not start three NATS servers with JetStream");
     }
 
     pub fn urls(&self) -> Vec<String> {
