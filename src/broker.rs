@@ -39,6 +39,8 @@ pub struct Broker {
     auth: RwLock<Arc<Auth>>,
     /// Per listener, its TLS acceptor (None for plain listeners), swapped on reload.
     tls: Vec<RwLock<Option<tokio_rustls::TlsAcceptor>>>,
+    /// Ticket keys and session cache, kept across reloads (a reload must not end resumption).
+    resumption: crate::tls::Resumption,
     limits: RwLock<Arc<crate::config::Limits>>,
     /// Open connections and recent CONNECTs per IP address, kept only while a per-IP limit is on.
     per_ip: Mutex<HashMap<std::net::IpAddr, IpUse>>,
@@ -165,10 +167,14 @@ impl Broker {
     pub fn open(config: Config) -> Result<(Arc<Broker>, Recovered), BrokerError> {
         let metrics = Arc::new(Metrics::default());
         let auth = Auth::load(&config.auth, metrics.clone())?;
+        let resumption = crate::tls::Resumption::new(&config.tls)?;
         let tls = config
             .listeners
             .iter()
-            .map(|l| Ok(RwLock::new(if l.is_tls() { Some(crate::tls::acceptor(l)?) } else { None })))
+            .map(|l| {
+                let acceptor = if l.is_tls() { Some(crate::tls::acceptor(l, &config.tls, &resumption)?) } else { None };
+                Ok(RwLock::new(acceptor))
+            })
             .collect::<Result<Vec<_>, crate::tls::TlsError>>()?;
         let (store, recovered) = Store::open(&config.storage.path, config.storage.durability)?;
         let store = Arc::new(store);
@@ -208,6 +214,7 @@ impl Broker {
             store,
             auth: RwLock::new(Arc::new(auth)),
             tls,
+            resumption,
             limits: RwLock::new(limits),
             per_ip: Mutex::default(),
             started: std::time::Instant::now(),
@@ -387,7 +394,11 @@ impl Broker {
         let auth = Auth::load(&config.auth, self.metrics.clone())?;
         let mut acceptors = Vec::new();
         for l in &config.listeners {
-            acceptors.push(if l.is_tls() { Some(crate::tls::acceptor(l)?) } else { None });
+            acceptors.push(if l.is_tls() {
+                Some(crate::tls::acceptor(l, &config.tls, &self.resumption)?)
+            } else {
+                None
+            });
         }
         *self.auth.write().expect("auth lock") = Arc::new(auth);
         *self.limits.write().expect("limits lock") = Arc::new(config.limits.clone());

@@ -42,6 +42,9 @@ pub struct Config {
     pub http: Option<Http>,
     #[serde(default)]
     pub shutdown: Shutdown,
+    /// TLS session resumption, for every TLS listener.
+    #[serde(default)]
+    pub tls: TlsConfig,
     #[serde(default)]
     pub receipts: ReceiptsConfig,
     #[serde(default)]
@@ -378,6 +381,28 @@ fn default_http_body_timeout_ms() -> u64 {
 impl Http {
     pub fn is_loopback(&self) -> bool {
         self.bind.parse::<SocketAddr>().is_ok_and(|a| a.ip().is_loopback())
+    }
+}
+
+/// `[tls]`: how a returning client resumes its TLS session without a full handshake
+/// (docs/security.md, "TLS session resumption").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TlsConfig {
+    /// A secret of at least 32 bytes from which the session ticket keys are derived; every node
+    /// of a cluster given the same file resumes the others' sessions, also after a restart.
+    /// Without it, each process makes random keys (resumption on the same process only).
+    pub ticket_key_file: Option<PathBuf>,
+    /// Ticket keys rotate this often; a ticket opens for one to two periods.
+    pub ticket_rotate_secs: u64,
+    /// TLS sessions remembered by the server for clients that resume by session id rather
+    /// than by ticket (TLS 1.2 clients without ticket support); the oldest are forgotten.
+    pub session_cache: usize,
+}
+
+impl Default for TlsConfig {
+    fn default() -> Self {
+        Self { ticket_key_file: None, ticket_rotate_secs: 6 * 3600, session_cache: 4096 }
     }
 }
 
@@ -814,6 +839,7 @@ impl Default for Config {
             sys: Sys::default(),
             http: None,
             shutdown: Shutdown::default(),
+            tls: TlsConfig::default(),
             receipts: ReceiptsConfig::default(),
             delivery: DeliveryConfig::default(),
             priority: Vec::new(),

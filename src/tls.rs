@@ -1,6 +1,9 @@
 //! TLS for the `mqtts` and `wss` listeners, with rustls and its `ring` provider: the server
 //! certificate and key from PEM files, and optionally client certificates checked against a CA,
-//! whose common name can stand for the user name.
+//! whose common name can stand for the user name; session resumption by tickets (`tickets`)
+//! and by session id.
+
+mod tickets;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -11,7 +14,37 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::Listener;
+use crate::config::{Listener, TlsConfig};
+
+/// What every TLS listener of a process shares for session resumption, kept across reloads:
+/// the random ticket keys when no `ticket_key_file` is configured, and the session-id cache.
+pub struct Resumption {
+    random_tickets: Arc<dyn rustls::server::ProducesTickets>,
+    cache: Arc<rustls::server::ServerSessionMemoryCache>,
+}
+
+impl Resumption {
+    pub fn new(config: &TlsConfig) -> Result<Resumption, TlsError> {
+        let random_tickets =
+            rustls::crypto::ring::Ticketer::new().map_err(|e| TlsError { bind: "[tls]".into(), why: e.to_string() })?;
+        Ok(Resumption {
+            random_tickets,
+            cache: rustls::server::ServerSessionMemoryCache::new(config.session_cache.max(1)),
+        })
+    }
+
+    /// The ticketer the configuration asks for (the key file read again: a reload picks up a
+    /// new secret).
+    fn ticketer(&self, config: &TlsConfig) -> Result<Arc<dyn rustls::server::ProducesTickets>, TlsError> {
+        match &config.ticket_key_file {
+            Some(path) => Ok(Arc::new(
+                tickets::SharedTicketer::from_file(path, config.ticket_rotate_secs)
+                    .map_err(|why| TlsError { bind: "[tls] ticket_key_file".into(), why })?,
+            )),
+            None => Ok(self.random_tickets.clone()),
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 #[error("TLS for listener {bind}: {why}")]
@@ -32,7 +65,7 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
 }
 
 /// Builds the acceptor of a TLS listener from its files, as now on disk (also on reload).
-pub fn acceptor(l: &Listener) -> Result<TlsAcceptor, TlsError> {
+pub fn acceptor(l: &Listener, tls: &TlsConfig, resumption: &Resumption) -> Result<TlsAcceptor, TlsError> {
     let err = |why: String| TlsError { bind: l.bind.clone(), why };
     let (Some(cert), Some(key)) = (&l.cert, &l.key) else {
         return Err(err("needs `cert` and `key`".into()));
@@ -55,7 +88,9 @@ pub fn acceptor(l: &Listener) -> Result<TlsAcceptor, TlsError> {
         }
         None => builder.with_no_client_auth(),
     };
-    let config = builder.with_single_cert(chain, key).map_err(|e| err(e.to_string()))?;
+    let mut config = builder.with_single_cert(chain, key).map_err(|e| err(e.to_string()))?;
+    config.ticketer = resumption.ticketer(tls)?;
+    config.session_storage = resumption.cache.clone();
     Ok(TlsAcceptor::from(Arc::new(config)))
 }
 

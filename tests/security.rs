@@ -471,3 +471,80 @@ async fn a_resumed_session_obeys_the_acl_of_its_new_connection() {
     phone.expect_silence(Duration::from_millis(300)).await;
     assert_eq!(b.broker.metrics().acl_denied_delivery.load(std::sync::atomic::Ordering::Relaxed), 1);
 }
+
+/// `openssl s_client` against `port`, saving or reusing a TLS session in `session`; whether
+/// the handshake was a resumption ("Reused") or a full one ("New").
+fn s_client(port: u16, ca: &Path, session: &Path, save: bool, extra: &[&str]) -> &'static str {
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}"), "-servername", "localhost"])
+        .args(["-CAfile", ca.to_str().unwrap(), if save { "-sess_out" } else { "-sess_in" }])
+        .arg(session)
+        .args(extra)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("openssl (scripts/install-deps.sh)");
+    let stdin = child.stdin.take().unwrap();
+    if save {
+        // The client writes the file when a session arrives (a TLS 1.3 ticket comes after the
+        // handshake): it stays connected until then; its input closed ends it.
+        wait_until_blocking("openssl s_client to save a TLS session", || {
+            std::fs::read_to_string(session).is_ok_and(|t| t.contains("END SSL SESSION PARAMETERS"))
+        });
+    }
+    drop(stdin);
+    let out = child.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    if out.lines().any(|l| l.starts_with("Reused,")) {
+        "Reused"
+    } else if out.lines().any(|l| l.starts_with("New,")) {
+        "New"
+    } else {
+        panic!("no handshake: {out}")
+    }
+}
+
+/// TLS session resumption (RFC 8446 section 2.2, RFC 5077): a client that comes back resumes
+/// without a full handshake, by ticket or (TLS 1.2) by session id; with a `[tls]
+/// ticket_key_file` a ticket opens on another process given the same secret (a restart, another
+/// node), and not on one without it; a reload keeps resumption working.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_sessions_resume_by_ticket_on_any_process_sharing_the_key_and_by_session_id() {
+    let dir = tempfile::tempdir().unwrap();
+    certs(dir.path(), "device-1");
+    let d = |f: &str| toml_path(&dir.path().join(f));
+    let ca = dir.path().join("ca.pem");
+    let key = dir.path().join("ticket.key");
+    std::fs::write(&key, (0..64u8).map(|i| i.wrapping_mul(37)).collect::<Vec<_>>()).unwrap();
+    let listener = format!(
+        "[[listeners]]\nprotocol = \"mqtts\"\nbind = \"127.0.0.1:0\"\ncert = {}\nkey = {}\n",
+        d("server.pem"),
+        d("server.key")
+    );
+    let shared = format!("{listener}[tls]\nticket_key_file = {}\n", toml_path(&key));
+    let a = start_at(&dir.path().join("a"), &shared);
+    let b = start_at(&dir.path().join("b"), &shared);
+    let alone = start_at(&dir.path().join("c"), &listener);
+    let ticket = dir.path().join("a.session");
+    assert_eq!(s_client(a.addrs[1].port(), &ca, &ticket, true, &[]), "New");
+    assert_eq!(s_client(a.addrs[1].port(), &ca, &ticket, false, &[]), "Reused", "the same process");
+    let ticket = dir.path().join("a2.session");
+    assert_eq!(s_client(a.addrs[1].port(), &ca, &ticket, true, &[]), "New");
+    assert_eq!(s_client(b.addrs[1].port(), &ca, &ticket, false, &[]), "Reused", "another process, same secret");
+    let ticket = dir.path().join("a3.session");
+    assert_eq!(s_client(a.addrs[1].port(), &ca, &ticket, true, &[]), "New");
+    assert_eq!(s_client(alone.addrs[1].port(), &ca, &ticket, false, &[]), "New", "another secret: full handshake");
+
+    // Random keys of its own: resumption on the same process, kept across a reload.
+    let port = alone.addrs[1].port();
+    let ticket = dir.path().join("c.session");
+    assert_eq!(s_client(port, &ca, &ticket, true, &[]), "New");
+    alone.broker.reload().unwrap();
+    assert_eq!(s_client(port, &ca, &ticket, false, &[]), "Reused", "after a reload");
+    // TLS 1.2 without tickets: the server's session cache.
+    let id = dir.path().join("c.id");
+    let tls12 = ["-tls1_2", "-no_ticket"];
+    assert_eq!(s_client(port, &ca, &id, true, &tls12), "New");
+    assert_eq!(s_client(port, &ca, &id, false, &tls12), "Reused", "by session id");
+}
