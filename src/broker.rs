@@ -41,6 +41,8 @@ pub struct Broker {
     tls: Vec<RwLock<Option<tokio_rustls::TlsAcceptor>>>,
     /// Ticket keys and session cache, kept across reloads (a reload must not end resumption).
     resumption: crate::tls::Resumption,
+    /// `mqtt.max_handshakes` turns for TLS handshakes and WebSocket upgrades.
+    handshakes: tokio::sync::Semaphore,
     limits: RwLock<Arc<crate::config::Limits>>,
     /// Open connections and recent CONNECTs per IP address, kept only while a per-IP limit is on.
     per_ip: Mutex<HashMap<std::net::IpAddr, IpUse>>,
@@ -168,6 +170,10 @@ impl Broker {
         let metrics = Arc::new(Metrics::default());
         let auth = Auth::load(&config.auth, metrics.clone())?;
         let resumption = crate::tls::Resumption::new(&config.tls)?;
+        let handshakes = tokio::sync::Semaphore::new(match config.mqtt.max_handshakes {
+            0 => tokio::sync::Semaphore::MAX_PERMITS,
+            n => n,
+        });
         let tls = config
             .listeners
             .iter()
@@ -215,6 +221,7 @@ impl Broker {
             auth: RwLock::new(Arc::new(auth)),
             tls,
             resumption,
+            handshakes,
             limits: RwLock::new(limits),
             per_ip: Mutex::default(),
             started: std::time::Instant::now(),
@@ -365,6 +372,11 @@ impl Broker {
                 "refused: the session belongs to another identity"
             );
         }
+    }
+
+    /// A turn to run a TLS handshake or WebSocket upgrade (`mqtt.max_handshakes`), in order.
+    pub async fn handshake_turn(&self) -> Result<tokio::sync::SemaphorePermit<'_>, tokio::sync::AcquireError> {
+        self.handshakes.acquire().await
     }
 
     pub fn tls_acceptor(&self, listener: usize) -> Option<tokio_rustls::TlsAcceptor> {

@@ -761,6 +761,10 @@ pub struct Mqtt {
     /// one write's worth is taken while any are waiting). WebSocket framing holds none: a frame
     /// header and one pong at most.
     pub edge_buffer_bytes: usize,
+    /// TLS handshakes whose costly step (key exchange, signature) may wait to be computed at
+    /// once; the others wait their turn, first come first served, within `connect_timeout`
+    /// (docs/security.md, "A reconnect storm"). 0: no bound.
+    pub max_handshakes: usize,
     /// A connection with nothing in flight, queued or half-read for this long hibernates: it
     /// gives up the state of its event loop and buffers and waits in a small future for input, a
     /// delivery, a kick or its keep-alive deadline (docs/architecture.md). 0: never.
@@ -786,6 +790,7 @@ impl Default for Mqtt {
             max_connect_packet_size: 65_536,
             close_linger_ms: 1_000,
             edge_buffer_bytes: 64 * 1024,
+            max_handshakes: 16,
             hibernate_after_ms: 1_000,
         }
     }

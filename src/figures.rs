@@ -345,6 +345,20 @@ impl Snapshot {
                 c(&m.tls_handshake_failures),
             ),
             f(
+                "herald/tls/resumed",
+                "herald_tls_resumed_total",
+                Counter,
+                "TLS handshakes that resumed a session instead of a full handshake.",
+                c(&m.tls_resumed),
+            ),
+            f(
+                "herald/handshakes/waits_abandoned",
+                "herald_handshake_waits_abandoned_total",
+                Counter,
+                "Connections closed while waiting for a handshake slot (mqtt.max_handshakes): connect_timeout passed or the client left.",
+                c(&m.handshake_waits_abandoned),
+            ),
+            f(
                 "herald/http/evicted",
                 "herald_http_evicted_total",
                 Counter,

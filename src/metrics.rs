@@ -48,6 +48,11 @@ pub struct Metrics {
     pub acl_denied_subscribe: AtomicU64,
     pub acl_denied_delivery: AtomicU64,
     pub tls_handshake_failures: AtomicU64,
+    /// TLS handshakes that resumed a session (a ticket or a session id) instead of a full one.
+    pub tls_resumed: AtomicU64,
+    /// Connections that waited for one of `mqtt.max_handshakes` and were closed without a
+    /// handshake: `connect_timeout` passed, or the client closed its end meanwhile.
+    pub handshake_waits_abandoned: AtomicU64,
     /// HTTP connections closed, before their first request head was complete, to make room for
     /// a newer connection when all `[http] max_connections` were taken.
     pub http_evicted: AtomicU64,

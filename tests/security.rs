@@ -6,6 +6,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -547,4 +548,48 @@ async fn tls_sessions_resume_by_ticket_on_any_process_sharing_the_key_and_by_ses
     let tls12 = ["-tls1_2", "-no_ticket"];
     assert_eq!(s_client(port, &ca, &id, true, &tls12), "New");
     assert_eq!(s_client(port, &ca, &id, false, &tls12), "Reused", "by session id");
+    let resumed = |b: &TestBroker| b.broker.metrics().tls_resumed.load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!((resumed(&a), resumed(&b), resumed(&alone)), (1, 1, 2), "herald_tls_resumed_total");
+}
+
+/// A reconnect storm's admission (`mqtt.max_handshakes`, docs/security.md): with one
+/// handshake computed at a time, fifty TLS clients arriving together (rustls, as phones'
+/// libraries) are all taken in turn and get their CONNACK; none is refused or left waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_clients_arriving_together_are_all_served_in_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    certs(dir.path(), "device-1");
+    let d = |f: &str| toml_path(&dir.path().join(f));
+    let config = format!(
+        "[[listeners]]\nprotocol = \"mqtts\"\nbind = \"127.0.0.1:0\"\ncert = {}\nkey = {}\n[mqtt]\nmax_handshakes = 1\n",
+        d("server.pem"),
+        d("server.key")
+    );
+    let b = start_at(&dir.path().join("data"), &config);
+    let tls = Arc::new(herald::tls::client_config(Some(&dir.path().join("ca.pem"))).unwrap());
+    let addr = b.addrs[1];
+    let clients: Vec<_> = (0..50)
+        .map(|i| {
+            let tls = tls.clone();
+            tokio::spawn(async move {
+                let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+                let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+                let mut s = tokio_rustls::TlsConnector::from(tls).connect(name, tcp).await.expect("handshake");
+                let mut out = bytes::BytesMut::new();
+                Packet::Connect(Box::new(connect_packet(ProtocolVersion::V3_1_1, &format!("storm-{i}"), true)))
+                    .encode(ProtocolVersion::V3_1_1, &mut out);
+                tokio::io::AsyncWriteExt::write_all(&mut s, &out).await.unwrap();
+                let mut ack = [0u8; 4];
+                tokio::io::AsyncReadExt::read_exact(&mut s, &mut ack).await.unwrap();
+                assert_eq!(ack, [0x20, 2, 0, 0], "accepted, no session present [MQTT-3.2.2-1]");
+                s
+            })
+        })
+        .collect();
+    let mut held = Vec::new();
+    for c in clients {
+        held.push(tokio::time::timeout(Duration::from_secs(30), c).await.expect("served in turn").unwrap());
+    }
+    assert_eq!(b.broker.metrics().handshake_waits_abandoned.load(std::sync::atomic::Ordering::Relaxed), 0);
+    wait_until("fifty TLS clients connected", || b.broker.metrics().connections_now() == 50).await;
 }

@@ -35,16 +35,47 @@ async fn handshake(
     match listener.protocol {
         ListenerProtocol::Mqtts | ListenerProtocol::Wss => {
             let acceptor = broker.tls_acceptor(origin.listener)?;
-            let tls = match tokio::time::timeout_at(deadline, acceptor.accept(tcp)).await {
+            let failed = |e: std::io::Error| -> Option<(Socket, Origin)> {
+                debug!(%peer, error = %e, "TLS handshake failed");
+                broker.metrics().tls_handshake_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                None
+            };
+            let hello = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+            let start = match tokio::time::timeout_at(deadline, hello).await {
+                Ok(Ok(start)) => start,
+                Ok(Err(e)) => return failed(e),
+                Err(_) => return None,
+            };
+            // The costly step of a handshake (key exchange, and for a full one the signature)
+            // is computed when the ClientHello is taken in, and in turn: at most
+            // `mqtt.max_handshakes` of them wait in the scheduler at once, first come first
+            // served. In a reconnect storm, thousands of ClientHellos computed as they come
+            // would queue every handshake's last step (and every other client's work) behind
+            // all of them: all would finish late together, past the phones' own timeouts.
+            // Only the computing is bounded, not the round trip after it, so a phone's
+            // distance costs no throughput.
+            let Ok(Ok(turn)) = tokio::time::timeout_at(deadline, broker.handshake_turn()).await else {
+                broker.metrics().handshake_waits_abandoned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return None;
+            };
+            // A phone that gave up while it waited (its own timeout: it closed its end) is not
+            // answered: that would spend a handshake's CPU on nobody when CPU is what is short.
+            let ready = tokio::time::timeout(Duration::ZERO, start.io.ready(tokio::io::Interest::READABLE)).await;
+            if ready.is_ok_and(|r| r.is_ok_and(|r| r.is_read_closed())) {
+                broker.metrics().handshake_waits_abandoned.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return None;
+            }
+            let accept = start.into_stream(acceptor.config().clone());
+            drop(turn);
+            let tls = match tokio::time::timeout_at(deadline, accept).await {
                 Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => {
-                    debug!(%peer, error = %e, "TLS handshake failed");
-                    broker.metrics().tls_handshake_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    return None;
-                }
+                Ok(Err(e)) => return failed(e),
                 Err(_) => return None,
             };
             let (tcp, mut conn) = tls.into_inner();
+            if conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed) {
+                broker.metrics().tls_resumed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
             // Records rustls holds for a client that does not read: one write's worth, and
             // at most this (its own default is 64 KiB).
             conn.set_buffer_limit(Some(broker.config().mqtt.edge_buffer_bytes));
