@@ -29,7 +29,9 @@ use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
 mod phones;
-use phones::{conns, storm};
+mod soak;
+use phones::{conns, storm, subscribe_packet};
+use soak::soak;
 
 const PAYLOAD: usize = 256;
 
@@ -958,6 +960,7 @@ fn main() {
             "sse" => sse(addr, &o, pid).await,
             "churn" => churn(addr, &o, pid).await,
             "storm" => storm(addr, &o, pid).await,
+            "soak" => soak(addr, &o).await,
             other => panic!("unknown scenario {other}"),
         }
     });

@@ -118,7 +118,7 @@ pub async fn conns(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     drop(open);
 }
 
-fn subscribe_packet(filter: &str) -> Vec<u8> {
+pub fn subscribe_packet(filter: &str) -> Vec<u8> {
     let mut out = vec![0x82];
     let len = 2 + 2 + filter.len() + 1;
     let mut rest = BytesMut::new();
