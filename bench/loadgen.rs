@@ -28,8 +28,10 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
+mod breaking;
 mod phones;
 mod soak;
+use breaking::breaking;
 use phones::{conns, storm, subscribe_packet};
 use soak::soak;
 
@@ -961,6 +963,7 @@ fn main() {
             "churn" => churn(addr, &o, pid).await,
             "storm" => storm(addr, &o, pid).await,
             "soak" => soak(addr, &o).await,
+            "breaking" => breaking(addr, &o, pid).await,
             other => panic!("unknown scenario {other}"),
         }
     });

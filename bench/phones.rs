@@ -220,7 +220,7 @@ impl IdleConn {
 }
 
 /// The TLS client configuration of the phones: the benchmark's CA.
-fn tls_client(ca: &str) -> rustls::ClientConfig {
+pub fn tls_client(ca: &str) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     use rustls::pki_types::pem::PemObject;
     for c in rustls::pki_types::CertificateDer::pem_file_iter(ca).expect("--ca PEM file") {

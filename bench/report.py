@@ -118,6 +118,24 @@ cases = [
      lambda r: r["growth_after_first_round_mb"] <= r["rss_after_subscribe_mb"][0] - r["rss_before_mb"]),
     ("12 rounds of 100k SUBSCRIBE then UNSUBSCRIBE: resident 12 s after, MB", "churn", dict(same=0),
      "rss_settled_mb", "MB", True, "measured", None),
+    ("breaking news to 19,000 TCP phones: time to the last, p50 ms", "breaking", dict(tls=0), "last_p50_ms", "ms",
+     True, "measured (floor: floor_ms)", None),
+    ("breaking news to 19,000 TCP phones: time to the last, p99 ms", "breaking", dict(tls=0), "last_p99_ms", "ms",
+     True, "measured", None),
+    ("breaking news to 19,000 TCP phones: time to the last, max ms", "breaking", dict(tls=0), "last_max_ms", "ms",
+     True, "measured", None),
+    ("breaking news to 19,000 TCP phones: one core's floor, ms", "breaking", dict(tls=0), "floor_ms", "ms",
+     True, "19,000 writes on one core", None),
+    ("breaking news to 19,000 TLS phones: time to the last, p50 ms", "breaking", dict(tls=1), "last_p50_ms", "ms",
+     True, "measured", None),
+    ("breaking news to 19,000 TLS phones: time to the last, p99 ms", "breaking", dict(tls=1), "last_p99_ms", "ms",
+     True, "measured", None),
+    ("breaking news to 19,000 TLS phones: time to the last, max ms", "breaking", dict(tls=1), "last_max_ms", "ms",
+     True, "measured", None),
+    ("breaking news: broker CPU per delivery, TCP", "breaking", dict(tls=0), "cpu_us_per_delivery", "us", True,
+     "measured", None),
+    ("breaking news: broker CPU per delivery, TLS", "breaking", dict(tls=1), "cpu_us_per_delivery", "us", True,
+     "measured", None),
 ]
 
 out = []
@@ -290,6 +308,47 @@ if overload:
         out.append(f"| {r['broker']} | {fmt(r['breaking_p50_ms'])} | {fmt(r['breaking_p99_ms'])} | "
                    f"{fmt(r['breaking_max_ms'])} | {fmt(r['breaking_delivered'])} / {fmt(expected)} | "
                    f"{fmt(r['features_delivered_per_s'])} | {met} |")
+soak_path = __file__.replace("report.py", "soak.jsonl")
+try:
+    soak = [json.loads(line) for line in open(soak_path) if line.strip()]
+except OSError:
+    soak = []
+samples = [r for r in soak if r.get("scenario") == "soak"]
+final = next((r for r in soak if r.get("scenario") == "soak_final"), None)
+if samples:
+    out.append("\n## Soak (issue 26)\n")
+    out.append(f"Written by `bash bench/soak.sh` ({samples[-1]['t'] / 60:.0f} minutes): Herald (defaults, store on disk) "
+               "under publishers at 200 stories/s (QoS 1, 4 topics), a burst of 1,000 breaking stories every 3 minutes, "
+               "10 persistent readers of `news/#` (QoS 1) that record every story, 10,000 idle phones pinging every 60 s, "
+               "1,000 phones reconnecting in churn (persistent sessions, 5-30 s connected, 1-5 s away), 50 SSE streams, "
+               "50 long polls, 10 retained updates a second; a SIGHUP reload every 5 minutes and one restart "
+               "(SIGTERM, start) halfway, after which every client comes back by itself. A line every 10 s in "
+               "`bench/soak.jsonl`; the plot below (dashed lines: reloads, red: the restart).\n")
+    out.append("![soak: memory, latency, throughput](../bench/soak.svg)\n")
+    pids = []
+    for r in samples:
+        if r.get("pid") not in pids:
+            pids.append(r.get("pid"))
+    out.append("| process | from min | to min | resident after warm-up (first at 5 min), MB | resident at the end, MB | "
+               "change | max MB | fds at the end | p99 ms, median of its 10-s windows | p99 ms, worst window | worst window's minute |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    for pid in pids:
+        part = [r for r in samples if r.get("pid") == pid]
+        t0 = part[0]["t"]
+        warm = [r for r in part if r["t"] - t0 >= 300] or part
+        first, end = warm[0].get("rss_mb"), part[-1].get("rss_mb")
+        p99s = sorted(r["p99_ms"] for r in part if r.get("p99_ms", -1) >= 0)
+        worst = max(part, key=lambda r: r.get("p99_ms", -1))
+        change = f"{(end - first) / first * 100:+.1f}%" if first and end else "n/a"
+        out.append(f"| {'first' if pid == pids[0] else 'after the restart'} | {t0 / 60:.1f} | {part[-1]['t'] / 60:.1f} | "
+                   f"{fmt(first)} | {fmt(end)} | {change} | {fmt(max(r.get('rss_mb', 0) for r in part))} | "
+                   f"{fmt(part[-1].get('fds'))} | {fmt(p99s[len(p99s) // 2] if p99s else None)} | "
+                   f"{fmt(worst.get('p99_ms'))} | {worst['t'] / 60:.1f} |")
+    if final:
+        out.append(f"\nAt the end: {fmt(final['acked'])} stories acknowledged, each due to all {int(final['readers'])} "
+                   f"readers; **{fmt(final['lost'])} lost**, {fmt(final['duplicates'])} duplicates (stories delivered "
+                   f"again after the restart: in flight, unacknowledged by a reader when it went), "
+                   f"{fmt(final['reconnects'])} reconnects of the generator's clients.\n")
 storm_path = __file__.replace("report.py", "storm.jsonl")
 try:
     storm = [json.loads(line) for line in open(storm_path) if line.strip()]

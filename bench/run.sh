@@ -81,6 +81,8 @@ scenarios=(
   "retained --qos 0 --messages 10000"
   "retained --qos 1 --messages 10000"
   "churn --rounds 12 --filters 100000"
+  "breaking --subscribers $HELD --rate 2 --duration 10"
+  "breaking --subscribers $HELD --rate 2 --duration 10 --tls true --ca CA --port $TLSPORT --plain-port $PORT"
 )
 
 for broker in $BROKERS; do
