@@ -32,7 +32,7 @@ mod breaking;
 mod phones;
 mod soak;
 use breaking::breaking;
-use phones::{conns, storm, subscribe_packet};
+use phones::{conns, http_idle, storm, subscribe_packet};
 use soak::soak;
 
 const PAYLOAD: usize = 256;
@@ -964,6 +964,7 @@ fn main() {
             "storm" => storm(addr, &o, pid).await,
             "soak" => soak(addr, &o).await,
             "breaking" => breaking(addr, &o, pid).await,
+            "http-idle" => http_idle(&o, pid).await,
             other => panic!("unknown scenario {other}"),
         }
     });

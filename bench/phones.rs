@@ -538,3 +538,70 @@ pub async fn storm(addr: SocketAddr, o: &Opts, _pid: Option<u32>) {
     r.print();
     drop(held);
 }
+
+/// Idle HTTP readers (issue 26, item 3): `--readers` SSE streams (`--kind sse`) or long polls
+/// waiting for a message (`--kind poll`, `wait=--wait` s after a first poll that makes the
+/// session), each on `users/<i>/inbox` where nothing is published; the broker's resident memory
+/// per reader after `--settle` s.
+pub async fn http_idle(o: &Opts, pid: Option<u32>) {
+    let readers: u32 = o.get("readers", 1000);
+    let kind: String = o.get("kind", "sse".to_string());
+    let wait: u32 = o.get("wait", 60);
+    let http = SocketAddr::from(([127, 0, 0, 1], o.get::<u16>("http-port", 8080)));
+    let rss0 = pid.and_then(broker_rss_bytes);
+    let mut held = Vec::new();
+    for i in 0..readers {
+        let mut s = TcpStream::connect(http).await.expect("the HTTP port");
+        if kind == "poll" {
+            // The first poll makes the session and answers at once; the second waits.
+            let first = format!("GET /api/v1/poll?filter=users/{i}/inbox HTTP/1.1\r\nhost: bench\r\n\r\n");
+            s.write_all(first.as_bytes()).await.unwrap();
+            let mut answer = Vec::new();
+            let mut chunk = [0u8; 4096];
+            let body = loop {
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "poll refused");
+                answer.extend_from_slice(&chunk[..n]);
+                if let Some(h) = answer.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&answer[..h]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:").map(|v| v.trim().parse().unwrap()))
+                        .expect("content-length");
+                    if answer.len() >= h + 4 + len {
+                        break answer[h + 4..h + 4 + len].to_vec();
+                    }
+                }
+            };
+            let v: serde_json::Value = serde_json::from_slice(&body).expect("poll JSON");
+            let next = v["next"].as_str().expect("a cursor").to_owned();
+            let second = format!(
+                "GET /api/v1/poll?filter=users/{i}/inbox&after={next}&wait={wait} HTTP/1.1\r\nhost: bench\r\n\r\n"
+            );
+            s.write_all(second.as_bytes()).await.unwrap();
+        } else {
+            let req = format!(
+                "GET /api/v1/stream?filter=users/{i}/inbox HTTP/1.1\r\nhost: bench\r\naccept: text/event-stream\r\n\r\n"
+            );
+            s.write_all(req.as_bytes()).await.unwrap();
+            let mut head = Vec::new();
+            let mut chunk = [0u8; 4096];
+            while !head.windows(15).any(|w| w == b"event: session\n") {
+                let n = s.read(&mut chunk).await.unwrap();
+                assert!(n > 0, "stream refused: {}", String::from_utf8_lossy(&head));
+                head.extend_from_slice(&chunk[..n]);
+            }
+        }
+        held.push(s);
+    }
+    let settle: f64 = o.get("settle", 3.0);
+    tokio::time::sleep(Duration::from_secs_f64(settle)).await;
+    let rss1 = pid.and_then(broker_rss_bytes);
+    let mut r = Report::new("http_idle");
+    r.num("readers", f64::from(readers)).num("poll", f64::from(u8::from(kind == "poll")));
+    if let (Some(a), Some(b)) = (rss0, rss1) {
+        r.num("bytes_per_reader", b.saturating_sub(a) as f64 / f64::from(readers));
+    }
+    r.print();
+    drop(held);
+}

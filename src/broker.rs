@@ -182,7 +182,8 @@ impl Broker {
                 Ok(RwLock::new(acceptor))
             })
             .collect::<Result<Vec<_>, crate::tls::TlsError>>()?;
-        let (store, recovered) = Store::open(&config.storage.path, config.storage.durability)?;
+        let (store, recovered) =
+            Store::open(&config.storage.path, config.storage.durability, config.storage.block_cache_mb << 20)?;
         let store = Arc::new(store);
         let (shutdown, _) = watch::channel(false);
         let router = Arc::new(Router::new(config.mqtt.match_cache_size));

@@ -697,6 +697,13 @@ pub struct Storage {
     /// blocking threads, not one per phone).
     #[serde(default = "default_queue_readers")]
     pub queue_readers: usize,
+    /// MB of RocksDB's cache of table blocks, shared by the store's column families.
+    #[serde(default = "default_block_cache_mb")]
+    pub block_cache_mb: usize,
+}
+
+fn default_block_cache_mb() -> usize {
+    8
 }
 
 fn default_queue_readers() -> usize {
@@ -705,7 +712,12 @@ fn default_queue_readers() -> usize {
 
 impl Default for Storage {
     fn default() -> Self {
-        Self { path: default_storage_path(), durability: Durability::default(), queue_readers: default_queue_readers() }
+        Self {
+            path: default_storage_path(),
+            durability: Durability::default(),
+            queue_readers: default_queue_readers(),
+            block_cache_mb: default_block_cache_mb(),
+        }
     }
 }
 

@@ -14,6 +14,7 @@
 
 mod api;
 mod dashboard;
+mod lean;
 mod poll;
 pub mod prometheus;
 mod reader;
@@ -135,7 +136,7 @@ pub async fn serve(broker: Arc<Broker>, listener: TcpListener) {
                 started.lock().expect("unstarted").waiting.remove(&id);
             };
             tokio::select! {
-                r = serve_connection(&builder, broker, stream, peer, on_head) => {
+                r = lean::serve(&builder, broker, stream, peer, on_head) => {
                     if let Err(e) = r {
                         debug!(%peer, error = %e, "http connection closed");
                     }

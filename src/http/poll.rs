@@ -13,8 +13,9 @@ use super::{Request, Response};
 use crate::broker::Broker;
 
 pub async fn poll(broker: &Arc<Broker>, req: Request, peer: SocketAddr) -> Response {
-    let Some(http) = broker.config().http.clone() else { return Response::error(404, "no HTTP server") };
-    let cfg = http.readers;
+    let Some(cfg) = broker.config().http.as_ref().map(|h| h.readers.clone()) else {
+        return Response::error(404, "no HTTP server");
+    };
     let filters: Vec<String> = req.query.iter().filter(|(k, _)| k == "filter").map(|(_, v)| v.clone()).collect();
     let wait = match req.param("wait").map(str::parse::<u64>) {
         None => 0,
@@ -48,15 +49,20 @@ pub async fn poll(broker: &Arc<Broker>, req: Request, peer: SocketAddr) -> Respo
         protocol: crate::session::PROTOCOL_POLL,
         peer,
     };
-    // In a task of its own: a client hanging up during a long poll does not cancel it halfway
-    // (the session is parked again when the wait ends).
+    // In tasks of their own: a client hanging up during a long poll does not cancel it halfway
+    // (the session is parked again when the wait ends). Opening (authentication, the session)
+    // and waiting are two tasks: a task is as large as the largest state of its future, and the
+    // opening's (an auth service's request among them) would stay allocated through a wait of
+    // minutes.
     let b = broker.clone();
     let window = cfg.poll_max_messages;
+    let opened = tokio::spawn(async move { Reader::open(&b, &req, ask).await });
+    let mut reader = match opened.await {
+        Ok(Ok(r)) => r,
+        Ok(Err(refusal)) => return refusal,
+        Err(_) => return Response::error(500, "the poll failed"),
+    };
     let task = tokio::spawn(async move {
-        let mut reader = match Reader::open(&b, &req, ask).await {
-            Ok(r) => r,
-            Err(refusal) => return refusal,
-        };
         reader.set_window(window);
         if let Some(id) = &confirm {
             reader.confirm(id);

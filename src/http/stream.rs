@@ -70,6 +70,21 @@ impl hyper::body::Body for EventBody {
 
 /// Opens the reader and starts its driver; the body to answer with, or the refusal.
 pub async fn open(broker: &Arc<Broker>, req: Request, peer: SocketAddr) -> Result<EventBody, Response> {
+    let (opened, hello, cfg) = open_reader(broker, req, peer).await?;
+    // The channel holds at most as many pieces as events; `room` is what bounds the events.
+    let (tx, rx) = mpsc::channel(cfg.buffer_events);
+    let room = Arc::new(Semaphore::new(cfg.buffer_events));
+    let _ = tx.try_send((hello, 0));
+    tokio::spawn(drive(broker.clone(), opened, tx, room.clone(), cfg));
+    Ok(EventBody { rx, room })
+}
+
+/// The reader a stream request asks for, and the stream's first event (its session).
+async fn open_reader(
+    broker: &Arc<Broker>,
+    req: Request,
+    peer: SocketAddr,
+) -> Result<(Reader, Bytes, crate::config::Readers), Response> {
     let Some(http) = broker.config().http.clone() else { return Err(Response::error(404, "no HTTP server")) };
     let cfg = http.readers;
     let filters: Vec<String> = req.query.iter().filter(|(k, _)| k == "filter").map(|(_, v)| v.clone()).collect();
@@ -98,17 +113,108 @@ pub async fn open(broker: &Arc<Broker>, req: Request, peer: SocketAddr) -> Resul
     })
     .await
     .map_err(|_| Response::error(500, "the stream could not be opened"))??;
-    // The channel holds at most as many pieces as events; `room` is what bounds the events.
-    let (tx, rx) = mpsc::channel(cfg.buffer_events);
-    let room = Arc::new(Semaphore::new(cfg.buffer_events));
     let hello = format!(
         "retry: {}\nevent: session\ndata: {}\n\n",
         cfg.retry_ms,
         serde_json::json!({ "client_id": opened.client_id, "session_present": opened.present })
     );
-    let _ = tx.try_send((Bytes::from(hello), 0));
-    tokio::spawn(drive(broker.clone(), opened, tx, room.clone(), cfg));
-    Ok(EventBody { rx, room })
+    Ok((opened, Bytes::from(hello), cfg))
+}
+
+/// A stream that was its connection's first request (`lean`): one task writes the reader's
+/// deliveries straight to the socket, a burst in one chunk, the socket's own buffer the only
+/// one (`[mqtt]`-like: a client that takes nothing for `stall_ms` is dropped and counted). What
+/// it holds while idle is the reader and this task's state: no body channel, no driver task, no
+/// hyper buffers.
+pub async fn serve_lean(
+    broker: Arc<Broker>,
+    mut tcp: tokio::net::TcpStream,
+    req: Request,
+    peer: SocketAddr,
+    http11: bool,
+) {
+    use tokio::io::AsyncWriteExt;
+    // Boxed: its state (the request, the session's claim) lives only until the stream starts,
+    // and would otherwise size this task's allocation for as long as the stream is open.
+    let (mut reader, hello, cfg) = match Box::pin(open_reader(&broker, req, peer)).await {
+        Ok(opened) => opened,
+        Err(refusal) => {
+            let _ = super::lean::answer(&mut tcp, refusal, true).await;
+            return;
+        }
+    };
+    let mut out = super::lean::stream_head(http11);
+    super::lean::chunk(http11, &hello, &mut out);
+    drop(hello);
+    let most = BURST_EVENTS.min(cfg.buffer_events.max(1));
+    let heartbeat = Duration::from_secs(cfg.heartbeat_secs);
+    let stall = Duration::from_millis(cfg.stall_ms);
+    drop(cfg);
+    let why = 'serving: loop {
+        if !out.is_empty() {
+            match tokio::time::timeout(stall, tcp.write_all(&out)).await {
+                Ok(Ok(())) => out = Vec::new(),
+                Ok(Err(_)) => break 'serving "closed by the client",
+                Err(_) => {
+                    broker.metrics().http_readers_dropped.fetch_add(1, Ordering::Relaxed);
+                    break 'serving "too slow: its socket stayed full for stall_ms";
+                }
+            }
+        }
+        let until = tokio::time::Instant::now() + heartbeat;
+        // The client sends nothing more on a stream: input is a close (or bytes to ignore).
+        let next = tokio::select! {
+            next = reader.next(Some(until)) => next,
+            closed = client_gone(&tcp) => if closed { break 'serving "closed by the client" } else { continue },
+        };
+        match next {
+            Next::Delivery(d) => {
+                let mut events = BytesMut::from(&super::reader::event(&d)[..]);
+                let mut burst = vec![d];
+                while events.len() < BATCH_BYTES && burst.len() < most {
+                    let Some(next) = reader.try_next() else { break };
+                    events.extend_from_slice(&super::reader::event(&next));
+                    burst.push(next);
+                }
+                super::lean::chunk(http11, &events, &mut out);
+                // Written once the socket took them: the reader's in-flight bookkeeping is the
+                // same as for a body that took them.
+                burst.into_iter().for_each(|d| reader.written(d));
+            }
+            Next::Kicked(kick) if kick.reason == crate::codec::ReasonCode::SESSION_TAKEN_OVER && !kick.elsewhere => {
+                break 'serving "session taken over"
+            }
+            Next::Kicked(_) => break 'serving "asked to close",
+            Next::Idle => super::lean::chunk(http11, b": heartbeat\n\n", &mut out),
+        }
+    };
+    if !why.starts_with("closed") && !why.starts_with("too slow") {
+        // The end of the body: the last chunk, then the close.
+        let mut end = std::mem::take(&mut out);
+        if http11 {
+            end.extend_from_slice(b"0\r\n\r\n");
+        }
+        let _ = tokio::time::timeout(stall, tcp.write_all(&end)).await;
+    }
+    let _ = tcp.shutdown().await;
+    reader.close(why);
+}
+
+/// Waits until the socket has input: true when the client closed it (or it failed), false
+/// when it sent bytes, which are read and dropped.
+async fn client_gone(tcp: &tokio::net::TcpStream) -> bool {
+    loop {
+        if tcp.readable().await.is_err() {
+            return true;
+        }
+        let mut sink = [0u8; 256];
+        match tcp.try_read(&mut sink) {
+            Ok(0) => return true,
+            Ok(_) => return false,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(_) => return true,
+        }
+    }
 }
 
 /// Writes the reader's deliveries into the body until the client goes, the session is taken

@@ -580,7 +580,7 @@ mod tests {
 
     fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let (store, _) = Store::open(dir.path(), Durability::Wal).unwrap();
+        let (store, _) = Store::open(dir.path(), Durability::Wal, 8 << 20).unwrap();
         let router = Arc::new(Router::new(16));
         let registry = Arc::new(Registry::new(router, Arc::new(store), Arc::default(), 16, 2));
         Fixture { registry, _dir: dir }

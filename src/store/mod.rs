@@ -271,7 +271,12 @@ pub struct StoreStats {
 impl Store {
     /// Opens (or creates) the store and reads back what it holds. Anything RocksDB reports as
     /// unreadable stops the broker: starting empty would silently lose every queued story.
-    pub fn open(path: &Path, durability: Durability) -> Result<(Store, Recovered), StoreError> {
+    /// `block_cache_bytes`: the one cache of table blocks every column family shares.
+    pub fn open(
+        path: &Path,
+        durability: Durability,
+        block_cache_bytes: usize,
+    ) -> Result<(Store, Recovered), StoreError> {
         let started = Instant::now();
         let mut opts = Options::default();
         opts.create_if_missing(true);
@@ -284,6 +289,12 @@ impl Store {
         // 76 MB of log.
         opts.set_write_buffer_size(16 << 20);
         opts.set_max_total_wal_size(32 << 20);
+        // One block cache of a configured size for every family: without one, RocksDB makes a
+        // 32 MB cache of its own, and reading back a million queued messages fills it
+        // (resident memory that stays after the queues are gone).
+        let mut tables = rocksdb::BlockBasedOptions::default();
+        tables.set_block_cache(&rocksdb::Cache::new_lru_cache(block_cache_bytes.max(1 << 20)));
+        opts.set_block_based_table_factory(&tables);
         let existed = path.join("CURRENT").exists();
         let families = FAMILIES.iter().map(|name| ColumnFamilyDescriptor::new(*name, opts.clone()));
         let db = DB::open_cf_descriptors(&opts, path, families).map_err(|source| {
