@@ -514,3 +514,30 @@ fn the_dashboard_signs_in_with_the_token_and_its_api_answers() {
     assert_eq!(s.status, 200);
     s.session();
 }
+
+/// Readers' requests are framed outside hyper (`http::lean`) and the rest by hyper on the same
+/// connection: curl, keeping one connection for four requests, gets two polls answered
+/// (keep-alive, RFC 9112 section 9.3), then `/healthz` and a poll that hyper answers once it
+/// has the connection; a poll with a body goes to hyper too.
+#[test]
+fn polls_keep_their_connection_and_hand_it_to_hyper_for_the_rest() {
+    let b = start_toml(HTTP);
+    let http = http_addr(&b);
+    let base = format!("http://{http}");
+    let out = Command::new("curl")
+        .args(["-s", "-w", "\n%{http_code} %{num_connects}\n"])
+        .arg(format!("{base}/api/v1/poll?filter=news/a"))
+        .arg(format!("{base}/api/v1/poll?filter=news/b"))
+        .arg(format!("{base}/healthz"))
+        .arg(format!("{base}/api/v1/poll?filter=news/c"))
+        .output()
+        .expect("curl (scripts/install-deps.sh)");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let codes: Vec<&str> = text.lines().filter(|l| l.starts_with("200 ")).collect();
+    // One connection made for the first request, none for the three after it.
+    assert_eq!(codes, ["200 1", "200 0", "200 0", "200 0"], "{text}");
+    assert_eq!(text.matches("\"next\"").count(), 3, "three poll answers: {text}");
+    // A GET with a body is not a reader's plain request: hyper reads the body and answers.
+    let (status, _, body) = http_request(http, "GET", "/api/v1/poll?filter=news/d", &[], b"abc");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+}
