@@ -68,7 +68,7 @@ while kill -0 "$gen" 2>/dev/null; do
 done
 wait "$gen" || { echo "the generator failed:" >&2; tail -20 "$work/gen.log" >&2; exit 1; }
 cat "$work/final"
-grep -c "" "$work/broker.log" | xargs -I{} echo "broker log lines: {}" >&2
+echo "broker log lines: $(wc -l < "$work/broker.log")" >&2
 grep -i "panic\|error" "$work/broker.log" | head -5 >&2 || true
 kill -TERM "$BROKER_PID" 2>/dev/null || true; wait "$BROKER_PID" 2>/dev/null || true
 python3 bench/soak_plot.py bench/soak.jsonl bench/soak.svg
