@@ -6,9 +6,11 @@
 #   bash bench/run.sh                 # everything, about 10 minutes
 #   BROKERS="herald" bash bench/run.sh
 #   DURATION=5 bash bench/run.sh      # shorter timed scenarios
+#   ONLY=breaking bash bench/run.sh   # the scenarios whose line contains this, the other rows kept
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BROKERS=${BROKERS:-"herald mosquitto rumqttd"}
+ONLY=${ONLY:-}
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-10000}
 # Idle TLS connections held at once with keep-alive pings: within the 20,000 descriptors a
@@ -29,7 +31,12 @@ results=bench/results.jsonl
 # Keep the other brokers' rows of an earlier run when only some brokers are run now.
 touch "$results"
 for broker in $BROKERS; do
-  grep -v "\"broker\":\"$broker\"" "$results" > "$work/keep" || true
+  if [ -n "$ONLY" ]; then
+    # Only this broker's rows of the scenarios run now are replaced.
+    grep -v "\"broker\":\"$broker\",\"args\":\"$ONLY" "$results" > "$work/keep" || true
+  else
+    grep -v "\"broker\":\"$broker\"" "$results" > "$work/keep" || true
+  fi
   cp "$work/keep" "$results"
 done
 
@@ -87,6 +94,7 @@ scenarios=(
 
 for broker in $BROKERS; do
   for s in "${scenarios[@]}"; do
+    if [ -n "$ONLY" ] && [[ "$s" != "$ONLY"* ]]; then continue; fi
     # rumqttd is benchmarked on plain MQTT only (its TLS needs a feature build, it has no wss).
     if [ "$broker" = rumqttd ] && [[ "$s" == *"--tls"* || "$s" == *"--ws"* ]]; then continue; fi
     start_broker "$broker"
