@@ -149,7 +149,6 @@ pub async fn serve_lean(
     let most = BURST_EVENTS.min(cfg.buffer_events.max(1));
     let heartbeat = Duration::from_secs(cfg.heartbeat_secs);
     let stall = Duration::from_millis(cfg.stall_ms);
-    drop(cfg);
     // The client sends nothing more on a stream: input is a close (or bytes to ignore). One
     // wait for it across the whole stream (made again only after stray bytes): registering a
     // new one at every turn cost a third of a delivery's CPU under load.
