@@ -540,4 +540,9 @@ fn polls_keep_their_connection_and_hand_it_to_hyper_for_the_rest() {
     // A GET with a body is not a reader's plain request: hyper reads the body and answers.
     let (status, _, body) = http_request(http, "GET", "/api/v1/poll?filter=news/d", &[], b"abc");
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    // Only the readers' own paths are theirs: below them is hyper's router, which knows nothing.
+    for path in ["/api/v1/stream/elsewhere?filter=a", "/api/v1/poll/x?filter=a", "/api/v1/streams"] {
+        let (status, _, _) = http_request(http, "GET", path, &[], b"");
+        assert_eq!(status, 404, "{path}");
+    }
 }

@@ -63,10 +63,14 @@ pub async fn next(tcp: &mut TcpStream, mut buf: Vec<u8>, max_head: usize, timeou
                     }
                 }
                 if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let path = if kind == Kind::Stream { "/api/v1/stream" } else { "/api/v1/poll" };
                     return match parse(&buf[..end + 4]) {
-                        Some((req, http11, close)) => Next::Lean(kind, req, http11, close, buf.split_off(end + 4)),
+                        // The path itself once decoded (hyper's router answers anything below it).
+                        Some((req, http11, close)) if req.path.trim_end_matches('/') == path => {
+                            Next::Lean(kind, req, http11, close, buf.split_off(end + 4))
+                        }
                         // What httparse refuses (or a body), hyper answers as RFC 9112 says.
-                        None => Next::Other(std::mem::take(&mut buf)),
+                        _ => Next::Other(std::mem::take(&mut buf)),
                     };
                 }
                 if buf.len() >= max_head {
