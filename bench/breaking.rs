@@ -95,17 +95,7 @@ impl Phone {
         let mut decoder = Decoder::new(Role::Client, u32::MAX);
         decoder.version = Some(ProtocolVersion::V3_1_1);
         let mut p = Phone { tcp, tls, decoder, buf: BytesMut::with_capacity(512), raw: vec![0; 4096] };
-        let connect = Connect {
-            protocol: ProtocolVersion::V3_1_1,
-            clean_start: true,
-            keep_alive: 600,
-            properties: Properties::default(),
-            client_id: id.into(),
-            will: None,
-            username: None,
-            password: None,
-        };
-        p.send(&Packet::Connect(Box::new(connect))).await?;
+        p.send(&connect_packet(id, true)).await?;
         match p.next().await?.0 {
             Packet::ConnAck(a) if a.code == ReasonCode::SUCCESS => {}
             other => return Err(std::io::Error::other(format!("CONNACK {other:?}"))),

@@ -64,6 +64,20 @@ fn payload(publisher: u32, seq: u64) -> Bytes {
     b.freeze()
 }
 
+/// An MQTT 3.1.1 CONNECT with a keep-alive of 600 s, as every client of the generator sends.
+fn connect_packet(client_id: &str, clean: bool) -> Packet {
+    Packet::Connect(Box::new(Connect {
+        protocol: ProtocolVersion::V3_1_1,
+        clean_start: clean,
+        keep_alive: 600,
+        properties: Properties::default(),
+        client_id: client_id.into(),
+        will: None,
+        username: None,
+        password: None,
+    }))
+}
+
 /// A connection split for concurrent reading and writing.
 struct Conn {
     reader: OwnedReadHalf,
@@ -85,17 +99,7 @@ impl Conn {
         let mut decoder = Decoder::new(Role::Client, u32::MAX);
         decoder.version = Some(ProtocolVersion::V3_1_1);
         let mut c = Conn { reader, writer, decoder, buf: BytesMut::with_capacity(64 * 1024) };
-        let connect = Connect {
-            protocol: ProtocolVersion::V3_1_1,
-            clean_start: clean,
-            keep_alive: 600,
-            properties: Properties::default(),
-            client_id: client_id.into(),
-            will: None,
-            username: None,
-            password: None,
-        };
-        c.send(&[Packet::Connect(Box::new(connect))]).await;
+        c.send(&[connect_packet(client_id, clean)]).await;
         match c.next().await {
             Some(Packet::ConnAck(a)) if a.code == ReasonCode::SUCCESS => c,
             other => panic!("CONNECT refused: {other:?}"),

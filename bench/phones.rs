@@ -260,17 +260,7 @@ impl Phone {
             let mut decoder = Decoder::new(Role::Client, u32::MAX);
             decoder.version = Some(ProtocolVersion::V3_1_1);
             let mut p = Phone { stream, decoder, buf: BytesMut::with_capacity(1024), resumed, session_present: false };
-            let connect = Connect {
-                protocol: ProtocolVersion::V3_1_1,
-                clean_start: false,
-                keep_alive: 600,
-                properties: Properties::default(),
-                client_id: id.into(),
-                will: None,
-                username: None,
-                password: None,
-            };
-            p.send(&[Packet::Connect(Box::new(connect))]).await?;
+            p.send(&[connect_packet(id, false)]).await?;
             match p.next().await? {
                 Packet::ConnAck(a) if a.code == ReasonCode::SUCCESS => {
                     p.session_present = a.session_present;
