@@ -327,6 +327,19 @@ fn broker_cpu_us(pid: u32) -> Option<u64> {
     Some(ticks * 1_000_000 / hz)
 }
 
+/// Context switches of every thread of `pid` (voluntary and not), summed.
+fn context_switches(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return 0 };
+    let mut n = 0;
+    for t in tasks.flatten() {
+        let status = std::fs::read_to_string(t.path().join("status")).unwrap_or_default();
+        for l in status.lines().filter(|l| l.contains("ctxt_switches:")) {
+            n += l.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+        }
+    }
+    n
+}
+
 fn broker_rss_bytes(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
@@ -528,6 +541,8 @@ async fn inbox(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
         }
     }
     let (nodes0, nats0) = (summed(&nodes), summed(&nats));
+    let each0: Vec<u64> = nodes.iter().map(|p| broker_cpu_us(*p).unwrap_or(0)).collect();
+    let switches0: u64 = nodes.iter().map(|p| context_switches(*p)).sum();
     let cpu0 = pid.and_then(broker_cpu_us);
     let start = Instant::now();
     let until = start + Duration::from_secs_f64(secs);
@@ -539,6 +554,8 @@ async fn inbox(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
     // Sampled before the readers leave: the stories are what is measured, as connecting is not
     // (leaving costs a cluster node more than one node alone: reported beside, per reader).
     let (nodes1, nats1) = (summed(&nodes), summed(&nats));
+    let each1: Vec<u64> = nodes.iter().map(|p| broker_cpu_us(*p).unwrap_or(0)).collect();
+    let switches1: u64 = nodes.iter().map(|p| context_switches(*p)).sum();
     stop.store(true, Relaxed);
     for s in subs {
         let _ = s.await;
@@ -560,6 +577,11 @@ async fn inbox(addr: SocketAddr, o: &Opts, pid: Option<u32>) {
         r.num("cpu_us_per_delivery_herald", (nodes1 - nodes0) as f64 / got.max(1) as f64);
         r.num("cpu_us_per_delivery_nats", (nats1 - nats0) as f64 / got.max(1) as f64);
         r.num("cpu_us_per_reader_leaving_herald", (nodes2 - nodes1) as f64 / f64::from(readers.max(1)));
+        r.num("context_switches_per_delivery_herald", (switches1 - switches0) as f64 / got.max(1) as f64);
+        // Each node's share, in the order of `--node-pids` (the publisher's node first).
+        for (i, (a, b)) in each0.iter().zip(&each1).enumerate() {
+            r.num(&format!("cpu_us_per_delivery_node_{}", i + 1), (b - a) as f64 / got.max(1) as f64);
+        }
     }
     r.print();
 }
