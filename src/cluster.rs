@@ -615,11 +615,19 @@ impl Link {
     async fn confirm_interest(&self, revision: u64) {
         use futures_util::StreamExt;
         let now = tokio::time::Instant::now();
-        let mut waiting = self.heard_within(Duration::from_secs(2));
-        // A node that joined moments ago may not have heard every other node yet: it waits the
-        // whole round for whoever answers.
+        let heard = self.heard_within(Duration::from_secs(2));
+        let mut waiting = heard.clone();
+        // A node that joined moments ago may not have heard every other node yet: it also waits
+        // for every node the directory names (live ones answer at once; one that is gone costs
+        // the whole round), and with none known, the whole round for whoever answers. (Waiting
+        // the whole round always made each session a restarted node took over in a rolling
+        // restart wait a second.)
         let young = self.fence.now_ms() < 2_500;
-        if waiting.is_empty() && !young {
+        if young {
+            waiting.extend(self.directory_nodes().into_iter().filter(|n| *n != self.node));
+        }
+        let wait_round = young && waiting.is_empty();
+        if waiting.is_empty() && !wait_round {
             return;
         }
         let inbox = self.client.new_inbox();
@@ -629,14 +637,14 @@ impl Link {
             return;
         }
         let deadline = now + interest::sync_wait();
-        while !waiting.is_empty() || young {
+        while !waiting.is_empty() || wait_round {
             match tokio::time::timeout_at(deadline, answers.next()).await {
                 Ok(Some(m)) => {
                     if let Ok(node) = std::str::from_utf8(&m.payload) {
                         waiting.remove(node);
                     }
                 }
-                _ if waiting.is_empty() => return,
+                _ if waiting.iter().all(|n| !heard.contains(n)) => return,
                 _ => {
                     warn!(revision, missing = ?waiting, "nodes did not confirm this node's new interest in time");
                     return;

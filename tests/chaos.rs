@@ -255,18 +255,27 @@ async fn roaming_reader(id: String, start: usize, roster: Roster, stop: Arc<Atom
 
 /// A QoS 1 publisher of `news/stream` 1, 2, 3... that moves to the next node when its node
 /// closes, sending again the message it had no PUBACK for; the numbers acknowledged.
-async fn roaming_publisher(roster: Roster, per_second: u32, stop: Arc<AtomicBool>) -> Vec<u32> {
+async fn roaming_publisher(roster: Roster, per_second: u32, stop: Arc<AtomicBool>) -> (Vec<u32>, Vec<u32>) {
     let editor = || connect_packet(ProtocolVersion::V5, "editor", true);
     let (mut at, mut publisher, _) = roster.connect(0, editor()).await;
     let mut acknowledged = Vec::new();
+    // Numbers sent again after their node closed the connection before its PUBACK: the node may
+    // have taken the first copy (a new clean session cannot tell the second from a new
+    // message), so every subscriber may get such a number twice (QoS 1 is at least once).
+    let mut resent = Vec::new();
+    let mut sent = 0u32;
     let mut n = 1u32;
     while !stop.load(Ordering::Acquire) {
         let packet_id = (n % 60_000 + 1) as u16;
         let message = publish("news/stream", n.to_string().as_bytes(), QoS::AtLeastOnce, packet_id);
+        if sent == n && resent.last() != Some(&n) {
+            resent.push(n);
+        }
         if !publisher.try_send(&message).await {
             (at, publisher, _) = roster.connect(at, editor()).await;
             continue;
         }
+        sent = n;
         match publisher.recv_within(PATIENCE).await {
             Ok(Some(Packet::PubAck(a))) if a.reason == ReasonCode::SUCCESS => {
                 acknowledged.push(n);
@@ -281,7 +290,16 @@ async fn roaming_publisher(roster: Roster, per_second: u32, stop: Arc<AtomicBool
             other => panic!("message {n}: {other:?}"),
         }
     }
-    acknowledged
+    (acknowledged, resent)
+}
+
+/// The numbers `got` holds more than once.
+fn repeated(got: &[u32]) -> Vec<u32> {
+    let mut seen = std::collections::HashSet::new();
+    let mut twice: Vec<u32> = got.iter().copied().filter(|n| !seen.insert(*n)).collect();
+    twice.sort_unstable();
+    twice.dedup();
+    twice
 }
 
 /// [issue 25, items 4 and 6] A rolling restart of all three nodes (SIGTERM, wait for the exit,
@@ -333,7 +351,13 @@ async fn a_rolling_restart_loses_nothing_and_duplicates_nothing_beyond_in_flight
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
     stop.store(true, Ordering::Release);
-    let acknowledged = publisher.await.unwrap();
+    let (acknowledged, resent) = publisher.await.unwrap();
+    eprintln!("the publisher sent again after its node closed before the PUBACK: {resent:?}");
+    for (n, node) in nodes.iter().enumerate() {
+        for l in node.log_lines("session taken over from another node") {
+            eprintln!("node {n}: {l}");
+        }
+    }
     assert!(acknowledged.len() > 100, "the stream went on: {}", acknowledged.len());
     for (i, reader) in readers.into_iter().enumerate() {
         let (got, pause) = match reader.await {
@@ -349,9 +373,10 @@ async fn a_rolling_restart_loses_nothing_and_duplicates_nothing_beyond_in_flight
         };
         let (duplicates, missing) = tally(&acknowledged, &got);
         eprintln!(
-            "reader-{i}: {} acknowledged, {} received, {duplicates} duplicates, longest pause {pause:?}",
+            "reader-{i}: {} acknowledged, {} received, {duplicates} duplicates {:?}, longest pause {pause:?}",
             acknowledged.len(),
-            got.len()
+            got.len(),
+            repeated(&got)
         );
         assert!(missing.is_empty(), "reader-{i}: acknowledged and never delivered: {missing:?}");
         // In flight at a restart: a story sent and not yet acknowledged by the reader when its
@@ -377,8 +402,14 @@ async fn a_rolling_restart_loses_nothing_and_duplicates_nothing_beyond_in_flight
         }
         read_for(&mut phone, Duration::from_millis(500), &mut got).await;
         let (duplicates, missing) = tally(&acknowledged, &got);
-        eprintln!("offline-{i}: {} acknowledged, {} received, {duplicates} duplicates", acknowledged.len(), got.len());
-        if duplicates > 0 || !missing.is_empty() {
+        let twice = repeated(&got);
+        eprintln!(
+            "offline-{i}: {} acknowledged, {} received, {duplicates} duplicates {twice:?}",
+            acknowledged.len(),
+            got.len()
+        );
+        let beyond: Vec<u32> = twice.iter().copied().filter(|n| !resent.contains(n)).collect();
+        if !beyond.is_empty() || !missing.is_empty() {
             for (n, node) in nodes.iter().enumerate() {
                 for l in node.log_lines(&format!("offline-{i}")) {
                     eprintln!("node {n}: {l}");
@@ -386,10 +417,11 @@ async fn a_rolling_restart_loses_nothing_and_duplicates_nothing_beyond_in_flight
             }
         }
         assert!(missing.is_empty(), "offline-{i}: acknowledged and never delivered: {missing:?}");
-        // Nothing was in flight to a parked session, yet a stress run saw one story come twice
-        // (docs/cluster.md, known limits): at most one per move. Every story's first delivery
-        // is in order [MQTT-4.6.0-2].
-        assert!(duplicates <= 3, "offline-{i}: {duplicates} duplicates in three moves");
+        // Nothing was in flight to a parked session: what it gets twice is only what the
+        // publisher itself sent twice (stored twice by the cluster), each at most twice.
+        assert!(beyond.is_empty(), "offline-{i}: duplicates the publisher did not send twice: {beyond:?}");
+        assert!(duplicates <= twice.len(), "offline-{i}: a story three times: {got:?}");
+        // Every story's first delivery is in order [MQTT-4.6.0-2].
         let mut seen = std::collections::HashSet::new();
         let first: Vec<u32> = got.iter().copied().filter(|n| seen.insert(*n)).collect();
         assert!(first.windows(2).all(|w| w[0] < w[1]), "offline-{i}: [MQTT-4.6.0-2] in order: {got:?}");
