@@ -234,6 +234,8 @@ pub struct Inbound {
 pub struct Open {
     pub sessions: Vec<u64>,
     pub upto: u64,
+    /// Open even if the consumer routed past `upto` meanwhile (see `open_to_consumer`).
+    pub force: bool,
     pub answer: tokio::sync::oneshot::Sender<u64>,
 }
 
@@ -757,20 +759,29 @@ impl Link {
         self.has_floors.store(true, Ordering::Release);
     }
 
-    /// The sessions were read back from the stream up to `upto`: from now on this node's
-    /// consumer gives them what it routes above max(`upto`, what it routed so far), decided by
-    /// the receiving task between two messages. Returns what it had routed so far: the caller
-    /// reads the stream above `upto` up to there itself (messages the consumer routed while
-    /// the sessions were held). None if the receiving task is gone.
-    pub async fn open_to_consumer(&self, sessions: Vec<u64>, upto: u64) -> Option<u64> {
+    /// The sessions were read back from the stream up to `upto`. Returns what this node's
+    /// consumer had routed so far (None if the receiving task is gone), decided by the
+    /// receiving task between two messages. If that is not above `upto`, the sessions are open:
+    /// the consumer gives them what it routes from now on. If it is, they stay held and the
+    /// caller reads the stream above `upto` up to there itself (what the consumer routed while
+    /// they were held) and asks again: opening first would let the consumer's newer messages
+    /// overtake that reading's older ones [MQTT-4.6.0-2] (a chaos test saw a story arrive
+    /// after the nine that followed it). `force` opens at once whatever was routed, above
+    /// max(`upto`, that); the caller then reads the rest, as a last resort for a reading that
+    /// never catches up.
+    pub async fn open_to_consumer(&self, sessions: Vec<u64>, upto: u64, force: bool) -> Option<u64> {
         let (answer, routed) = tokio::sync::oneshot::channel();
-        self.opens.send(Open { sessions, upto, answer }).await.ok()?;
+        self.opens.send(Open { sessions, upto, force, answer }).await.ok()?;
         routed.await.ok()
     }
 
     /// The receiving task's side of `open_to_consumer`.
     pub fn open(&self, open: Open) {
         let routed = self.processed();
+        if routed > open.upto && !open.force {
+            let _ = open.answer.send(routed);
+            return;
+        }
         let from = routed.max(open.upto);
         {
             let mut floors = self.read_up_to.lock().expect("floors lock");

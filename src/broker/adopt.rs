@@ -77,6 +77,31 @@ impl Broker {
             .unwrap_or(false)
     }
 
+    /// Sessions read back from the stream up to `upto` are opened to this node's consumer,
+    /// after reading what it routed while they were held (`Link::open_to_consumer`): each round
+    /// reads what arrived during the one before, so a round is short; after
+    /// `CATCH_UP_ROUNDS` the sessions are opened anyway and the last stretch read after.
+    /// Returns how many messages were read.
+    async fn catch_up(
+        link: &crate::cluster::Link,
+        sessions: Vec<u64>,
+        upto: u64,
+        route: &mut impl FnMut(u64, crate::message::Message),
+    ) -> Result<u64, String> {
+        let mut read_to = upto;
+        let mut read = 0;
+        for round in 0..=CATCH_UP_ROUNDS {
+            let force = round == CATCH_UP_ROUNDS;
+            let Some(routed) = link.open_to_consumer(sessions.clone(), read_to, force).await else { break };
+            if routed <= read_to {
+                break;
+            }
+            read += link.replay(read_to, routed, &mut *route).await?;
+            read_to = routed;
+        }
+        Ok(read)
+    }
+
     /// After a session taken over here was read back from the stream: what this node accepted
     /// since `mark` (taken before the session was made) and routed to it meanwhile goes behind
     /// what was read back, which is older [MQTT-4.6.0-2]. (The store keeps the order the messages were queued in: after a restart
@@ -258,12 +283,8 @@ impl Broker {
             let mut read = link.replay(from, upto, &mut route).await?;
             // The consumer takes over where this reading ends; what it routed meanwhile
             // (held from these sessions) is read here.
-            let sessions = made.iter().map(|m| m.3.id).collect();
-            if let Some(routed) = link.open_to_consumer(sessions, upto).await {
-                if routed > upto {
-                    read += link.replay(upto, routed, &mut route).await?;
-                }
-            }
+            let sessions: Vec<u64> = made.iter().map(|m| m.3.id).collect();
+            read += Self::catch_up(&link, sessions, upto, &mut route).await?;
             Ok::<_, String>(read)
         }
         .await;
@@ -424,11 +445,7 @@ impl Broker {
             let mut read = link.replay(from, upto, &mut route).await?;
             // The consumer takes over where this reading ends; what it routed meanwhile (held
             // from this session) is read here.
-            if let Some(routed) = link.open_to_consumer(vec![session], upto).await {
-                if routed > upto {
-                    read += link.replay(upto, routed, &mut route).await?;
-                }
-            }
+            read += Self::catch_up(&link, vec![session], upto, &mut route).await?;
             Ok::<_, String>((upto, read))
         }
         .await;
@@ -542,6 +559,10 @@ impl Broker {
         (handed, sessions.len() - handed)
     }
 }
+
+/// Rounds of reading what the consumer routed meanwhile before a session taken over is opened
+/// to it regardless (`Broker::catch_up`).
+const CATCH_UP_ROUNDS: usize = 8;
 
 /// Sessions a node shutting down hands over at once.
 const LEAVE_AT_ONCE: usize = 32;
