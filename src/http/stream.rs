@@ -24,6 +24,13 @@ use crate::broker::Broker;
 /// `BURST_EVENTS` events, before it is handed on.
 const BATCH_BYTES: usize = 64 * 1024;
 const BURST_EVENTS: usize = 256;
+/// Room for a chunk-size line in front of a burst: its size (at most `BATCH_BYTES` and one
+/// event, so 8 hex digits) and CRLF.
+const CHUNK_HEAD: usize = 10;
+/// A burst smaller than this lets the other tasks run once before it is written, and takes
+/// what they queued meanwhile: under load the publisher fills every stream's queue in turn,
+/// and a stream that wrote each event as it came paid a write per event (bench/notes.md).
+const GATHER_AFTER_YIELD: usize = 8;
 
 /// The body of a stream: events as the driver task writes them; dropped by hyper when the
 /// client goes, which the driver sees as a closed channel.
@@ -153,9 +160,12 @@ pub async fn serve_lean(
     // wait for it across the whole stream (made again only after stray bytes): registering a
     // new one at every turn cost a third of a delivery's CPU under load.
     let mut gone = Box::pin(client_gone(&tcp));
+    // Where `out`'s bytes start: a burst's chunk-size line is put in front of its events,
+    // in room left for it (`CHUNK_HEAD`), so the events are copied once, into `out`.
+    let mut from = 0;
     let why = 'serving: loop {
-        if !out.is_empty() {
-            match write_out(&tcp, &out, stall).await {
+        if out.len() > from {
+            match write_out(&tcp, &out[from..], stall).await {
                 Ok(()) if out.capacity() > 4096 => out = Vec::new(),
                 Ok(()) => out.clear(),
                 Err(why) => {
@@ -165,6 +175,7 @@ pub async fn serve_lean(
                     break 'serving why;
                 }
             }
+            from = 0;
         }
         // What is waiting is taken without a timer or a wait: under load that is every turn.
         let next = match reader.try_next() {
@@ -185,17 +196,34 @@ pub async fn serve_lean(
         };
         match next {
             Next::Delivery(d) => {
-                let mut events = BytesMut::from(&super::reader::event(&d)[..]);
-                let mut burst = vec![d];
-                while events.len() < BATCH_BYTES && burst.len() < most {
-                    let Some(next) = reader.try_next() else { break };
-                    events.extend_from_slice(&super::reader::event(&next));
-                    burst.push(next);
+                // `out` was written above: it is empty.
+                debug_assert!(out.is_empty());
+                let head = if http11 { CHUNK_HEAD } else { 0 };
+                out.resize(head, 0);
+                out.extend_from_slice(&super::reader::event(&d));
+                // Counted as written once in `out`, as for a body that took them.
+                reader.written(d);
+                let mut events = 1;
+                let mut yielded = false;
+                while out.len() < BATCH_BYTES && events < most {
+                    let Some(next) = reader.try_next() else {
+                        if yielded || events >= GATHER_AFTER_YIELD {
+                            break;
+                        }
+                        yielded = true;
+                        tokio::task::yield_now().await;
+                        continue;
+                    };
+                    out.extend_from_slice(&super::reader::event(&next));
+                    reader.written(next);
+                    events += 1;
                 }
-                super::lean::chunk(http11, &events, &mut out);
-                // Written once the socket took them: the reader's in-flight bookkeeping is the
-                // same as for a body that took them.
-                burst.into_iter().for_each(|d| reader.written(d));
+                if http11 {
+                    let size = format!("{:x}\r\n", out.len() - head);
+                    from = head - size.len();
+                    out[from..head].copy_from_slice(size.as_bytes());
+                    out.extend_from_slice(b"\r\n");
+                }
             }
             Next::Kicked(kick) if kick.reason == crate::codec::ReasonCode::SESSION_TAKEN_OVER && !kick.elsewhere => {
                 break 'serving "session taken over"
@@ -206,7 +234,7 @@ pub async fn serve_lean(
     };
     if !why.starts_with("closed") && !why.starts_with("too slow") {
         // The end of the body: the last chunk, then the close.
-        let mut end = std::mem::take(&mut out);
+        let mut end = out.split_off(from);
         if http11 {
             end.extend_from_slice(b"0\r\n\r\n");
         }
