@@ -167,6 +167,28 @@ pub fn chunk(http11: bool, data: &[u8], out: &mut Vec<u8>) {
     }
 }
 
+/// Room `open_chunk` leaves for a chunk-size line: the size in at most 8 hex digits, CRLF.
+const CHUNK_HEAD: usize = 10;
+
+/// Starts a chunk in an empty `out` whose data is then appended to it, so the data is copied
+/// once (HTTP/1.1: room for the size line; HTTP/1.0: nothing). `close_chunk` ends it.
+pub fn open_chunk(http11: bool, out: &mut Vec<u8>) {
+    debug_assert!(out.is_empty());
+    out.resize(if http11 { CHUNK_HEAD } else { 0 }, 0);
+}
+
+/// Ends the chunk `open_chunk` started: returns where `out`'s bytes to write begin.
+pub fn close_chunk(http11: bool, out: &mut Vec<u8>) -> usize {
+    if !http11 {
+        return 0;
+    }
+    let size = format!("{:x}\r\n", out.len() - CHUNK_HEAD);
+    let from = CHUNK_HEAD - size.len();
+    out[from..CHUNK_HEAD].copy_from_slice(size.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    from
+}
+
 /// A connection's stream with the bytes already read from it in front, for hyper.
 pub struct Prefixed {
     prefix: Vec<u8>,
@@ -266,6 +288,23 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A chunk framed in place is the chunk `chunk` frames, for sizes of one to eight hex digits.
+    #[test]
+    fn a_chunk_framed_in_place_is_the_same_chunk() {
+        for len in [1usize, 15, 16, 4095, 65_536 + 300, 0x0fff_ffff] {
+            let data = vec![b'x'; len];
+            for http11 in [true, false] {
+                let mut expected = Vec::new();
+                chunk(http11, &data, &mut expected);
+                let mut out = Vec::new();
+                open_chunk(http11, &mut out);
+                out.extend_from_slice(&data);
+                let from = close_chunk(http11, &mut out);
+                assert!(out[from..] == expected[..], "{len} bytes, HTTP/1.1 {http11}");
+            }
+        }
+    }
 
     /// What an idle reader's tasks hold is, for most of it, the size of their futures (a task
     /// is allocated at its future's largest state): printed, and kept from growing unnoticed.

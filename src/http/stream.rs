@@ -24,9 +24,6 @@ use crate::broker::Broker;
 /// `BURST_EVENTS` events, before it is handed on.
 const BATCH_BYTES: usize = 64 * 1024;
 const BURST_EVENTS: usize = 256;
-/// Room for a chunk-size line in front of a burst: its size (at most `BATCH_BYTES` and one
-/// event, so 8 hex digits) and CRLF.
-const CHUNK_HEAD: usize = 10;
 /// A burst smaller than this lets the other tasks run once before it is written, and takes
 /// what they queued meanwhile: under load the publisher fills every stream's queue in turn,
 /// and a stream that wrote each event as it came paid a write per event (bench/notes.md).
@@ -161,7 +158,7 @@ pub async fn serve_lean(
     // new one at every turn cost a third of a delivery's CPU under load.
     let mut gone = Box::pin(client_gone(&tcp));
     // Where `out`'s bytes start: a burst's chunk-size line is put in front of its events,
-    // in room left for it (`CHUNK_HEAD`), so the events are copied once, into `out`.
+    // in room left for it (`lean::open_chunk`), so the events are copied once, into `out`.
     let mut from = 0;
     let why = 'serving: loop {
         if out.len() > from {
@@ -197,9 +194,7 @@ pub async fn serve_lean(
         match next {
             Next::Delivery(d) => {
                 // `out` was written above: it is empty.
-                debug_assert!(out.is_empty());
-                let head = if http11 { CHUNK_HEAD } else { 0 };
-                out.resize(head, 0);
+                super::lean::open_chunk(http11, &mut out);
                 out.extend_from_slice(&super::reader::event(&d));
                 // Counted as written once in `out`, as for a body that took them.
                 reader.written(d);
@@ -218,12 +213,7 @@ pub async fn serve_lean(
                     reader.written(next);
                     events += 1;
                 }
-                if http11 {
-                    let size = format!("{:x}\r\n", out.len() - head);
-                    from = head - size.len();
-                    out[from..head].copy_from_slice(size.as_bytes());
-                    out.extend_from_slice(b"\r\n");
-                }
+                from = super::lean::close_chunk(http11, &mut out);
             }
             Next::Kicked(kick) if kick.reason == crate::codec::ReasonCode::SESSION_TAKEN_OVER && !kick.elsewhere => {
                 break 'serving "session taken over"
